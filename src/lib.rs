@@ -1,0 +1,5 @@
+//! ringmx: an SMTP front end for Linux edge hosts.
+//!
+//! See `README.md` for the layout. [`proto`] is the sans-IO SMTP core.
+
+pub mod proto;

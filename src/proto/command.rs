@@ -1,0 +1,582 @@
+//! Command parser: one line (without CRLF) in, a `Command` borrowing that line out.
+//!
+//! Verbs are matched as little-endian integers with ASCII case folded (`| 0x20` per byte), the
+//! way smtp-proto's token tables do, so dispatch costs one load and a compare.
+
+use super::address::{self, Address, is_token_byte, is_value_byte, is_xtext};
+use super::reply::{self, Reply};
+
+/// A parsed SMTP command borrowing the input line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command<'a> {
+    /// `EHLO name`.
+    Ehlo { host: &'a str },
+    /// `HELO name`.
+    Helo { host: &'a str },
+    /// `MAIL FROM:<path> params`; `from` is None for the null reverse-path `<>`.
+    Mail {
+        from: Option<Address<'a>>,
+        params: MailParams<'a>,
+    },
+    /// `RCPT TO:<path> params`.
+    Rcpt {
+        to: Address<'a>,
+        params: RcptParams<'a>,
+    },
+    /// `DATA`.
+    Data,
+    /// `BDAT size [LAST]` (RFC 3030).
+    Bdat { size: u64, last: bool },
+    /// `RSET`.
+    Rset,
+    /// `NOOP [string]`.
+    Noop,
+    /// `QUIT`.
+    Quit,
+    /// `VRFY string`.
+    Vrfy,
+    /// `EXPN string`.
+    Expn,
+    /// `HELP [string]`.
+    Help,
+    /// `STARTTLS` (RFC 3207).
+    StartTls,
+    /// `AUTH mechanism [initial-response]` (RFC 4954); the response is still base64.
+    Auth {
+        mechanism: Mechanism,
+        initial: Option<&'a [u8]>,
+    },
+}
+
+/// SASL mechanisms the core can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    /// RFC 4616.
+    Plain,
+    /// The de-facto LOGIN exchange.
+    Login,
+}
+
+/// `BODY=` (RFC 6152, RFC 3030).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Body {
+    SevenBit,
+    EightBitMime,
+    BinaryMime,
+}
+
+/// `RET=` (RFC 3461).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ret {
+    Full,
+    Hdrs,
+}
+
+/// MAIL FROM parameters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MailParams<'a> {
+    /// `SIZE=` (RFC 1870); saturates at `u64::MAX`.
+    pub size: Option<u64>,
+    pub body: Option<Body>,
+    pub smtputf8: bool,
+    pub ret: Option<Ret>,
+    /// `ENVID=` xtext, still encoded.
+    pub envid: Option<&'a str>,
+    /// `AUTH=` xtext mailbox or `<>` (RFC 4954 §5), still encoded.
+    pub auth: Option<&'a str>,
+}
+
+/// `NOTIFY=` flags (RFC 3461 §4.1).
+pub mod notify {
+    pub const NEVER: u8 = 1;
+    pub const SUCCESS: u8 = 2;
+    pub const FAILURE: u8 = 4;
+    pub const DELAY: u8 = 8;
+}
+
+/// RCPT TO parameters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RcptParams<'a> {
+    /// Bit set of [`notify`] flags.
+    pub notify: Option<u8>,
+    /// `ORCPT=addr-type;xtext`, still encoded.
+    pub orcpt: Option<&'a str>,
+}
+
+/// Why a line is not a valid command; each maps to one reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    /// 500 5.5.1
+    UnknownCommand,
+    /// 501 5.5.4
+    Syntax,
+    /// 501 5.5.4 (EHLO/HELO without a usable name)
+    HeloSyntax,
+    /// 501 5.1.7
+    BadSender,
+    /// 501 5.1.3
+    BadRecipient,
+    /// 555 5.5.4
+    UnknownParameter,
+    /// 504 5.5.4
+    UnknownMechanism,
+}
+
+impl ParseError {
+    /// The reply the session sends for this error.
+    pub fn reply(self) -> &'static Reply {
+        match self {
+            ParseError::UnknownCommand => &reply::UNKNOWN_COMMAND,
+            ParseError::Syntax => &reply::SYNTAX,
+            ParseError::HeloSyntax => &reply::HELO_SYNTAX,
+            ParseError::BadSender => &reply::BAD_SENDER_SYNTAX,
+            ParseError::BadRecipient => &reply::BAD_RECIPIENT_SYNTAX,
+            ParseError::UnknownParameter => &reply::UNKNOWN_PARAMETER,
+            ParseError::UnknownMechanism => &reply::AUTH_UNKNOWN_MECHANISM,
+        }
+    }
+}
+
+const fn tok4(s: &[u8; 4]) -> u32 {
+    u32::from_le_bytes(*s)
+}
+const EHLO: u32 = tok4(b"ehlo");
+const HELO: u32 = tok4(b"helo");
+const MAIL: u32 = tok4(b"mail");
+const RCPT: u32 = tok4(b"rcpt");
+const DATA: u32 = tok4(b"data");
+const BDAT: u32 = tok4(b"bdat");
+const RSET: u32 = tok4(b"rset");
+const NOOP: u32 = tok4(b"noop");
+const QUIT: u32 = tok4(b"quit");
+const VRFY: u32 = tok4(b"vrfy");
+const EXPN: u32 = tok4(b"expn");
+const HELP: u32 = tok4(b"help");
+const AUTH: u32 = tok4(b"auth");
+const STARTTLS: u64 = u64::from_le_bytes(*b"starttls");
+
+/// Parse one command line (CRLF already removed).
+pub fn parse(line: &[u8]) -> Result<Command<'_>, ParseError> {
+    // Verbs are letters only, so `| 0x20` folds case without aliasing (only 'A'..'Z' map onto
+    // 'a'..'z'); any other byte in the verb makes the compare fail.
+    let (verb, args) = match line.split_first_chunk::<4>() {
+        Some((v, rest)) => (u32::from_le_bytes(*v) | 0x2020_2020, rest),
+        None => return Err(ParseError::UnknownCommand),
+    };
+    // The verb ends at a space or at the end of the line.
+    let args = match args.split_first() {
+        None => &[][..],
+        Some((b' ', rest)) => rest,
+        Some(_) => {
+            if let Some((v, rest)) = line.split_first_chunk::<8>() {
+                if u64::from_le_bytes(*v) | 0x2020_2020_2020_2020 == STARTTLS {
+                    return match rest.split_first() {
+                        None => Ok(Command::StartTls),
+                        Some((b' ', args)) => no_args(args, Command::StartTls),
+                        Some(_) => Err(ParseError::UnknownCommand),
+                    };
+                }
+            }
+            return Err(ParseError::UnknownCommand);
+        }
+    };
+    match verb {
+        MAIL => mail(args),
+        RCPT => rcpt(args),
+        DATA => no_args(args, Command::Data),
+        BDAT => bdat(args),
+        EHLO => helo(args).map(|host| Command::Ehlo { host }),
+        HELO => helo(args).map(|host| Command::Helo { host }),
+        RSET => no_args(args, Command::Rset),
+        NOOP => Ok(Command::Noop),
+        QUIT => no_args(args, Command::Quit),
+        VRFY => Ok(Command::Vrfy),
+        EXPN => Ok(Command::Expn),
+        HELP => Ok(Command::Help),
+        AUTH => auth(args),
+        _ => Err(ParseError::UnknownCommand),
+    }
+}
+
+fn no_args<'a>(args: &[u8], cmd: Command<'a>) -> Result<Command<'a>, ParseError> {
+    if args.iter().all(|&b| b == b' ') {
+        Ok(cmd)
+    } else {
+        Err(ParseError::Syntax)
+    }
+}
+
+fn trim_spaces(s: &[u8]) -> &[u8] {
+    let start = s.iter().position(|&b| b != b' ').unwrap_or(s.len());
+    s.get(start..).unwrap_or_default()
+}
+
+fn helo(args: &[u8]) -> Result<&str, ParseError> {
+    let args = trim_spaces(args);
+    // One token; whatever follows it is ignored, as by most servers (Windows hosts send
+    // underscores and other non-RFC names, so this is lenient by design).
+    let end = args.iter().position(|&b| b == b' ').unwrap_or(args.len());
+    let host = args.get(..end).unwrap_or_default();
+    if host.is_empty() || !host.iter().all(|&b| is_token_byte(b)) {
+        return Err(ParseError::HeloSyntax);
+    }
+    std::str::from_utf8(host).map_err(|_| ParseError::HeloSyntax)
+}
+
+/// Case-insensitive prefix match of `args` against lowercase ASCII `prefix`.
+fn strip_prefix_ci<'a>(args: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+    let (head, tail) = args.split_at_checked(prefix.len())?;
+    head.eq_ignore_ascii_case(prefix).then_some(tail)
+}
+
+/// Split `rest` (what follows the path) into `KEY[=VALUE]` parameters, calling `f` for each.
+fn params<'a>(
+    rest: &'a [u8],
+    mut f: impl FnMut(&'a [u8], Option<&'a [u8]>) -> Result<(), ParseError>,
+) -> Result<(), ParseError> {
+    // The path must be followed by a space or the end of the line.
+    if !rest.is_empty() && rest.first() != Some(&b' ') {
+        return Err(ParseError::Syntax);
+    }
+    for param in rest.split(|&b| b == b' ').filter(|p| !p.is_empty()) {
+        let (key, value) = match memchr::memchr(b'=', param) {
+            Some(eq) => {
+                let (k, v) = param.split_at_checked(eq).ok_or(ParseError::Syntax)?;
+                (k, Some(v.get(1..).unwrap_or_default()))
+            }
+            None => (param, None),
+        };
+        // esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-")
+        if key.is_empty()
+            || key.first().is_some_and(|&b| b == b'-')
+            || !key.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(ParseError::Syntax);
+        }
+        if let Some(v) = value {
+            if v.is_empty() || !v.iter().all(|&b| is_value_byte(b)) {
+                return Err(ParseError::Syntax);
+            }
+        }
+        f(key, value)?;
+    }
+    Ok(())
+}
+
+fn utf8(v: &[u8]) -> Result<&str, ParseError> {
+    std::str::from_utf8(v).map_err(|_| ParseError::Syntax)
+}
+
+fn set<T>(slot: &mut Option<T>, value: T) -> Result<(), ParseError> {
+    if slot.is_some() {
+        return Err(ParseError::Syntax); // duplicate parameter
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+fn digits(v: &[u8]) -> Result<u64, ParseError> {
+    if v.is_empty() || v.len() > 20 || !v.iter().all(u8::is_ascii_digit) {
+        return Err(ParseError::Syntax);
+    }
+    Ok(v.iter().fold(0u64, |n, &d| {
+        n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+    }))
+}
+
+fn mail(args: &[u8]) -> Result<Command<'_>, ParseError> {
+    let rest = strip_prefix_ci(args, b"from:").ok_or(ParseError::Syntax)?;
+    let rest = trim_spaces(rest);
+    let (from, rest) = address::reverse_path(rest).ok_or(ParseError::BadSender)?;
+    let mut p = MailParams::default();
+    params(rest, |key, value| {
+        match (key.len(), value) {
+            (4, Some(v)) if key.eq_ignore_ascii_case(b"SIZE") => set(&mut p.size, digits(v)?),
+            (4, Some(v)) if key.eq_ignore_ascii_case(b"BODY") => {
+                let body = if v.eq_ignore_ascii_case(b"7BIT") {
+                    Body::SevenBit
+                } else if v.eq_ignore_ascii_case(b"8BITMIME") {
+                    Body::EightBitMime
+                } else if v.eq_ignore_ascii_case(b"BINARYMIME") {
+                    Body::BinaryMime
+                } else {
+                    return Err(ParseError::Syntax);
+                };
+                set(&mut p.body, body)
+            }
+            (8, None) if key.eq_ignore_ascii_case(b"SMTPUTF8") => {
+                if p.smtputf8 {
+                    return Err(ParseError::Syntax);
+                }
+                p.smtputf8 = true;
+                Ok(())
+            }
+            (3, Some(v)) if key.eq_ignore_ascii_case(b"RET") => {
+                let ret = if v.eq_ignore_ascii_case(b"FULL") {
+                    Ret::Full
+                } else if v.eq_ignore_ascii_case(b"HDRS") {
+                    Ret::Hdrs
+                } else {
+                    return Err(ParseError::Syntax);
+                };
+                set(&mut p.ret, ret)
+            }
+            (5, Some(v)) if key.eq_ignore_ascii_case(b"ENVID") => {
+                if v.len() > 100 || !is_xtext(v) {
+                    return Err(ParseError::Syntax);
+                }
+                set(&mut p.envid, utf8(v)?)
+            }
+            (4, Some(v)) if key.eq_ignore_ascii_case(b"AUTH") => {
+                if v != b"<>" && !is_xtext(v) {
+                    return Err(ParseError::Syntax);
+                }
+                set(&mut p.auth, utf8(v)?)
+            }
+            (4 | 8 | 3 | 5, _)
+                if [&b"SIZE"[..], b"BODY", b"SMTPUTF8", b"RET", b"ENVID", b"AUTH"]
+                    .iter()
+                    .any(|k| key.eq_ignore_ascii_case(k)) =>
+            {
+                Err(ParseError::Syntax) // known keyword, value missing or unexpected
+            }
+            _ => Err(ParseError::UnknownParameter),
+        }
+    })?;
+    Ok(Command::Mail { from, params: p })
+}
+
+fn rcpt(args: &[u8]) -> Result<Command<'_>, ParseError> {
+    let rest = strip_prefix_ci(args, b"to:").ok_or(ParseError::Syntax)?;
+    let rest = trim_spaces(rest);
+    let (to, rest) = address::forward_path(rest).ok_or(ParseError::BadRecipient)?;
+    let mut p = RcptParams::default();
+    params(rest, |key, value| match (key.len(), value) {
+        (6, Some(v)) if key.eq_ignore_ascii_case(b"NOTIFY") => set(&mut p.notify, notify_flags(v)?),
+        (5, Some(v)) if key.eq_ignore_ascii_case(b"ORCPT") => {
+            // ORCPT=addr-type ";" xtext (RFC 3461 §4.2)
+            let semi = memchr::memchr(b';', v).ok_or(ParseError::Syntax)?;
+            let (kind, text) = v.split_at_checked(semi).ok_or(ParseError::Syntax)?;
+            let text = text.get(1..).unwrap_or_default();
+            if kind.is_empty()
+                || !kind.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+                || !is_xtext(text)
+            {
+                return Err(ParseError::Syntax);
+            }
+            set(&mut p.orcpt, utf8(v)?)
+        }
+        (6 | 5, None) if key.eq_ignore_ascii_case(b"NOTIFY") || key.eq_ignore_ascii_case(b"ORCPT") => {
+            Err(ParseError::Syntax)
+        }
+        _ => Err(ParseError::UnknownParameter),
+    })?;
+    Ok(Command::Rcpt { to, params: p })
+}
+
+fn notify_flags(v: &[u8]) -> Result<u8, ParseError> {
+    let mut flags = 0u8;
+    for item in v.split(|&b| b == b',') {
+        let f = if item.eq_ignore_ascii_case(b"NEVER") {
+            notify::NEVER
+        } else if item.eq_ignore_ascii_case(b"SUCCESS") {
+            notify::SUCCESS
+        } else if item.eq_ignore_ascii_case(b"FAILURE") {
+            notify::FAILURE
+        } else if item.eq_ignore_ascii_case(b"DELAY") {
+            notify::DELAY
+        } else {
+            return Err(ParseError::Syntax);
+        };
+        if flags & f != 0 {
+            return Err(ParseError::Syntax);
+        }
+        flags |= f;
+    }
+    // NEVER excludes the others.
+    if flags & notify::NEVER != 0 && flags != notify::NEVER {
+        return Err(ParseError::Syntax);
+    }
+    Ok(flags)
+}
+
+fn bdat(args: &[u8]) -> Result<Command<'_>, ParseError> {
+    let mut words = args.split(|&b| b == b' ').filter(|w| !w.is_empty());
+    let size = digits(words.next().ok_or(ParseError::Syntax)?)?;
+    let last = match words.next() {
+        None => false,
+        Some(w) if w.eq_ignore_ascii_case(b"LAST") => true,
+        Some(_) => return Err(ParseError::Syntax),
+    };
+    if words.next().is_some() {
+        return Err(ParseError::Syntax);
+    }
+    Ok(Command::Bdat { size, last })
+}
+
+fn auth(args: &[u8]) -> Result<Command<'_>, ParseError> {
+    let mut words = args.split(|&b| b == b' ').filter(|w| !w.is_empty());
+    let mech = words.next().ok_or(ParseError::Syntax)?;
+    let mechanism = if mech.eq_ignore_ascii_case(b"PLAIN") {
+        Mechanism::Plain
+    } else if mech.eq_ignore_ascii_case(b"LOGIN") {
+        Mechanism::Login
+    } else {
+        return Err(ParseError::UnknownMechanism);
+    };
+    let initial = words.next();
+    if words.next().is_some() {
+        return Err(ParseError::Syntax);
+    }
+    Ok(Command::Auth { mechanism, initial })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Result<Command<'_>, ParseError> {
+        parse(s.as_bytes())
+    }
+
+    #[test]
+    fn verbs_case_insensitive() {
+        for (line, cmd) in [
+            ("DATA", Command::Data),
+            ("data", Command::Data),
+            ("DaTa", Command::Data),
+            ("RSET", Command::Rset),
+            ("NOOP", Command::Noop),
+            ("NOOP anything", Command::Noop),
+            ("QUIT", Command::Quit),
+            ("quit  ", Command::Quit),
+            ("VRFY someone", Command::Vrfy),
+            ("EXPN list", Command::Expn),
+            ("HELP", Command::Help),
+            ("HELP MAIL", Command::Help),
+            ("STARTTLS", Command::StartTls),
+            ("starttls", Command::StartTls),
+            ("BDAT 0 LAST", Command::Bdat { size: 0, last: true }),
+            ("bdat 1000", Command::Bdat { size: 1000, last: false }),
+            ("BDAT 5 last", Command::Bdat { size: 5, last: true }),
+        ] {
+            assert_eq!(p(line), Ok(cmd), "{line}");
+        }
+    }
+
+    #[test]
+    fn errors_map_to_replies() {
+        for (line, err, code, enh) in [
+            ("", ParseError::UnknownCommand, 500, "5.5.1"),
+            ("FOO", ParseError::UnknownCommand, 500, "5.5.1"),
+            ("DATAX", ParseError::UnknownCommand, 500, "5.5.1"),
+            ("MAILFROM:<a@b>", ParseError::UnknownCommand, 500, "5.5.1"),
+            ("STARTTLSX", ParseError::UnknownCommand, 500, "5.5.1"),
+            ("M\u{e9}IL FROM:<a@b>", ParseError::UnknownCommand, 500, "5.5.1"),
+            ("DATA now", ParseError::Syntax, 501, "5.5.4"),
+            ("QUIT x", ParseError::Syntax, 501, "5.5.4"),
+            ("STARTTLS x", ParseError::Syntax, 501, "5.5.4"),
+            ("EHLO", ParseError::HeloSyntax, 501, "5.5.4"),
+            ("HELO  ", ParseError::HeloSyntax, 501, "5.5.4"),
+            ("EHLO a\x01b", ParseError::HeloSyntax, 501, "5.5.4"),
+            ("MAIL TO:<a@b>", ParseError::Syntax, 501, "5.5.4"),
+            ("MAIL FROM:a@b", ParseError::BadSender, 501, "5.1.7"),
+            ("MAIL FROM:<a@b", ParseError::BadSender, 501, "5.1.7"),
+            ("MAIL FROM:<a@b>x", ParseError::Syntax, 501, "5.5.4"),
+            ("MAIL FROM:<a@b> SIZE=x", ParseError::Syntax, 501, "5.5.4"),
+            ("MAIL FROM:<a@b> SIZE", ParseError::Syntax, 501, "5.5.4"),
+            ("MAIL FROM:<a@b> SIZE=1 SIZE=2", ParseError::Syntax, 501, "5.5.4"),
+            ("MAIL FROM:<a@b> BODY=9BIT", ParseError::Syntax, 501, "5.5.4"),
+            ("MAIL FROM:<a@b> RET=ALL", ParseError::Syntax, 501, "5.5.4"),
+            ("MAIL FROM:<a@b> ENVID=a=b", ParseError::Syntax, 501, "5.5.4"),
+            ("MAIL FROM:<a@b> SMTPUTF8=yes", ParseError::Syntax, 501, "5.5.4"),
+            ("MAIL FROM:<a@b> X-FOO=1", ParseError::UnknownParameter, 555, "5.5.4"),
+            ("MAIL FROM:<a@b> =1", ParseError::Syntax, 501, "5.5.4"),
+            ("RCPT TO:<>", ParseError::BadRecipient, 501, "5.1.3"),
+            ("RCPT TO:<a b@c>", ParseError::BadRecipient, 501, "5.1.3"),
+            ("RCPT FROM:<a@b>", ParseError::Syntax, 501, "5.5.4"),
+            ("RCPT TO:<a@b> NOTIFY=NEVER,DELAY", ParseError::Syntax, 501, "5.5.4"),
+            ("RCPT TO:<a@b> NOTIFY=SOMETIMES", ParseError::Syntax, 501, "5.5.4"),
+            ("RCPT TO:<a@b> ORCPT=a@b", ParseError::Syntax, 501, "5.5.4"),
+            ("RCPT TO:<a@b> SIZE=1", ParseError::UnknownParameter, 555, "5.5.4"),
+            ("BDAT", ParseError::Syntax, 501, "5.5.4"),
+            ("BDAT x", ParseError::Syntax, 501, "5.5.4"),
+            ("BDAT 1 FIRST", ParseError::Syntax, 501, "5.5.4"),
+            ("BDAT 1 LAST x", ParseError::Syntax, 501, "5.5.4"),
+            ("BDAT -1", ParseError::Syntax, 501, "5.5.4"),
+            ("AUTH", ParseError::Syntax, 501, "5.5.4"),
+            ("AUTH CRAM-MD5", ParseError::UnknownMechanism, 504, "5.5.4"),
+            ("AUTH PLAIN a b", ParseError::Syntax, 501, "5.5.4"),
+        ] {
+            assert_eq!(p(line), Err(err), "{line:?}");
+            let r = err.reply();
+            assert_eq!((r.code, r.enhanced), (code, enh), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn helo_and_ehlo() {
+        assert_eq!(p("EHLO client.example"), Ok(Command::Ehlo { host: "client.example" }));
+        assert_eq!(p("ehlo [192.0.2.1]"), Ok(Command::Ehlo { host: "[192.0.2.1]" }));
+        assert_eq!(p("HELO my_pc extra"), Ok(Command::Helo { host: "my_pc" }));
+    }
+
+    #[test]
+    fn mail_with_every_parameter() {
+        let Ok(Command::Mail { from, params }) = p(
+            "MAIL FROM:<a@b.example> SIZE=12345 BODY=8BITMIME SMTPUTF8 RET=HDRS ENVID=QQ+2B1 AUTH=<>",
+        ) else {
+            panic!("should parse")
+        };
+        assert_eq!(from.map(|a| a.as_str()), Some("a@b.example"));
+        assert_eq!(
+            params,
+            MailParams {
+                size: Some(12345),
+                body: Some(Body::EightBitMime),
+                smtputf8: true,
+                ret: Some(Ret::Hdrs),
+                envid: Some("QQ+2B1"),
+                auth: Some("<>"),
+            }
+        );
+        let Ok(Command::Mail { from, params }) = p("mail from: <>  body=binarymime size=99999999999999999999")
+        else {
+            panic!("should parse")
+        };
+        assert!(from.is_none());
+        assert_eq!(params.body, Some(Body::BinaryMime));
+        assert_eq!(params.size, Some(u64::MAX));
+    }
+
+    #[test]
+    fn rcpt_with_dsn_parameters() {
+        let Ok(Command::Rcpt { to, params }) =
+            p("RCPT TO:<r@c.example> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;r+40c.example")
+        else {
+            panic!("should parse")
+        };
+        assert_eq!(to.domain(), "c.example");
+        assert_eq!(params.notify, Some(notify::SUCCESS | notify::FAILURE));
+        assert_eq!(params.orcpt, Some("rfc822;r+40c.example"));
+        assert!(matches!(p("RCPT TO:<Postmaster>"), Ok(Command::Rcpt { .. })));
+    }
+
+    #[test]
+    fn auth_commands() {
+        assert_eq!(
+            p("AUTH PLAIN AGEAYg=="),
+            Ok(Command::Auth {
+                mechanism: Mechanism::Plain,
+                initial: Some(b"AGEAYg==")
+            })
+        );
+        assert_eq!(
+            p("auth login"),
+            Ok(Command::Auth {
+                mechanism: Mechanism::Login,
+                initial: None
+            })
+        );
+    }
+}
