@@ -43,3 +43,6 @@ pub use data::{BareLinePolicy, DataReader};
 pub use reply::{Reply, ReplyClass};
 pub use session::{Credentials, Event, Feed, Session, Stop};
 pub use settings::{AuthSettings, Extensions, SessionConfig, Settings, SettingsError};
+
+#[cfg(test)]
+mod tests;
