@@ -59,6 +59,10 @@ const NONASCII: u8 = 32;
 const VCHAR: u8 = 64;
 const VALUE: u8 = 128;
 
+#[expect(
+    clippy::indexing_slicing,
+    reason = "const evaluation: i < 256 by the loop bound"
+)]
 const fn build_classes() -> [u8; 256] {
     let mut t = [0u8; 256];
     let mut i = 0usize;
@@ -69,8 +73,15 @@ const fn build_classes() -> [u8; 256] {
         if alnum {
             v |= LETDIG;
         }
-        if alnum || matches!(c, b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-')
-            || matches!(c, b'/' | b'=' | b'?' | b'^' | b'_' | b'`' | b'{' | b'|' | b'}' | b'~')
+        if alnum
+            || matches!(
+                c,
+                b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+' | b'-'
+            )
+            || matches!(
+                c,
+                b'/' | b'=' | b'?' | b'^' | b'_' | b'`' | b'{' | b'|' | b'}' | b'~'
+            )
         {
             v |= ATEXT;
         }
@@ -106,7 +117,10 @@ static CLASSES: [u8; 256] = build_classes();
 
 #[inline(always)]
 fn class(b: u8) -> u8 {
-    #[expect(clippy::indexing_slicing, reason = "a u8 always indexes a 256-entry table")]
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "a u8 always indexes a 256-entry table"
+    )]
     CLASSES[usize::from(b)]
 }
 
@@ -322,7 +336,11 @@ fn valid_literal(inner: &[u8]) -> bool {
 
 /// Parse `<path>` at the start of `s`; return the address (None for `<>` when `allow_null`) and
 /// the bytes after `>`.
-fn path(s: &[u8], allow_null: bool, allow_postmaster: bool) -> Option<(Option<Address<'_>>, &[u8])> {
+fn path(
+    s: &[u8],
+    allow_null: bool,
+    allow_postmaster: bool,
+) -> Option<(Option<Address<'_>>, &[u8])> {
     let mut c = Cursor {
         s,
         pos: 0,
@@ -416,11 +434,19 @@ mod tests {
     fn accepts_rfc5321_forms() {
         let cases = [
             ("<a@b.example>", "a", "b.example"),
-            ("<first.last@sub.example.com>", "first.last", "sub.example.com"),
+            (
+                "<first.last@sub.example.com>",
+                "first.last",
+                "sub.example.com",
+            ),
             ("<a+tag@x-y.example>", "a+tag", "x-y.example"),
             ("<\"john doe\"@example.com>", "\"john doe\"", "example.com"),
             ("<\"a\\\"b\"@example.com>", "\"a\\\"b\"", "example.com"),
-            ("<!#$%&'*+-/=?^_`{|}~@example.com>", "!#$%&'*+-/=?^_`{|}~", "example.com"),
+            (
+                "<!#$%&'*+-/=?^_`{|}~@example.com>",
+                "!#$%&'*+-/=?^_`{|}~",
+                "example.com",
+            ),
             ("<u@[192.0.2.1]>", "u", "[192.0.2.1]"),
             ("<u@[IPv6:2001:db8::1]>", "u", "[IPv6:2001:db8::1]"),
             ("<u@[ipv6:::1]>", "u", "[ipv6:::1]"),
@@ -432,7 +458,11 @@ mod tests {
         ];
         for (input, local, domain) in cases {
             let (l, d, rest) = ok(input);
-            assert_eq!((l.as_str(), d.as_str(), rest.as_str()), (local, domain, ""), "{input}");
+            assert_eq!(
+                (l.as_str(), d.as_str(), rest.as_str()),
+                (local, domain, ""),
+                "{input}"
+            );
         }
     }
 
@@ -462,7 +492,10 @@ mod tests {
             "<@relay.example u@d>",
             "<>",
         ] {
-            assert!(forward_path(bad.as_bytes()).is_none(), "{bad:?} must be refused");
+            assert!(
+                forward_path(bad.as_bytes()).is_none(),
+                "{bad:?} must be refused"
+            );
         }
         let long_label = format!("<a@{}.example>", "x".repeat(64));
         assert!(forward_path(long_label.as_bytes()).is_none());

@@ -334,9 +334,16 @@ fn mail(args: &[u8]) -> Result<Command<'_>, ParseError> {
                 set(&mut p.auth, utf8(v)?)
             }
             (4 | 8 | 3 | 5, _)
-                if [&b"SIZE"[..], b"BODY", b"SMTPUTF8", b"RET", b"ENVID", b"AUTH"]
-                    .iter()
-                    .any(|k| key.eq_ignore_ascii_case(k)) =>
+                if [
+                    &b"SIZE"[..],
+                    b"BODY",
+                    b"SMTPUTF8",
+                    b"RET",
+                    b"ENVID",
+                    b"AUTH",
+                ]
+                .iter()
+                .any(|k| key.eq_ignore_ascii_case(k)) =>
             {
                 Err(ParseError::Syntax) // known keyword, value missing or unexpected
             }
@@ -366,7 +373,9 @@ fn rcpt(args: &[u8]) -> Result<Command<'_>, ParseError> {
             }
             set(&mut p.orcpt, utf8(v)?)
         }
-        (6 | 5, None) if key.eq_ignore_ascii_case(b"NOTIFY") || key.eq_ignore_ascii_case(b"ORCPT") => {
+        (6 | 5, None)
+            if key.eq_ignore_ascii_case(b"NOTIFY") || key.eq_ignore_ascii_case(b"ORCPT") =>
+        {
             Err(ParseError::Syntax)
         }
         _ => Err(ParseError::UnknownParameter),
@@ -456,9 +465,27 @@ mod tests {
             ("HELP MAIL", Command::Help),
             ("STARTTLS", Command::StartTls),
             ("starttls", Command::StartTls),
-            ("BDAT 0 LAST", Command::Bdat { size: 0, last: true }),
-            ("bdat 1000", Command::Bdat { size: 1000, last: false }),
-            ("BDAT 5 last", Command::Bdat { size: 5, last: true }),
+            (
+                "BDAT 0 LAST",
+                Command::Bdat {
+                    size: 0,
+                    last: true,
+                },
+            ),
+            (
+                "bdat 1000",
+                Command::Bdat {
+                    size: 1000,
+                    last: false,
+                },
+            ),
+            (
+                "BDAT 5 last",
+                Command::Bdat {
+                    size: 5,
+                    last: true,
+                },
+            ),
         ] {
             assert_eq!(p(line), Ok(cmd), "{line}");
         }
@@ -472,7 +499,12 @@ mod tests {
             ("DATAX", ParseError::UnknownCommand, 500, "5.5.1"),
             ("MAILFROM:<a@b>", ParseError::UnknownCommand, 500, "5.5.1"),
             ("STARTTLSX", ParseError::UnknownCommand, 500, "5.5.1"),
-            ("M\u{e9}IL FROM:<a@b>", ParseError::UnknownCommand, 500, "5.5.1"),
+            (
+                "M\u{e9}IL FROM:<a@b>",
+                ParseError::UnknownCommand,
+                500,
+                "5.5.1",
+            ),
             ("DATA now", ParseError::Syntax, 501, "5.5.4"),
             ("QUIT x", ParseError::Syntax, 501, "5.5.4"),
             ("STARTTLS x", ParseError::Syntax, 501, "5.5.4"),
@@ -485,20 +517,60 @@ mod tests {
             ("MAIL FROM:<a@b>x", ParseError::Syntax, 501, "5.5.4"),
             ("MAIL FROM:<a@b> SIZE=x", ParseError::Syntax, 501, "5.5.4"),
             ("MAIL FROM:<a@b> SIZE", ParseError::Syntax, 501, "5.5.4"),
-            ("MAIL FROM:<a@b> SIZE=1 SIZE=2", ParseError::Syntax, 501, "5.5.4"),
-            ("MAIL FROM:<a@b> BODY=9BIT", ParseError::Syntax, 501, "5.5.4"),
+            (
+                "MAIL FROM:<a@b> SIZE=1 SIZE=2",
+                ParseError::Syntax,
+                501,
+                "5.5.4",
+            ),
+            (
+                "MAIL FROM:<a@b> BODY=9BIT",
+                ParseError::Syntax,
+                501,
+                "5.5.4",
+            ),
             ("MAIL FROM:<a@b> RET=ALL", ParseError::Syntax, 501, "5.5.4"),
-            ("MAIL FROM:<a@b> ENVID=a=b", ParseError::Syntax, 501, "5.5.4"),
-            ("MAIL FROM:<a@b> SMTPUTF8=yes", ParseError::Syntax, 501, "5.5.4"),
-            ("MAIL FROM:<a@b> X-FOO=1", ParseError::UnknownParameter, 555, "5.5.4"),
+            (
+                "MAIL FROM:<a@b> ENVID=a=b",
+                ParseError::Syntax,
+                501,
+                "5.5.4",
+            ),
+            (
+                "MAIL FROM:<a@b> SMTPUTF8=yes",
+                ParseError::Syntax,
+                501,
+                "5.5.4",
+            ),
+            (
+                "MAIL FROM:<a@b> X-FOO=1",
+                ParseError::UnknownParameter,
+                555,
+                "5.5.4",
+            ),
             ("MAIL FROM:<a@b> =1", ParseError::Syntax, 501, "5.5.4"),
             ("RCPT TO:<>", ParseError::BadRecipient, 501, "5.1.3"),
             ("RCPT TO:<a b@c>", ParseError::BadRecipient, 501, "5.1.3"),
             ("RCPT FROM:<a@b>", ParseError::Syntax, 501, "5.5.4"),
-            ("RCPT TO:<a@b> NOTIFY=NEVER,DELAY", ParseError::Syntax, 501, "5.5.4"),
-            ("RCPT TO:<a@b> NOTIFY=SOMETIMES", ParseError::Syntax, 501, "5.5.4"),
+            (
+                "RCPT TO:<a@b> NOTIFY=NEVER,DELAY",
+                ParseError::Syntax,
+                501,
+                "5.5.4",
+            ),
+            (
+                "RCPT TO:<a@b> NOTIFY=SOMETIMES",
+                ParseError::Syntax,
+                501,
+                "5.5.4",
+            ),
             ("RCPT TO:<a@b> ORCPT=a@b", ParseError::Syntax, 501, "5.5.4"),
-            ("RCPT TO:<a@b> SIZE=1", ParseError::UnknownParameter, 555, "5.5.4"),
+            (
+                "RCPT TO:<a@b> SIZE=1",
+                ParseError::UnknownParameter,
+                555,
+                "5.5.4",
+            ),
             ("BDAT", ParseError::Syntax, 501, "5.5.4"),
             ("BDAT x", ParseError::Syntax, 501, "5.5.4"),
             ("BDAT 1 FIRST", ParseError::Syntax, 501, "5.5.4"),
@@ -516,8 +588,18 @@ mod tests {
 
     #[test]
     fn helo_and_ehlo() {
-        assert_eq!(p("EHLO client.example"), Ok(Command::Ehlo { host: "client.example" }));
-        assert_eq!(p("ehlo [192.0.2.1]"), Ok(Command::Ehlo { host: "[192.0.2.1]" }));
+        assert_eq!(
+            p("EHLO client.example"),
+            Ok(Command::Ehlo {
+                host: "client.example"
+            })
+        );
+        assert_eq!(
+            p("ehlo [192.0.2.1]"),
+            Ok(Command::Ehlo {
+                host: "[192.0.2.1]"
+            })
+        );
         assert_eq!(p("HELO my_pc extra"), Ok(Command::Helo { host: "my_pc" }));
     }
 
@@ -540,7 +622,8 @@ mod tests {
                 auth: Some("<>"),
             }
         );
-        let Ok(Command::Mail { from, params }) = p("mail from: <>  body=binarymime size=99999999999999999999")
+        let Ok(Command::Mail { from, params }) =
+            p("mail from: <>  body=binarymime size=99999999999999999999")
         else {
             panic!("should parse")
         };
@@ -559,7 +642,10 @@ mod tests {
         assert_eq!(to.domain(), "c.example");
         assert_eq!(params.notify, Some(notify::SUCCESS | notify::FAILURE));
         assert_eq!(params.orcpt, Some("rfc822;r+40c.example"));
-        assert!(matches!(p("RCPT TO:<Postmaster>"), Ok(Command::Rcpt { .. })));
+        assert!(matches!(
+            p("RCPT TO:<Postmaster>"),
+            Ok(Command::Rcpt { .. })
+        ));
     }
 
     #[test]

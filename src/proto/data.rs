@@ -374,16 +374,27 @@ mod tests {
     fn check_all_splits(input: &[u8], policy: BareLinePolicy) -> oracle::Outcome {
         let expect = whole(input, policy);
         for split in 0..=input.len() {
-            assert_eq!(run(input, &[split], policy), expect, "split at {split} of {input:?}");
+            assert_eq!(
+                run(input, &[split], policy),
+                expect,
+                "split at {split} of {input:?}"
+            );
         }
         let bytes: Vec<usize> = (0..input.len()).collect();
-        assert_eq!(run(input, &bytes, policy), expect, "byte at a time: {input:?}");
+        assert_eq!(
+            run(input, &bytes, policy),
+            expect,
+            "byte at a time: {input:?}"
+        );
         expect
     }
 
     #[test]
     fn terminates_only_at_crlf_dot_crlf() {
-        let o = check_all_splits(b"Subject: x\r\n\r\nbody\r\n.\r\nMAIL FROM", BareLinePolicy::Reject);
+        let o = check_all_splits(
+            b"Subject: x\r\n\r\nbody\r\n.\r\nMAIL FROM",
+            BareLinePolicy::Reject,
+        );
         assert_eq!(o.content, b"Subject: x\r\n\r\nbody\r\n");
         assert_eq!(o.end, Some(23));
         assert!(!o.bare);
@@ -440,7 +451,9 @@ mod tests {
     fn simd_and_scalar_agree_on_long_inputs() {
         let mut body = Vec::new();
         for i in 0..300 {
-            body.extend_from_slice(format!("line {i} of some text that is long enough\r\n").as_bytes());
+            body.extend_from_slice(
+                format!("line {i} of some text that is long enough\r\n").as_bytes(),
+            );
             if i % 37 == 0 {
                 body.extend_from_slice(b"..stuffed\r\n");
             }

@@ -76,7 +76,10 @@ mod tests {
     fn cap_counts_the_line_ending() {
         // 8 bytes including CRLF fits a cap of 8; 9 does not.
         assert!(matches!(frame(b"123456\r\n", 8), Frame::Line { .. }));
-        assert_eq!(frame(b"1234567\r\nNOOP\r\n", 8), Frame::TooLong { consumed: 8 });
+        assert_eq!(
+            frame(b"1234567\r\nNOOP\r\n", 8),
+            Frame::TooLong { consumed: 8 }
+        );
         assert_eq!(frame(b"1234567", 8), Frame::Partial);
         assert_eq!(frame(b"12345678", 8), Frame::TooLong { consumed: 8 });
     }
@@ -85,5 +88,45 @@ mod tests {
     fn skip() {
         assert_eq!(skip_to_lf(b"xx\nNOOP"), (3, true));
         assert_eq!(skip_to_lf(b"xxxx"), (4, false));
+    }
+}
+
+#[cfg(test)]
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Byte-at-a-time oracle for `frame`.
+    fn naive(input: &[u8], max_line: usize) -> Frame<'_> {
+        for (i, &b) in input.iter().enumerate() {
+            if i >= max_line {
+                return Frame::TooLong { consumed: max_line };
+            }
+            if b == b'\n' {
+                let mut line = &input[..i];
+                if line.last() == Some(&b'\r') {
+                    line = &line[..i - 1];
+                }
+                return Frame::Line {
+                    line,
+                    consumed: i + 1,
+                };
+            }
+        }
+        if input.len() >= max_line {
+            Frame::TooLong { consumed: max_line }
+        } else {
+            Frame::Partial
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn frame_matches_oracle(
+            input in prop::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'x')], 0..80),
+            max_line in 1usize..64,
+        ) {
+            prop_assert_eq!(frame(&input, max_line), naive(&input, max_line));
+        }
     }
 }

@@ -32,6 +32,9 @@
 pub mod address;
 pub mod command;
 pub mod data;
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub mod fuzz_targets;
 pub mod line;
 pub mod reply;
 pub mod session;

@@ -66,7 +66,13 @@ impl Reply {
 
     /// Append the reply as one line (`CODE SP [ENH SP] TEXT CRLF`) to `out`.
     pub fn write_to(&self, out: &mut Vec<u8>, enhanced: bool) {
-        write_line(out, self.code, self.enhanced, enhanced, &[self.text.as_bytes()]);
+        write_line(
+            out,
+            self.code,
+            self.enhanced,
+            enhanced,
+            &[self.text.as_bytes()],
+        );
     }
 }
 

@@ -409,7 +409,10 @@ impl Session {
                     self.error(r);
                 } else if from.is_some_and(|a| a.is_utf8()) && !params.smtputf8 {
                     self.error(&reply::UTF8_NOT_PERMITTED);
-                } else if params.size.is_some_and(|s| s > self.settings.cfg.max_message_size) {
+                } else if params
+                    .size
+                    .is_some_and(|s| s > self.settings.cfg.max_message_size)
+                {
                     self.reply(&reply::MESSAGE_TOO_BIG);
                 } else {
                     self.pending = Some(Pending::Mail {
@@ -428,7 +431,9 @@ impl Session {
                     self.error(&reply::MAIL_FIRST);
                 } else if self.txn.chunks > 0 {
                     self.error(&reply::BAD_SEQUENCE);
-                } else if (params.notify.is_some() || params.orcpt.is_some()) && !(x.dsn && self.esmtp) {
+                } else if (params.notify.is_some() || params.orcpt.is_some())
+                    && !(x.dsn && self.esmtp)
+                {
                     self.error(&reply::UNKNOWN_PARAMETER);
                 } else if to.is_utf8() && !self.txn.smtputf8 {
                     self.error(&reply::UTF8_NOT_PERMITTED);
@@ -509,7 +514,11 @@ impl Session {
             || (p.smtputf8 && !x.smtputf8)
             || ((p.ret.is_some() || p.envid.is_some()) && !x.dsn)
             || (p.auth.is_some() && self.settings.auth_offered(self.tls).is_none());
-        if refused { Err(&reply::UNKNOWN_PARAMETER) } else { Ok(()) }
+        if refused {
+            Err(&reply::UNKNOWN_PARAMETER)
+        } else {
+            Ok(())
+        }
     }
 
     /// The reason DATA/BDAT cannot start, if any.
@@ -548,7 +557,11 @@ impl Session {
         let too_big = self.txn.too_big
             || self.txn.size.saturating_add(size) > self.settings.cfg.max_message_size;
         self.txn.too_big = too_big;
-        let mode = if too_big { BdatMode::TooBig } else { BdatMode::Keep };
+        let mode = if too_big {
+            BdatMode::TooBig
+        } else {
+            BdatMode::Keep
+        };
         self.state = State::Bdat {
             remaining: size,
             last,
@@ -632,7 +645,12 @@ impl Session {
         None
     }
 
-    fn auth<'a>(&mut self, mechanism: Mechanism, initial: Option<&[u8]>, fresh: bool) -> Option<Event<'a>> {
+    fn auth<'a>(
+        &mut self,
+        mechanism: Mechanism,
+        initial: Option<&[u8]>,
+        fresh: bool,
+    ) -> Option<Event<'a>> {
         let Some(offer) = self.settings.cfg.auth.clone() else {
             self.error(&reply::AUTH_NOT_ENABLED);
             return None;
@@ -801,7 +819,12 @@ impl<'a> Feed<'_, 'a> {
                 }
             }
             // A finished BDAT chunk is answered even when no more input is buffered.
-            if let State::Bdat { remaining: 0, last, mode } = &s.state {
+            if let State::Bdat {
+                remaining: 0,
+                last,
+                mode,
+            } = &s.state
+            {
                 let (last, mode) = (*last, mode.clone());
                 if let Some(ev) = s.bdat_chunk_done(last, mode) {
                     return Some(ev);
@@ -816,8 +839,8 @@ impl<'a> Feed<'_, 'a> {
             match &mut s.state {
                 State::Data(reader) => {
                     let (used, chunk) = reader.next(rest);
-                    let bare = reader.saw_bare_line_ending()
-                        && reader.policy() == BareLinePolicy::Reject;
+                    let bare =
+                        reader.saw_bare_line_ending() && reader.policy() == BareLinePolicy::Reject;
                     self.pos += used;
                     match chunk {
                         Chunk::Data(d) => {
@@ -832,8 +855,12 @@ impl<'a> Feed<'_, 'a> {
                         }
                     }
                 }
-                State::Bdat { remaining, mode, .. } => {
-                    let take = usize::try_from(*remaining).unwrap_or(usize::MAX).min(rest.len());
+                State::Bdat {
+                    remaining, mode, ..
+                } => {
+                    let take = usize::try_from(*remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(rest.len());
                     *remaining -= take as u64;
                     self.pos += take;
                     let piece = rest.get(..take).unwrap_or_default();

@@ -146,16 +146,20 @@ impl Settings {
     /// Validate `cfg` and precompute the greeting and EHLO replies.
     pub fn new(cfg: SessionConfig) -> Result<Settings, SettingsError> {
         let err = |field, problem| Err(SettingsError { field, problem });
-        if cfg.hostname.is_empty()
-            || !cfg.hostname.bytes().all(|b| b.is_ascii_graphic())
-        {
-            return err("hostname", "must be a non-empty name of printable ASCII without spaces");
+        if cfg.hostname.is_empty() || !cfg.hostname.bytes().all(|b| b.is_ascii_graphic()) {
+            return err(
+                "hostname",
+                "must be a non-empty name of printable ASCII without spaces",
+            );
         }
         if cfg.banner.bytes().any(|b| b == b'\r' || b == b'\n') {
             return err("banner", "must not contain CR or LF");
         }
         if cfg.max_line < 512 {
-            return err("max_line", "must be at least 512 bytes (RFC 5321 section 4.5.3.1.4)");
+            return err(
+                "max_line",
+                "must be at least 512 bytes (RFC 5321 section 4.5.3.1.4)",
+            );
         }
         if cfg.max_recipients == 0 {
             return err("max_recipients", "must be at least 1");

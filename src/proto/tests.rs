@@ -129,7 +129,7 @@ fn describe(ev: &Event<'_>, message: &mut Vec<u8>) -> String {
         }
         Event::Body(b) => {
             message.extend_from_slice(b);
-            return String::new();
+            String::new()
         }
         Event::MessageEnd { size } => {
             assert_eq!(*size as usize, message.len(), "size counts delivered bytes");
@@ -171,7 +171,10 @@ fn default_settings() -> Arc<Settings> {
 fn replies(out: &str) -> Vec<&str> {
     let mut in_ehlo = false;
     let mut v = Vec::new();
-    for l in out.split("\r\n").filter(|l| !l.is_empty() && !l.starts_with("220 mx.test")) {
+    for l in out
+        .split("\r\n")
+        .filter(|l| !l.is_empty() && !l.starts_with("220 mx.test"))
+    {
         if l.starts_with("250-") {
             in_ehlo = true;
         } else if in_ehlo {
@@ -226,8 +229,14 @@ fn pipelined_group_costs_one_write() {
 fn sequencing() {
     let s = default_settings();
     let cases: &[(&str, &[&str])] = &[
-        ("MAIL FROM:<a@b.test>\r\n", &["503 5.5.1 Send EHLO or HELO first"]),
-        ("EHLO c\r\nRCPT TO:<a@b.test>\r\n", &["503 5.5.1 Send MAIL first"]),
+        (
+            "MAIL FROM:<a@b.test>\r\n",
+            &["503 5.5.1 Send EHLO or HELO first"],
+        ),
+        (
+            "EHLO c\r\nRCPT TO:<a@b.test>\r\n",
+            &["503 5.5.1 Send MAIL first"],
+        ),
         ("EHLO c\r\nDATA\r\n", &["503 5.5.1 Send MAIL first"]),
         (
             "EHLO c\r\nMAIL FROM:<a@b.test>\r\nDATA\r\n",
@@ -239,27 +248,44 @@ fn sequencing() {
         ),
         (
             "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@reject.test>\r\nDATA\r\n",
-            &["250 2.1.0 Sender ok", "550 5.1.1 No such user", "554 5.5.1 No valid recipients"],
+            &[
+                "250 2.1.0 Sender ok",
+                "550 5.1.1 No such user",
+                "554 5.5.1 No valid recipients",
+            ],
         ),
         (
             "EHLO c\r\nMAIL FROM:<a@b.test>\r\nRSET\r\nRCPT TO:<c@d.test>\r\n",
-            &["250 2.1.0 Sender ok", "250 2.0.0 Ok", "503 5.5.1 Send MAIL first"],
+            &[
+                "250 2.1.0 Sender ok",
+                "250 2.0.0 Ok",
+                "503 5.5.1 Send MAIL first",
+            ],
         ),
         (
             "EHLO c\r\nMAIL FROM:<a@b.test>\r\nEHLO c\r\nRCPT TO:<c@d.test>\r\n",
             &["250 2.1.0 Sender ok", "503 5.5.1 Send MAIL first"],
         ),
-        ("NOOP\r\nHELP\r\nVRFY x\r\nEXPN y\r\nRSET\r\nFOO\r\n", &[
-            "250 2.0.0 Ok",
-            "214 2.0.0 See RFC 5321",
-            "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
-            "502 5.5.1 Command not implemented",
-            "250 2.0.0 Ok",
-            "500 5.5.1 Command unrecognized",
-        ]),
+        (
+            "NOOP\r\nHELP\r\nVRFY x\r\nEXPN y\r\nRSET\r\nFOO\r\n",
+            &[
+                "250 2.0.0 Ok",
+                "214 2.0.0 See RFC 5321",
+                "252 2.5.0 Cannot VRFY user, but will accept message and attempt delivery",
+                "502 5.5.1 Command not implemented",
+                "250 2.0.0 Ok",
+                "500 5.5.1 Command unrecognized",
+            ],
+        ),
         ("STARTTLS\r\n", &["502 5.5.1 Command not implemented"]),
         ("AUTH PLAIN\r\n", &["503 5.5.1 Authentication not enabled"]),
-        ("BDAT 3\r\nabc\r\n", &["500 5.5.1 Command unrecognized", "500 5.5.1 Command unrecognized"]),
+        (
+            "BDAT 3\r\nabc\r\n",
+            &[
+                "500 5.5.1 Command unrecognized",
+                "500 5.5.1 Command unrecognized",
+            ],
+        ),
     ];
     for (input, expect) in cases {
         let s = if input.starts_with("BDAT") {
@@ -272,7 +298,7 @@ fn sequencing() {
         };
         let (out, _) = run(&s, input.as_bytes());
         let got = replies(&out);
-        let expect: Vec<&str> = expect.iter().copied().collect();
+        let expect: Vec<&str> = expect.to_vec();
         assert_eq!(got, expect, "{input:?}");
     }
 }
@@ -282,26 +308,44 @@ fn syntax_replies() {
     let s = default_settings();
     for (cmd, reply) in [
         ("MAIL FROM:<a@b.test", "501 5.1.7 Bad sender address syntax"),
-        ("MAIL FROM:<a@b.test> FOO=1", "555 5.5.4 Unsupported parameter"),
-        ("MAIL FROM:<a@b.test> SIZE=x", "501 5.5.4 Syntax error in parameters or arguments"),
-        ("MAIL FROM:<a@b.test> SIZE=99999999", "552 5.3.4 Message size exceeds fixed limit"),
+        (
+            "MAIL FROM:<a@b.test> FOO=1",
+            "555 5.5.4 Unsupported parameter",
+        ),
+        (
+            "MAIL FROM:<a@b.test> SIZE=x",
+            "501 5.5.4 Syntax error in parameters or arguments",
+        ),
+        (
+            "MAIL FROM:<a@b.test> SIZE=99999999",
+            "552 5.3.4 Message size exceeds fixed limit",
+        ),
         (
             "MAIL FROM:<jö@b.test>",
             "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter",
         ),
         ("MAIL FROM:<jö@b.test> SMTPUTF8", "250 2.1.0 Sender ok"),
-        ("MAIL FROM:<> BODY=8BITMIME RET=FULL ENVID=x", "250 2.1.0 Sender ok"),
+        (
+            "MAIL FROM:<> BODY=8BITMIME RET=FULL ENVID=x",
+            "250 2.1.0 Sender ok",
+        ),
     ] {
         let (out, _) = run(&s, format!("EHLO c\r\n{cmd}\r\n").as_bytes());
         assert_eq!(replies(&out), [reply], "{cmd}");
     }
     for (cmd, reply) in [
         ("RCPT TO:<a b@c>", "501 5.1.3 Bad recipient address syntax"),
-        ("RCPT TO:<ü@d.test>", "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter"),
+        (
+            "RCPT TO:<ü@d.test>",
+            "553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter",
+        ),
         ("RCPT TO:<c@d.test> NOTIFY=NEVER", "250 2.1.5 Recipient ok"),
         ("RCPT TO:<c@d.test> FOO", "555 5.5.4 Unsupported parameter"),
     ] {
-        let (out, _) = run(&s, format!("EHLO c\r\nMAIL FROM:<a@b.test>\r\n{cmd}\r\n").as_bytes());
+        let (out, _) = run(
+            &s,
+            format!("EHLO c\r\nMAIL FROM:<a@b.test>\r\n{cmd}\r\n").as_bytes(),
+        );
         assert_eq!(replies(&out)[1..], [reply], "{cmd}");
     }
 }
@@ -329,13 +373,25 @@ fn extensions_that_are_off_refuse_their_parameters() {
         "MAIL FROM:<a@b.test> AUTH=<>",
     ] {
         let (out, _) = run(&off, format!("EHLO c\r\n{cmd}\r\n").as_bytes());
-        assert!(out.ends_with("555 5.5.4 Unsupported parameter\r\n"), "{cmd}: {out}");
+        assert!(
+            out.ends_with("555 5.5.4 Unsupported parameter\r\n"),
+            "{cmd}: {out}"
+        );
     }
     // HELO (not EHLO) means no extensions at all.
-    let (out, _) = run(&default_settings(), b"HELO c\r\nMAIL FROM:<a@b.test> SIZE=10\r\n");
-    assert_eq!(out, "220 mx.test ESMTP ringmx\r\n250 mx.test\r\n555 5.5.4 Unsupported parameter\r\n");
+    let (out, _) = run(
+        &default_settings(),
+        b"HELO c\r\nMAIL FROM:<a@b.test> SIZE=10\r\n",
+    );
+    assert_eq!(
+        out,
+        "220 mx.test ESMTP ringmx\r\n250 mx.test\r\n555 5.5.4 Unsupported parameter\r\n"
+    );
     let (out, _) = run(&off, b"EHLO c\r\n");
-    assert_eq!(out, "220 mx.test ESMTP ringmx\r\n250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n");
+    assert_eq!(
+        out,
+        "220 mx.test ESMTP ringmx\r\n250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n"
+    );
 }
 
 #[test]
@@ -354,7 +410,12 @@ fn recipient_limit() {
     );
     assert_eq!(
         replies(&out),
-        ["250 2.1.0 Sender ok", "250 2.1.5 Recipient ok", "250 2.1.5 Recipient ok", "452 4.5.3 Too many recipients"]
+        [
+            "250 2.1.0 Sender ok",
+            "250 2.1.5 Recipient ok",
+            "250 2.1.5 Recipient ok",
+            "452 4.5.3 Too many recipients"
+        ]
     );
     assert_eq!(events.iter().filter(|e| e.starts_with("rcpt")).count(), 2);
 }
@@ -434,7 +495,10 @@ fn bare_line_endings_normalized_when_configured() {
         b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nline\nmore\rend\r\n.\r\n",
     );
     assert!(out.ends_with("250 2.0.0 Ok: queued as Q1\r\n"));
-    assert_eq!(events.last().map(String::as_str), Some("end line\\r\\nmore\\r\\nend\\r\\n"));
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("end line\\r\\nmore\\r\\nend\\r\\n")
+    );
 }
 
 #[test]
@@ -465,11 +529,18 @@ fn bdat() {
     );
     assert_eq!(
         replies(&out)[2..],
-        ["250 2.0.0 Chunk received", "250 2.0.0 Ok: queued as Q1", "221 2.0.0 Bye"]
+        [
+            "250 2.0.0 Chunk received",
+            "250 2.0.0 Ok: queued as Q1",
+            "221 2.0.0 Bye"
+        ]
     );
     assert_eq!(events[3..], ["start", "end ab\\r\\nc\\n.\\n", "quit"]);
 
-    let (out, events) = run(&s, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nBDAT 0 LAST\r\n");
+    let (out, events) = run(
+        &s,
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nBDAT 0 LAST\r\n",
+    );
     assert!(out.ends_with("250 2.0.0 Ok: queued as Q1\r\n"));
     assert_eq!(events[3..], ["start", "end "]);
 }
@@ -480,7 +551,10 @@ fn bdat_refused_still_consumes_its_chunk() {
     let (out, events) = run(&s, b"EHLO c\r\nBDAT 10\r\nQUIT\r\nQUITNOOP\r\n");
     assert_eq!(replies(&out), ["503 5.5.1 Send MAIL first", "250 2.0.0 Ok"]);
     assert!(!events.iter().any(|e| e == "quit"));
-    let (out, _) = run(&s, b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@reject.test>\r\nBDAT 4 LAST\r\nNOOPNOOP\r\n");
+    let (out, _) = run(
+        &s,
+        b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@reject.test>\r\nBDAT 4 LAST\r\nNOOPNOOP\r\n",
+    );
     assert_eq!(
         replies(&out)[2..],
         ["554 5.5.1 No valid recipients", "250 2.0.0 Ok"]
@@ -496,7 +570,11 @@ fn bdat_size_limit_counts_every_chunk() {
     );
     assert_eq!(
         replies(&out)[2..],
-        ["250 2.0.0 Chunk received", "552 5.3.4 Message size exceeds fixed limit", "250 2.0.0 Ok"]
+        [
+            "250 2.0.0 Chunk received",
+            "552 5.3.4 Message size exceeds fixed limit",
+            "250 2.0.0 Ok"
+        ]
     );
     assert_eq!(events.last().map(String::as_str), Some("aborted"));
 }
@@ -508,12 +586,18 @@ fn data_and_bdat_do_not_mix() {
         &s,
         b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nBDAT 1\r\nxDATA\r\n",
     );
-    assert!(out.ends_with("503 5.5.1 Bad sequence of commands\r\n"), "{out}");
+    assert!(
+        out.ends_with("503 5.5.1 Bad sequence of commands\r\n"),
+        "{out}"
+    );
     let (out, _) = run(
         &s,
         b"EHLO c\r\nMAIL FROM:<a@b.test> BODY=BINARYMIME\r\nRCPT TO:<c@d.test>\r\nDATA\r\n",
     );
-    assert!(out.ends_with("503 5.5.1 BINARYMIME requires BDAT, not DATA\r\n"), "{out}");
+    assert!(
+        out.ends_with("503 5.5.1 BINARYMIME requires BDAT, not DATA\r\n"),
+        "{out}"
+    );
 }
 
 fn tls_settings() -> Arc<Settings> {
@@ -529,15 +613,24 @@ fn starttls_upgrade_resets_the_session() {
     let mut h = Harness::new(s.clone());
     h.push(b"EHLO c\r\n");
     assert!(h.output().contains("250 STARTTLS\r\n"), "{}", h.output());
-    assert!(!h.output().contains("AUTH"), "AUTH only after TLS by default");
+    assert!(
+        !h.output().contains("AUTH"),
+        "AUTH only after TLS by default"
+    );
     h.push(b"STARTTLS\r\n");
     assert!(h.output().ends_with("220 2.0.0 Ready to start TLS\r\n"));
     assert!(h.session.is_tls());
     h.out.clear();
     h.push(b"MAIL FROM:<a@b.test>\r\nEHLO c\r\n");
     let out = h.output();
-    assert!(out.starts_with("503 5.5.1 Send EHLO or HELO first\r\n"), "{out}");
-    assert!(!out.contains("STARTTLS") && out.contains("250 AUTH PLAIN LOGIN\r\n"), "{out}");
+    assert!(
+        out.starts_with("503 5.5.1 Send EHLO or HELO first\r\n"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("STARTTLS") && out.contains("250 AUTH PLAIN LOGIN\r\n"),
+        "{out}"
+    );
     h.out.clear();
     h.push(b"STARTTLS\r\n");
     assert_eq!(h.output(), "503 5.5.1 Bad sequence of commands\r\n");
@@ -550,12 +643,18 @@ fn starttls_with_pipelined_commands_is_refused() {
     let mut h = Harness::new(s);
     h.push(b"EHLO c\r\nSTARTTLS\r\nMAIL FROM:<a@b.test>\r\n");
     assert!(
-        h.output().ends_with("554 5.5.1 Commands pipelined after STARTTLS are refused, closing connection\r\n"),
+        h.output().ends_with(
+            "554 5.5.1 Commands pipelined after STARTTLS are refused, closing connection\r\n"
+        ),
         "{}",
         h.output()
     );
     assert!(h.session.is_closed() && !h.session.is_tls());
-    assert!(!h.events.iter().any(|e| e.starts_with("mail") || e == "starttls"));
+    assert!(
+        !h.events
+            .iter()
+            .any(|e| e.starts_with("mail") || e == "starttls")
+    );
 }
 
 #[test]
@@ -568,29 +667,60 @@ fn auth_plain_and_login() {
     });
     // "\0user\0pass" and "\0user\0nope"
     let cases: &[(&str, &[&str])] = &[
-        ("AUTH PLAIN AHVzZXIAcGFzcw==\r\n", &["235 2.7.0 Authentication successful"]),
-        ("AUTH PLAIN\r\nAHVzZXIAcGFzcw==\r\n", &["334 ", "235 2.7.0 Authentication successful"]),
-        ("AUTH PLAIN AHVzZXIAbm9wZQ==\r\n", &["535 5.7.8 Authentication credentials invalid"]),
-        ("AUTH PLAIN\r\n*\r\n", &["334 ", "501 5.7.0 Authentication cancelled"]),
+        (
+            "AUTH PLAIN AHVzZXIAcGFzcw==\r\n",
+            &["235 2.7.0 Authentication successful"],
+        ),
+        (
+            "AUTH PLAIN\r\nAHVzZXIAcGFzcw==\r\n",
+            &["334 ", "235 2.7.0 Authentication successful"],
+        ),
+        (
+            "AUTH PLAIN AHVzZXIAbm9wZQ==\r\n",
+            &["535 5.7.8 Authentication credentials invalid"],
+        ),
+        (
+            "AUTH PLAIN\r\n*\r\n",
+            &["334 ", "501 5.7.0 Authentication cancelled"],
+        ),
         ("AUTH PLAIN !!!\r\n", &["501 5.5.2 Cannot decode response"]),
-        ("AUTH PLAIN dXNlcg==\r\n", &["501 5.5.2 Cannot decode response"]),
+        (
+            "AUTH PLAIN dXNlcg==\r\n",
+            &["501 5.5.2 Cannot decode response"],
+        ),
         (
             "AUTH LOGIN\r\ndXNlcg==\r\ncGFzcw==\r\n",
-            &["334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6", "235 2.7.0 Authentication successful"],
+            &[
+                "334 VXNlcm5hbWU6",
+                "334 UGFzc3dvcmQ6",
+                "235 2.7.0 Authentication successful",
+            ],
         ),
-        ("AUTH LOGIN dXNlcg==\r\ncGFzcw==\r\n", &["334 UGFzc3dvcmQ6", "235 2.7.0 Authentication successful"]),
+        (
+            "AUTH LOGIN dXNlcg==\r\ncGFzcw==\r\n",
+            &["334 UGFzc3dvcmQ6", "235 2.7.0 Authentication successful"],
+        ),
         (
             "AUTH PLAIN AHVzZXIAcGFzcw==\r\nAUTH PLAIN AHVzZXIAcGFzcw==\r\n",
-            &["235 2.7.0 Authentication successful", "503 5.5.1 Bad sequence of commands"],
+            &[
+                "235 2.7.0 Authentication successful",
+                "503 5.5.1 Bad sequence of commands",
+            ],
         ),
-        ("AUTH CRAM-MD5\r\n", &["504 5.5.4 Unrecognized authentication type"]),
+        (
+            "AUTH CRAM-MD5\r\n",
+            &["504 5.5.4 Unrecognized authentication type"],
+        ),
     ];
     for (input, expect) in cases {
         let (out, _) = run(&s, format!("EHLO c\r\n{input}").as_bytes());
         assert_eq!(replies(&out), *expect, "{input:?}");
     }
     // Without TLS where TLS is required:
-    let (out, _) = run(&tls_settings(), b"EHLO c\r\nAUTH PLAIN AHVzZXIAcGFzcw==\r\n");
+    let (out, _) = run(
+        &tls_settings(),
+        b"EHLO c\r\nAUTH PLAIN AHVzZXIAcGFzcw==\r\n",
+    );
     assert_eq!(
         replies(&out),
         ["538 5.7.11 Encryption required for requested authentication mechanism"]
@@ -605,7 +735,10 @@ fn timeout_closes_with_421() {
     session.clear_output();
     assert!(!session.check_timeout(now + Duration::from_secs(299)));
     assert!(session.check_timeout(now + Duration::from_secs(300)));
-    assert_eq!(session.output(), b"421 4.4.2 Timeout exceeded, closing connection\r\n");
+    assert_eq!(
+        session.output(),
+        b"421 4.4.2 Timeout exceeded, closing connection\r\n"
+    );
     assert!(session.is_closed());
 }
 
@@ -631,7 +764,10 @@ fn unanswered_decision_holds_the_session() {
     let mut feed = session.feed(&input[consumed..], now);
     assert_eq!(feed.next(), None);
     assert_eq!(feed.stop(), Stop::Flush);
-    assert!(feed.output().ends_with(b"250 2.1.0 Sender ok\r\n250 2.0.0 Ok\r\n"));
+    assert!(
+        feed.output()
+            .ends_with(b"250 2.1.0 Sender ok\r\n250 2.0.0 Ok\r\n")
+    );
 }
 
 #[test]
@@ -644,5 +780,8 @@ fn settings_are_validated() {
     assert_eq!(bad(|c| c.max_line = 100), "max_line");
     assert_eq!(bad(|c| c.hostname = "a b".into()), "hostname");
     assert_eq!(bad(|c| c.max_errors = 0), "max_errors");
-    assert_eq!(bad(|c| c.extensions.chunking = false), "extensions.binarymime");
+    assert_eq!(
+        bad(|c| c.extensions.chunking = false),
+        "extensions.binarymime"
+    );
 }
