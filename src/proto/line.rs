@@ -92,7 +92,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod prop {
+mod oracle_tests {
     use super::*;
     use proptest::prelude::*;
 
