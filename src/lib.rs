@@ -2,4 +2,5 @@
 //!
 //! See `README.md` for the layout. [`proto`] is the sans-IO SMTP core.
 
+pub mod config;
 pub mod proto;

@@ -1,0 +1,731 @@
+//! The configuration file: one TOML document, typed, every key defaulted and documented in
+//! `examples/ringmx.toml`, unknown keys refused, and every error naming the key and its line.
+
+pub mod units;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::proto::{self, BareLinePolicy};
+pub use units::{Cidr, Secs, Size};
+
+/// The configuration used when `ringmx run` gets no `--config`: no root needed, loopback only.
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+/// A configuration error: the file, the line (when known), the key and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: String,
+    pub line: Option<usize>,
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{}: ", self.file, l)?,
+            None => write!(f, "{}: ", self.file)?,
+        }
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Which way mail flows through a binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Mail from the Internet to the organisation: only local domains are accepted.
+    Inbound,
+    /// Mail from the organisation: relayed for `allowed_clients` or authenticated users.
+    Outbound,
+}
+
+/// TLS on a binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Plain SMTP only.
+    #[default]
+    None,
+    /// STARTTLS offered (RFC 3207).
+    Starttls,
+    /// TLS from the first byte (port 465, RFC 8314).
+    Implicit,
+}
+
+/// SMTP AUTH on a binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Not offered.
+    #[default]
+    Off,
+    /// Offered (after TLS); clients may relay by network or by AUTH.
+    Optional,
+    /// MAIL is refused (`530 5.7.0`) until the client authenticates.
+    Required,
+}
+
+/// Log format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Which io_uring/epoll driver the cores run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Driver {
+    /// io_uring where the kernel allows it, epoll otherwise.
+    #[default]
+    Auto,
+    /// epoll only.
+    Legacy,
+}
+
+/// `cores = "all" | N | [list]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Cores {
+    /// `"all"`: one thread per online CPU.
+    All(String),
+    /// The first N CPUs.
+    Count(usize),
+    /// These CPUs.
+    List(Vec<usize>),
+}
+
+impl Default for Cores {
+    fn default() -> Self {
+        Cores::All("all".into())
+    }
+}
+
+impl Cores {
+    /// The CPU ids to run on, given how many the machine has.
+    pub fn resolve(&self, online: usize) -> Vec<usize> {
+        match self {
+            Cores::All(_) => (0..online.max(1)).collect(),
+            Cores::Count(n) => (0..(*n).max(1)).map(|i| i % online.max(1)).collect(),
+            Cores::List(l) => l.clone(),
+        }
+    }
+}
+
+fn default_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerSection {
+    pub hostname: String,
+    pub cores: Spanned<Cores>,
+    pub data_dir: PathBuf,
+    pub log: LogFormat,
+    pub driver: Driver,
+    /// How long SIGTERM waits for transactions in flight.
+    pub shutdown_timeout: Secs,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            hostname: default_hostname(),
+            cores: Spanned::new(0..0, Cores::default()),
+            data_dir: PathBuf::from("./ringmx-data"),
+            log: LogFormat::Text,
+            driver: Driver::Auto,
+            shutdown_timeout: Secs(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// `[limits]` and per-binding overrides.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_message_size: Size,
+    pub max_recipients: usize,
+    pub max_line: usize,
+    pub max_errors: u32,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub command_timeout: Secs,
+    pub data_timeout: Secs,
+    /// Bytes per second a DATA/BDAT transfer must average (0 = off).
+    pub min_data_rate: Size,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: Size(20 * 1024 * 1024),
+            max_recipients: 1000,
+            max_line: 2048,
+            max_errors: 20,
+            max_connections: 10_000,
+            max_connections_per_ip: 50,
+            command_timeout: Secs(Duration::from_secs(300)),
+            data_timeout: Secs(Duration::from_secs(180)),
+            min_data_rate: Size(0),
+        }
+    }
+}
+
+/// Per-binding `[binding.limits]`: any key of `[limits]`, overriding it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsOverride {
+    pub max_message_size: Option<Size>,
+    pub max_recipients: Option<usize>,
+    pub max_line: Option<usize>,
+    pub max_errors: Option<u32>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
+    pub command_timeout: Option<Secs>,
+    pub data_timeout: Option<Secs>,
+    pub min_data_rate: Option<Size>,
+}
+
+impl Limits {
+    /// These limits with `o`'s keys taking precedence.
+    pub fn merged(&self, o: &LimitsOverride) -> Limits {
+        Limits {
+            max_message_size: o.max_message_size.unwrap_or(self.max_message_size),
+            max_recipients: o.max_recipients.unwrap_or(self.max_recipients),
+            max_line: o.max_line.unwrap_or(self.max_line),
+            max_errors: o.max_errors.unwrap_or(self.max_errors),
+            max_connections: o.max_connections.unwrap_or(self.max_connections),
+            max_connections_per_ip: o
+                .max_connections_per_ip
+                .unwrap_or(self.max_connections_per_ip),
+            command_timeout: o.command_timeout.unwrap_or(self.command_timeout),
+            data_timeout: o.data_timeout.unwrap_or(self.data_timeout),
+            min_data_rate: o.min_data_rate.unwrap_or(self.min_data_rate),
+        }
+    }
+}
+
+/// `[[binding]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindingSection {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub listen: Spanned<SocketAddr>,
+    pub direction: Direction,
+    #[serde(default)]
+    pub tls: TlsMode,
+    pub certificate: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub pkcs12: Option<PathBuf>,
+    pub pkcs12_password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub auth: AuthMode,
+    #[serde(default)]
+    pub allowed_clients: Vec<Cidr>,
+    pub proxy_protocol: Option<Vec<Cidr>>,
+    #[serde(default)]
+    pub limits: LimitsOverride,
+}
+
+/// `[domains]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DomainsSection {
+    /// Domains accepted on inbound bindings; `*.example.com` also accepts subdomains.
+    pub local: Vec<Spanned<String>>,
+}
+
+/// `[smtp]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpSection {
+    pub bare_lf: BareLf,
+    pub bare_lf_exempt: Vec<Cidr>,
+    pub banner: String,
+    pub pipelining: bool,
+    pub chunking: bool,
+    pub binarymime: bool,
+    pub eightbitmime: bool,
+    pub smtputf8: bool,
+    pub dsn: bool,
+    pub enhanced_status_codes: bool,
+}
+
+impl Default for SmtpSection {
+    fn default() -> Self {
+        SmtpSection {
+            bare_lf: BareLf::Reject,
+            bare_lf_exempt: Vec::new(),
+            banner: "ringmx".into(),
+            pipelining: true,
+            chunking: true,
+            binarymime: true,
+            eightbitmime: true,
+            smtputf8: true,
+            dsn: true,
+            enhanced_status_codes: true,
+        }
+    }
+}
+
+/// `bare_lf`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BareLf {
+    #[default]
+    Reject,
+    Normalize,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSection {
+    /// `user:argon2-hash` lines.
+    pub users_file: Option<PathBuf>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 8025))),
+        }
+    }
+}
+
+/// What a route does with the messages it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouteAction {
+    /// One `.eml` file per message into `folder` (pickup folder).
+    Drop,
+}
+
+/// `[[route]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    /// Recipient domains: exact, `*.example.com`, or `*`.
+    pub domains: Vec<Spanned<String>>,
+    pub direction: Option<Direction>,
+    pub action: RouteAction,
+    pub folder: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: ServerSection,
+    #[serde(default, rename = "binding")]
+    bindings: Vec<Spanned<BindingSection>>,
+    #[serde(default)]
+    domains: DomainsSection,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    smtp: SmtpSection,
+    #[serde(default)]
+    auth: AuthSection,
+    #[serde(default)]
+    admin: AdminSection,
+    #[serde(default, rename = "route")]
+    routes: Vec<Spanned<RouteSection>>,
+}
+
+/// A binding ready to serve: its section plus the SMTP settings derived from it.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    pub section: BindingSection,
+    pub limits: Limits,
+    pub settings: Arc<proto::Settings>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub source: String,
+    pub server: ServerSection,
+    pub bindings: Vec<Binding>,
+    pub domains: Vec<String>,
+    pub limits: Limits,
+    pub smtp: SmtpSection,
+    pub auth: AuthSection,
+    pub admin: AdminSection,
+    pub routes: Vec<RouteSection>,
+}
+
+fn line_of(src: &str, offset: usize) -> usize {
+    src.get(..offset)
+        .map_or(0, |s| s.bytes().filter(|&b| b == b'\n').count())
+        + 1
+}
+
+/// The line where `key = …` is first set after `after` (a byte offset), if it is.
+fn key_line(src: &str, key: &str, after: usize) -> Option<usize> {
+    let mut offset = 0;
+    for line in src.split_inclusive('\n') {
+        let start = offset;
+        offset += line.len();
+        if start < after {
+            continue;
+        }
+        let t = line.trim_start();
+        if let Some(rest) = t.strip_prefix(key) {
+            if rest.trim_start().starts_with('=') {
+                return Some(line_of(src, start));
+            }
+        }
+    }
+    None
+}
+
+impl Config {
+    /// Read and validate the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let source = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            line: None,
+            key: String::new(),
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::parse(&source, &file)
+    }
+
+    /// The embedded default configuration.
+    pub fn embedded_default() -> Result<Config, ConfigError> {
+        Config::parse(DEFAULT_CONFIG, "<embedded default>")
+    }
+
+    /// Parse and validate `source` (named `file` in errors).
+    pub fn parse(source: &str, file: &str) -> Result<Config, ConfigError> {
+        let err = |line: Option<usize>, key: &str, message: String| ConfigError {
+            file: file.to_string(),
+            line,
+            key: key.to_string(),
+            message,
+        };
+        let raw: RawConfig = toml::from_str(source).map_err(|e| {
+            let line = e.span().map(|s| line_of(source, s.start));
+            // The reader's message is multi-line with a source excerpt; keep its first sentence.
+            let message = e
+                .message()
+                .lines()
+                .next()
+                .unwrap_or("invalid TOML")
+                .to_string();
+            err(line, "", message)
+        })?;
+
+        let server = raw.server;
+        if server.hostname.is_empty() || !server.hostname.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(err(
+                key_line(source, "hostname", 0),
+                "server.hostname",
+                "must be a host name without spaces".into(),
+            ));
+        }
+        if let Cores::All(s) = server.cores.get_ref() {
+            if s != "all" {
+                return Err(err(
+                    Some(line_of(source, server.cores.span().start)),
+                    "server.cores",
+                    format!("expected \"all\", a number or a list of CPU ids, got {s:?}"),
+                ));
+            }
+        }
+        if raw.bindings.is_empty() {
+            return Err(err(
+                None,
+                "binding",
+                "at least one [[binding]] is needed".into(),
+            ));
+        }
+        let domains: Vec<String> = raw
+            .domains
+            .local
+            .iter()
+            .map(|d| d.get_ref().to_ascii_lowercase())
+            .collect();
+        for d in &raw.domains.local {
+            let name = d.get_ref().strip_prefix("*.").unwrap_or(d.get_ref());
+            if name.is_empty() || proto::address::mailbox(format!("x@{name}").as_bytes()).is_none()
+            {
+                return Err(err(
+                    Some(line_of(source, d.span().start)),
+                    "domains.local",
+                    format!("{:?} is not a domain name", d.get_ref()),
+                ));
+            }
+        }
+
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        let mut bindings = Vec::new();
+        for (i, b) in raw.bindings.iter().enumerate() {
+            let at = b.span().start;
+            let line = Some(line_of(source, at));
+            let sec = b.get_ref().clone();
+            let key = |k: &str| format!("binding[{i}] ({}).{k}", sec.name);
+            let kline = |k: &str| key_line(source, k, at).or(line);
+            if sec.name.is_empty() || !names.insert(sec.name.clone()) {
+                return Err(err(
+                    kline("name"),
+                    &key("name"),
+                    "must be set and unique".into(),
+                ));
+            }
+            if !addrs.insert(*sec.listen.get_ref()) {
+                return Err(err(
+                    Some(line_of(source, sec.listen.span().start)),
+                    &key("listen"),
+                    format!("{} is used by another binding", sec.listen.get_ref()),
+                ));
+            }
+            match sec.tls {
+                TlsMode::None => {
+                    if sec.certificate.is_some() || sec.pkcs12.is_some() {
+                        return Err(err(
+                            kline("tls"),
+                            &key("tls"),
+                            "a certificate is configured but tls = \"none\"".into(),
+                        ));
+                    }
+                }
+                TlsMode::Starttls | TlsMode::Implicit => {
+                    let pem = sec.certificate.is_some() && sec.key.is_some();
+                    let pfx = sec.pkcs12.is_some();
+                    if !pem && !pfx {
+                        return Err(err(
+                            kline("tls"),
+                            &key("certificate"),
+                            "TLS needs certificate + key (PEM) or pkcs12".into(),
+                        ));
+                    }
+                    if pem && pfx {
+                        return Err(err(
+                            kline("pkcs12"),
+                            &key("pkcs12"),
+                            "give either certificate + key or pkcs12, not both".into(),
+                        ));
+                    }
+                }
+            }
+            if sec.auth != AuthMode::Off {
+                if raw.auth.users_file.is_none() {
+                    return Err(err(
+                        kline("auth"),
+                        &key("auth"),
+                        "AUTH needs [auth] users_file".into(),
+                    ));
+                }
+                if sec.tls == TlsMode::None {
+                    return Err(err(
+                        kline("auth"),
+                        &key("auth"),
+                        "AUTH is only offered over TLS: set tls = \"starttls\" or \"implicit\""
+                            .into(),
+                    ));
+                }
+            }
+            match sec.direction {
+                Direction::Inbound if domains.is_empty() => {
+                    return Err(err(
+                        kline("direction"),
+                        &key("direction"),
+                        "an inbound binding needs [domains] local".into(),
+                    ));
+                }
+                Direction::Outbound
+                    if sec.allowed_clients.is_empty() && sec.auth == AuthMode::Off =>
+                {
+                    return Err(err(
+                        kline("direction"),
+                        &key("allowed_clients"),
+                        "an outbound binding needs allowed_clients or auth, or it accepts no one"
+                            .into(),
+                    ));
+                }
+                _ => {}
+            }
+            if sec.proxy_protocol.as_ref().is_some_and(Vec::is_empty) {
+                return Err(err(
+                    kline("proxy_protocol"),
+                    &key("proxy_protocol"),
+                    "list the trusted proxy networks (omit the key to turn PROXY off)".into(),
+                ));
+            }
+            let limits = raw.limits.merged(&sec.limits);
+            let settings = session_settings(&server, &raw.smtp, &limits, &sec).map_err(|e| {
+                let field = match e.field {
+                    "max_line" | "max_recipients" | "max_errors" | "max_message_size" => {
+                        format!("limits.{}", e.field)
+                    }
+                    "extensions.binarymime" => "smtp.binarymime".into(),
+                    other => other.into(),
+                };
+                let leaf = field.rsplit('.').next().unwrap_or(&field).to_string();
+                err(key_line(source, &leaf, 0), &field, e.problem.into())
+            })?;
+            bindings.push(Binding {
+                section: sec,
+                limits,
+                settings: Arc::new(settings),
+            });
+        }
+
+        if raw.routes.is_empty() {
+            return Err(err(
+                None,
+                "route",
+                "at least one [[route]] is needed".into(),
+            ));
+        }
+        let mut routes = Vec::new();
+        for (i, r) in raw.routes.iter().enumerate() {
+            let at = r.span().start;
+            let sec = r.get_ref().clone();
+            if sec.domains.is_empty() {
+                return Err(err(
+                    Some(line_of(source, at)),
+                    &format!("route[{i}].domains"),
+                    "list at least one domain or \"*\"".into(),
+                ));
+            }
+            for d in &sec.domains {
+                let pat = d.get_ref();
+                let name = pat.strip_prefix("*.").unwrap_or(pat);
+                if pat != "*" && proto::address::mailbox(format!("x@{name}").as_bytes()).is_none() {
+                    return Err(err(
+                        Some(line_of(source, d.span().start)),
+                        &format!("route[{i}].domains"),
+                        format!("{pat:?} is not \"*\", a domain or \"*.domain\""),
+                    ));
+                }
+            }
+            match sec.action {
+                RouteAction::Drop if sec.folder.is_none() => {
+                    return Err(err(
+                        key_line(source, "action", at),
+                        &format!("route[{i}].folder"),
+                        "action = \"drop\" needs folder".into(),
+                    ));
+                }
+                RouteAction::Drop => {}
+            }
+            routes.push(sec);
+        }
+        Ok(Config {
+            source: source.to_string(),
+            server,
+            bindings,
+            domains,
+            limits: raw.limits,
+            smtp: raw.smtp,
+            auth: raw.auth,
+            admin: raw.admin,
+            routes,
+        })
+    }
+
+    /// Whether `domain` is one of ours (`[domains] local`, with `*.` wildcards).
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        domain_matches(&self.domains, domain)
+    }
+
+    /// The first route for a recipient domain and direction.
+    pub fn route_for(&self, domain: &str, direction: Direction) -> Option<&RouteSection> {
+        self.routes.iter().find(|r| {
+            r.direction.is_none_or(|d| d == direction)
+                && r.domains.iter().any(|p| {
+                    p.get_ref() == "*" || domain_matches(std::slice::from_ref(p.get_ref()), domain)
+                })
+        })
+    }
+}
+
+/// Case-insensitive match of `domain` against exact names and `*.suffix` patterns.
+pub fn domain_matches(patterns: &[String], domain: &str) -> bool {
+    let domain = domain.trim_end_matches('.');
+    patterns.iter().any(|p| match p.strip_prefix("*.") {
+        Some(suffix) => {
+            domain.len() > suffix.len() + 1
+                && domain
+                    .get(domain.len() - suffix.len()..)
+                    .is_some_and(|t| t.eq_ignore_ascii_case(suffix))
+                && domain.as_bytes().get(domain.len() - suffix.len() - 1) == Some(&b'.')
+        }
+        None => p.eq_ignore_ascii_case(domain),
+    })
+}
+
+fn session_settings(
+    server: &ServerSection,
+    smtp: &SmtpSection,
+    limits: &Limits,
+    b: &BindingSection,
+) -> Result<proto::Settings, proto::SettingsError> {
+    let cfg = proto::SessionConfig {
+        hostname: server.hostname.clone(),
+        banner: smtp.banner.clone(),
+        max_line: limits.max_line,
+        max_message_size: limits.max_message_size.0,
+        max_recipients: limits.max_recipients,
+        max_errors: limits.max_errors,
+        bare_line_policy: match smtp.bare_lf {
+            BareLf::Reject => BareLinePolicy::Reject,
+            BareLf::Normalize => BareLinePolicy::Normalize,
+        },
+        extensions: proto::Extensions {
+            pipelining: smtp.pipelining,
+            size: true,
+            eightbitmime: smtp.eightbitmime,
+            smtputf8: smtp.smtputf8,
+            enhanced_status_codes: smtp.enhanced_status_codes,
+            chunking: smtp.chunking,
+            binarymime: smtp.binarymime && smtp.chunking,
+            dsn: smtp.dsn,
+            starttls: b.tls == TlsMode::Starttls,
+        },
+        auth: (b.auth != AuthMode::Off).then(proto::AuthSettings::default),
+        command_timeout: limits.command_timeout.0,
+        data_timeout: limits.data_timeout.0,
+    };
+    proto::Settings::new(cfg)
+}
+
+#[cfg(test)]
+mod tests;

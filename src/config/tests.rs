@@ -1,0 +1,173 @@
+use super::*;
+
+fn parse(s: &str) -> Result<Config, ConfigError> {
+    Config::parse(s, "test.toml")
+}
+
+const MINIMAL: &str = r#"
+[[binding]]
+name = "in"
+listen = "127.0.0.1:2525"
+direction = "inbound"
+
+[domains]
+local = ["example.test"]
+
+[[route]]
+domains = ["*"]
+action = "drop"
+folder = "/tmp/drop"
+"#;
+
+#[test]
+fn embedded_default_is_valid() {
+    let c = Config::embedded_default().unwrap();
+    assert_eq!(c.bindings.len(), 2);
+    assert_eq!(c.bindings[0].section.listen.get_ref().port(), 2525);
+    assert_eq!(c.bindings[1].section.direction, Direction::Outbound);
+    assert!(c.is_local_domain("EXAMPLE.test"));
+    assert_eq!(c.admin.listen, Some("127.0.0.1:8025".parse().unwrap()));
+}
+
+#[test]
+fn example_file_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ringmx.toml");
+    let src = std::fs::read_to_string(&path).unwrap();
+    // The example names certificate files that exist only on a real host; check it parses.
+    match Config::parse(&src, "examples/ringmx.toml") {
+        Ok(_) => {}
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn minimal_config_gets_defaults() {
+    let c = parse(MINIMAL).unwrap();
+    let b = &c.bindings[0];
+    assert_eq!(b.limits.max_message_size, Size(20 * 1024 * 1024));
+    assert_eq!(b.settings.config().max_line, 2048);
+    assert_eq!(b.section.tls, TlsMode::None);
+    assert_eq!(c.server.data_dir, PathBuf::from("./ringmx-data"));
+}
+
+#[test]
+fn unknown_key_names_key_and_line() {
+    let src = MINIMAL.replace(
+        "direction = \"inbound\"",
+        "direction = \"inbound\"\ncolour = \"blue\"",
+    );
+    let e = parse(&src).unwrap_err();
+    assert_eq!(e.line, Some(6), "{e}");
+    assert!(e.message.contains("colour"), "{e}");
+    assert!(e.to_string().starts_with("test.toml:6: "), "{e}");
+}
+
+#[test]
+fn bad_values_name_their_line() {
+    let src = format!("{MINIMAL}\n[limits]\nmax_message_size = \"20 parsecs\"\n");
+    let e = parse(&src).unwrap_err();
+    assert_eq!(e.line, Some(16), "{e}");
+    assert!(e.message.contains("parsecs"), "{e}");
+
+    let src = MINIMAL.replace("127.0.0.1:2525", "127.0.0.1:99999");
+    let e = parse(&src).unwrap_err();
+    assert_eq!(e.line, Some(4), "{e}");
+
+    let src = MINIMAL.replace("\"inbound\"", "\"sideways\"");
+    let e = parse(&src).unwrap_err();
+    assert_eq!(e.line, Some(5), "{e}");
+    assert!(e.message.contains("sideways"), "{e}");
+}
+
+#[test]
+fn semantic_errors_name_the_key() {
+    let cases = [
+        (
+            MINIMAL.replace(
+                "direction = \"inbound\"",
+                "direction = \"inbound\"\ntls = \"starttls\"",
+            ),
+            "binding[0] (in).certificate",
+            Some(6),
+        ),
+        (
+            MINIMAL.replace("direction = \"inbound\"", "direction = \"outbound\""),
+            "binding[0] (in).allowed_clients",
+            Some(5),
+        ),
+        (
+            MINIMAL.replace("local = [\"example.test\"]", "local = []"),
+            "binding[0] (in).direction",
+            Some(5),
+        ),
+        (
+            format!("{MINIMAL}\n[limits]\nmax_line = 100\n"),
+            "limits.max_line",
+            Some(16),
+        ),
+        (
+            MINIMAL.replace("folder = \"/tmp/drop\"", ""),
+            "route[0].folder",
+            Some(12),
+        ),
+        (
+            MINIMAL.replace("domains = [\"*\"]", "domains = [\"bad domain\"]"),
+            "route[0].domains",
+            Some(11),
+        ),
+        (
+            MINIMAL.replace(
+                "direction = \"inbound\"",
+                "direction = \"inbound\"\nauth = \"required\"",
+            ),
+            "binding[0] (in).auth",
+            Some(6),
+        ),
+        (
+            format!(
+                "{MINIMAL}\n[[binding]]\nname = \"in2\"\nlisten = \"127.0.0.1:2525\"\ndirection = \"inbound\"\n"
+            ),
+            "binding[1] (in2).listen",
+            Some(17),
+        ),
+    ];
+    for (src, key, line) in cases {
+        let e = parse(&src).unwrap_err();
+        assert_eq!((e.key.as_str(), e.line), (key, line), "{e}");
+    }
+}
+
+#[test]
+fn binding_limits_override_globals() {
+    let src = MINIMAL.replace(
+        "direction = \"inbound\"",
+        "direction = \"inbound\"\n[binding.limits]\nmax_message_size = \"1MiB\"\nmax_recipients = 5",
+    );
+    let c = parse(&format!("{src}\n[limits]\nmax_errors = 7\n")).unwrap();
+    let l = &c.bindings[0].limits;
+    assert_eq!(
+        (l.max_message_size, l.max_recipients, l.max_errors),
+        (Size(1 << 20), 5, 7)
+    );
+    assert_eq!(c.bindings[0].settings.config().max_recipients, 5);
+}
+
+#[test]
+fn domain_patterns() {
+    let p = vec!["example.com".to_string(), "*.corp.test".to_string()];
+    assert!(domain_matches(&p, "Example.COM"));
+    assert!(domain_matches(&p, "mail.corp.test"));
+    assert!(domain_matches(&p, "a.b.corp.test"));
+    assert!(!domain_matches(&p, "corp.test"));
+    assert!(!domain_matches(&p, "xcorp.test"));
+    assert!(!domain_matches(&p, "example.com.evil.test"));
+}
+
+#[test]
+fn cores() {
+    assert_eq!(Cores::All("all".into()).resolve(2), vec![0, 1]);
+    assert_eq!(Cores::Count(3).resolve(2), vec![0, 1, 0]);
+    assert_eq!(Cores::List(vec![1]).resolve(2), vec![1]);
+    let e = parse(&format!("[server]\ncores = \"many\"\n{MINIMAL}")).unwrap_err();
+    assert_eq!((e.key.as_str(), e.line), ("server.cores", Some(2)));
+}
