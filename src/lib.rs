@@ -3,4 +3,7 @@
 //! See `README.md` for the layout. [`proto`] is the sans-IO SMTP core.
 
 pub mod config;
+pub mod delivery;
+pub mod policy;
 pub mod proto;
+pub mod runtime;

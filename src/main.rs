@@ -1,21 +1,53 @@
 //! The `ringmx` command.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use ringmx::config::{Config, Driver, LogFormat};
 
 const USAGE: &str = "\
 ringmx — SMTP front end for Linux edge hosts
 
 USAGE:
-    ringmx --version     print the version
-    ringmx --help        print this help
+    ringmx run [--config FILE] [--driver auto|legacy]
+        Run in the foreground until SIGTERM or SIGINT. Without --config, an embedded default
+        is used: inbound 127.0.0.1:2525 (local domain example.test), outbound 127.0.0.1:2587
+        (clients from 127.0.0.0/8 may relay), messages dropped into ./ringmx-data/drop.
+        --driver legacy forces epoll instead of io_uring (also: [server] driver).
+    ringmx check-config FILE
+        Validate FILE; on error print the file, line, key and problem and exit 1.
+    ringmx print-default-config
+        Print the embedded default configuration.
+    ringmx --version | --help
 
-The SMTP core (src/proto) is in place; the server command (`ringmx run`) comes with the
-runtime (see README.md).
+Every configuration key is documented, with its default, in examples/ringmx.toml.
 ";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
+        Some("run") => run(&args[1..]),
+        Some("check-config") => match args.get(1) {
+            Some(file) => match Config::load(&PathBuf::from(file)) {
+                Ok(c) => {
+                    println!(
+                        "{file}: ok ({} bindings, {} routes)",
+                        c.bindings.len(),
+                        c.routes.len()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            },
+            None => usage_error("check-config needs a FILE"),
+        },
+        Some("print-default-config") => {
+            print!("{}", ringmx::config::DEFAULT_CONFIG);
+            ExitCode::SUCCESS
+        }
         Some("--version" | "-V") => {
             println!("ringmx {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
@@ -24,9 +56,66 @@ fn main() -> ExitCode {
             print!("{USAGE}");
             ExitCode::SUCCESS
         }
-        Some(other) => {
-            eprintln!("ringmx: unknown command {other:?}\n\n{USAGE}");
-            ExitCode::from(2)
+        Some(other) => usage_error(&format!("unknown command {other:?}")),
+    }
+}
+
+fn usage_error(msg: &str) -> ExitCode {
+    eprintln!("ringmx: {msg}\n\n{USAGE}");
+    ExitCode::from(2)
+}
+
+fn run(args: &[String]) -> ExitCode {
+    let mut config_file = None;
+    let mut driver = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--config" | "-c" => match it.next() {
+                Some(f) => config_file = Some(PathBuf::from(f)),
+                None => return usage_error("--config needs a FILE"),
+            },
+            "--driver" => match it.next().map(String::as_str) {
+                Some("auto") => driver = Some(Driver::Auto),
+                Some("legacy") => driver = Some(Driver::Legacy),
+                _ => return usage_error("--driver takes auto or legacy"),
+            },
+            other => return usage_error(&format!("unknown option {other:?}")),
         }
+    }
+    let config = match &config_file {
+        Some(f) => Config::load(f),
+        None => Config::embedded_default(),
+    };
+    let mut config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(d) = driver {
+        config.server.driver = d;
+    }
+    init_logging(config.server.log);
+    match ringmx::runtime::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("ringmx: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
     }
 }

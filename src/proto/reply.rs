@@ -234,6 +234,32 @@ pub static AUTH_NEEDS_TLS: Reply = Reply::new(
     "5.7.11",
     "Encryption required for requested authentication mechanism",
 );
+// --- Server policy (used by the runtime) -------------------------------------------------------
+/// Inbound binding, recipient domain not one of ours.
+pub static RELAY_DENIED_NOT_LOCAL: Reply = Reply::new(
+    550,
+    "5.7.1",
+    "Relaying denied: recipient domain is not accepted here",
+);
+/// Outbound binding, client neither in allowed_clients nor authenticated.
+pub static RELAY_DENIED: Reply = Reply::new(554, "5.7.1", "Relay access denied");
+/// `auth = "required"` binding, MAIL before AUTH (RFC 4954 §6).
+pub static AUTH_REQUIRED: Reply = Reply::new(530, "5.7.0", "Authentication required");
+/// Connection refused at accept by the total or per-IP connection limit.
+pub static TOO_MANY_CONNECTIONS: Reply =
+    Reply::new(421, "4.7.0", "Too many connections, try again later");
+/// The server is stopping.
+pub static SHUTTING_DOWN: Reply =
+    Reply::new(421, "4.3.2", "Service shutting down, try again later");
+/// The message could not be made durable (disk full, I/O error): never a 250.
+pub static STORAGE_FULL: Reply = Reply::new(452, "4.3.1", "Insufficient system storage");
+/// Other local failure while storing the message.
+pub static STORAGE_ERROR: Reply = Reply::new(451, "4.3.0", "Local error while storing the message");
+/// No route matches the recipient (a configuration gap, reported as temporary).
+pub static NO_ROUTE: Reply = Reply::new(451, "4.4.0", "No route for this recipient");
+/// Data arrived slower than the configured minimum rate.
+pub static TOO_SLOW: Reply = Reply::new(421, "4.4.2", "Data rate too low, closing connection");
+
 /// A decision the runtime failed to take (defensive default; never seen in a correct runtime).
 pub static LOCAL_ERROR: Reply = Reply::new(451, "4.3.0", "Local error in processing");
 

@@ -1,0 +1,91 @@
+//! The drop (pickup) folder: one `.eml` file per message, made durable before the 250.
+//!
+//! File format (as IIS's pickup directory, so existing pickup services read it):
+//! ```text
+//! X-Sender: <reverse-path, empty for the null sender>
+//! X-Receiver: <recipient>          (one line per recipient)
+//! Received: …                      (our trace header)
+//! <the message as received>
+//! ```
+//! Writing: `.QUEUEID.tmp` → write → fdatasync → rename to `QUEUEID.eml` → fsync the folder.
+//! A crash leaves at most a `.tmp` file, never a partial `.eml`.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use super::Envelope;
+
+/// Write one message into `folder`; returns the final path once it is durable.
+pub fn write(
+    folder: &Path,
+    env: &Envelope,
+    rcpts: &[String],
+    received: &str,
+    content: &[u8],
+) -> io::Result<PathBuf> {
+    fs::create_dir_all(folder)?;
+    let tmp = folder.join(format!(".{}.tmp", env.queue_id));
+    let path = folder.join(format!("{}.eml", env.queue_id));
+    let result = (|| {
+        let mut f = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        let mut head = format!("X-Sender: {}\r\n", env.mail_from);
+        for r in rcpts {
+            head.push_str(&format!("X-Receiver: {r}\r\n"));
+        }
+        head.push_str(received);
+        f.write_all(head.as_bytes())?;
+        f.write_all(content)?;
+        f.sync_data()?;
+        fs::rename(&tmp, &path)?;
+        File::open(folder)?.sync_all()
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(path)
+}
+
+/// Whether an I/O error means "out of space" (452 4.3.1) rather than another failure (451).
+pub fn is_storage_full(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    #[test]
+    fn writes_envelope_trace_and_content() {
+        let dir = std::env::temp_dir().join(format!("ringmx-drop-{}", std::process::id()));
+        let env = Envelope {
+            queue_id: "ABC".into(),
+            mail_from: String::new(),
+            rcpts: vec!["x@d.test".into(), "y@d.test".into()],
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: "c".into(),
+            tls: None,
+            authenticated_as: None,
+            binding: "in".into(),
+            esmtp: true,
+            received_at: SystemTime::now(),
+        };
+        let p = write(
+            &dir,
+            &env,
+            &env.rcpts,
+            "Received: x\r\n",
+            b"Subject: s\r\n\r\nhi\r\n",
+        )
+        .unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(
+            text,
+            "X-Sender: \r\nX-Receiver: x@d.test\r\nX-Receiver: y@d.test\r\nReceived: x\r\nSubject: s\r\n\r\nhi\r\n"
+        );
+        assert!(!dir.join(".ABC.tmp").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,112 @@
+//! The Received trace header (RFC 5321 §4.4) and RFC 5322 dates.
+
+use std::time::SystemTime;
+
+use super::Envelope;
+
+/// `Received: from HELO ([IP]) by HOST (ringmx) with ESMTPS (TLS…) id ID for <rcpt>; DATE`,
+/// folded, CRLF-terminated. "with" follows RFC 3848 (ESMTP, ESMTPA, ESMTPS, ESMTPSA).
+pub fn received(env: &Envelope, hostname: &str) -> String {
+    let mut with = String::from(if env.esmtp { "ESMTP" } else { "SMTP" });
+    if env.tls.is_some() {
+        with.push('S');
+    }
+    if env.authenticated_as.is_some() {
+        with.push('A');
+    }
+    let helo: String = env
+        .helo
+        .chars()
+        .filter(|c| c.is_ascii_graphic() && !matches!(c, '(' | ')' | ';'))
+        .collect();
+    let mut h = format!(
+        "Received: from {helo} ([{}])\r\n\tby {hostname} (ringmx)",
+        env.client_ip
+    );
+    h.push_str(&format!(" with {with}"));
+    if let Some(tls) = &env.tls {
+        h.push_str(&format!(" ({tls})"));
+    }
+    h.push_str(&format!("\r\n\tid {}", env.queue_id));
+    if let [one] = env.rcpts.as_slice() {
+        h.push_str(&format!("\r\n\tfor <{one}>"));
+    }
+    h.push_str(&format!(";\r\n\t{}\r\n", rfc5322_date(env.received_at)));
+    h
+}
+
+/// `Fri, 27 Nov 2026 06:33:50 +0000`.
+pub fn rfc5322_date(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    const WD: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MON: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {:02} {} {} {:02}:{:02}:{:02} +0000",
+        WD[(days.rem_euclid(7)) as usize],
+        d,
+        MON[(m - 1) as usize],
+        y,
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn dates() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_847_630);
+        assert_eq!(rfc5322_date(t), "Fri, 27 Nov 2026 06:33:50 +0000");
+        assert_eq!(
+            rfc5322_date(SystemTime::UNIX_EPOCH),
+            "Thu, 01 Jan 1970 00:00:00 +0000"
+        );
+        let leap = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc5322_date(leap), "Tue, 29 Feb 2000 00:00:00 +0000");
+    }
+
+    #[test]
+    fn received_header() {
+        let env = Envelope {
+            queue_id: "Q1".into(),
+            mail_from: "a@b.test".into(),
+            rcpts: vec!["c@d.test".into()],
+            client_ip: "192.0.2.7".parse().unwrap(),
+            helo: "client (evil); x".into(),
+            tls: Some("TLSv1.3 TLS13_AES_256_GCM_SHA384".into()),
+            authenticated_as: None,
+            binding: "mx".into(),
+            esmtp: true,
+            received_at: SystemTime::UNIX_EPOCH,
+        };
+        assert_eq!(
+            received(&env, "mx.test"),
+            "Received: from clientevilx ([192.0.2.7])\r\n\tby mx.test (ringmx) with ESMTPS (TLSv1.3 TLS13_AES_256_GCM_SHA384)\r\n\tid Q1\r\n\tfor <c@d.test>;\r\n\tThu, 01 Jan 1970 00:00:00 +0000\r\n"
+        );
+    }
+}

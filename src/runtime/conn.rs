@@ -1,0 +1,356 @@
+//! One connection: read into an owned buffer → `proto::Session` → write the queued replies.
+//!
+//! The read is never raced against anything but its timeout, and a timeout ends the session
+//! (`421 4.4.2`): a cancelled io_uring read may already have consumed bytes (RUNTIME.md §1.3).
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+use super::Shared;
+use crate::config::{Binding, Config};
+use crate::delivery::{self, Envelope, drop_folder, trace};
+use crate::policy::{self, Client};
+use crate::proto::reply;
+use crate::proto::{Event, Session, Stop};
+
+/// Read size; also the buffer's initial capacity (it grows only if a client pipelines more
+/// than this in one go).
+const READ_CHUNK: usize = 4096;
+
+/// Per-core state shared by the core's connection tasks (no locks: one thread).
+pub(crate) struct CoreCtx {
+    pub core: usize,
+    pub shared: Arc<Shared>,
+    counter: Cell<u16>,
+    open: Cell<usize>,
+}
+
+impl CoreCtx {
+    pub(crate) fn new(core: usize, shared: Arc<Shared>) -> CoreCtx {
+        CoreCtx {
+            core,
+            shared,
+            counter: Cell::new(0),
+            open: Cell::new(0),
+        }
+    }
+
+    pub(crate) fn open_connections(&self) -> usize {
+        self.open.get()
+    }
+
+    fn next_queue_id(&self) -> String {
+        let n = self.counter.get().wrapping_add(1);
+        self.counter.set(n);
+        delivery::queue_id(SystemTime::now(), self.core, n)
+    }
+}
+
+struct OpenGuard(Rc<CoreCtx>);
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.open.set(self.0.open.get().saturating_sub(1));
+    }
+}
+
+/// The transaction being received.
+#[derive(Default)]
+struct Txn {
+    mail_from: String,
+    rcpts: Vec<String>,
+    content: Vec<u8>,
+}
+
+impl Txn {
+    fn clear(&mut self) {
+        self.mail_from.clear();
+        self.rcpts.clear();
+        self.content.clear();
+        // Do not keep a large message's buffer around on an idle connection.
+        if self.content.capacity() > 64 * 1024 {
+            self.content = Vec::new();
+        }
+    }
+}
+
+/// What the connection loop does after a pass over the buffered input.
+enum Next {
+    Read,
+    Flush,
+    Deliver,
+    StartTls,
+    Close,
+}
+
+struct Conn {
+    peer: SocketAddr,
+    binding: Rc<Binding>,
+    ctx: Rc<CoreCtx>,
+    config: Arc<Config>,
+    helo: String,
+    esmtp: bool,
+    txn: Txn,
+    messages: u32,
+}
+
+pub(crate) async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    binding: Rc<Binding>,
+    ctx: Rc<CoreCtx>,
+) {
+    ctx.open.set(ctx.open.get() + 1);
+    let _open = OpenGuard(ctx.clone());
+    let started = Instant::now();
+    let shared = ctx.shared.clone();
+    let guard = shared
+        .limits
+        .acquire(peer.ip(), binding.limits.max_connections_per_ip);
+    let mut session = Session::new(binding.settings.clone(), started);
+    let mut conn = Conn {
+        peer,
+        config: shared.config.clone(),
+        binding,
+        ctx,
+        helo: String::new(),
+        esmtp: false,
+        txn: Txn::default(),
+        messages: 0,
+    };
+    let mut stream = stream;
+    if guard.is_none() {
+        session.clear_output();
+        session.close_with(&reply::TOO_MANY_CONNECTIONS);
+        let _ = write_out(&mut stream, &mut session, &mut Vec::new()).await;
+        tracing::info!(client = %peer, binding = %conn.binding.section.name, "refused: too many connections");
+        return;
+    }
+    let result = conn.serve(&mut stream, &mut session).await;
+    tracing::info!(
+        client = %peer,
+        binding = %conn.binding.section.name,
+        helo = %conn.helo,
+        messages = conn.messages,
+        duration_ms = started.elapsed().as_millis() as u64,
+        end = result,
+        "connection closed"
+    );
+    drop(guard);
+}
+
+async fn write_out(
+    stream: &mut TcpStream,
+    session: &mut Session,
+    spare: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    if session.output().is_empty() {
+        return Ok(());
+    }
+    spare.clear();
+    session.swap_output(spare);
+    let buf = std::mem::take(spare);
+    let (res, mut buf) = stream.write_all(buf).await;
+    buf.clear();
+    *spare = buf;
+    res.map(|_| ())
+}
+
+impl Conn {
+    async fn serve(&mut self, stream: &mut TcpStream, session: &mut Session) -> &'static str {
+        let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+        let mut spare: Vec<u8> = Vec::with_capacity(512);
+        loop {
+            let (consumed, next) = self.process(session, &inbuf);
+            inbuf.drain(..consumed);
+            if write_out(stream, session, &mut spare).await.is_err() {
+                return "write error";
+            }
+            match next {
+                Next::Flush => continue,
+                Next::Close => return "closed",
+                Next::Deliver => {
+                    self.deliver(session).await;
+                    continue;
+                }
+                Next::StartTls => {
+                    // TLS arrives with the tls module; STARTTLS is not advertised without it.
+                    return "starttls unavailable";
+                }
+                Next::Read => {}
+            }
+            if self.ctx.shared.shutdown.load(Ordering::SeqCst) && !session.in_transaction() {
+                session.close_with(&reply::SHUTTING_DOWN);
+                let _ = write_out(stream, session, &mut spare).await;
+                return "shutdown";
+            }
+            if inbuf.capacity() - inbuf.len() < READ_CHUNK / 2 {
+                inbuf.reserve(READ_CHUNK);
+            }
+            let now = Instant::now();
+            let wait = session.deadline().saturating_duration_since(now);
+            let len = inbuf.len();
+            let read = monoio::time::timeout(wait, stream.read(inbuf.slice_mut(len..))).await;
+            match read {
+                Err(_elapsed) => {
+                    session.check_timeout(Instant::now());
+                    let _ = write_out(stream, session, &mut spare).await;
+                    return "timeout";
+                }
+                Ok((Ok(0), _)) => return "client closed",
+                Ok((Ok(_), slice)) => inbuf = slice.into_inner(),
+                Ok((Err(_), _)) => return "read error",
+            }
+        }
+    }
+
+    fn client(&self, session: &Session) -> Client {
+        Client {
+            ip: self.peer.ip(),
+            authenticated: session.is_authenticated(),
+        }
+    }
+
+    /// Run the session over the buffered input; return bytes consumed and what to do next.
+    fn process(&mut self, session: &mut Session, input: &[u8]) -> (usize, Next) {
+        let mut feed = session.feed(input, Instant::now());
+        loop {
+            let Some(ev) = feed.next() else {
+                let next = match feed.stop() {
+                    Stop::NeedInput | Stop::Decision => Next::Read,
+                    Stop::Flush => Next::Flush,
+                    Stop::StartTls => Next::StartTls,
+                    Stop::Close => Next::Close,
+                };
+                return (feed.consumed(), next);
+            };
+            match ev {
+                Event::Helo { host, extended } => {
+                    self.helo.clear();
+                    self.helo.push_str(host);
+                    self.esmtp = extended;
+                    self.txn.clear();
+                }
+                Event::Mail { from, .. } => {
+                    let client = self.client(&feed);
+                    match policy::check_mail(&self.binding, client) {
+                        Ok(()) => {
+                            self.txn.clear();
+                            if let Some(a) = from {
+                                self.txn.mail_from.push_str(a.as_str());
+                            }
+                            feed.accept();
+                        }
+                        Err(r) => feed.reject(r),
+                    }
+                }
+                Event::Rcpt { to, .. } => {
+                    let client = self.client(&feed);
+                    match policy::check_rcpt(&self.config, &self.binding, client, to.domain()) {
+                        Ok(()) => {
+                            self.txn.rcpts.push(to.as_str().to_string());
+                            feed.accept();
+                        }
+                        Err(r) => feed.reject(r),
+                    }
+                }
+                Event::MessageStart => self.txn.content.clear(),
+                Event::Body(b) => self.txn.content.extend_from_slice(b),
+                Event::MessageEnd { .. } => return (feed.consumed(), Next::Deliver),
+                Event::MessageAborted | Event::Reset => self.txn.clear(),
+                Event::StartTls | Event::Quit => {}
+                Event::Auth(_) => feed.reject(&reply::AUTH_FAILED),
+            }
+        }
+    }
+
+    /// Make the message durable, then answer: 250 only once it is on disk.
+    async fn deliver(&mut self, session: &mut Session) {
+        let queue_id = self.ctx.next_queue_id();
+        let env = Envelope {
+            queue_id: queue_id.clone(),
+            mail_from: std::mem::take(&mut self.txn.mail_from),
+            rcpts: std::mem::take(&mut self.txn.rcpts),
+            client_ip: self.peer.ip(),
+            helo: self.helo.clone(),
+            tls: None,
+            authenticated_as: None,
+            binding: self.binding.section.name.clone(),
+            esmtp: self.esmtp,
+            received_at: SystemTime::now(),
+        };
+        // Group recipients by the folder of their route (a message on several routes is
+        // written once per route).
+        let direction = self.binding.section.direction;
+        let mut groups: Vec<(std::path::PathBuf, Vec<String>)> = Vec::new();
+        for r in &env.rcpts {
+            let domain = r.rsplit_once('@').map_or("", |(_, d)| d);
+            let Some(folder) = self
+                .config
+                .route_for(domain, direction)
+                .and_then(|r| r.folder.clone())
+            else {
+                session.reject(&reply::NO_ROUTE);
+                self.txn.clear();
+                return;
+            };
+            match groups.iter_mut().find(|(f, _)| *f == folder) {
+                Some((_, v)) => v.push(r.clone()),
+                None => groups.push((folder, vec![r.clone()])),
+            }
+        }
+        let received = trace::received(&env, &self.config.server.hostname);
+        let content = std::mem::take(&mut self.txn.content);
+        let size = content.len();
+        let env2 = env.clone();
+        let result = monoio::spawn_blocking(move || {
+            let mut paths = Vec::new();
+            for (i, (folder, rcpts)) in groups.iter().enumerate() {
+                let mut e = env2.clone();
+                if i > 0 {
+                    e.queue_id = format!("{}-{i}", env2.queue_id);
+                }
+                paths.push(drop_folder::write(folder, &e, rcpts, &received, &content)?);
+            }
+            Ok::<_, std::io::Error>(paths)
+        })
+        .await;
+        match result {
+            Ok(Ok(_paths)) => {
+                self.messages += 1;
+                session.accept_message(&queue_id);
+                tracing::info!(
+                    queue_id = %queue_id,
+                    client = %self.peer.ip(),
+                    helo = %self.helo,
+                    from = %env.mail_from,
+                    rcpts = env.rcpts.len(),
+                    size,
+                    result = "accepted",
+                    "message"
+                );
+            }
+            Ok(Err(e)) => {
+                let r = if drop_folder::is_storage_full(&e) {
+                    &reply::STORAGE_FULL
+                } else {
+                    &reply::STORAGE_ERROR
+                };
+                tracing::error!(queue_id = %queue_id, error = %e, "cannot write the message to the drop folder");
+                session.reject(r);
+            }
+            Err(_) => {
+                tracing::error!(queue_id = %queue_id, "blocking pool failed");
+                session.reject(&reply::STORAGE_ERROR);
+            }
+        }
+        self.txn.clear();
+    }
+}

@@ -1,0 +1,105 @@
+//! Connection limits without locks: a total counter and a table of per-IP counters indexed by a
+//! keyed hash of the address. Two addresses that share a slot share its count, which can only
+//! make the limit stricter for them; with 65,536 slots that is rare and documented.
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+const SLOTS: usize = 1 << 16;
+
+/// Total and per-IP connection counters.
+pub struct ConnLimits {
+    total: AtomicUsize,
+    max_total: usize,
+    per_ip: Box<[AtomicU32]>,
+    hasher: RandomState,
+}
+
+impl std::fmt::Debug for ConnLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnLimits")
+            .field("total", &self.total)
+            .finish()
+    }
+}
+
+/// Releases its slots when dropped.
+#[derive(Debug)]
+pub struct ConnGuard<'a> {
+    limits: &'a ConnLimits,
+    slot: usize,
+}
+
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        self.limits.total.fetch_sub(1, Ordering::Relaxed);
+        if let Some(s) = self.limits.per_ip.get(self.slot) {
+            s.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl ConnLimits {
+    pub fn new(max_total: usize) -> ConnLimits {
+        ConnLimits {
+            total: AtomicUsize::new(0),
+            max_total,
+            per_ip: (0..SLOTS).map(|_| AtomicU32::new(0)).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    /// Take a slot for a connection from `ip`, or None when a limit is reached.
+    pub fn acquire(&self, ip: IpAddr, max_per_ip: usize) -> Option<ConnGuard<'_>> {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        let slot = (self.hasher.hash_one(ip) as usize) % SLOTS;
+        let guard = ConnGuard { limits: self, slot };
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        let per_ip = self
+            .per_ip
+            .get(slot)
+            .map_or(0, |s| s.fetch_add(1, Ordering::Relaxed) as usize + 1);
+        if total > self.max_total || per_ip > max_per_ip {
+            return None; // `guard` drops here and gives both counts back
+        }
+        Some(guard)
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_total_and_per_ip() {
+        let l = ConnLimits::new(3);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let g1 = l.acquire(a, 2).unwrap();
+        let g2 = l.acquire(a, 2).unwrap();
+        assert!(l.acquire(a, 2).is_none(), "third from the same IP");
+        assert!(
+            l.acquire("::ffff:192.0.2.1".parse().unwrap(), 2).is_none(),
+            "mapped IPv6 is the same client"
+        );
+        let g3 = l.acquire(b, 2).unwrap();
+        assert!(
+            l.acquire("192.0.2.3".parse().unwrap(), 2).is_none(),
+            "total reached"
+        );
+        assert_eq!(l.open(), 3);
+        drop((g1, g2, g3));
+        assert_eq!(l.open(), 0);
+        assert!(l.acquire(a, 2).is_some());
+    }
+}
