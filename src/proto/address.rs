@@ -368,6 +368,10 @@ fn path(
     }
     if c.peek() == Some(&b'@') {
         c.source_route()?;
+        // The route is ignored, but it must still be well-formed UTF-8, and what it contains
+        // says nothing about whether the mailbox itself needs SMTPUTF8 (found by fuzzing).
+        std::str::from_utf8(s.get(1..c.pos)?).ok()?;
+        c.utf8 = false;
     }
     let start = c.pos;
     let (at, literal) = c.mailbox()?;
@@ -521,6 +525,10 @@ mod tests {
         let (a, _) = forward_path(b"<ascii@example.com>").unwrap();
         assert!(!a.is_utf8());
         assert!(forward_path(b"<a\xff@example.com>").is_none());
+        // A UTF-8 source route does not make an ASCII mailbox UTF-8; an invalid one is refused.
+        let (a, _) = forward_path("<@r\u{e9}.test:u@d.test>".as_bytes()).unwrap();
+        assert!(!a.is_utf8());
+        assert!(forward_path(b"<@\xff1.test,@r2.test:u@d.test>").is_none());
     }
 
     #[test]
