@@ -1,0 +1,268 @@
+//! The server end to end, over real sockets, with clients nobody here wrote (Python's smtplib,
+//! swaks), under both runtime drivers (io_uring where the kernel allows it, and epoll).
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::{DRIVERS, Raw, Server, python, stderr, stdout};
+
+const SMTPLIB_SEND: &str = r#"
+import os, smtplib
+port = int(os.environ["PORT"])
+with smtplib.SMTP("127.0.0.1", port, timeout=10) as s:
+    code, msg = s.ehlo("client.test")
+    assert code == 250, (code, msg)
+    feats = sorted(s.esmtp_features)
+    print("features", feats)
+    refused = s.sendmail("sender@b.test", ["user@example.test", "other@example.test"],
+                         b"Subject: hello\r\n\r\nHello from smtplib.\r\n.leading dot\r\n")
+    print("refused", refused)
+    # smtplib pipelines nothing by itself; send two more on the same connection
+    for i in range(2):
+        s.sendmail("", ["user@example.test"], f"Subject: n{i}\r\n\r\nbody {i}\r\n".encode())
+    print("ok")
+"#;
+
+#[test]
+fn smtplib_delivers_to_the_drop_folder() {
+    for driver in DRIVERS {
+        let s = Server::start("smtplib", driver);
+        let out = python(SMTPLIB_SEND, s.inbound.port(), 0);
+        assert!(
+            out.status.success(),
+            "[{driver}] {}\n{}",
+            stderr(&out),
+            s.log()
+        );
+        let text = stdout(&out);
+        assert!(
+            text.contains("'pipelining'") && text.contains("'chunking'") && text.contains("'size'"),
+            "{text}"
+        );
+        assert!(text.contains("refused {}"), "{text}");
+        let files = s.dropped();
+        assert_eq!(files.len(), 3, "[{driver}] {files:?}");
+        let first = files
+            .iter()
+            .find(|f| f.contains("Subject: hello"))
+            .expect("first message");
+        assert!(first.starts_with("X-Sender: sender@b.test\r\nX-Receiver: user@example.test\r\nX-Receiver: other@example.test\r\nReceived: from client.test ([127.0.0.1])\r\n\tby mx.test (ringmx) with ESMTP\r\n"), "{first}");
+        assert!(
+            first.ends_with("Subject: hello\r\n\r\nHello from smtplib.\r\n.leading dot\r\n"),
+            "dot-unstuffed: {first:?}"
+        );
+        assert!(
+            files.iter().any(|f| f.starts_with("X-Sender: \r\n")),
+            "null sender recorded as empty"
+        );
+        assert!(s.log().contains("result=\"accepted\""), "{}", s.log());
+    }
+}
+
+#[test]
+fn relay_rights_per_direction() {
+    let script = r#"
+import os, smtplib
+inbound, outbound = int(os.environ["PORT"]), int(os.environ["PORT2"])
+with smtplib.SMTP("127.0.0.1", inbound, timeout=10) as s:
+    try:
+        s.sendmail("a@b.test", ["victim@elsewhere.test"], b"Subject: relay\r\n\r\nx\r\n")
+        print("inbound relayed")
+    except smtplib.SMTPRecipientsRefused as e:
+        code, msg = e.recipients["victim@elsewhere.test"]
+        print("inbound refused", code, msg.decode())
+with smtplib.SMTP("127.0.0.1", outbound, timeout=10) as s:
+    print("outbound refused", s.sendmail("me@example.test", ["friend@elsewhere.test"], b"Subject: out\r\n\r\nx\r\n"))
+"#;
+    for driver in DRIVERS {
+        let s = Server::start("relay", driver);
+        let out = python(script, s.inbound.port(), s.outbound.port());
+        let text = stdout(&out);
+        assert!(out.status.success(), "[{driver}] {}", stderr(&out));
+        assert!(
+            text.contains("inbound refused 550 5.7.1 Relaying denied"),
+            "{text}"
+        );
+        assert!(text.contains("outbound refused {}"), "{text}");
+        let files = s.dropped();
+        assert_eq!(files.len(), 1);
+        assert!(files[0].contains("X-Receiver: friend@elsewhere.test\r\n"));
+    }
+}
+
+#[test]
+fn swaks_pipelined_and_relay_attempt() {
+    if Command::new("swaks").arg("--version").output().is_err() {
+        panic!("swaks is not installed (.ci/run installs it)");
+    }
+    for driver in DRIVERS {
+        let s = Server::start("swaks", driver);
+        let port = s.inbound.port().to_string();
+        let ok = Command::new("swaks")
+            .args([
+                "--server",
+                &format!("127.0.0.1:{port}"),
+                "--to",
+                "user@example.test",
+                "--from",
+                "s@b.test",
+                "--pipeline",
+            ])
+            .output()
+            .unwrap();
+        let t = stdout(&ok);
+        assert!(ok.status.success(), "[{driver}] {t}");
+        assert!(t.contains("<-  250 2.0.0 Ok: queued as "), "{t}");
+        let denied = Command::new("swaks")
+            .args([
+                "--server",
+                &format!("127.0.0.1:{port}"),
+                "--to",
+                "user@gmail.test",
+                "--from",
+                "s@b.test",
+            ])
+            .output()
+            .unwrap();
+        let t = stdout(&denied);
+        assert!(t.contains("<** 550 5.7.1 Relaying denied"), "{t}");
+        assert_eq!(s.dropped().len(), 1);
+    }
+}
+
+#[test]
+fn smuggling_attempt_is_one_rejected_message() {
+    for driver in DRIVERS {
+        let s = Server::start("smuggle", driver);
+        let mut c = Raw::connect(s.inbound);
+        assert!(c.reply().starts_with("220 mx.test"));
+        c.cmd("EHLO c\r\n");
+        c.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n");
+        assert!(c.reply().starts_with("250"));
+        assert!(c.reply().starts_with("250"));
+        assert!(c.reply().starts_with("354"));
+        c.send(
+            "hi\n.\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<v@example.test>\r\nDATA\r\nforged\r\n.\r\n",
+        );
+        assert!(
+            c.reply().starts_with("550 5.6.0 Bare CR or LF"),
+            "[{driver}]"
+        );
+        assert_eq!(c.cmd("QUIT\r\n"), "221 2.0.0 Bye\r\n");
+        assert!(s.dropped().is_empty());
+    }
+}
+
+#[test]
+fn timeout_and_connection_limits() {
+    for driver in DRIVERS {
+        let s = Server::start_with(
+            "limits",
+            driver,
+            "[binding.limits]\ncommand_timeout = \"1s\"\nmax_connections_per_ip = 2\n",
+            "",
+        );
+        let mut a = Raw::connect(s.inbound);
+        let mut b = Raw::connect(s.inbound);
+        assert!(a.reply().starts_with("220"));
+        assert!(b.reply().starts_with("220"));
+        let mut c = Raw::connect(s.inbound);
+        assert_eq!(
+            c.rest(),
+            "421 4.7.0 Too many connections, try again later\r\n",
+            "[{driver}]"
+        );
+        // Idle past command_timeout: 421 4.4.2 and close.
+        std::thread::sleep(Duration::from_millis(1300));
+        assert_eq!(
+            a.rest(),
+            "421 4.4.2 Timeout exceeded, closing connection\r\n"
+        );
+        assert_eq!(
+            b.rest(),
+            "421 4.4.2 Timeout exceeded, closing connection\r\n"
+        );
+        // Slots are given back.
+        let mut d = Raw::connect(s.inbound);
+        assert!(d.reply().starts_with("220"));
+    }
+}
+
+#[test]
+fn port_in_use_is_a_startup_error() {
+    // A foreign listener that itself sets SO_REUSEPORT (so a careless REUSEPORT bind would
+    // silently share the port).
+    let foreign = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    foreign.set_reuse_port(true).unwrap();
+    foreign
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    foreign.listen(8).unwrap();
+    let port = foreign.local_addr().unwrap().as_socket().unwrap().port();
+    let dir = support::temp_dir("inuse");
+    let cfg = support::config(&dir, port, support::free_port(), "", "");
+    std::fs::write(dir.join("c.toml"), cfg).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ringmx"))
+        .args(["run", "--config"])
+        .arg(dir.join("c.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains(&format!(
+            "binding \"inbound\": 127.0.0.1:{port} is already in use by another process"
+        )),
+        "{}",
+        stderr(&out)
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn check_config_names_key_and_line() {
+    let dir = support::temp_dir("check");
+    let good = support::config(&dir, 2525, 2587, "", "");
+    std::fs::write(dir.join("good.toml"), &good).unwrap();
+    let bad = good.replace(
+        "direction = \"inbound\"",
+        "direction = \"inbound\"\ntls = \"implicit\"",
+    );
+    std::fs::write(dir.join("bad.toml"), &bad).unwrap();
+    let run = |f: &str| {
+        Command::new(env!("CARGO_BIN_EXE_ringmx"))
+            .args(["check-config"])
+            .arg(dir.join(f))
+            .output()
+            .unwrap()
+    };
+    let ok = run("good.toml");
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let e = run("bad.toml");
+    assert_eq!(e.status.code(), Some(1));
+    let line = bad.lines().position(|l| l.starts_with("tls =")).unwrap() + 1;
+    assert_eq!(
+        stderr(&e).trim(),
+        format!(
+            "{}:{line}: binding[0] (inbound).certificate: TLS needs certificate + key (PEM) or pkcs12",
+            dir.join("bad.toml").display()
+        )
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn sigterm_stops_cleanly() {
+    let mut s = Server::start("sigterm", "auto");
+    let mut c = Raw::connect(s.inbound);
+    assert!(c.reply().starts_with("220"));
+    let st = s.stop();
+    assert!(st.success(), "{st:?}\n{}", s.log());
+    assert!(s.log().contains("stopped"), "{}", s.log());
+}

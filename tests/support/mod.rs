@@ -1,0 +1,261 @@
+//! Test support: start the real `ringmx` binary on free loopback ports with a generated
+//! configuration, and stop it again.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const DRIVERS: [&str; 2] = ["auto", "legacy"];
+
+/// A free loopback port (bound and released; the kernel does not hand it out again at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn temp_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "ringmx-test-{name}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub struct Server {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub drop_dir: PathBuf,
+    pub driver: &'static str,
+}
+
+/// A configuration with an inbound and an outbound binding; `extra` is appended (it may add
+/// sections such as `[limits]`), `binding_extra` goes into the inbound binding.
+pub fn config(dir: &Path, inbound: u16, outbound: u16, binding_extra: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+hostname = "mx.test"
+data_dir = "{dir}"
+cores = 2
+shutdown_timeout = "5s"
+
+[[binding]]
+name = "inbound"
+listen = "127.0.0.1:{inbound}"
+direction = "inbound"
+{binding_extra}
+
+[[binding]]
+name = "outbound"
+listen = "127.0.0.1:{outbound}"
+direction = "outbound"
+allowed_clients = ["127.0.0.0/8"]
+
+[domains]
+local = ["example.test"]
+
+[admin]
+
+[[route]]
+domains = ["*"]
+action = "drop"
+folder = "{dir}/drop"
+{extra}
+"#,
+        dir = dir.display()
+    )
+}
+
+impl Server {
+    pub fn start(name: &str, driver: &'static str) -> Server {
+        Server::start_with(name, driver, "", "")
+    }
+
+    pub fn start_with(
+        name: &str,
+        driver: &'static str,
+        binding_extra: &str,
+        extra: &str,
+    ) -> Server {
+        let dir = temp_dir(name);
+        let (inbound, outbound) = (free_port(), free_port());
+        let cfg = config(&dir, inbound, outbound, binding_extra, extra);
+        let path = dir.join("ringmx.toml");
+        std::fs::write(&path, cfg).unwrap();
+        let log = std::fs::File::create(dir.join("ringmx.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ringmx"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .args(["--driver", driver])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let s = Server {
+            child: Some(child),
+            drop_dir: dir.join("drop"),
+            dir,
+            inbound: SocketAddr::from(([127, 0, 0, 1], inbound)),
+            outbound: SocketAddr::from(([127, 0, 0, 1], outbound)),
+            driver,
+        };
+        s.wait_ready();
+        s
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for addr in [self.inbound, self.outbound] {
+            // A full exchange that ends with QUIT, retried until the greeting is 220, so no
+            // probe connection is still open when the test starts.
+            loop {
+                if Instant::now() > deadline {
+                    panic!("ringmx did not start; log:\n{}", self.log());
+                }
+                if let Ok(s) = TcpStream::connect(addr) {
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    let mut c = Raw {
+                        r: BufReader::new(s.try_clone().unwrap()),
+                        w: s,
+                    };
+                    if c.reply().starts_with("220") && c.cmd("QUIT\r\n").starts_with("221") {
+                        c.rest();
+                        break;
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("ringmx.log")).unwrap_or_default()
+    }
+
+    /// The `.eml` files in the drop folder, sorted.
+    pub fn dropped(&self) -> Vec<String> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(&self.drop_dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|e| e == "eml"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v.iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .collect()
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("ringmx did not stop after SIGTERM; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Run a Python script (with `PORT`, `PORT2` set in its environment); returns its output.
+pub fn python(script: &str, port: u16, port2: u16) -> Output {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .env("PORT", port.to_string())
+        .env("PORT2", port2.to_string())
+        .output()
+        .expect("python3 runs");
+    out
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A raw SMTP conversation over TCP.
+pub struct Raw {
+    pub r: BufReader<TcpStream>,
+    pub w: TcpStream,
+}
+
+impl Raw {
+    pub fn connect(addr: SocketAddr) -> Raw {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Raw {
+            r: BufReader::new(s.try_clone().unwrap()),
+            w: s,
+        }
+    }
+
+    /// One reply (all its lines), e.g. "250-a\r\n250 b\r\n".
+    pub fn reply(&mut self) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            if self.r.read_line(&mut line).unwrap_or(0) == 0 {
+                return all;
+            }
+            all.push_str(&line);
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    }
+
+    pub fn send(&mut self, s: &str) {
+        self.w.write_all(s.as_bytes()).unwrap();
+    }
+
+    pub fn cmd(&mut self, s: &str) -> String {
+        self.send(s);
+        self.reply()
+    }
+
+    /// Read until the peer closes; returns what arrived.
+    pub fn rest(&mut self) -> String {
+        let mut s = String::new();
+        let _ = self.r.read_to_string(&mut s);
+        s
+    }
+}
