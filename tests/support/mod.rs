@@ -1,7 +1,7 @@
 //! Test support: start the real `ringmx` binary on free loopback ports with a generated
 //! configuration, and stop it again.
 
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -194,14 +194,13 @@ impl Drop for Server {
 
 /// Run a Python script (with `PORT`, `PORT2` set in its environment); returns its output.
 pub fn python(script: &str, port: u16, port2: u16) -> Output {
-    let out = Command::new("python3")
+    Command::new("python3")
         .arg("-c")
         .arg(script)
         .env("PORT", port.to_string())
         .env("PORT2", port2.to_string())
         .output()
-        .expect("python3 runs");
-    out
+        .expect("python3 runs")
 }
 
 pub fn stdout(o: &Output) -> String {
