@@ -7,3 +7,4 @@ pub mod delivery;
 pub mod policy;
 pub mod proto;
 pub mod runtime;
+pub mod tls;

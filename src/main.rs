@@ -29,6 +29,10 @@ fn main() -> ExitCode {
         Some("run") => run(&args[1..]),
         Some("check-config") => match args.get(1) {
             Some(file) => match Config::load(&PathBuf::from(file)) {
+                Ok(c) if let Err(e) = ringmx::runtime::load_tls(&c) => {
+                    eprintln!("{file}: {e}");
+                    ExitCode::FAILURE
+                }
                 Ok(c) => {
                     println!(
                         "{file}: ok ({} bindings, {} routes)",

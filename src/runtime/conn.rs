@@ -10,12 +10,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use super::Shared;
-use crate::config::{Binding, Config};
+use super::transport::Transport;
+use super::{BindingRt, Shared};
+use crate::config::{Config, TlsMode};
 use crate::delivery::{self, Envelope, drop_folder, trace};
 use crate::policy::{self, Client};
 use crate::proto::reply;
@@ -92,9 +91,11 @@ enum Next {
 
 struct Conn {
     peer: SocketAddr,
-    binding: Rc<Binding>,
+    binding: Rc<BindingRt>,
     ctx: Rc<CoreCtx>,
     config: Arc<Config>,
+    transport: Transport,
+    tls: Option<String>,
     helo: String,
     esmtp: bool,
     txn: Txn,
@@ -104,7 +105,7 @@ struct Conn {
 pub(crate) async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
-    binding: Rc<Binding>,
+    binding: Rc<BindingRt>,
     ctx: Rc<CoreCtx>,
 ) {
     ctx.open.set(ctx.open.get() + 1);
@@ -113,12 +114,14 @@ pub(crate) async fn handle(
     let shared = ctx.shared.clone();
     let guard = shared
         .limits
-        .acquire(peer.ip(), binding.limits.max_connections_per_ip);
-    let mut session = Session::new(binding.settings.clone(), started);
+        .acquire(peer.ip(), binding.b.limits.max_connections_per_ip);
+    let mut session = Session::new(binding.b.settings.clone(), started);
     let mut conn = Conn {
         peer,
         config: shared.config.clone(),
         binding,
+        transport: Transport::Plain,
+        tls: None,
         ctx,
         helo: String::new(),
         esmtp: false,
@@ -129,14 +132,20 @@ pub(crate) async fn handle(
     if guard.is_none() {
         session.clear_output();
         session.close_with(&reply::TOO_MANY_CONNECTIONS);
-        let _ = write_out(&mut stream, &mut session, &mut Vec::new()).await;
-        tracing::info!(client = %peer, binding = %conn.binding.section.name, "refused: too many connections");
+        let _ = write_out(
+            &mut conn.transport,
+            &mut stream,
+            &mut session,
+            &mut Vec::new(),
+        )
+        .await;
+        tracing::info!(client = %peer, binding = %conn.binding.b.section.name, "refused: too many connections");
         return;
     }
     let result = conn.serve(&mut stream, &mut session).await;
     tracing::info!(
         client = %peer,
-        binding = %conn.binding.section.name,
+        binding = %conn.binding.b.section.name,
         helo = %conn.helo,
         messages = conn.messages,
         duration_ms = started.elapsed().as_millis() as u64,
@@ -147,6 +156,7 @@ pub(crate) async fn handle(
 }
 
 async fn write_out(
+    transport: &mut Transport,
     stream: &mut TcpStream,
     session: &mut Session,
     spare: &mut Vec<u8>,
@@ -157,20 +167,29 @@ async fn write_out(
     spare.clear();
     session.swap_output(spare);
     let buf = std::mem::take(spare);
-    let (res, mut buf) = stream.write_all(buf).await;
+    let (res, mut buf) = transport.write_all(stream, buf).await;
     buf.clear();
     *spare = buf;
-    res.map(|_| ())
+    res
 }
 
 impl Conn {
     async fn serve(&mut self, stream: &mut TcpStream, session: &mut Session) -> &'static str {
         let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
         let mut spare: Vec<u8> = Vec::with_capacity(512);
+        if self.binding.b.section.tls == TlsMode::Implicit {
+            // TLS from the first byte (RFC 8314): the greeting goes out after the handshake.
+            if let Err(end) = self.start_tls(stream, session).await {
+                return end;
+            }
+        }
         loop {
             let (consumed, next) = self.process(session, &inbuf);
             inbuf.drain(..consumed);
-            if write_out(stream, session, &mut spare).await.is_err() {
+            if write_out(&mut self.transport, stream, session, &mut spare)
+                .await
+                .is_err()
+            {
                 return "write error";
             }
             match next {
@@ -181,34 +200,58 @@ impl Conn {
                     continue;
                 }
                 Next::StartTls => {
-                    // TLS arrives with the tls module; STARTTLS is not advertised without it.
-                    return "starttls unavailable";
+                    // The session refused STARTTLS if anything followed it in the buffer.
+                    debug_assert!(inbuf.is_empty());
+                    if let Err(end) = self.start_tls(stream, session).await {
+                        return end;
+                    }
+                    continue;
                 }
                 Next::Read => {}
             }
             if self.ctx.shared.shutdown.load(Ordering::SeqCst) && !session.in_transaction() {
                 session.close_with(&reply::SHUTTING_DOWN);
-                let _ = write_out(stream, session, &mut spare).await;
+                let _ = write_out(&mut self.transport, stream, session, &mut spare).await;
                 return "shutdown";
             }
-            if inbuf.capacity() - inbuf.len() < READ_CHUNK / 2 {
-                inbuf.reserve(READ_CHUNK);
-            }
-            let now = Instant::now();
-            let wait = session.deadline().saturating_duration_since(now);
-            let len = inbuf.len();
-            let read = monoio::time::timeout(wait, stream.read(inbuf.slice_mut(len..))).await;
+            let wait = session.deadline().saturating_duration_since(Instant::now());
+            let read =
+                monoio::time::timeout(wait, self.transport.read(stream, inbuf, READ_CHUNK)).await;
             match read {
                 Err(_elapsed) => {
                     session.check_timeout(Instant::now());
-                    let _ = write_out(stream, session, &mut spare).await;
+                    let _ = write_out(&mut self.transport, stream, session, &mut spare).await;
                     return "timeout";
                 }
                 Ok((Ok(0), _)) => return "client closed",
-                Ok((Ok(_), slice)) => inbuf = slice.into_inner(),
+                Ok((Ok(_), b)) => inbuf = b,
                 Ok((Err(_), _)) => return "read error",
             }
         }
+    }
+
+    /// Handshake (bounded by the command timeout), then reset the session (RFC 3207 §4.2).
+    async fn start_tls(
+        &mut self,
+        stream: &mut TcpStream,
+        session: &mut Session,
+    ) -> Result<(), &'static str> {
+        let Some(cfg) = self.binding.tls.clone() else {
+            return Err("tls not configured");
+        };
+        self.transport = Transport::tls(cfg).map_err(|_| "tls setup failed")?;
+        let limit = self.binding.b.limits.command_timeout.0;
+        match monoio::time::timeout(limit, self.transport.handshake(stream)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::info!(client = %self.peer, error = %e, "TLS handshake failed");
+                return Err("tls handshake failed");
+            }
+            Err(_) => return Err("tls handshake timeout"),
+        }
+        self.tls = self.transport.tls_description();
+        session.tls_established();
+        Ok(())
     }
 
     fn client(&self, session: &Session) -> Client {
@@ -240,7 +283,7 @@ impl Conn {
                 }
                 Event::Mail { from, .. } => {
                     let client = self.client(&feed);
-                    match policy::check_mail(&self.binding, client) {
+                    match policy::check_mail(&self.binding.b, client) {
                         Ok(()) => {
                             self.txn.clear();
                             if let Some(a) = from {
@@ -253,7 +296,7 @@ impl Conn {
                 }
                 Event::Rcpt { to, .. } => {
                     let client = self.client(&feed);
-                    match policy::check_rcpt(&self.config, &self.binding, client, to.domain()) {
+                    match policy::check_rcpt(&self.config, &self.binding.b, client, to.domain()) {
                         Ok(()) => {
                             self.txn.rcpts.push(to.as_str().to_string());
                             feed.accept();
@@ -280,15 +323,15 @@ impl Conn {
             rcpts: std::mem::take(&mut self.txn.rcpts),
             client_ip: self.peer.ip(),
             helo: self.helo.clone(),
-            tls: None,
+            tls: self.tls.clone(),
             authenticated_as: None,
-            binding: self.binding.section.name.clone(),
+            binding: self.binding.b.section.name.clone(),
             esmtp: self.esmtp,
             received_at: SystemTime::now(),
         };
         // Group recipients by the folder of their route (a message on several routes is
         // written once per route).
-        let direction = self.binding.section.direction;
+        let direction = self.binding.b.section.direction;
         let mut groups: Vec<(std::path::PathBuf, Vec<String>)> = Vec::new();
         for r in &env.rcpts {
             let domain = r.rsplit_once('@').map_or("", |(_, d)| d);

@@ -11,6 +11,7 @@
 mod conn;
 mod limits;
 pub mod listener;
+mod transport;
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
@@ -20,12 +21,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::config::{Binding, Config, Driver};
+use crate::tls;
 pub use limits::ConnLimits;
 
 /// State shared by every core.
 #[derive(Debug)]
 pub struct Shared {
     pub config: Arc<Config>,
+    pub tls: Vec<Option<Arc<rustls::ServerConfig>>>,
     pub limits: ConnLimits,
     pub shutdown: AtomicBool,
 }
@@ -34,13 +37,31 @@ pub struct Shared {
 #[derive(Debug)]
 pub enum RunError {
     Bind(listener::BindError),
+    Tls(tls::TlsError),
     Io(String, std::io::Error),
+}
+
+/// A binding with what it needs at run time.
+#[derive(Debug)]
+pub(crate) struct BindingRt {
+    pub(crate) b: Binding,
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// Load every binding's certificates (what `check-config` and startup both do).
+pub fn load_tls(config: &Config) -> Result<Vec<Option<Arc<rustls::ServerConfig>>>, tls::TlsError> {
+    config
+        .bindings
+        .iter()
+        .map(|b| tls::server_config(&b.section))
+        .collect()
 }
 
 impl std::fmt::Display for RunError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RunError::Bind(e) => e.fmt(f),
+            RunError::Tls(e) => e.fmt(f),
             RunError::Io(what, e) => write!(f, "{what}: {e}"),
         }
     }
@@ -66,6 +87,7 @@ struct CoreListeners {
 /// Run the server until SIGTERM/SIGINT. Returns after every core has stopped.
 pub fn run(config: Config) -> Result<(), RunError> {
     let config = Arc::new(config);
+    let tls_configs = load_tls(&config).map_err(RunError::Tls)?;
     for r in &config.routes {
         if let Some(folder) = &r.folder {
             std::fs::create_dir_all(folder).map_err(|e| {
@@ -95,6 +117,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         });
     }
     let shared = Arc::new(Shared {
+        tls: tls_configs,
         limits: ConnLimits::new(config.limits.max_connections),
         config: config.clone(),
         shutdown: AtomicBool::new(false),
@@ -175,11 +198,11 @@ fn core_main(c: CoreListeners, shared: Arc<Shared>, driver: Driver) {
             let Some(b) = shared.config.bindings.get(i) else {
                 continue;
             };
-            accepts.push(monoio::spawn(accept_loop(
-                l,
-                Rc::new(b.clone()),
-                ctx.clone(),
-            )));
+            let rt = BindingRt {
+                b: b.clone(),
+                tls: shared.tls.get(i).cloned().flatten(),
+            };
+            accepts.push(monoio::spawn(accept_loop(l, Rc::new(rt), ctx.clone())));
         }
         for a in accepts {
             a.await;
@@ -191,7 +214,7 @@ fn core_main(c: CoreListeners, shared: Arc<Shared>, driver: Driver) {
     });
 }
 
-async fn accept_loop(l: std::net::TcpListener, binding: Rc<Binding>, ctx: Rc<conn::CoreCtx>) {
+async fn accept_loop(l: std::net::TcpListener, binding: Rc<BindingRt>, ctx: Rc<conn::CoreCtx>) {
     let listener = match monoio::net::TcpListener::from_std(l) {
         Ok(l) => l,
         Err(e) => {

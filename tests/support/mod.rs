@@ -89,6 +89,16 @@ impl Server {
         binding_extra: &str,
         extra: &str,
     ) -> Server {
+        Server::launch(name, driver, binding_extra, extra, false)
+    }
+
+    fn launch(
+        name: &str,
+        driver: &'static str,
+        binding_extra: &str,
+        extra: &str,
+        implicit: bool,
+    ) -> Server {
         let dir = temp_dir(name);
         let (inbound, outbound) = (free_port(), free_port());
         let cfg = config(&dir, inbound, outbound, binding_extra, extra);
@@ -111,13 +121,22 @@ impl Server {
             outbound: SocketAddr::from(([127, 0, 0, 1], outbound)),
             driver,
         };
-        s.wait_ready();
+        s.wait_ready(implicit);
         s
     }
 
-    fn wait_ready(&self) {
+    /// Like `start_with`, for an inbound binding that speaks TLS from the first byte: readiness
+    /// is checked on the outbound binding only.
+    pub fn start_with_tls(name: &str, driver: &'static str, binding_extra: &str) -> Server {
+        Server::launch(name, driver, binding_extra, "", true)
+    }
+
+    fn wait_ready(&self, skip_inbound: bool) {
         let deadline = Instant::now() + Duration::from_secs(15);
         for addr in [self.inbound, self.outbound] {
+            if skip_inbound && addr == self.inbound {
+                continue;
+            }
             // A full exchange that ends with QUIT, retried until the greeting is 220, so no
             // probe connection is still open when the test starts.
             loop {

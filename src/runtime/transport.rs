@@ -1,0 +1,169 @@
+//! Plain TCP or TLS over monoio's owned-buffer I/O. TLS uses rustls's own sans-IO connection:
+//! ciphertext is read into an owned buffer and fed to rustls, plaintext comes out into the
+//! session's input buffer; no adaptor crate, no extra copy layer.
+
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+const CIPHER_READ: usize = 8192;
+
+pub(crate) enum Transport {
+    Plain,
+    Tls(Box<Tls>),
+}
+
+pub(crate) struct Tls {
+    pub conn: rustls::ServerConnection,
+    cipher: Vec<u8>,
+}
+
+impl Transport {
+    pub(crate) fn tls(config: Arc<rustls::ServerConfig>) -> io::Result<Transport> {
+        let conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
+        Ok(Transport::Tls(Box::new(Tls {
+            conn,
+            cipher: Vec::new(),
+        })))
+    }
+
+    pub(crate) fn tls_description(&self) -> Option<String> {
+        match self {
+            Transport::Plain => None,
+            Transport::Tls(t) => Some(crate::tls::describe(&t.conn)),
+        }
+    }
+
+    /// Append what arrives to `buf`; Ok(0) is the end of the stream (or TLS close_notify).
+    pub(crate) async fn read(
+        &mut self,
+        stream: &mut TcpStream,
+        buf: Vec<u8>,
+        chunk: usize,
+    ) -> (io::Result<usize>, Vec<u8>) {
+        match self {
+            Transport::Plain => {
+                let mut buf = buf;
+                if buf.capacity() - buf.len() < chunk / 2 {
+                    buf.reserve(chunk);
+                }
+                let len = buf.len();
+                let (res, slice) = stream.read(buf.slice_mut(len..)).await;
+                (res, slice.into_inner())
+            }
+            Transport::Tls(t) => t.read(stream, buf, chunk).await,
+        }
+    }
+
+    pub(crate) async fn write_all(
+        &mut self,
+        stream: &mut TcpStream,
+        data: Vec<u8>,
+    ) -> (io::Result<()>, Vec<u8>) {
+        match self {
+            Transport::Plain => {
+                let (res, buf) = stream.write_all(data).await;
+                (res.map(|_| ()), buf)
+            }
+            Transport::Tls(t) => {
+                let res = match t.conn.writer().write_all(&data) {
+                    Ok(()) => t.flush(stream).await,
+                    Err(e) => Err(e),
+                };
+                (res, data)
+            }
+        }
+    }
+
+    /// Run the TLS handshake to completion (no-op for plain).
+    pub(crate) async fn handshake(&mut self, stream: &mut TcpStream) -> io::Result<()> {
+        let Transport::Tls(t) = self else {
+            return Ok(());
+        };
+        while t.conn.is_handshaking() {
+            t.flush(stream).await?;
+            if t.conn.wants_read() {
+                t.read_cipher(stream).await?;
+            }
+        }
+        t.flush(stream).await
+    }
+}
+
+impl Tls {
+    async fn flush(&mut self, stream: &mut TcpStream) -> io::Result<()> {
+        while self.conn.wants_write() {
+            let mut out = std::mem::take(&mut self.cipher);
+            out.clear();
+            self.conn.write_tls(&mut out)?;
+            let (res, out) = stream.write_all(out).await;
+            self.cipher = out;
+            res?;
+        }
+        Ok(())
+    }
+
+    /// Read one batch of ciphertext and process it. Err(UnexpectedEof) when the peer closed.
+    async fn read_cipher(&mut self, stream: &mut TcpStream) -> io::Result<()> {
+        let mut buf = std::mem::take(&mut self.cipher);
+        buf.clear();
+        buf.reserve(CIPHER_READ);
+        let (res, b) = stream.read(buf).await;
+        buf = b;
+        let n = res?;
+        if n == 0 {
+            self.cipher = buf;
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut rd = buf.get(..n).unwrap_or_default();
+        while !rd.is_empty() {
+            self.conn.read_tls(&mut rd)?;
+            if let Err(e) = self.conn.process_new_packets() {
+                // Send the alert rustls prepared, then fail.
+                let _ = self.flush(stream).await;
+                self.cipher = buf;
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+            }
+        }
+        self.cipher = buf;
+        Ok(())
+    }
+
+    async fn read(
+        &mut self,
+        stream: &mut TcpStream,
+        mut buf: Vec<u8>,
+        chunk: usize,
+    ) -> (io::Result<usize>, Vec<u8>) {
+        loop {
+            let len = buf.len();
+            buf.resize(len + chunk, 0);
+            let got = self
+                .conn
+                .reader()
+                .read(buf.get_mut(len..).unwrap_or_default());
+            match got {
+                Ok(n) => {
+                    buf.truncate(len + n);
+                    return (Ok(n), buf); // n == 0: close_notify, a clean end
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => buf.truncate(len),
+                Err(e) => {
+                    buf.truncate(len);
+                    return (Err(e), buf);
+                }
+            }
+            if let Err(e) = self.flush(stream).await {
+                return (Err(e), buf);
+            }
+            match self.read_cipher(stream).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return (Ok(0), buf),
+                Err(e) => return (Err(e), buf),
+            }
+        }
+    }
+}

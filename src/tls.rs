@@ -1,0 +1,120 @@
+//! rustls server configuration from PEM files or a PKCS#12 (PFX) file with a password file.
+//! TLS 1.2 and 1.3 only, with the *ring* provider chosen explicitly. Legacy senders that only
+//! speak older TLS can still deliver in plain text on port 25 (STARTTLS is opportunistic there).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::{BindingSection, TlsMode};
+
+/// A certificate or key that could not be loaded, naming the binding and the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsError(pub String);
+
+impl std::fmt::Display for TlsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TlsError {}
+
+/// The rustls configuration for a binding, or None when it has no TLS.
+pub fn server_config(b: &BindingSection) -> Result<Option<Arc<ServerConfig>>, TlsError> {
+    if b.tls == TlsMode::None {
+        return Ok(None);
+    }
+    let err = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
+        TlsError(format!(
+            "binding {:?}: {what} {}: {e}",
+            b.name,
+            path.display()
+        ))
+    };
+    let (chain, key) = match (&b.certificate, &b.key, &b.pkcs12) {
+        (Some(cert), Some(key), None) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| err("certificate", cert, &e))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| err("certificate", cert, &e))?;
+            if chain.is_empty() {
+                return Err(err("certificate", cert, &"no CERTIFICATE block found"));
+            }
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| err("key", key, &e))?;
+            (chain, key)
+        }
+        (None, None, Some(pfx)) => load_pkcs12(pfx, b.pkcs12_password_file.as_deref())
+            .map_err(|e| err("pkcs12", pfx, &e))?,
+        _ => {
+            return Err(TlsError(format!(
+                "binding {:?}: TLS needs certificate + key or pkcs12",
+                b.name
+            )));
+        }
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| TlsError(format!("binding {:?}: {e}", b.name)))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| {
+            TlsError(format!(
+                "binding {:?}: certificate and key do not match or are unusable: {e}",
+                b.name
+            ))
+        })?;
+    // SMTP is not HTTP: no ALPN; session tickets are fine.
+    cfg.max_early_data_size = 0;
+    Ok(Some(Arc::new(cfg)))
+}
+
+fn load_pkcs12(
+    path: &Path,
+    password_file: Option<&Path>,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let data = std::fs::read(path).map_err(|e| e.to_string())?;
+    let password = match password_file {
+        Some(p) => std::fs::read_to_string(p)
+            .map_err(|e| format!("password file {}: {e}", p.display()))?
+            .trim_end_matches(['\r', '\n'])
+            .to_string(),
+        None => String::new(),
+    };
+    let ks = p12_keystore::KeyStore::from_pkcs12(
+        &data,
+        &password,
+        p12_keystore::Pkcs12ImportPolicy::Relaxed,
+    )
+    .map_err(|e| format!("cannot decode (wrong password?): {e}"))?;
+    let (_, chain) = ks
+        .private_key_chain()
+        .ok_or("no private key with a certificate chain inside")?;
+    let certs: Vec<CertificateDer<'static>> = chain
+        .certs()
+        .iter()
+        .map(|c| CertificateDer::from(c.as_der().to_vec()))
+        .collect();
+    if certs.is_empty() {
+        return Err("the private key has no certificate".into());
+    }
+    let key = PrivateKeyDer::try_from(chain.key().as_der().to_vec()).map_err(|e| e.to_string())?;
+    Ok((certs, key))
+}
+
+/// `TLSv1.3 TLS13_AES_256_GCM_SHA384`, for logs and the Received header.
+pub fn describe(conn: &rustls::ServerConnection) -> String {
+    let v = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "TLS",
+    };
+    match conn.negotiated_cipher_suite() {
+        Some(s) => format!("{v} {:?}", s.suite()),
+        None => v.to_string(),
+    }
+}

@@ -1,0 +1,245 @@
+//! TLS end to end: STARTTLS and implicit TLS with Python's smtplib and `openssl s_client`,
+//! PEM and PKCS#12 certificates, and the STARTTLS command-injection defence (CVE-2011-0411).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use support::{DRIVERS, Raw, Server, python, stderr, stdout};
+
+/// A self-signed certificate for mx.test: (dir, cert.pem, key.pem, cert.pfx, password file).
+fn make_cert() -> (PathBuf, PathBuf, PathBuf, PathBuf, PathBuf) {
+    let dir = support::temp_dir("certs");
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("openssl is installed");
+        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "cert.pem",
+        "-days",
+        "2",
+        "-nodes",
+        "-subj",
+        "/CN=mx.test",
+    ]);
+    run(&[
+        "pkcs12",
+        "-export",
+        "-in",
+        "cert.pem",
+        "-inkey",
+        "key.pem",
+        "-out",
+        "cert.pfx",
+        "-passout",
+        "pass:s3cret",
+    ]);
+    std::fs::write(dir.join("pfx-pass"), "s3cret\n").unwrap();
+    (
+        dir.clone(),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("cert.pfx"),
+        dir.join("pfx-pass"),
+    )
+}
+
+fn pem_binding(mode: &str, cert: &Path, key: &Path) -> String {
+    format!(
+        "tls = \"{mode}\"\ncertificate = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    )
+}
+
+const SEND_STARTTLS: &str = r#"
+import os, smtplib, ssl
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=10) as s:
+    s.ehlo("client.test")
+    assert s.has_extn("starttls"), s.esmtp_features
+    s.starttls(context=ctx)
+    s.ehlo("client.test")
+    assert not s.has_extn("starttls"), "STARTTLS must not be offered again"
+    print("version", s.sock.version())
+    print(s.sendmail("a@b.test", ["u@example.test"], b"Subject: tls\r\n\r\nsecret\r\n"))
+"#;
+
+const SEND_IMPLICIT: &str = r#"
+import os, smtplib, ssl
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+with smtplib.SMTP_SSL("127.0.0.1", int(os.environ["PORT"]), timeout=10, context=ctx) as s:
+    s.ehlo("client.test")
+    assert not s.has_extn("starttls")
+    print("version", s.sock.version())
+    print(s.sendmail("a@b.test", ["u@example.test"], b"Subject: implicit\r\n\r\nsecret\r\n"))
+"#;
+
+#[test]
+fn starttls_with_smtplib() {
+    let (certs, cert, key, _, _) = make_cert();
+    for driver in DRIVERS {
+        let s = Server::start_with(
+            "starttls",
+            driver,
+            &pem_binding("starttls", &cert, &key),
+            "",
+        );
+        let out = python(SEND_STARTTLS, s.inbound.port(), 0);
+        assert!(
+            out.status.success(),
+            "[{driver}] {}\n{}",
+            stderr(&out),
+            s.log()
+        );
+        assert!(stdout(&out).contains("version TLSv1.3"), "{}", stdout(&out));
+        let files = s.dropped();
+        assert_eq!(files.len(), 1);
+        assert!(
+            files[0].contains("with ESMTPS (TLSv1.3 TLS13_"),
+            "{}",
+            files[0]
+        );
+    }
+    std::fs::remove_dir_all(certs).unwrap();
+}
+
+#[test]
+fn implicit_tls_with_pem_and_pkcs12() {
+    let (certs, cert, key, pfx, pass) = make_cert();
+    let pkcs12 = format!(
+        "tls = \"implicit\"\npkcs12 = \"{}\"\npkcs12_password_file = \"{}\"\n",
+        pfx.display(),
+        pass.display()
+    );
+    for (driver, binding) in [
+        ("auto", pem_binding("implicit", &cert, &key)),
+        ("legacy", pkcs12),
+    ] {
+        let s = Server::start_with_tls("implicit", driver, &binding);
+        let out = python(SEND_IMPLICIT, s.inbound.port(), 0);
+        assert!(
+            out.status.success(),
+            "[{driver}] {}\n{}",
+            stderr(&out),
+            s.log()
+        );
+        assert!(stdout(&out).contains("version TLSv1.3"), "{}", stdout(&out));
+        assert_eq!(s.dropped().len(), 1);
+    }
+    std::fs::remove_dir_all(certs).unwrap();
+}
+
+#[test]
+fn openssl_s_client_starttls() {
+    let (certs, cert, key, _, _) = make_cert();
+    for driver in DRIVERS {
+        let s = Server::start_with(
+            "s_client",
+            driver,
+            &pem_binding("starttls", &cert, &key),
+            "",
+        );
+        let mut child = Command::new("openssl")
+            .args([
+                "s_client",
+                "-starttls",
+                "smtp",
+                "-quiet",
+                "-connect",
+                &s.inbound.to_string(),
+                "-tls1_2",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"EHLO sclient.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\nSubject: s_client\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = stdout(&out);
+        assert!(
+            text.contains("250 2.0.0 Ok: queued as"),
+            "[{driver}] {text}\n{}",
+            stderr(&out)
+        );
+        assert!(text.contains("221 2.0.0 Bye"), "{text}");
+        let files = s.dropped();
+        assert_eq!(files.len(), 1);
+        assert!(
+            files[0].contains("with ESMTPS (TLSv1.2 TLS_ECDHE_ECDSA_WITH"),
+            "{}",
+            files[0]
+        );
+    }
+    std::fs::remove_dir_all(certs).unwrap();
+}
+
+#[test]
+fn plaintext_pipelined_after_starttls_is_refused() {
+    let (certs, cert, key, _, _) = make_cert();
+    for driver in DRIVERS {
+        let s = Server::start_with("inject", driver, &pem_binding("starttls", &cert, &key), "");
+        let mut c = Raw::connect(s.inbound);
+        assert!(c.reply().starts_with("220"));
+        assert!(c.cmd("EHLO c\r\n").contains("STARTTLS\r\n"));
+        c.send("STARTTLS\r\nMAIL FROM:<attacker@evil.test>\r\n");
+        assert_eq!(
+            c.rest(),
+            "554 5.5.1 Commands pipelined after STARTTLS are refused, closing connection\r\n",
+            "[{driver}]"
+        );
+    }
+    std::fs::remove_dir_all(certs).unwrap();
+}
+
+#[test]
+fn check_config_loads_certificates() {
+    let dir = support::temp_dir("badcert");
+    std::fs::write(dir.join("cert.pem"), "not a certificate").unwrap();
+    std::fs::write(dir.join("key.pem"), "not a key").unwrap();
+    let cfg = support::config(
+        &dir,
+        2525,
+        2587,
+        &pem_binding("starttls", &dir.join("cert.pem"), &dir.join("key.pem")),
+        "",
+    );
+    std::fs::write(dir.join("c.toml"), cfg).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ringmx"))
+        .arg("check-config")
+        .arg(dir.join("c.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let e = stderr(&out);
+    assert!(
+        e.contains("binding \"inbound\": certificate") && e.contains("cert.pem"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
