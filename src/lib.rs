@@ -2,6 +2,7 @@
 //!
 //! See `README.md` for the layout. [`proto`] is the sans-IO SMTP core.
 
+pub mod auth;
 pub mod config;
 pub mod delivery;
 pub mod policy;

@@ -18,6 +18,8 @@ USAGE:
         Validate FILE; on error print the file, line, key and problem and exit 1.
     ringmx print-default-config
         Print the embedded default configuration.
+    ringmx hash-password < PASSWORD
+        Print an argon2id hash for a users_file line (user:HASH).
     ringmx --version | --help
 
 Every configuration key is documented, with its default, in examples/ringmx.toml.
@@ -30,6 +32,10 @@ fn main() -> ExitCode {
         Some("check-config") => match args.get(1) {
             Some(file) => match Config::load(&PathBuf::from(file)) {
                 Ok(c) if let Err(e) = ringmx::runtime::load_tls(&c) => {
+                    eprintln!("{file}: {e}");
+                    ExitCode::FAILURE
+                }
+                Ok(c) if let Err(e) = ringmx::runtime::load_users(&c) => {
                     eprintln!("{file}: {e}");
                     ExitCode::FAILURE
                 }
@@ -48,6 +54,24 @@ fn main() -> ExitCode {
             },
             None => usage_error("check-config needs a FILE"),
         },
+        Some("hash-password") => {
+            let mut line = String::new();
+            if std::io::stdin().read_line(&mut line).is_err()
+                || line.trim_end_matches(['\r', '\n']).is_empty()
+            {
+                return usage_error("hash-password reads the password from standard input");
+            }
+            match ringmx::auth::hash_password(line.trim_end_matches(['\r', '\n'])) {
+                Ok(h) => {
+                    println!("{h}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ringmx: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some("print-default-config") => {
             print!("{}", ringmx::config::DEFAULT_CONFIG);
             ExitCode::SUCCESS

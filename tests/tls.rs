@@ -243,3 +243,117 @@ fn check_config_loads_certificates() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+fn users_file(dir: &Path) -> PathBuf {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringmx"))
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"pa55word\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = stdout(&out);
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    let p = dir.join("users");
+    std::fs::write(&p, format!("# test users\nalice:{}", hash.trim())).unwrap();
+    p
+}
+
+const AUTH_SCRIPT: &str = r#"
+import os, smtplib, ssl
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
+    s.ehlo("client.test")
+    print("auth before tls", s.has_extn("auth"))
+    print("mail before auth", s.mail("a@b.test"))
+    s.starttls(context=ctx)
+    s.ehlo("client.test")
+    print("auth after tls", s.esmtp_features.get("auth"))
+    try:
+        s.login("alice", "wrong")
+    except smtplib.SMTPAuthenticationError as e:
+        print("bad password", e.smtp_code, e.smtp_error.decode())
+    print("good password", s.login("alice", "pa55word"))
+    print(s.sendmail("alice@example.test", ["friend@elsewhere.test"], b"Subject: auth\r\n\r\nx\r\n"))
+"#;
+
+#[test]
+fn auth_required_submission() {
+    let (certs, cert, key, _, _) = make_cert();
+    let users = users_file(&certs);
+    let binding = format!(
+        "{}auth = \"required\"\n",
+        pem_binding("starttls", &cert, &key)
+    );
+    let extra = format!("[auth]\nusers_file = \"{}\"\n", users.display());
+    for driver in DRIVERS {
+        let s = Server::start_with("auth", driver, &binding, &extra);
+        let out = python(AUTH_SCRIPT, s.inbound.port(), 0);
+        let text = stdout(&out);
+        assert!(
+            out.status.success(),
+            "[{driver}] {}\n{text}\n{}",
+            stderr(&out),
+            s.log()
+        );
+        assert!(text.contains("auth before tls False"), "{text}");
+        assert!(
+            text.contains("mail before auth (530, b'5.7.0 Authentication required')"),
+            "{text}"
+        );
+        assert!(text.contains("auth after tls  PLAIN LOGIN"), "{text}");
+        assert!(
+            text.contains("bad password 535 5.7.8 Authentication credentials invalid"),
+            "{text}"
+        );
+        assert!(
+            text.contains("good password (235, b'2.7.0 Authentication successful')"),
+            "{text}"
+        );
+        let files = s.dropped();
+        assert_eq!(files.len(), 1, "authenticated clients may relay");
+        assert!(files[0].contains("with ESMTPSA (TLSv1.3"), "{}", files[0]);
+        // swaks with AUTH LOGIN over STARTTLS.
+        let sw = Command::new("swaks")
+            .args([
+                "--server",
+                &s.inbound.to_string(),
+                "--tls",
+                "--auth",
+                "LOGIN",
+                "--auth-user",
+                "alice",
+            ])
+            .args([
+                "--auth-password",
+                "pa55word",
+                "--to",
+                "x@elsewhere.test",
+                "--from",
+                "alice@example.test",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            stdout(&sw).contains("<~  235 2.7.0 Authentication successful"),
+            "{}",
+            stdout(&sw)
+        );
+        assert!(
+            stdout(&sw).contains("<~  250 2.0.0 Ok: queued as"),
+            "{}",
+            stdout(&sw)
+        );
+    }
+    std::fs::remove_dir_all(certs).unwrap();
+}

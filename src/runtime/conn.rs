@@ -18,7 +18,7 @@ use crate::config::{Config, TlsMode};
 use crate::delivery::{self, Envelope, drop_folder, trace};
 use crate::policy::{self, Client};
 use crate::proto::reply;
-use crate::proto::{Event, Session, Stop};
+use crate::proto::{Credentials, Event, Session, Stop};
 
 /// Read size; also the buffer's initial capacity (it grows only if a client pipelines more
 /// than this in one go).
@@ -83,6 +83,7 @@ impl Txn {
 /// What the connection loop does after a pass over the buffered input.
 enum Next {
     Read,
+    Auth(Credentials),
     Flush,
     Deliver,
     StartTls,
@@ -100,6 +101,8 @@ struct Conn {
     esmtp: bool,
     txn: Txn,
     messages: u32,
+    auth_user: Option<String>,
+    auth_failures: u32,
 }
 
 pub(crate) async fn handle(
@@ -127,6 +130,8 @@ pub(crate) async fn handle(
         esmtp: false,
         txn: Txn::default(),
         messages: 0,
+        auth_user: None,
+        auth_failures: 0,
     };
     let mut stream = stream;
     if guard.is_none() {
@@ -199,6 +204,10 @@ impl Conn {
                     self.deliver(session).await;
                     continue;
                 }
+                Next::Auth(c) => {
+                    self.authenticate(session, c).await;
+                    continue;
+                }
                 Next::StartTls => {
                     // The session refused STARTTLS if anything followed it in the buffer.
                     debug_assert!(inbuf.is_empty());
@@ -227,6 +236,29 @@ impl Conn {
                 Ok((Ok(_), b)) => inbuf = b,
                 Ok((Err(_), _)) => return "read error",
             }
+        }
+    }
+
+    /// Check credentials on the blocking pool (argon2 is slow by design). Each failure in a
+    /// session delays the answer a little more (1 s, 2 s, … up to 5 s) to slow guessing.
+    async fn authenticate(&mut self, session: &mut Session, c: Credentials) {
+        let users = self.ctx.shared.users.clone();
+        let authz_ok = c.authzid.is_empty() || c.authzid == c.username;
+        let user = c.username.clone();
+        let ok = authz_ok
+            && monoio::spawn_blocking(move || users.verify(&c.username, &c.password))
+                .await
+                .unwrap_or(false);
+        if ok {
+            tracing::info!(client = %self.peer, user = %user, "authenticated");
+            self.auth_user = Some(user);
+            session.accept();
+        } else {
+            self.auth_failures += 1;
+            tracing::warn!(client = %self.peer, user = %user, failures = self.auth_failures, "authentication failed");
+            let delay = std::time::Duration::from_secs(u64::from(self.auth_failures.min(5)));
+            monoio::time::sleep(delay).await;
+            session.reject(&reply::AUTH_FAILED);
         }
     }
 
@@ -309,7 +341,7 @@ impl Conn {
                 Event::MessageEnd { .. } => return (feed.consumed(), Next::Deliver),
                 Event::MessageAborted | Event::Reset => self.txn.clear(),
                 Event::StartTls | Event::Quit => {}
-                Event::Auth(_) => feed.reject(&reply::AUTH_FAILED),
+                Event::Auth(c) => return (feed.consumed(), Next::Auth(c)),
             }
         }
     }
@@ -324,7 +356,7 @@ impl Conn {
             client_ip: self.peer.ip(),
             helo: self.helo.clone(),
             tls: self.tls.clone(),
-            authenticated_as: None,
+            authenticated_as: self.auth_user.clone(),
             binding: self.binding.b.section.name.clone(),
             esmtp: self.esmtp,
             received_at: SystemTime::now(),

@@ -29,6 +29,7 @@ pub use limits::ConnLimits;
 pub struct Shared {
     pub config: Arc<Config>,
     pub tls: Vec<Option<Arc<rustls::ServerConfig>>>,
+    pub users: Arc<crate::auth::Users>,
     pub limits: ConnLimits,
     pub shutdown: AtomicBool,
 }
@@ -46,6 +47,15 @@ pub enum RunError {
 pub(crate) struct BindingRt {
     pub(crate) b: Binding,
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// Load `[auth] users_file` when set.
+pub fn load_users(config: &Config) -> Result<crate::auth::Users, RunError> {
+    match &config.auth.users_file {
+        Some(p) => crate::auth::Users::load(p)
+            .map_err(|e| RunError::Io("auth.users_file".into(), std::io::Error::other(e))),
+        None => Ok(crate::auth::Users::default()),
+    }
 }
 
 /// Load every binding's certificates (what `check-config` and startup both do).
@@ -88,6 +98,7 @@ struct CoreListeners {
 pub fn run(config: Config) -> Result<(), RunError> {
     let config = Arc::new(config);
     let tls_configs = load_tls(&config).map_err(RunError::Tls)?;
+    let users = Arc::new(load_users(&config)?);
     for r in &config.routes {
         if let Some(folder) = &r.folder {
             std::fs::create_dir_all(folder).map_err(|e| {
@@ -118,6 +129,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
     }
     let shared = Arc::new(Shared {
         tls: tls_configs,
+        users,
         limits: ConnLimits::new(config.limits.max_connections),
         config: config.clone(),
         shutdown: AtomicBool::new(false),
