@@ -7,8 +7,12 @@ use std::time::Instant;
 use super::data::{BareLinePolicy, Chunk, DataReader, oracle};
 use super::{AuthSettings, Event, Reply, Session, SessionConfig, Settings, Stop, address, command};
 
-/// Command parser: never panics; what it borrows is part of the line.
+/// Command parser (and the PROXY header parser, which reads the same kind of untrusted first
+/// line): never panic; what they return is consistent with the input.
 pub fn command(data: &[u8]) {
+    if let Ok(super::proxy::Parsed::Done(_, n)) = super::proxy::parse(data) {
+        assert!(n <= data.len());
+    }
     let line = data.split(|&b| b == b'\n').next().unwrap_or_default();
     match command::parse(line) {
         Ok(command::Command::Mail { from: Some(a), .. })

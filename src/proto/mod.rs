@@ -36,6 +36,7 @@ pub mod data;
 #[doc(hidden)]
 pub mod fuzz_targets;
 pub mod line;
+pub mod proxy;
 pub mod reply;
 pub mod session;
 pub mod settings;

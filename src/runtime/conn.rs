@@ -14,11 +14,12 @@ use monoio::net::TcpStream;
 
 use super::transport::Transport;
 use super::{BindingRt, Shared};
+use crate::config::units::any_contains;
 use crate::config::{Config, TlsMode};
 use crate::delivery::{self, Envelope, drop_folder, trace};
 use crate::policy::{self, Client};
 use crate::proto::reply;
-use crate::proto::{Credentials, Event, Session, Stop};
+use crate::proto::{Credentials, Event, Session, Stop, proxy};
 
 /// Read size; also the buffer's initial capacity (it grows only if a client pipelines more
 /// than this in one go).
@@ -103,6 +104,7 @@ struct Conn {
     messages: u32,
     auth_user: Option<String>,
     auth_failures: u32,
+    refuse_proxy_header: bool,
 }
 
 pub(crate) async fn handle(
@@ -115,6 +117,35 @@ pub(crate) async fn handle(
     let _open = OpenGuard(ctx.clone());
     let started = Instant::now();
     let shared = ctx.shared.clone();
+    let mut stream = stream;
+    let mut peer = peer;
+    let mut early: Vec<u8> = Vec::new();
+    let proxy_binding = binding.b.section.proxy_protocol.is_some();
+    let trusted_proxy = binding
+        .b
+        .section
+        .proxy_protocol
+        .as_deref()
+        .is_some_and(|nets| any_contains(nets, peer.ip()));
+    if trusted_proxy {
+        let limit = binding.b.limits.command_timeout.0;
+        match monoio::time::timeout(limit, read_proxy_header(&mut stream)).await {
+            Ok(Ok((source, rest))) => {
+                if let Some(s) = source {
+                    peer = s;
+                }
+                early = rest;
+            }
+            Ok(Err(why)) => {
+                tracing::warn!(proxy = %peer, error = why, "bad PROXY header, closing");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(proxy = %peer, "no PROXY header in time, closing");
+                return;
+            }
+        }
+    }
     let guard = shared
         .limits
         .acquire(peer.ip(), binding.b.limits.max_connections_per_ip);
@@ -132,8 +163,10 @@ pub(crate) async fn handle(
         messages: 0,
         auth_user: None,
         auth_failures: 0,
+        // On a PROXY binding, a header from a source that is not a trusted proxy closes the
+        // connection (checked on the first read).
+        refuse_proxy_header: proxy_binding && !trusted_proxy,
     };
-    let mut stream = stream;
     if guard.is_none() {
         session.clear_output();
         session.close_with(&reply::TOO_MANY_CONNECTIONS);
@@ -147,17 +180,54 @@ pub(crate) async fn handle(
         tracing::info!(client = %peer, binding = %conn.binding.b.section.name, "refused: too many connections");
         return;
     }
-    let result = conn.serve(&mut stream, &mut session).await;
+    let result = conn.serve(&mut stream, &mut session, early).await;
     tracing::info!(
         client = %peer,
         binding = %conn.binding.b.section.name,
         helo = %conn.helo,
+        tls = conn.tls.as_deref().unwrap_or("none"),
         messages = conn.messages,
         duration_ms = started.elapsed().as_millis() as u64,
         end = result,
         "connection closed"
     );
     drop(guard);
+}
+
+/// Read a PROXY v1/v2 header; returns the original client (None for LOCAL/UNKNOWN) and the
+/// bytes that followed it.
+async fn read_proxy_header(
+    stream: &mut TcpStream,
+) -> Result<(Option<SocketAddr>, Vec<u8>), &'static str> {
+    use monoio::buf::IoBufMut;
+    use monoio::io::AsyncReadRent;
+    let mut buf: Vec<u8> = Vec::with_capacity(256);
+    loop {
+        match proxy::parse(&buf) {
+            Ok(proxy::Parsed::Done(h, n)) => {
+                let rest = buf.get(n..).unwrap_or_default().to_vec();
+                let source = match h {
+                    proxy::Header::Proxied { source, .. } => Some(source),
+                    proxy::Header::Local => None,
+                };
+                return Ok((source, rest));
+            }
+            Ok(proxy::Parsed::Incomplete) => {}
+            Err(proxy::Invalid(why)) => return Err(why),
+        }
+        if buf.len() >= 4096 {
+            return Err("PROXY header too long");
+        }
+        buf.reserve(256);
+        let len = buf.len();
+        let (res, slice) = stream.read(buf.slice_mut(len..)).await;
+        buf = slice.into_inner();
+        match res {
+            Ok(0) => return Err("closed before the PROXY header"),
+            Ok(_) => {}
+            Err(_) => return Err("read error"),
+        }
+    }
 }
 
 async fn write_out(
@@ -179,14 +249,21 @@ async fn write_out(
 }
 
 impl Conn {
-    async fn serve(&mut self, stream: &mut TcpStream, session: &mut Session) -> &'static str {
+    async fn serve(
+        &mut self,
+        stream: &mut TcpStream,
+        session: &mut Session,
+        early: Vec<u8>,
+    ) -> &'static str {
         let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
         let mut spare: Vec<u8> = Vec::with_capacity(512);
         if self.binding.b.section.tls == TlsMode::Implicit {
             // TLS from the first byte (RFC 8314): the greeting goes out after the handshake.
-            if let Err(end) = self.start_tls(stream, session).await {
+            if let Err(end) = self.start_tls(stream, session, &early).await {
                 return end;
             }
+        } else {
+            inbuf.extend_from_slice(&early);
         }
         loop {
             let (consumed, next) = self.process(session, &inbuf);
@@ -211,7 +288,7 @@ impl Conn {
                 Next::StartTls => {
                     // The session refused STARTTLS if anything followed it in the buffer.
                     debug_assert!(inbuf.is_empty());
-                    if let Err(end) = self.start_tls(stream, session).await {
+                    if let Err(end) = self.start_tls(stream, session, &[]).await {
                         return end;
                     }
                     continue;
@@ -233,7 +310,15 @@ impl Conn {
                     return "timeout";
                 }
                 Ok((Ok(0), _)) => return "client closed",
-                Ok((Ok(_), b)) => inbuf = b,
+                Ok((Ok(_), b)) => {
+                    inbuf = b;
+                    if std::mem::take(&mut self.refuse_proxy_header)
+                        && proxy::looks_like_header(&inbuf)
+                    {
+                        tracing::warn!(client = %self.peer, "PROXY header from an untrusted source, closing");
+                        return "untrusted proxy header";
+                    }
+                }
                 Ok((Err(_), _)) => return "read error",
             }
         }
@@ -267,11 +352,15 @@ impl Conn {
         &mut self,
         stream: &mut TcpStream,
         session: &mut Session,
+        early: &[u8],
     ) -> Result<(), &'static str> {
         let Some(cfg) = self.binding.tls.clone() else {
             return Err("tls not configured");
         };
         self.transport = Transport::tls(cfg).map_err(|_| "tls setup failed")?;
+        self.transport
+            .feed_ciphertext(early)
+            .map_err(|_| "tls handshake failed")?;
         let limit = self.binding.b.limits.command_timeout.0;
         match monoio::time::timeout(limit, self.transport.handshake(stream)).await {
             Ok(Ok(())) => {}

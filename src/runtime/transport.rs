@@ -30,6 +30,21 @@ impl Transport {
         })))
     }
 
+    /// Hand rustls ciphertext that was read before TLS started (bytes after a PROXY header
+    /// on an implicit-TLS binding).
+    pub(crate) fn feed_ciphertext(&mut self, mut data: &[u8]) -> io::Result<()> {
+        let Transport::Tls(t) = self else {
+            return Ok(());
+        };
+        while !data.is_empty() {
+            t.conn.read_tls(&mut data)?;
+            t.conn
+                .process_new_packets()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn tls_description(&self) -> Option<String> {
         match self {
             Transport::Plain => None,
