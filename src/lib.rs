@@ -2,9 +2,11 @@
 //!
 //! See `README.md` for the layout. [`proto`] is the sans-IO SMTP core.
 
+pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod delivery;
+pub mod metrics;
 pub mod policy;
 pub mod proto;
 pub mod runtime;

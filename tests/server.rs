@@ -266,3 +266,73 @@ fn sigterm_stops_cleanly() {
     assert!(st.success(), "{st:?}\n{}", s.log());
     assert!(s.log().contains("stopped"), "{}", s.log());
 }
+
+const PARSE_METRICS: &str = r#"
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+seen = {}
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        key = s.name + "".join(f",{k}={v}" for k, v in sorted(s.labels.items()))
+        seen[key] = s.value
+for k in sorted(seen):
+    print(k, float(seen[k]))
+"#;
+
+#[test]
+fn admin_metrics_and_health() {
+    let s = Server::start("metrics", "auto");
+    let out = python(SMTPLIB_SEND, s.inbound.port(), 0);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut denied = Raw::connect(s.inbound);
+    denied.reply();
+    denied.cmd("EHLO c\r\n");
+    denied.cmd("MAIL FROM:<a@b.test>\r\n");
+    assert!(
+        denied
+            .cmd("RCPT TO:<x@elsewhere.test>\r\n")
+            .starts_with("550")
+    );
+    denied.cmd("QUIT\r\n");
+    denied.rest();
+    assert_eq!(
+        s.admin_get("/healthz"),
+        ("HTTP/1.1 200 OK".into(), "ok\n".into())
+    );
+    assert_eq!(s.admin_get("/nope").0, "HTTP/1.1 404 Not Found");
+    let (status, body) = s.admin_get("/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    // Parsed by the Prometheus client library's own parser.
+    let mut child = Command::new("python3")
+        .args(["-c", PARSE_METRICS])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let parsed = child.wait_with_output().unwrap();
+    assert!(parsed.status.success(), "{}", stderr(&parsed));
+    let m = stdout(&parsed);
+    assert!(
+        m.contains("ringmx_messages_accepted_total,binding=inbound 3.0\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("ringmx_rejected_total,reason=relay_denied 1.0\n"),
+        "{m}"
+    );
+    let conns: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("ringmx_connections_total,binding=inbound,"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert!(conns >= 2.0, "{m}");
+    assert!(m.contains("ringmx_session_duration_seconds_count "), "{m}");
+}

@@ -45,7 +45,7 @@ pub use address::Address;
 pub use command::{Body, Command, MailParams, Mechanism, ParseError, RcptParams, Ret};
 pub use data::{BareLinePolicy, DataReader};
 pub use reply::{Reply, ReplyClass};
-pub use session::{Credentials, Event, Feed, Session, Stop};
+pub use session::{AbortReason, Credentials, Event, Feed, Session, Stop};
 pub use settings::{AuthSettings, Extensions, SessionConfig, Settings, SettingsError};
 
 #[cfg(test)]

@@ -45,8 +45,8 @@ pub enum Event<'a> {
     Body(&'a [u8]),
     /// Decision: the whole message was received; answer after it is durable.
     MessageEnd { size: u64 },
-    /// The session refused the message (size, bare line ending); its reply is queued.
-    MessageAborted,
+    /// The session refused the message; its reply is queued.
+    MessageAborted { reason: AbortReason },
     /// RSET: the transaction is discarded.
     Reset,
     /// STARTTLS accepted and `220` queued: flush, handshake, then call `tls_established`.
@@ -55,6 +55,15 @@ pub enum Event<'a> {
     Auth(Credentials),
     /// QUIT answered; the session is closed.
     Quit,
+}
+
+/// Why the session refused a message on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortReason {
+    /// Over `max_message_size` (`552 5.3.4`).
+    TooBig,
+    /// Bare CR or LF under the reject policy (`550 5.6.0`).
+    BareLineEnding,
 }
 
 /// Decoded SASL credentials.
@@ -582,7 +591,9 @@ impl Session {
                 self.txn = Txn::default();
                 self.reply(&reply::MESSAGE_TOO_BIG);
                 self.flush = true;
-                Some(Event::MessageAborted)
+                Some(Event::MessageAborted {
+                    reason: AbortReason::TooBig,
+                })
             }
             BdatMode::Keep if last => {
                 self.pending = Some(Pending::Message);
@@ -603,11 +614,15 @@ impl Session {
         if bare {
             self.txn = Txn::default();
             self.reply(&reply::BARE_LINE_ENDING);
-            Event::MessageAborted
+            Event::MessageAborted {
+                reason: AbortReason::BareLineEnding,
+            }
         } else if self.txn.too_big {
             self.txn = Txn::default();
             self.reply(&reply::MESSAGE_TOO_BIG);
-            Event::MessageAborted
+            Event::MessageAborted {
+                reason: AbortReason::TooBig,
+            }
         } else {
             self.pending = Some(Pending::Message);
             Event::MessageEnd {

@@ -135,7 +135,7 @@ fn describe(ev: &Event<'_>, message: &mut Vec<u8>) -> String {
             assert_eq!(*size as usize, message.len(), "size counts delivered bytes");
             format!("end {}", String::from_utf8_lossy(message).escape_debug())
         }
-        Event::MessageAborted => "aborted".into(),
+        Event::MessageAborted { .. } => "aborted".into(),
         Event::Reset => "reset".into(),
         Event::StartTls => "starttls".into(),
         Event::Auth(c) => format!("auth {:?} {}", c.mechanism, c.username),

@@ -17,7 +17,9 @@ use super::{BindingRt, Shared};
 use crate::config::units::any_contains;
 use crate::config::{Config, TlsMode};
 use crate::delivery::{self, Envelope, drop_folder, trace};
+use crate::metrics::Reason;
 use crate::policy::{self, Client};
+use crate::proto::AbortReason;
 use crate::proto::reply;
 use crate::proto::{Credentials, Event, Session, Stop, proxy};
 
@@ -168,6 +170,7 @@ pub(crate) async fn handle(
         refuse_proxy_header: proxy_binding && !trusted_proxy,
     };
     if guard.is_none() {
+        shared.metrics.rejected(Reason::TooManyConnections);
         session.clear_output();
         session.close_with(&reply::TOO_MANY_CONNECTIONS);
         let _ = write_out(
@@ -180,7 +183,13 @@ pub(crate) async fn handle(
         tracing::info!(client = %peer, binding = %conn.binding.b.section.name, "refused: too many connections");
         return;
     }
+    shared
+        .metrics
+        .connection_opened(conn.binding.index, conn.ctx.core);
     let result = conn.serve(&mut stream, &mut session, early).await;
+    shared
+        .metrics
+        .connection_closed(started.elapsed().as_secs_f64());
     tracing::info!(
         client = %peer,
         binding = %conn.binding.b.section.name,
@@ -305,6 +314,7 @@ impl Conn {
                 monoio::time::timeout(wait, self.transport.read(stream, inbuf, READ_CHUNK)).await;
             match read {
                 Err(_elapsed) => {
+                    self.ctx.shared.metrics.rejected(Reason::Timeout);
                     session.check_timeout(Instant::now());
                     let _ = write_out(&mut self.transport, stream, session, &mut spare).await;
                     return "timeout";
@@ -334,6 +344,7 @@ impl Conn {
             && monoio::spawn_blocking(move || users.verify(&c.username, &c.password))
                 .await
                 .unwrap_or(false);
+        self.ctx.shared.metrics.auth(ok);
         if ok {
             tracing::info!(client = %self.peer, user = %user, "authenticated");
             self.auth_user = Some(user);
@@ -362,7 +373,9 @@ impl Conn {
             .feed_ciphertext(early)
             .map_err(|_| "tls handshake failed")?;
         let limit = self.binding.b.limits.command_timeout.0;
-        match monoio::time::timeout(limit, self.transport.handshake(stream)).await {
+        let shake = monoio::time::timeout(limit, self.transport.handshake(stream)).await;
+        self.ctx.shared.metrics.tls(matches!(shake, Ok(Ok(()))));
+        match shake {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::info!(client = %self.peer, error = %e, "TLS handshake failed");
@@ -412,7 +425,10 @@ impl Conn {
                             }
                             feed.accept();
                         }
-                        Err(r) => feed.reject(r),
+                        Err(r) => {
+                            self.ctx.shared.metrics.rejected(Reason::AuthRequired);
+                            feed.reject(r);
+                        }
                     }
                 }
                 Event::Rcpt { to, .. } => {
@@ -422,13 +438,23 @@ impl Conn {
                             self.txn.rcpts.push(to.as_str().to_string());
                             feed.accept();
                         }
-                        Err(r) => feed.reject(r),
+                        Err(r) => {
+                            self.ctx.shared.metrics.rejected(Reason::RelayDenied);
+                            feed.reject(r);
+                        }
                     }
                 }
                 Event::MessageStart => self.txn.content.clear(),
                 Event::Body(b) => self.txn.content.extend_from_slice(b),
                 Event::MessageEnd { .. } => return (feed.consumed(), Next::Deliver),
-                Event::MessageAborted | Event::Reset => self.txn.clear(),
+                Event::MessageAborted { reason } => {
+                    self.ctx.shared.metrics.rejected(match reason {
+                        AbortReason::TooBig => Reason::TooBig,
+                        AbortReason::BareLineEnding => Reason::BareLineEnding,
+                    });
+                    self.txn.clear();
+                }
+                Event::Reset => self.txn.clear(),
                 Event::StartTls | Event::Quit => {}
                 Event::Auth(c) => return (feed.consumed(), Next::Auth(c)),
             }
@@ -461,6 +487,7 @@ impl Conn {
                 .route_for(domain, direction)
                 .and_then(|r| r.folder.clone())
             else {
+                self.ctx.shared.metrics.rejected(Reason::NoRoute);
                 session.reject(&reply::NO_ROUTE);
                 self.txn.clear();
                 return;
@@ -489,6 +516,10 @@ impl Conn {
         match result {
             Ok(Ok(_paths)) => {
                 self.messages += 1;
+                self.ctx
+                    .shared
+                    .metrics
+                    .message_accepted(self.binding.index, size as u64);
                 session.accept_message(&queue_id);
                 tracing::info!(
                     queue_id = %queue_id,
@@ -508,6 +539,7 @@ impl Conn {
                     &reply::STORAGE_ERROR
                 };
                 tracing::error!(queue_id = %queue_id, error = %e, "cannot write the message to the drop folder");
+                self.ctx.shared.metrics.rejected(Reason::Storage);
                 session.reject(r);
             }
             Err(_) => {

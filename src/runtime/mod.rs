@@ -30,6 +30,7 @@ pub struct Shared {
     pub config: Arc<Config>,
     pub tls: Vec<Option<Arc<rustls::ServerConfig>>>,
     pub users: Arc<crate::auth::Users>,
+    pub metrics: crate::metrics::Metrics,
     pub limits: ConnLimits,
     pub shutdown: AtomicBool,
 }
@@ -45,6 +46,7 @@ pub enum RunError {
 /// A binding with what it needs at run time.
 #[derive(Debug)]
 pub(crate) struct BindingRt {
+    pub(crate) index: usize,
     pub(crate) b: Binding,
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
 }
@@ -130,11 +132,24 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let shared = Arc::new(Shared {
         tls: tls_configs,
         users,
+        metrics: crate::metrics::Metrics::new(
+            config
+                .bindings
+                .iter()
+                .map(|b| b.section.name.clone())
+                .collect(),
+            cpus.len(),
+        ),
         limits: ConnLimits::new(config.limits.max_connections),
         config: config.clone(),
         shutdown: AtomicBool::new(false),
     });
     let signals = signals::block()?;
+    if let Some(addr) = config.admin.listen {
+        crate::admin::start(addr, shared.clone())
+            .map_err(|e| RunError::Io(format!("admin.listen {addr}"), e))?;
+        tracing::info!(listen = %addr, "admin endpoint");
+    }
     let driver = config.server.driver;
     tracing::info!(
         cores = cpus.len(),
@@ -211,6 +226,7 @@ fn core_main(c: CoreListeners, shared: Arc<Shared>, driver: Driver) {
                 continue;
             };
             let rt = BindingRt {
+                index: i,
                 b: b.clone(),
                 tls: shared.tls.get(i).cloned().flatten(),
             };

@@ -36,6 +36,7 @@ pub struct Server {
     pub dir: PathBuf,
     pub inbound: SocketAddr,
     pub outbound: SocketAddr,
+    pub admin: SocketAddr,
     pub drop_dir: PathBuf,
     pub driver: &'static str,
 }
@@ -43,6 +44,17 @@ pub struct Server {
 /// A configuration with an inbound and an outbound binding; `extra` is appended (it may add
 /// sections such as `[limits]`), `binding_extra` goes into the inbound binding.
 pub fn config(dir: &Path, inbound: u16, outbound: u16, binding_extra: &str, extra: &str) -> String {
+    config_with_admin(dir, inbound, outbound, free_port(), binding_extra, extra)
+}
+
+pub fn config_with_admin(
+    dir: &Path,
+    inbound: u16,
+    outbound: u16,
+    admin: u16,
+    binding_extra: &str,
+    extra: &str,
+) -> String {
     format!(
         r#"
 [server]
@@ -67,6 +79,7 @@ allowed_clients = ["127.0.0.0/8"]
 local = ["example.test"]
 
 [admin]
+listen = "127.0.0.1:{admin}"
 
 [[route]]
 domains = ["*"]
@@ -100,8 +113,8 @@ impl Server {
         implicit: bool,
     ) -> Server {
         let dir = temp_dir(name);
-        let (inbound, outbound) = (free_port(), free_port());
-        let cfg = config(&dir, inbound, outbound, binding_extra, extra);
+        let (inbound, outbound, admin) = (free_port(), free_port(), free_port());
+        let cfg = config_with_admin(&dir, inbound, outbound, admin, binding_extra, extra);
         let path = dir.join("ringmx.toml");
         std::fs::write(&path, cfg).unwrap();
         let log = std::fs::File::create(dir.join("ringmx.log")).unwrap();
@@ -119,6 +132,7 @@ impl Server {
             dir,
             inbound: SocketAddr::from(([127, 0, 0, 1], inbound)),
             outbound: SocketAddr::from(([127, 0, 0, 1], outbound)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
             driver,
         };
         s.wait_ready(implicit);
@@ -162,6 +176,19 @@ impl Server {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("ringmx.log")).unwrap_or_default()
+    }
+
+    /// `GET path` on the admin endpoint: (status line, body).
+    pub fn admin_get(&self, path: &str) -> (String, String) {
+        let mut c = TcpStream::connect(self.admin).unwrap();
+        write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut all = String::new();
+        c.read_to_string(&mut all).unwrap();
+        let (head, body) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
+        (
+            head.lines().next().unwrap_or("").to_string(),
+            body.to_string(),
+        )
     }
 
     /// The `.eml` files in the drop folder, sorted.

@@ -1,0 +1,265 @@
+//! Counters for `/metrics`, written with relaxed atomics from the cores (no locks) and rendered
+//! in the Prometheus text exposition format by the admin endpoint.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// Why a message or recipient was refused, for `ringmx_rejected_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    RelayDenied,
+    AuthRequired,
+    TooBig,
+    BareLineEnding,
+    Storage,
+    NoRoute,
+    TooManyConnections,
+    Timeout,
+}
+
+const REASONS: [(Reason, &str); 8] = [
+    (Reason::RelayDenied, "relay_denied"),
+    (Reason::AuthRequired, "auth_required"),
+    (Reason::TooBig, "too_big"),
+    (Reason::BareLineEnding, "bare_line_ending"),
+    (Reason::Storage, "storage"),
+    (Reason::NoRoute, "no_route"),
+    (Reason::TooManyConnections, "too_many_connections"),
+    (Reason::Timeout, "timeout"),
+];
+
+/// Upper bounds (seconds) of the session duration histogram.
+const DURATION_BUCKETS: [f64; 9] = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0];
+
+/// All counters.
+#[derive(Debug)]
+pub struct Metrics {
+    bindings: Vec<String>,
+    cores: usize,
+    connections: Vec<AtomicU64>,
+    open: AtomicI64,
+    accepted: Vec<AtomicU64>,
+    accepted_bytes: AtomicU64,
+    rejected: [AtomicU64; REASONS.len()],
+    tls_handshakes: AtomicU64,
+    tls_failures: AtomicU64,
+    auth_successes: AtomicU64,
+    auth_failures: AtomicU64,
+    duration_buckets: [AtomicU64; DURATION_BUCKETS.len()],
+    duration_count: AtomicU64,
+    duration_sum_us: AtomicU64,
+}
+
+fn zeros(n: usize) -> Vec<AtomicU64> {
+    (0..n).map(|_| AtomicU64::new(0)).collect()
+}
+
+impl Metrics {
+    pub fn new(bindings: Vec<String>, cores: usize) -> Metrics {
+        let cores = cores.max(1);
+        Metrics {
+            connections: zeros(bindings.len() * cores),
+            accepted: zeros(bindings.len()),
+            bindings,
+            cores,
+            open: AtomicI64::new(0),
+            accepted_bytes: AtomicU64::new(0),
+            rejected: Default::default(),
+            tls_handshakes: AtomicU64::new(0),
+            tls_failures: AtomicU64::new(0),
+            auth_successes: AtomicU64::new(0),
+            auth_failures: AtomicU64::new(0),
+            duration_buckets: Default::default(),
+            duration_count: AtomicU64::new(0),
+            duration_sum_us: AtomicU64::new(0),
+        }
+    }
+
+    fn add(c: Option<&AtomicU64>, n: u64) {
+        if let Some(c) = c {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub fn connection_opened(&self, binding: usize, core: usize) {
+        Self::add(self.connections.get(binding * self.cores + core), 1);
+        self.open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn connection_closed(&self, seconds: f64) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        for (i, b) in DURATION_BUCKETS.iter().enumerate() {
+            if seconds <= *b {
+                Self::add(self.duration_buckets.get(i), 1);
+            }
+        }
+        self.duration_count.fetch_add(1, Ordering::Relaxed);
+        self.duration_sum_us
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    pub fn message_accepted(&self, binding: usize, bytes: u64) {
+        Self::add(self.accepted.get(binding), 1);
+        self.accepted_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub fn rejected(&self, reason: Reason) {
+        let i = REASONS.iter().position(|(r, _)| *r == reason);
+        Self::add(i.and_then(|i| self.rejected.get(i)), 1);
+    }
+
+    pub fn tls(&self, ok: bool) {
+        let c = if ok {
+            &self.tls_handshakes
+        } else {
+            &self.tls_failures
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn auth(&self, ok: bool) {
+        let c = if ok {
+            &self.auth_successes
+        } else {
+            &self.auth_failures
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text format.
+    pub fn render(&self) -> String {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "# HELP ringmx_connections_total Connections accepted, by binding and core."
+        );
+        let _ = writeln!(o, "# TYPE ringmx_connections_total counter");
+        for (b, name) in self.bindings.iter().enumerate() {
+            for core in 0..self.cores {
+                let v = self.connections.get(b * self.cores + core).map_or(0, get);
+                let _ = writeln!(
+                    o,
+                    "ringmx_connections_total{{binding=\"{name}\",core=\"{core}\"}} {v}"
+                );
+            }
+        }
+        let _ = writeln!(o, "# HELP ringmx_connections_open Connections open now.");
+        let _ = writeln!(o, "# TYPE ringmx_connections_open gauge");
+        let _ = writeln!(
+            o,
+            "ringmx_connections_open {}",
+            self.open.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP ringmx_messages_accepted_total Messages made durable and answered 250."
+        );
+        let _ = writeln!(o, "# TYPE ringmx_messages_accepted_total counter");
+        for (b, name) in self.bindings.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "ringmx_messages_accepted_total{{binding=\"{name}\"}} {}",
+                self.accepted.get(b).map_or(0, get)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP ringmx_message_bytes_total Bytes of accepted messages."
+        );
+        let _ = writeln!(o, "# TYPE ringmx_message_bytes_total counter");
+        let _ = writeln!(
+            o,
+            "ringmx_message_bytes_total {}",
+            get(&self.accepted_bytes)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP ringmx_rejected_total Refusals (recipients, messages, connections) by reason."
+        );
+        let _ = writeln!(o, "# TYPE ringmx_rejected_total counter");
+        for (i, (_, name)) in REASONS.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "ringmx_rejected_total{{reason=\"{name}\"}} {}",
+                self.rejected.get(i).map_or(0, get)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP ringmx_tls_handshakes_total TLS handshakes by result."
+        );
+        let _ = writeln!(o, "# TYPE ringmx_tls_handshakes_total counter");
+        let _ = writeln!(
+            o,
+            "ringmx_tls_handshakes_total{{result=\"ok\"}} {}",
+            get(&self.tls_handshakes)
+        );
+        let _ = writeln!(
+            o,
+            "ringmx_tls_handshakes_total{{result=\"failed\"}} {}",
+            get(&self.tls_failures)
+        );
+        let _ = writeln!(o, "# HELP ringmx_auth_total SMTP AUTH attempts by result.");
+        let _ = writeln!(o, "# TYPE ringmx_auth_total counter");
+        let _ = writeln!(
+            o,
+            "ringmx_auth_total{{result=\"ok\"}} {}",
+            get(&self.auth_successes)
+        );
+        let _ = writeln!(
+            o,
+            "ringmx_auth_total{{result=\"failed\"}} {}",
+            get(&self.auth_failures)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP ringmx_session_duration_seconds Connection durations."
+        );
+        let _ = writeln!(o, "# TYPE ringmx_session_duration_seconds histogram");
+        for (i, b) in DURATION_BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "ringmx_session_duration_seconds_bucket{{le=\"{b}\"}} {}",
+                self.duration_buckets.get(i).map_or(0, get)
+            );
+        }
+        let count = get(&self.duration_count);
+        let _ = writeln!(
+            o,
+            "ringmx_session_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            o,
+            "ringmx_session_duration_seconds_sum {}",
+            get(&self.duration_sum_us) as f64 / 1e6
+        );
+        let _ = writeln!(o, "ringmx_session_duration_seconds_count {count}");
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters() {
+        let m = Metrics::new(vec!["in".into(), "out".into()], 2);
+        m.connection_opened(1, 1);
+        m.message_accepted(1, 100);
+        m.rejected(Reason::RelayDenied);
+        m.connection_closed(0.2);
+        let t = m.render();
+        assert!(
+            t.contains("ringmx_connections_total{binding=\"out\",core=\"1\"} 1\n"),
+            "{t}"
+        );
+        assert!(t.contains("ringmx_connections_total{binding=\"in\",core=\"0\"} 0\n"));
+        assert!(t.contains("ringmx_messages_accepted_total{binding=\"out\"} 1\n"));
+        assert!(t.contains("ringmx_rejected_total{reason=\"relay_denied\"} 1\n"));
+        assert!(t.contains("ringmx_session_duration_seconds_bucket{le=\"0.1\"} 0\n"));
+        assert!(t.contains("ringmx_session_duration_seconds_bucket{le=\"0.5\"} 1\n"));
+        assert!(t.contains("ringmx_connections_open 0\n"));
+    }
+}
