@@ -83,9 +83,12 @@ fn body(size: usize) -> Vec<u8> {
                 b"..a line that began with a dot and was stuffed by the client\r\n",
             );
         } else {
-            let line =
-                format!("{i:08} The quick brown fox jumps over the lazy dog, and again{i:09}\r\n");
-            v.extend_from_slice(&line.as_bytes()[line.len() - 76..]);
+            let mut line = format!(
+                "{i:08} The quick brown fox jumps over the lazy dog; pack my box with five dozen"
+            );
+            line.truncate(74);
+            line.push_str("\r\n");
+            v.extend_from_slice(line.as_bytes());
         }
         i += 1;
     }

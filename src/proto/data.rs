@@ -7,7 +7,8 @@
 //! of a possible terminator (`CR`, `.`, `.CR`), kept as a state, not as a copy, so a read that
 //! ends anywhere costs nothing extra.
 //!
-//! Fast path, in pseudocode, over 64-byte blocks (AVX2 when the CPU has it, else a byte loop):
+//! Fast path, in pseudocode, over 64-byte blocks (AVX-512BW or AVX2 when the CPU has them,
+//! else a byte loop):
 //! ```text
 //! lf, cr, dot = bitmasks of '\n', '\r', '.' in the block
 //! bad = lf  & !(cr << 1 | cr_carry)    // LF not after CR: bare LF
@@ -168,9 +169,15 @@ impl DataReader {
 pub(crate) fn clean_prefix(s: &[u8], line_start: bool) -> usize {
     #[cfg(target_arch = "x86_64")]
     {
-        if s.len() >= 64 && std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU supports AVX2 (checked just above).
-            return unsafe { simd::clean_prefix_avx2(s, line_start) };
+        if s.len() >= 64 {
+            if std::arch::is_x86_feature_detected!("avx512bw") {
+                // SAFETY: the CPU supports AVX-512BW (checked just above).
+                return unsafe { simd::clean_prefix_avx512(s, line_start) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2 (checked just above).
+                return unsafe { simd::clean_prefix_avx2(s, line_start) };
+            }
         }
     }
     clean_prefix_scalar(s, false, line_start)
@@ -195,8 +202,87 @@ pub(crate) fn clean_prefix_scalar(s: &[u8], mut prev_cr: bool, mut prev_lf: bool
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use std::arch::x86_64::{
-        __m256i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8, _mm256_set1_epi8,
+        __m256i, __m512i, _mm256_cmpeq_epi8, _mm256_loadu_si256, _mm256_movemask_epi8,
+        _mm256_set1_epi8, _mm512_cmpeq_epi8_mask, _mm512_loadu_si512, _mm512_maskz_loadu_epi8,
+        _mm512_set1_epi8,
     };
+
+    /// The masks of one 64-byte block → the first offending byte, if any (see the module's
+    /// pseudocode). `carry` bits describe the byte before the block, `next_is_lf` the one after.
+    #[inline(always)]
+    fn first_bad(
+        lf: u64,
+        cr: u64,
+        dot: u64,
+        cr_carry: u64,
+        lf_carry: u64,
+        next_is_lf: u64,
+    ) -> Option<usize> {
+        let bad = (lf & !((cr << 1) | cr_carry))
+            | (cr & !((lf >> 1) | (next_is_lf << 63)))
+            | (dot & ((lf << 1) | lf_carry));
+        (bad != 0).then(|| bad.trailing_zeros() as usize)
+    }
+
+    /// AVX-512BW version of [`super::clean_prefix`]: one compare per byte class gives the
+    /// 64-bit mask directly.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512BW.
+    #[target_feature(enable = "avx512bw")]
+    pub(super) unsafe fn clean_prefix_avx512(s: &[u8], line_start: bool) -> usize {
+        let lf_v = _mm512_set1_epi8(b'\n' as i8);
+        let cr_v = _mm512_set1_epi8(b'\r' as i8);
+        let dot_v = _mm512_set1_epi8(b'.' as i8);
+        let mut cr_carry = 0u64;
+        let mut lf_carry = u64::from(line_start);
+        let mut o = 0usize;
+        while let Some(block) = s.get(o..o + 64) {
+            // SAFETY: `block` is 64 readable bytes; loadu has no alignment requirement.
+            let v = unsafe { _mm512_loadu_si512(block.as_ptr().cast::<__m512i>()) };
+            let lf = _mm512_cmpeq_epi8_mask(v, lf_v);
+            let cr = _mm512_cmpeq_epi8_mask(v, cr_v);
+            let dot = _mm512_cmpeq_epi8_mask(v, dot_v);
+            // Fast check: every LF right after a CR and every CR right before an LF is exactly
+            // `lf == cr << 1 | carry` (a CR in bit 63 is carried into the next block), and no
+            // dot follows an LF.
+            let x = lf ^ ((cr << 1) | cr_carry);
+            let d = dot & ((lf << 1) | lf_carry);
+            if (x | d) != 0 {
+                if cr_carry != 0 && lf & 1 == 0 {
+                    return o - 1; // the previous block's final CR is not followed by LF
+                }
+                let next_is_lf = u64::from(s.get(o + 64) == Some(&b'\n'));
+                if let Some(i) = first_bad(lf, cr, dot, cr_carry, lf_carry, next_is_lf) {
+                    return o + i;
+                }
+            }
+            cr_carry = cr >> 63;
+            lf_carry = lf >> 63;
+            o += 64;
+        }
+        // The last partial block, with a masked load that touches only the bytes that exist.
+        let rest = s.len() - o;
+        let valid = if rest >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << rest) - 1
+        };
+        // SAFETY: `o <= s.len()`, so the pointer is in bounds or one past the end, and the mask
+        // selects only the `rest` bytes that exist (masked-off lanes are never accessed).
+        let v = unsafe { _mm512_maskz_loadu_epi8(valid, s.as_ptr().add(o).cast::<i8>()) };
+        let lf = _mm512_cmpeq_epi8_mask(v, lf_v) & valid;
+        let cr = _mm512_cmpeq_epi8_mask(v, cr_v) & valid;
+        let dot = _mm512_cmpeq_epi8_mask(v, dot_v) & valid;
+        if cr_carry != 0 && lf & 1 == 0 {
+            return o - 1; // the previous block's final CR is not followed by LF (or not yet)
+        }
+        // A CR in the last valid position has no LF after it yet: `first_bad` flags it.
+        match first_bad(lf, cr, dot, cr_carry, lf_carry, 0) {
+            Some(i) => o + i,
+            None => s.len(),
+        }
+    }
 
     /// AVX2 version of [`super::clean_prefix`].
     ///
@@ -226,12 +312,9 @@ mod simd {
                 u64::from(lo) | (u64::from(hi) << 32)
             };
             let (lf, cr, dot) = (mask(lf_v), mask(cr_v), mask(dot_v));
-            let next_is_lf = u64::from(s.get(o + 64) == Some(&b'\n')) << 63;
-            let bad = (lf & !((cr << 1) | cr_carry))
-                | (cr & !((lf >> 1) | next_is_lf))
-                | (dot & ((lf << 1) | lf_carry));
-            if bad != 0 {
-                return o + bad.trailing_zeros() as usize;
+            let next_is_lf = u64::from(s.get(o + 64) == Some(&b'\n'));
+            if let Some(i) = first_bad(lf, cr, dot, cr_carry, lf_carry, next_is_lf) {
+                return o + i;
             }
             cr_carry = cr >> 63;
             lf_carry = lf >> 63;
