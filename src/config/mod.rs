@@ -403,10 +403,10 @@ fn key_line(src: &str, key: &str, after: usize) -> Option<usize> {
             continue;
         }
         let t = line.trim_start();
-        if let Some(rest) = t.strip_prefix(key) {
-            if rest.trim_start().starts_with('=') {
-                return Some(line_of(src, start));
-            }
+        if let Some(rest) = t.strip_prefix(key)
+            && rest.trim_start().starts_with('=')
+        {
+            return Some(line_of(src, start));
         }
     }
     None
@@ -458,14 +458,14 @@ impl Config {
                 "must be a host name without spaces".into(),
             ));
         }
-        if let Cores::All(s) = server.cores.get_ref() {
-            if s != "all" {
-                return Err(err(
-                    Some(line_of(source, server.cores.span().start)),
-                    "server.cores",
-                    format!("expected \"all\", a number or a list of CPU ids, got {s:?}"),
-                ));
-            }
+        if let Cores::All(s) = server.cores.get_ref()
+            && s != "all"
+        {
+            return Err(err(
+                Some(line_of(source, server.cores.span().start)),
+                "server.cores",
+                format!("expected \"all\", a number or a list of CPU ids, got {s:?}"),
+            ));
         }
         if raw.bindings.is_empty() {
             return Err(err(

@@ -352,19 +352,18 @@ fn path(
     if c.eat(b'>') {
         return allow_null.then(|| (None, s.get(2..).unwrap_or_default()));
     }
-    if allow_postmaster {
-        if let Some(pm) = s.get(1..12) {
-            if pm.eq_ignore_ascii_case(b"postmaster>") {
-                let raw = std::str::from_utf8(pm.get(..10)?).ok()?;
-                let addr = Address {
-                    raw,
-                    at: raw.len(),
-                    utf8: false,
-                    literal: false,
-                };
-                return Some((Some(addr), s.get(12..).unwrap_or_default()));
-            }
-        }
+    if allow_postmaster
+        && let Some(pm) = s.get(1..12)
+        && pm.eq_ignore_ascii_case(b"postmaster>")
+    {
+        let raw = std::str::from_utf8(pm.get(..10)?).ok()?;
+        let addr = Address {
+            raw,
+            at: raw.len(),
+            utf8: false,
+            literal: false,
+        };
+        return Some((Some(addr), s.get(12..).unwrap_or_default()));
     }
     if c.peek() == Some(&b'@') {
         c.source_route()?;

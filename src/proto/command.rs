@@ -168,14 +168,14 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, ParseError> {
         None => &[][..],
         Some((b' ', rest)) => rest,
         Some(_) => {
-            if let Some((v, rest)) = line.split_first_chunk::<8>() {
-                if u64::from_le_bytes(*v) | 0x2020_2020_2020_2020 == STARTTLS {
-                    return match rest.split_first() {
-                        None => Ok(Command::StartTls),
-                        Some((b' ', args)) => no_args(args, Command::StartTls),
-                        Some(_) => Err(ParseError::UnknownCommand),
-                    };
-                }
+            if let Some((v, rest)) = line.split_first_chunk::<8>()
+                && u64::from_le_bytes(*v) | 0x2020_2020_2020_2020 == STARTTLS
+            {
+                return match rest.split_first() {
+                    None => Ok(Command::StartTls),
+                    Some((b' ', args)) => no_args(args, Command::StartTls),
+                    Some(_) => Err(ParseError::UnknownCommand),
+                };
             }
             return Err(ParseError::UnknownCommand);
         }
@@ -253,10 +253,10 @@ fn params<'a>(
         {
             return Err(ParseError::Syntax);
         }
-        if let Some(v) = value {
-            if v.is_empty() || !v.iter().all(|&b| is_value_byte(b)) {
-                return Err(ParseError::Syntax);
-            }
+        if let Some(v) = value
+            && (v.is_empty() || !v.iter().all(|&b| is_value_byte(b)))
+        {
+            return Err(ParseError::Syntax);
         }
         f(key, value)?;
     }

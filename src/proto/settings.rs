@@ -173,10 +173,11 @@ impl Settings {
         if cfg.extensions.binarymime && !cfg.extensions.chunking {
             return err("extensions.binarymime", "needs extensions.chunking");
         }
-        if let Some(a) = &cfg.auth {
-            if !a.plain && !a.login {
-                return err("auth", "no mechanism enabled");
-            }
+        if let Some(a) = &cfg.auth
+            && !a.plain
+            && !a.login
+        {
+            return err("auth", "no mechanism enabled");
         }
         let mut greeting = Vec::new();
         write_code(&mut greeting, 220, b' ');
