@@ -69,6 +69,13 @@ fn commands(c: &mut Criterion) {
                 }
             })
         });
+        g.bench_function("ringmx-frame-only", |b| {
+            b.iter(|| {
+                for l in lines {
+                    black_box(frame(black_box(l), 2048));
+                }
+            })
+        });
         g.finish();
     }
 }

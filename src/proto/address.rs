@@ -58,13 +58,15 @@ const XCHAR: u8 = 16;
 const NONASCII: u8 = 32;
 const VCHAR: u8 = 64;
 const VALUE: u8 = 128;
+/// Letter, digit or hyphen (Ldh-str), or a UTF-8 byte: what may appear inside a domain label.
+const LDH: u16 = 256;
 
 #[expect(
     clippy::indexing_slicing,
     reason = "const evaluation: i < 256 by the loop bound"
 )]
-const fn build_classes() -> [u8; 256] {
-    let mut t = [0u8; 256];
+const fn build_classes() -> [u16; 256] {
+    let mut t = [0u16; 256];
     let mut i = 0usize;
     while i < 256 {
         let c = i as u8;
@@ -107,16 +109,20 @@ const fn build_classes() -> [u8; 256] {
         if c >= 33 && c <= 126 && c != b'=' {
             v |= VALUE;
         }
-        t[i] = v;
+        let mut w = v as u16;
+        if alnum || c == b'-' || c >= 0x80 {
+            w |= LDH;
+        }
+        t[i] = w;
         i += 1;
     }
     t
 }
 
-static CLASSES: [u8; 256] = build_classes();
+static CLASSES: [u16; 256] = build_classes();
 
 #[inline(always)]
-fn class(b: u8) -> u8 {
+fn classes(b: u8) -> u16 {
     #[expect(
         clippy::indexing_slicing,
         reason = "a u8 always indexes a 256-entry table"
@@ -125,8 +131,24 @@ fn class(b: u8) -> u8 {
 }
 
 #[inline(always)]
+fn class(b: u8) -> u8 {
+    classes(b) as u8
+}
+
+#[inline(always)]
 fn has(b: Option<&u8>, mask: u8) -> bool {
     b.is_some_and(|&b| class(b) & mask != 0)
+}
+
+/// `bytes` as a `&str`, taking the fast path for ASCII (the common case on the wire).
+#[inline(always)]
+pub(crate) fn to_str(bytes: &[u8]) -> Option<&str> {
+    if bytes.is_ascii() {
+        // SAFETY: every byte was just checked to be below 0x80, and ASCII is valid UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(bytes) })
+    } else {
+        std::str::from_utf8(bytes).ok()
+    }
 }
 
 /// Printable ASCII or any byte of a UTF-8 sequence (validated by the caller).
@@ -239,15 +261,17 @@ impl Cursor<'_> {
                 return None;
             }
             // Ldh-str = *( ALPHA / DIGIT / "-" ) Let-dig
+            let run_start = self.pos;
             while let Some(&b) = self.peek() {
-                if class(b) & LETDIG != 0 || b == b'-' {
-                    self.pos += 1;
-                } else if b >= 0x80 {
-                    self.utf8 = true;
-                    self.pos += 1;
-                } else {
+                if classes(b) & LDH == 0 {
                     break;
                 }
+                self.pos += 1;
+            }
+            if let Some(run) = self.s.get(run_start..self.pos)
+                && !run.is_ascii()
+            {
+                self.utf8 = true;
             }
             let len = self.pos - label;
             if len > 63 || self.s.get(self.pos.wrapping_sub(1)) == Some(&b'-') {
@@ -353,10 +377,11 @@ fn path(
         return allow_null.then(|| (None, s.get(2..).unwrap_or_default()));
     }
     if allow_postmaster
+        && matches!(s.get(1), Some(b'p' | b'P'))
         && let Some(pm) = s.get(1..12)
         && pm.eq_ignore_ascii_case(b"postmaster>")
     {
-        let raw = std::str::from_utf8(pm.get(..10)?).ok()?;
+        let raw = to_str(pm.get(..10)?)?;
         let addr = Address {
             raw,
             at: raw.len(),
@@ -378,7 +403,7 @@ fn path(
     if !c.eat(b'>') {
         return None;
     }
-    let raw = std::str::from_utf8(s.get(start..end)?).ok()?;
+    let raw = to_str(s.get(start..end)?)?;
     let addr = Address {
         raw,
         at,
@@ -413,7 +438,7 @@ pub fn mailbox(s: &[u8]) -> Option<Address<'_>> {
         return None;
     }
     Some(Address {
-        raw: std::str::from_utf8(s).ok()?,
+        raw: to_str(s)?,
         at,
         utf8: c.utf8,
         literal,

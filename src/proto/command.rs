@@ -215,12 +215,21 @@ fn helo(args: &[u8]) -> Result<&str, ParseError> {
     let args = trim_spaces(args);
     // One token; whatever follows it is ignored, as by most servers (Windows hosts send
     // underscores and other non-RFC names, so this is lenient by design).
-    let end = args.iter().position(|&b| b == b' ').unwrap_or(args.len());
+    let mut end = 0;
+    while let Some(&b) = args.get(end) {
+        if b == b' ' {
+            break;
+        }
+        if !is_token_byte(b) {
+            return Err(ParseError::HeloSyntax);
+        }
+        end += 1;
+    }
     let host = args.get(..end).unwrap_or_default();
-    if host.is_empty() || !host.iter().all(|&b| is_token_byte(b)) {
+    if host.is_empty() {
         return Err(ParseError::HeloSyntax);
     }
-    std::str::from_utf8(host).map_err(|_| ParseError::HeloSyntax)
+    address::to_str(host).ok_or(ParseError::HeloSyntax)
 }
 
 /// Case-insensitive prefix match of `args` against lowercase ASCII `prefix`.
@@ -229,42 +238,100 @@ fn strip_prefix_ci<'a>(args: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
     head.eq_ignore_ascii_case(prefix).then_some(tail)
 }
 
-/// Split `rest` (what follows the path) into `KEY[=VALUE]` parameters, calling `f` for each.
+/// A parameter keyword folded to lowercase and packed little-endian into a u64 (keywords of
+/// more than 8 bytes get 0, which matches nothing we know).
+const fn kw(k: &[u8]) -> u64 {
+    let mut t = 0u64;
+    let mut i = 0;
+    while i < k.len() && i < 8 {
+        t |= ((k[i] | 0x20) as u64) << (8 * i);
+        i += 1;
+    }
+    t
+}
+#[expect(
+    clippy::indexing_slicing,
+    reason = "const evaluation of literal keywords"
+)]
+mod keywords {
+    use super::kw;
+    pub(super) const SIZE: u64 = kw(b"size");
+    pub(super) const BODY: u64 = kw(b"body");
+    pub(super) const SMTPUTF8: u64 = kw(b"smtputf8");
+    pub(super) const RET: u64 = kw(b"ret");
+    pub(super) const ENVID: u64 = kw(b"envid");
+    pub(super) const AUTH: u64 = kw(b"auth");
+    pub(super) const NOTIFY: u64 = kw(b"notify");
+    pub(super) const ORCPT: u64 = kw(b"orcpt");
+}
+
+/// Split `rest` (what follows the path) into `KEY[=VALUE]` parameters in one pass, calling `f`
+/// with the keyword's token (see [`kw`]) and the value.
+#[inline(always)]
 fn params<'a>(
     rest: &'a [u8],
-    mut f: impl FnMut(&'a [u8], Option<&'a [u8]>) -> Result<(), ParseError>,
+    mut f: impl FnMut(u64, Option<&'a [u8]>) -> Result<(), ParseError>,
 ) -> Result<(), ParseError> {
     // The path must be followed by a space or the end of the line.
     if !rest.is_empty() && rest.first() != Some(&b' ') {
         return Err(ParseError::Syntax);
     }
-    for param in rest.split(|&b| b == b' ').filter(|p| !p.is_empty()) {
-        let (key, value) = match memchr::memchr(b'=', param) {
-            Some(eq) => {
-                let (k, v) = param.split_at_checked(eq).ok_or(ParseError::Syntax)?;
-                (k, Some(v.get(1..).unwrap_or_default()))
-            }
-            None => (param, None),
+    let mut i = 0;
+    loop {
+        while rest.get(i) == Some(&b' ') {
+            i += 1;
+        }
+        let Some(&first) = rest.get(i) else {
+            return Ok(());
         };
         // esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-")
-        if key.is_empty()
-            || key.first().is_some_and(|&b| b == b'-')
-            || !key.iter().all(|&b| b.is_ascii_alphanumeric() || b == b'-')
-        {
+        if !first.is_ascii_alphanumeric() {
             return Err(ParseError::Syntax);
         }
-        if let Some(v) = value
-            && (v.is_empty() || !v.iter().all(|&b| is_value_byte(b)))
-        {
-            return Err(ParseError::Syntax);
+        let start = i;
+        let mut token = 0u64;
+        while let Some(&b) = rest.get(i) {
+            if !(b.is_ascii_alphanumeric() || b == b'-') {
+                break;
+            }
+            let n = i - start;
+            token = if n < 8 {
+                token | (u64::from(b | 0x20) << (8 * n))
+            } else {
+                0
+            };
+            i += 1;
         }
-        f(key, value)?;
+        if i - start > 8 {
+            token = 0;
+        }
+        let value = match rest.get(i) {
+            None | Some(b' ') => None,
+            Some(b'=') => {
+                i += 1;
+                let vstart = i;
+                while let Some(&b) = rest.get(i) {
+                    if b == b' ' {
+                        break;
+                    }
+                    if !is_value_byte(b) {
+                        return Err(ParseError::Syntax);
+                    }
+                    i += 1;
+                }
+                if i == vstart {
+                    return Err(ParseError::Syntax);
+                }
+                rest.get(vstart..i)
+            }
+            Some(_) => return Err(ParseError::Syntax),
+        };
+        f(token, value)?;
     }
-    Ok(())
 }
 
 fn utf8(v: &[u8]) -> Result<&str, ParseError> {
-    std::str::from_utf8(v).map_err(|_| ParseError::Syntax)
+    address::to_str(v).ok_or(ParseError::Syntax)
 }
 
 fn set<T>(slot: &mut Option<T>, value: T) -> Result<(), ParseError> {
@@ -289,66 +356,60 @@ fn mail(args: &[u8]) -> Result<Command<'_>, ParseError> {
     let rest = trim_spaces(rest);
     let (from, rest) = address::reverse_path(rest).ok_or(ParseError::BadSender)?;
     let mut p = MailParams::default();
-    params(rest, |key, value| {
-        match (key.len(), value) {
-            (4, Some(v)) if key.eq_ignore_ascii_case(b"SIZE") => set(&mut p.size, digits(v)?),
-            (4, Some(v)) if key.eq_ignore_ascii_case(b"BODY") => {
-                let body = if v.eq_ignore_ascii_case(b"7BIT") {
-                    Body::SevenBit
-                } else if v.eq_ignore_ascii_case(b"8BITMIME") {
-                    Body::EightBitMime
-                } else if v.eq_ignore_ascii_case(b"BINARYMIME") {
-                    Body::BinaryMime
-                } else {
-                    return Err(ParseError::Syntax);
-                };
-                set(&mut p.body, body)
-            }
-            (8, None) if key.eq_ignore_ascii_case(b"SMTPUTF8") => {
-                if p.smtputf8 {
-                    return Err(ParseError::Syntax);
-                }
-                p.smtputf8 = true;
-                Ok(())
-            }
-            (3, Some(v)) if key.eq_ignore_ascii_case(b"RET") => {
-                let ret = if v.eq_ignore_ascii_case(b"FULL") {
-                    Ret::Full
-                } else if v.eq_ignore_ascii_case(b"HDRS") {
-                    Ret::Hdrs
-                } else {
-                    return Err(ParseError::Syntax);
-                };
-                set(&mut p.ret, ret)
-            }
-            (5, Some(v)) if key.eq_ignore_ascii_case(b"ENVID") => {
-                if v.len() > 100 || !is_xtext(v) {
-                    return Err(ParseError::Syntax);
-                }
-                set(&mut p.envid, utf8(v)?)
-            }
-            (4, Some(v)) if key.eq_ignore_ascii_case(b"AUTH") => {
-                if v != b"<>" && !is_xtext(v) {
-                    return Err(ParseError::Syntax);
-                }
-                set(&mut p.auth, utf8(v)?)
-            }
-            (4 | 8 | 3 | 5, _)
-                if [
-                    &b"SIZE"[..],
-                    b"BODY",
-                    b"SMTPUTF8",
-                    b"RET",
-                    b"ENVID",
-                    b"AUTH",
-                ]
-                .iter()
-                .any(|k| key.eq_ignore_ascii_case(k)) =>
-            {
-                Err(ParseError::Syntax) // known keyword, value missing or unexpected
-            }
-            _ => Err(ParseError::UnknownParameter),
+    params(rest, |key, value| match (key, value) {
+        (keywords::SIZE, Some(v)) => set(&mut p.size, digits(v)?),
+        (keywords::BODY, Some(v)) => {
+            let body = if v.eq_ignore_ascii_case(b"7BIT") {
+                Body::SevenBit
+            } else if v.eq_ignore_ascii_case(b"8BITMIME") {
+                Body::EightBitMime
+            } else if v.eq_ignore_ascii_case(b"BINARYMIME") {
+                Body::BinaryMime
+            } else {
+                return Err(ParseError::Syntax);
+            };
+            set(&mut p.body, body)
         }
+        (keywords::SMTPUTF8, None) => {
+            if p.smtputf8 {
+                return Err(ParseError::Syntax);
+            }
+            p.smtputf8 = true;
+            Ok(())
+        }
+        (keywords::RET, Some(v)) => {
+            let ret = if v.eq_ignore_ascii_case(b"FULL") {
+                Ret::Full
+            } else if v.eq_ignore_ascii_case(b"HDRS") {
+                Ret::Hdrs
+            } else {
+                return Err(ParseError::Syntax);
+            };
+            set(&mut p.ret, ret)
+        }
+        (keywords::ENVID, Some(v)) => {
+            if v.len() > 100 || !is_xtext(v) {
+                return Err(ParseError::Syntax);
+            }
+            set(&mut p.envid, utf8(v)?)
+        }
+        (keywords::AUTH, Some(v)) => {
+            if v != b"<>" && !is_xtext(v) {
+                return Err(ParseError::Syntax);
+            }
+            set(&mut p.auth, utf8(v)?)
+        }
+        // A known keyword with its value missing or unexpected.
+        (
+            keywords::SIZE
+            | keywords::BODY
+            | keywords::SMTPUTF8
+            | keywords::RET
+            | keywords::ENVID
+            | keywords::AUTH,
+            _,
+        ) => Err(ParseError::Syntax),
+        _ => Err(ParseError::UnknownParameter),
     })?;
     Ok(Command::Mail { from, params: p })
 }
@@ -358,11 +419,14 @@ fn rcpt(args: &[u8]) -> Result<Command<'_>, ParseError> {
     let rest = trim_spaces(rest);
     let (to, rest) = address::forward_path(rest).ok_or(ParseError::BadRecipient)?;
     let mut p = RcptParams::default();
-    params(rest, |key, value| match (key.len(), value) {
-        (6, Some(v)) if key.eq_ignore_ascii_case(b"NOTIFY") => set(&mut p.notify, notify_flags(v)?),
-        (5, Some(v)) if key.eq_ignore_ascii_case(b"ORCPT") => {
+    params(rest, |key, value| match (key, value) {
+        (keywords::NOTIFY, Some(v)) => set(&mut p.notify, notify_flags(v)?),
+        (keywords::ORCPT, Some(v)) => {
             // ORCPT=addr-type ";" xtext (RFC 3461 §4.2)
-            let semi = memchr::memchr(b';', v).ok_or(ParseError::Syntax)?;
+            let semi = v
+                .iter()
+                .position(|&b| b == b';')
+                .ok_or(ParseError::Syntax)?;
             let (kind, text) = v.split_at_checked(semi).ok_or(ParseError::Syntax)?;
             let text = text.get(1..).unwrap_or_default();
             if kind.is_empty()
@@ -373,11 +437,7 @@ fn rcpt(args: &[u8]) -> Result<Command<'_>, ParseError> {
             }
             set(&mut p.orcpt, utf8(v)?)
         }
-        (6 | 5, None)
-            if key.eq_ignore_ascii_case(b"NOTIFY") || key.eq_ignore_ascii_case(b"ORCPT") =>
-        {
-            Err(ParseError::Syntax)
-        }
+        (keywords::NOTIFY | keywords::ORCPT, None) => Err(ParseError::Syntax),
         _ => Err(ParseError::UnknownParameter),
     })?;
     Ok(Command::Rcpt { to, params: p })
