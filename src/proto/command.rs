@@ -240,6 +240,10 @@ fn strip_prefix_ci<'a>(args: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
 
 /// A parameter keyword folded to lowercase and packed little-endian into a u64 (keywords of
 /// more than 8 bytes get 0, which matches nothing we know).
+#[expect(
+    clippy::indexing_slicing,
+    reason = "const evaluation: i < k.len() by the loop bound"
+)]
 const fn kw(k: &[u8]) -> u64 {
     let mut t = 0u64;
     let mut i = 0;
@@ -249,10 +253,6 @@ const fn kw(k: &[u8]) -> u64 {
     }
     t
 }
-#[expect(
-    clippy::indexing_slicing,
-    reason = "const evaluation of literal keywords"
-)]
 mod keywords {
     use super::kw;
     pub(super) const SIZE: u64 = kw(b"size");
