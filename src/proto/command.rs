@@ -215,15 +215,12 @@ fn helo(args: &[u8]) -> Result<&str, ParseError> {
     let args = trim_spaces(args);
     // One token; whatever follows it is ignored, as by most servers (Windows hosts send
     // underscores and other non-RFC names, so this is lenient by design).
-    let mut end = 0;
-    while let Some(&b) = args.get(end) {
-        if b == b' ' {
-            break;
-        }
-        if !is_token_byte(b) {
-            return Err(ParseError::HeloSyntax);
-        }
-        end += 1;
+    let end = args
+        .iter()
+        .position(|&b| !is_token_byte(b))
+        .unwrap_or(args.len());
+    if args.get(end).is_some_and(|&b| b != b' ') {
+        return Err(ParseError::HeloSyntax);
     }
     let host = args.get(..end).unwrap_or_default();
     if host.is_empty() {
