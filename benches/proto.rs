@@ -33,10 +33,10 @@ const MIX: &[&[u8]] = &[
 ];
 
 fn ours(line: &[u8]) -> bool {
-    match frame(line, 2048) {
-        Frame::Line { line, .. } => command::parse(line).is_ok(),
-        _ => false,
-    }
+    matches!(
+        command::parse_framed(line, 2048),
+        command::Framed::Command(Ok(_), _)
+    )
 }
 
 fn theirs(line: &[u8]) -> bool {

@@ -4,6 +4,7 @@
 //! way smtp-proto's token tables do, so dispatch costs one load and a compare.
 
 use super::address::{self, Address, is_token_byte, is_value_byte, is_xtext};
+use super::line::{self, Frame};
 use super::reply::{self, Reply};
 
 /// A parsed SMTP command borrowing the input line.
@@ -155,8 +156,71 @@ const HELP: u32 = tok4(b"help");
 const AUTH: u32 = tok4(b"auth");
 const STARTTLS: u64 = u64::from_le_bytes(*b"starttls");
 
+/// Parse the command at the start of `input` (everything received and not yet consumed),
+/// framing and parsing in one pass: returns the frame with the parse result, equal to
+/// [`line::frame`] followed by [`parse`] on the line (a property test checks that).
+///
+/// The common commands are parsed straight from the input, the parsers stopping at the CR or
+/// LF that ends the line, which saves the separate search for the line end; anything else
+/// (errors, rare verbs, partial lines) takes the framing path.
+#[inline]
+pub fn parse_framed(input: &[u8], max_line: usize) -> Framed<'_> {
+    if let Some((cmd, consumed)) = parse_direct(input)
+        && consumed <= max_line
+    {
+        return Framed::Command(Ok(cmd), consumed);
+    }
+    match line::frame(input, max_line) {
+        Frame::Line { line, consumed } => Framed::Command(parse(line), consumed),
+        Frame::Partial => Framed::Partial,
+        Frame::TooLong { consumed } => Framed::TooLong { consumed },
+    }
+}
+
+/// What [`parse_framed`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Framed<'a> {
+    /// A complete line of `consumed` bytes (line ending included) and what it parsed to.
+    Command(Result<Command<'a>, ParseError>, usize),
+    /// No complete line yet.
+    Partial,
+    /// The line is over the cap; see [`Frame::TooLong`].
+    TooLong { consumed: usize },
+}
+
+/// The fast path of [`parse_framed`]: only a successful parse that ends exactly at the line's
+/// end counts; `None` sends the caller to the framing path.
+#[inline(always)]
+fn parse_direct(input: &[u8]) -> Option<(Command<'_>, usize)> {
+    let (v, rest) = input.split_first_chunk::<4>()?;
+    let verb = u32::from_le_bytes(*v) | 0x2020_2020;
+    let (cmd, rem): (Command<'_>, &[u8]) = match (verb, rest.first()) {
+        (DATA, _) => (Command::Data, rest),
+        (RSET, _) => (Command::Rset, rest),
+        (QUIT, _) => (Command::Quit, rest),
+        (NOOP, Some(b'\r' | b'\n')) => (Command::Noop, rest),
+        (MAIL, Some(b' ')) => mail(rest.get(1..)?).ok()?,
+        (RCPT, Some(b' ')) => rcpt(rest.get(1..)?).ok()?,
+        (EHLO, Some(b' ')) => helo(rest.get(1..)?)
+            .map(|(host, r)| (Command::Ehlo { host }, r))
+            .ok()?,
+        (HELO, Some(b' ')) => helo(rest.get(1..)?)
+            .map(|(host, r)| (Command::Helo { host }, r))
+            .ok()?,
+        _ => return None,
+    };
+    // The line must end right here (after optional spaces): CRLF, or a bare LF as `frame` allows.
+    let spaces = rem.iter().take_while(|&&b| b == b' ').count();
+    let end = input.len() - rem.len() + spaces;
+    match (input.get(end), input.get(end + 1)) {
+        (Some(b'\n'), _) => Some((cmd, end + 1)),
+        (Some(b'\r'), Some(b'\n')) => Some((cmd, end + 2)),
+        _ => None,
+    }
+}
+
 /// Parse one command line (CRLF already removed).
-pub fn parse(line: &[u8]) -> Result<Command<'_>, ParseError> {
+pub fn parse<'a>(line: &'a [u8]) -> Result<Command<'a>, ParseError> {
     // Verbs are letters only, so `| 0x20` folds case without aliasing (only 'A'..'Z' map onto
     // 'a'..'z'); any other byte in the verb makes the compare fail.
     let (verb, args) = match line.split_first_chunk::<4>() {
@@ -180,13 +244,20 @@ pub fn parse(line: &[u8]) -> Result<Command<'_>, ParseError> {
             return Err(ParseError::UnknownCommand);
         }
     };
+    // Whatever MAIL/RCPT did not consume must be nothing (a stray CR or LF inside the line).
+    let whole = |r: Result<(Command<'a>, &[u8]), ParseError>| match r {
+        Ok((c, [])) => Ok(c),
+        Ok(_) => Err(ParseError::Syntax),
+        Err(e) => Err(e),
+    };
     match verb {
-        MAIL => mail(args),
-        RCPT => rcpt(args),
+        MAIL => whole(mail(args)),
+        RCPT => whole(rcpt(args)),
         DATA => no_args(args, Command::Data),
         BDAT => bdat(args),
-        EHLO => helo(args).map(|host| Command::Ehlo { host }),
-        HELO => helo(args).map(|host| Command::Helo { host }),
+        // Anything after the EHLO/HELO name is ignored.
+        EHLO => helo(args).map(|(host, _)| Command::Ehlo { host }),
+        HELO => helo(args).map(|(host, _)| Command::Helo { host }),
         RSET => no_args(args, Command::Rset),
         NOOP => Ok(Command::Noop),
         QUIT => no_args(args, Command::Quit),
@@ -211,7 +282,7 @@ fn trim_spaces(s: &[u8]) -> &[u8] {
     s.get(start..).unwrap_or_default()
 }
 
-fn helo(args: &[u8]) -> Result<&str, ParseError> {
+fn helo(args: &[u8]) -> Result<(&str, &[u8]), ParseError> {
     let args = trim_spaces(args);
     // One token; whatever follows it is ignored, as by most servers (Windows hosts send
     // underscores and other non-RFC names, so this is lenient by design).
@@ -219,20 +290,27 @@ fn helo(args: &[u8]) -> Result<&str, ParseError> {
         .iter()
         .position(|&b| !is_token_byte(b))
         .unwrap_or(args.len());
-    if args.get(end).is_some_and(|&b| b != b' ') {
+    if !matches!(args.get(end), None | Some(b' ' | b'\r' | b'\n')) {
         return Err(ParseError::HeloSyntax);
     }
-    let host = args.get(..end).unwrap_or_default();
+    let (host, rem) = args.split_at_checked(end).unwrap_or((args, &[]));
     if host.is_empty() {
         return Err(ParseError::HeloSyntax);
     }
-    address::to_str(host).ok_or(ParseError::HeloSyntax)
+    Ok((address::to_str(host).ok_or(ParseError::HeloSyntax)?, rem))
 }
 
-/// Case-insensitive prefix match of `args` against lowercase ASCII `prefix`.
-fn strip_prefix_ci<'a>(args: &'a [u8], prefix: &[u8]) -> Option<&'a [u8]> {
+/// Case-insensitive prefix match of `args` against lowercase `prefix` (at most 8 bytes), done
+/// as one integer compare: `fold` has 0x20 in the byte positions that are letters, so only
+/// those are case-folded (folding ':' would let 0x1A pass for it).
+#[inline(always)]
+fn strip_prefix_ci<'a>(args: &'a [u8], prefix: &[u8], fold: u64) -> Option<&'a [u8]> {
     let (head, tail) = args.split_at_checked(prefix.len())?;
-    head.eq_ignore_ascii_case(prefix).then_some(tail)
+    let mut a = [0u8; 8];
+    let mut b = [0u8; 8];
+    a.get_mut(..head.len())?.copy_from_slice(head);
+    b.get_mut(..prefix.len())?.copy_from_slice(prefix);
+    (u64::from_le_bytes(a) | fold == u64::from_le_bytes(b)).then_some(tail)
 }
 
 /// A parameter keyword folded to lowercase and packed little-endian into a u64 (keywords of
@@ -268,9 +346,11 @@ mod keywords {
 fn params<'a>(
     rest: &'a [u8],
     mut f: impl FnMut(u64, Option<&'a [u8]>) -> Result<(), ParseError>,
-) -> Result<(), ParseError> {
-    // The path must be followed by a space or the end of the line.
-    if !rest.is_empty() && rest.first() != Some(&b' ') {
+) -> Result<&'a [u8], ParseError> {
+    // The path must be followed by a space or the end of the line. CR and LF end the
+    // parameters too (the framed parser reads past the line's end); what is returned is the
+    // remainder from there.
+    if !matches!(rest.first(), None | Some(b' ' | b'\r' | b'\n')) {
         return Err(ParseError::Syntax);
     }
     let mut i = 0;
@@ -278,8 +358,9 @@ fn params<'a>(
         while rest.get(i) == Some(&b' ') {
             i += 1;
         }
-        let Some(&first) = rest.get(i) else {
-            return Ok(());
+        let first = match rest.get(i) {
+            None | Some(b'\r' | b'\n') => return Ok(rest.get(i..).unwrap_or_default()),
+            Some(&b) => b,
         };
         // esmtp-keyword = (ALPHA / DIGIT) *(ALPHA / DIGIT / "-")
         if !first.is_ascii_alphanumeric() {
@@ -303,12 +384,12 @@ fn params<'a>(
             token = 0;
         }
         let value = match rest.get(i) {
-            None | Some(b' ') => None,
+            None | Some(b' ' | b'\r' | b'\n') => None,
             Some(b'=') => {
                 i += 1;
                 let vstart = i;
                 while let Some(&b) = rest.get(i) {
-                    if b == b' ' {
+                    if matches!(b, b' ' | b'\r' | b'\n') {
                         break;
                     }
                     if !is_value_byte(b) {
@@ -340,30 +421,33 @@ fn set<T>(slot: &mut Option<T>, value: T) -> Result<(), ParseError> {
 }
 
 fn digits(v: &[u8]) -> Result<u64, ParseError> {
-    if v.is_empty() || v.len() > 20 || !v.iter().all(u8::is_ascii_digit) {
+    if v.is_empty() || v.len() > 20 {
         return Err(ParseError::Syntax);
     }
-    Ok(v.iter().fold(0u64, |n, &d| {
-        n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
-    }))
+    let mut n = 0u64;
+    for &d in v {
+        let digit = d.wrapping_sub(b'0');
+        if digit > 9 {
+            return Err(ParseError::Syntax);
+        }
+        n = n.saturating_mul(10).saturating_add(u64::from(digit));
+    }
+    Ok(n)
 }
 
-fn mail(args: &[u8]) -> Result<Command<'_>, ParseError> {
-    let rest = strip_prefix_ci(args, b"from:").ok_or(ParseError::Syntax)?;
+fn mail(args: &[u8]) -> Result<(Command<'_>, &[u8]), ParseError> {
+    let rest = strip_prefix_ci(args, b"from:", 0x20_2020_2020).ok_or(ParseError::Syntax)?;
     let rest = trim_spaces(rest);
     let (from, rest) = address::reverse_path(rest).ok_or(ParseError::BadSender)?;
     let mut p = MailParams::default();
-    params(rest, |key, value| match (key, value) {
+    let rem = params(rest, |key, value| match (key, value) {
         (keywords::SIZE, Some(v)) => set(&mut p.size, digits(v)?),
         (keywords::BODY, Some(v)) => {
-            let body = if v.eq_ignore_ascii_case(b"7BIT") {
-                Body::SevenBit
-            } else if v.eq_ignore_ascii_case(b"8BITMIME") {
-                Body::EightBitMime
-            } else if v.eq_ignore_ascii_case(b"BINARYMIME") {
-                Body::BinaryMime
-            } else {
-                return Err(ParseError::Syntax);
+            let body = match v.len() {
+                4 if v.eq_ignore_ascii_case(b"7BIT") => Body::SevenBit,
+                8 if v.eq_ignore_ascii_case(b"8BITMIME") => Body::EightBitMime,
+                10 if v.eq_ignore_ascii_case(b"BINARYMIME") => Body::BinaryMime,
+                _ => return Err(ParseError::Syntax),
             };
             set(&mut p.body, body)
         }
@@ -408,15 +492,15 @@ fn mail(args: &[u8]) -> Result<Command<'_>, ParseError> {
         ) => Err(ParseError::Syntax),
         _ => Err(ParseError::UnknownParameter),
     })?;
-    Ok(Command::Mail { from, params: p })
+    Ok((Command::Mail { from, params: p }, rem))
 }
 
-fn rcpt(args: &[u8]) -> Result<Command<'_>, ParseError> {
-    let rest = strip_prefix_ci(args, b"to:").ok_or(ParseError::Syntax)?;
+fn rcpt(args: &[u8]) -> Result<(Command<'_>, &[u8]), ParseError> {
+    let rest = strip_prefix_ci(args, b"to:", 0x2020).ok_or(ParseError::Syntax)?;
     let rest = trim_spaces(rest);
     let (to, rest) = address::forward_path(rest).ok_or(ParseError::BadRecipient)?;
     let mut p = RcptParams::default();
-    params(rest, |key, value| match (key, value) {
+    let rem = params(rest, |key, value| match (key, value) {
         (keywords::NOTIFY, Some(v)) => set(&mut p.notify, notify_flags(v)?),
         (keywords::ORCPT, Some(v)) => {
             // ORCPT=addr-type ";" xtext (RFC 3461 §4.2)
@@ -437,7 +521,7 @@ fn rcpt(args: &[u8]) -> Result<Command<'_>, ParseError> {
         (keywords::NOTIFY | keywords::ORCPT, None) => Err(ParseError::Syntax),
         _ => Err(ParseError::UnknownParameter),
     })?;
-    Ok(Command::Rcpt { to, params: p })
+    Ok((Command::Rcpt { to, params: p }, rem))
 }
 
 fn notify_flags(v: &[u8]) -> Result<u8, ParseError> {
@@ -500,6 +584,86 @@ fn auth(args: &[u8]) -> Result<Command<'_>, ParseError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// The reference: frame the line, then parse it.
+    fn framed_slow(input: &[u8], max_line: usize) -> Framed<'_> {
+        match line::frame(input, max_line) {
+            Frame::Line { line, consumed } => Framed::Command(parse(line), consumed),
+            Frame::Partial => Framed::Partial,
+            Frame::TooLong { consumed } => Framed::TooLong { consumed },
+        }
+    }
+
+    fn smtpish() -> impl Strategy<Value = Vec<u8>> {
+        let tokens: Vec<&'static [u8]> = vec![
+            b"MAIL FROM:",
+            b"RCPT TO:",
+            b"EHLO ",
+            b"HELO ",
+            b"DATA",
+            b"RSET",
+            b"QUIT",
+            b"NOOP",
+            b"<a@b.c>",
+            b"<>",
+            b"<Postmaster>",
+            b" SIZE=10",
+            b" BODY=8BITMIME",
+            b" NOTIFY=NEVER",
+            b" SMTPUTF8",
+            b" X=1",
+            b" ",
+            b"\r",
+            b"\n",
+            b"\r\n",
+            b"x",
+            b"=",
+            b"<",
+            b">",
+            b"@",
+            "\u{e9}".as_bytes(),
+            b"\x00",
+        ];
+        prop::collection::vec(prop::sample::select(tokens), 0..12).prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #[test]
+        fn framed_parse_matches_frame_then_parse(input in smtpish(), cap in prop_oneof![Just(512usize), Just(2048), 8usize..40]) {
+            prop_assert_eq!(parse_framed(&input, cap), framed_slow(&input, cap));
+        }
+    }
+
+    #[test]
+    fn framed_parse_examples() {
+        for input in [
+            &b"DATA\r\n"[..],
+            b"DATA  \r\nRSET",
+            b"DATAX\r\n",
+            b"DATA now\r\n",
+            b"NOOP\n",
+            b"NOOP x\r\n",
+            b"MAIL FROM:<a@b.c> SIZE=1\r\n",
+            b"MAIL FROM:<a@b.c> SIZE=1\rX\r\n",
+            b"MAIL FROM:<a@b.c>\r",
+            b"RCPT TO:<a@b.c> \r\n",
+            b"EHLO host extra words\r\n",
+            b"EHLO host\r\n",
+            b"EHLO \r\n",
+        ] {
+            assert_eq!(
+                parse_framed(input, 2048),
+                framed_slow(input, 2048),
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        assert!(matches!(
+            parse_framed(b"MAIL FROM:<a@b.c>\r\n", 10),
+            Framed::TooLong { .. }
+        ));
+    }
 
     fn p(s: &str) -> Result<Command<'_>, ParseError> {
         parse(s.as_bytes())

@@ -384,7 +384,15 @@ impl Session {
             State::AuthLoginPass(user) => return self.sasl_login_pass(user, line),
             other => self.state = other,
         }
-        let cmd = match command::parse(line) {
+        self.on_command(command::parse(line), more_input)
+    }
+
+    fn on_command<'a>(
+        &mut self,
+        parsed: Result<Command<'a>, command::ParseError>,
+        more_input: bool,
+    ) -> Option<Event<'a>> {
+        let cmd = match parsed {
             Ok(cmd) => cmd,
             Err(e) => {
                 self.error(e.reply());
@@ -892,6 +900,26 @@ impl<'a> Feed<'_, 'a> {
                         s.line_too_long();
                     }
                 }
+                State::Fresh | State::Ready => {
+                    match command::parse_framed(rest, s.settings.cfg.max_line) {
+                        command::Framed::Command(parsed, consumed) => {
+                            self.pos += consumed;
+                            let more = self.pos < self.input.len();
+                            if let Some(ev) = s.on_command(parsed, more) {
+                                return Some(ev);
+                            }
+                        }
+                        command::Framed::TooLong { consumed } => {
+                            self.pos += consumed;
+                            s.discarding = true;
+                        }
+                        command::Framed::Partial => {
+                            s.stop = Stop::NeedInput;
+                            return None;
+                        }
+                    }
+                }
+                // SASL responses are lines, not commands.
                 _ => match line::frame(rest, s.settings.cfg.max_line) {
                     Frame::Line { line, consumed } => {
                         self.pos += consumed;
