@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ringmx::proto::data::{BareLinePolicy, Chunk, DataReader};
-use ringmx::proto::line::{Frame, frame};
+use ringmx::proto::line::frame;
 use ringmx::proto::{Event, Session, SessionConfig, Settings, Stop, command};
 use smtp_proto::Request;
 use smtp_proto::request::receiver::{DataReceiver, RequestReceiver};
