@@ -258,13 +258,43 @@ fn check_config_names_key_and_line() {
 }
 
 #[test]
-fn sigterm_stops_cleanly() {
-    let mut s = Server::start("sigterm", "auto");
-    let mut c = Raw::connect(s.inbound);
-    assert!(c.reply().starts_with("220"));
-    let st = s.stop();
-    assert!(st.success(), "{st:?}\n{}", s.log());
-    assert!(s.log().contains("stopped"), "{}", s.log());
+fn sigterm_finishes_transactions_and_says_421_to_idle_sessions() {
+    for driver in DRIVERS {
+        let mut s = Server::start("sigterm", driver);
+        let mut idle = Raw::connect(s.inbound);
+        assert!(idle.reply().starts_with("220"));
+        let mut busy = Raw::connect(s.inbound);
+        busy.reply();
+        busy.cmd("EHLO c\r\n");
+        busy.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n");
+        for _ in 0..3 {
+            busy.reply();
+        }
+        busy.send("Subject: in flight\r\n\r\nfirst half\r\n");
+        std::thread::sleep(Duration::from_millis(100));
+        s.sigterm();
+        // The idle session is told at once.
+        assert_eq!(
+            idle.rest(),
+            "421 4.3.2 Service shutting down, try again later\r\n",
+            "[{driver}]"
+        );
+        // The DATA transfer in flight completes and is accepted, then the session is closed.
+        busy.send("second half\r\n.\r\n");
+        assert!(
+            busy.reply().starts_with("250 2.0.0 Ok: queued as"),
+            "[{driver}]"
+        );
+        assert_eq!(
+            busy.rest(),
+            "421 4.3.2 Service shutting down, try again later\r\n"
+        );
+        let st = s.wait_exit();
+        assert!(st.success(), "{st:?}\n{}", s.log());
+        let files = s.dropped();
+        assert_eq!(files.len(), 1);
+        assert!(files[0].ends_with("first half\r\nsecond half\r\n"));
+    }
 }
 
 const PARSE_METRICS: &str = r#"

@@ -3,8 +3,10 @@
 //! The read is never raced against anything but its timeout, and a timeout ends the session
 //! (`421 4.4.2`): a cancelled io_uring read may already have consumed bytes (RUNTIME.md §1.3).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -33,6 +35,9 @@ pub(crate) struct CoreCtx {
     pub shared: Arc<Shared>,
     counter: Cell<u16>,
     open: Cell<usize>,
+    /// Sockets of sessions waiting for a command outside a transaction: at shutdown they are
+    /// woken (SHUT_RD makes the pending read return 0) and told `421` at once.
+    idle: RefCell<HashSet<RawFd>>,
 }
 
 impl CoreCtx {
@@ -42,6 +47,16 @@ impl CoreCtx {
             shared,
             counter: Cell::new(0),
             open: Cell::new(0),
+            idle: RefCell::new(HashSet::new()),
+        }
+    }
+
+    /// Wake every idle session so it can say `421` and close (called once stopping).
+    pub(crate) fn wake_idle(&self) {
+        for fd in self.idle.borrow().iter() {
+            // SAFETY: `fd` belongs to a live connection (it leaves the set before the
+            // connection's stream is dropped); SHUT_RD only ends its reading side.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
         }
     }
 
@@ -310,8 +325,21 @@ impl Conn {
                 return "shutdown";
             }
             let wait = session.deadline().saturating_duration_since(Instant::now());
+            let fd = stream.as_raw_fd();
+            let idle = !session.in_transaction();
+            if idle {
+                self.ctx.idle.borrow_mut().insert(fd);
+            }
             let read =
                 monoio::time::timeout(wait, self.transport.read(stream, inbuf, READ_CHUNK)).await;
+            if idle {
+                self.ctx.idle.borrow_mut().remove(&fd);
+            }
+            if idle && self.ctx.shared.shutdown.load(Ordering::SeqCst) {
+                session.close_with(&reply::SHUTTING_DOWN);
+                let _ = write_out(&mut self.transport, stream, session, &mut spare).await;
+                return "shutdown";
+            }
             match read {
                 Err(_elapsed) => {
                     self.ctx.shared.metrics.rejected(Reason::Timeout);

@@ -235,8 +235,10 @@ fn core_main(c: CoreListeners, shared: Arc<Shared>, driver: Driver) {
         for a in accepts {
             a.await;
         }
-        // Let connections that are finishing a transaction complete.
+        // Stopping: idle sessions get 421 now; those in a transaction finish it first (and
+        // are woken once idle), up to the shutdown timeout enforced by the main thread.
         while ctx.open_connections() > 0 {
+            ctx.wake_idle();
             monoio::time::sleep(Duration::from_millis(20)).await;
         }
     });
