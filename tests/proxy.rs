@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::process::Command;
 
 use support::{DRIVERS, Raw, Server, python, stderr, stdout};
 
@@ -82,35 +81,10 @@ s.quit()
 
 #[test]
 fn v2_header_with_implicit_tls() {
-    let dir = support::temp_dir("proxy-certs");
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-keyout",
-            "key.pem",
-        ])
-        .args([
-            "-out",
-            "cert.pem",
-            "-days",
-            "2",
-            "-nodes",
-            "-subj",
-            "/CN=mx.test",
-        ])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    let certs = support::Certs::new();
     let binding = format!(
-        "proxy_protocol = [\"127.0.0.1\"]\ntls = \"implicit\"\ncertificate = \"{}\"\nkey = \"{}\"\n",
-        dir.join("cert.pem").display(),
-        dir.join("key.pem").display()
+        "proxy_protocol = [\"127.0.0.1\"]\n{}",
+        certs.pem_binding("implicit")
     );
     for driver in DRIVERS {
         let s = Server::start_with_tls("proxy2", driver, &binding);
@@ -134,5 +108,4 @@ fn v2_header_with_implicit_tls() {
         );
         assert!(files[0].contains("with ESMTPS (TLSv1.3"), "{}", files[0]);
     }
-    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -333,21 +333,10 @@ fn admin_metrics_and_health() {
     let (status, body) = s.admin_get("/metrics");
     assert_eq!(status, "HTTP/1.1 200 OK");
     // Parsed by the Prometheus client library's own parser.
-    let mut child = Command::new("python3")
-        .args(["-c", PARSE_METRICS])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let parsed = child.wait_with_output().unwrap();
+    let parsed = support::run_with_stdin(
+        Command::new("python3").args(["-c", PARSE_METRICS]),
+        body.as_bytes(),
+    );
     assert!(parsed.status.success(), "{}", stderr(&parsed));
     let m = stdout(&parsed);
     assert!(

@@ -4,67 +4,9 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use support::{DRIVERS, Raw, Server, python, stderr, stdout};
-
-/// A self-signed certificate for mx.test: (dir, cert.pem, key.pem, cert.pfx, password file).
-fn make_cert() -> (PathBuf, PathBuf, PathBuf, PathBuf, PathBuf) {
-    let dir = support::temp_dir("certs");
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(&dir)
-            .output()
-            .expect("openssl is installed");
-        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-keyout",
-        "key.pem",
-        "-out",
-        "cert.pem",
-        "-days",
-        "2",
-        "-nodes",
-        "-subj",
-        "/CN=mx.test",
-    ]);
-    run(&[
-        "pkcs12",
-        "-export",
-        "-in",
-        "cert.pem",
-        "-inkey",
-        "key.pem",
-        "-out",
-        "cert.pfx",
-        "-passout",
-        "pass:s3cret",
-    ]);
-    std::fs::write(dir.join("pfx-pass"), "s3cret\n").unwrap();
-    (
-        dir.clone(),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-        dir.join("cert.pfx"),
-        dir.join("pfx-pass"),
-    )
-}
-
-fn pem_binding(mode: &str, cert: &Path, key: &Path) -> String {
-    format!(
-        "tls = \"{mode}\"\ncertificate = \"{}\"\nkey = \"{}\"\n",
-        cert.display(),
-        key.display()
-    )
-}
 
 const SEND_STARTTLS: &str = r#"
 import os, smtplib, ssl
@@ -95,14 +37,9 @@ with smtplib.SMTP_SSL("127.0.0.1", int(os.environ["PORT"]), timeout=10, context=
 
 #[test]
 fn starttls_with_smtplib() {
-    let (certs, cert, key, _, _) = make_cert();
+    let certs = support::Certs::new();
     for driver in DRIVERS {
-        let s = Server::start_with(
-            "starttls",
-            driver,
-            &pem_binding("starttls", &cert, &key),
-            "",
-        );
+        let s = Server::start_with("starttls", driver, &certs.pem_binding("starttls"), "");
         let out = python(SEND_STARTTLS, s.inbound.port(), 0);
         assert!(
             out.status.success(),
@@ -119,21 +56,17 @@ fn starttls_with_smtplib() {
             files[0]
         );
     }
-    std::fs::remove_dir_all(certs).unwrap();
 }
 
 #[test]
 fn implicit_tls_with_pem_and_pkcs12() {
-    let (certs, cert, key, pfx, pass) = make_cert();
+    let certs = support::Certs::new();
     let pkcs12 = format!(
         "tls = \"implicit\"\npkcs12 = \"{}\"\npkcs12_password_file = \"{}\"\n",
-        pfx.display(),
-        pass.display()
+        certs.pfx.display(),
+        certs.pfx_password.display()
     );
-    for (driver, binding) in [
-        ("auto", pem_binding("implicit", &cert, &key)),
-        ("legacy", pkcs12),
-    ] {
+    for (driver, binding) in [("auto", certs.pem_binding("implicit")), ("legacy", pkcs12)] {
         let s = Server::start_with_tls("implicit", driver, &binding);
         let out = python(SEND_IMPLICIT, s.inbound.port(), 0);
         assert!(
@@ -145,42 +78,17 @@ fn implicit_tls_with_pem_and_pkcs12() {
         assert!(stdout(&out).contains("version TLSv1.3"), "{}", stdout(&out));
         assert_eq!(s.dropped().len(), 1);
     }
-    std::fs::remove_dir_all(certs).unwrap();
 }
 
 #[test]
 fn openssl_s_client_starttls() {
-    let (certs, cert, key, _, _) = make_cert();
+    let certs = support::Certs::new();
     for driver in DRIVERS {
-        let s = Server::start_with(
-            "s_client",
-            driver,
-            &pem_binding("starttls", &cert, &key),
-            "",
+        let s = Server::start_with("s_client", driver, &certs.pem_binding("starttls"), "");
+        let out = support::run_with_stdin(
+            Command::new("openssl").args(["s_client", "-starttls", "smtp", "-quiet", "-tls1_2", "-connect"]).arg(s.inbound.to_string()),
+            b"EHLO sclient.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\nSubject: s_client\r\n\r\nhi\r\n.\r\nQUIT\r\n",
         );
-        let mut child = Command::new("openssl")
-            .args([
-                "s_client",
-                "-starttls",
-                "smtp",
-                "-quiet",
-                "-connect",
-                &s.inbound.to_string(),
-                "-tls1_2",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"EHLO sclient.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\nSubject: s_client\r\n\r\nhi\r\n.\r\nQUIT\r\n")
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
         let text = stdout(&out);
         assert!(
             text.contains("250 2.0.0 Ok: queued as"),
@@ -196,14 +104,13 @@ fn openssl_s_client_starttls() {
             files[0]
         );
     }
-    std::fs::remove_dir_all(certs).unwrap();
 }
 
 #[test]
 fn plaintext_pipelined_after_starttls_is_refused() {
-    let (certs, cert, key, _, _) = make_cert();
+    let certs = support::Certs::new();
     for driver in DRIVERS {
-        let s = Server::start_with("inject", driver, &pem_binding("starttls", &cert, &key), "");
+        let s = Server::start_with("inject", driver, &certs.pem_binding("starttls"), "");
         let mut c = Raw::connect(s.inbound);
         assert!(c.reply().starts_with("220"));
         assert!(c.cmd("EHLO c\r\n").contains("STARTTLS\r\n"));
@@ -214,7 +121,6 @@ fn plaintext_pipelined_after_starttls_is_refused() {
             "[{driver}]"
         );
     }
-    std::fs::remove_dir_all(certs).unwrap();
 }
 
 #[test]
@@ -226,7 +132,11 @@ fn check_config_loads_certificates() {
         &dir,
         2525,
         2587,
-        &pem_binding("starttls", &dir.join("cert.pem"), &dir.join("key.pem")),
+        &format!(
+            "tls = \"starttls\"\ncertificate = \"{}\"\nkey = \"{}\"\n",
+            dir.join("cert.pem").display(),
+            dir.join("key.pem").display()
+        ),
         "",
     );
     std::fs::write(dir.join("c.toml"), cfg).unwrap();
@@ -245,20 +155,10 @@ fn check_config_loads_certificates() {
 }
 
 fn users_file(dir: &Path) -> PathBuf {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ringmx"))
-        .arg("hash-password")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"pa55word\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = support::run_with_stdin(
+        Command::new(env!("CARGO_BIN_EXE_ringmx")).arg("hash-password"),
+        b"pa55word\n",
+    );
     assert!(out.status.success());
     let hash = stdout(&out);
     assert!(hash.starts_with("$argon2id$"), "{hash}");
@@ -289,12 +189,9 @@ with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
 
 #[test]
 fn auth_required_submission() {
-    let (certs, cert, key, _, _) = make_cert();
-    let users = users_file(&certs);
-    let binding = format!(
-        "{}auth = \"required\"\n",
-        pem_binding("starttls", &cert, &key)
-    );
+    let certs = support::Certs::new();
+    let users = users_file(&certs.dir);
+    let binding = format!("{}auth = \"required\"\n", certs.pem_binding("starttls"));
     let extra = format!("[auth]\nusers_file = \"{}\"\n", users.display());
     for driver in DRIVERS {
         let s = Server::start_with("auth", driver, &binding, &extra);
@@ -355,5 +252,4 @@ fn auth_required_submission() {
             stdout(&sw)
         );
     }
-    std::fs::remove_dir_all(certs).unwrap();
 }

@@ -249,6 +249,98 @@ impl Drop for Server {
     }
 }
 
+/// A self-signed certificate for mx.test in a temporary folder: PEM cert and key, and the same
+/// as PKCS#12 with its password file. Removed on drop.
+pub struct Certs {
+    pub dir: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub pfx: PathBuf,
+    pub pfx_password: PathBuf,
+}
+
+impl Certs {
+    pub fn new() -> Certs {
+        let dir = temp_dir("certs");
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl is installed");
+            assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ]
+        .into_iter()
+        .chain([
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+            "-days",
+            "2",
+            "-nodes",
+            "-subj",
+            "/CN=mx.test",
+        ])
+        .collect::<Vec<_>>());
+        run(&[
+            "pkcs12",
+            "-export",
+            "-in",
+            "cert.pem",
+            "-inkey",
+            "key.pem",
+            "-out",
+            "cert.pfx",
+            "-passout",
+            "pass:s3cret",
+        ]);
+        std::fs::write(dir.join("pfx-pass"), "s3cret\n").unwrap();
+        Certs {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            pfx: dir.join("cert.pfx"),
+            pfx_password: dir.join("pfx-pass"),
+            dir,
+        }
+    }
+
+    /// Binding lines for `tls = mode` with the PEM files.
+    pub fn pem_binding(&self, mode: &str) -> String {
+        format!(
+            "tls = \"{mode}\"\ncertificate = \"{}\"\nkey = \"{}\"\n",
+            self.cert.display(),
+            self.key.display()
+        )
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Run `cmd` with `input` on its standard input; returns its output.
+pub fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("command starts");
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 /// Run a Python script (with `PORT`, `PORT2` set in its environment); returns its output.
 pub fn python(script: &str, port: u16, port2: u16) -> Output {
     Command::new("python3")
