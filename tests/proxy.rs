@@ -3,7 +3,6 @@
 
 mod support;
 
-
 use support::{DRIVERS, Raw, Server, python, stderr, stdout};
 
 #[test]

@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::io::Write;
 use std::process::Command;
 use std::time::Duration;
 
@@ -354,4 +355,58 @@ fn admin_metrics_and_health() {
         .sum();
     assert!(conns >= 2.0, "{m}");
     assert!(m.contains("ringmx_session_duration_seconds_count "), "{m}");
+}
+
+#[test]
+fn bare_lf_exempt_binding_limit_and_min_data_rate() {
+    let s = Server::start_with(
+        "exempt",
+        "auto",
+        "[binding.limits]\nmax_connections = 3\nmin_data_rate = 1000\n",
+        "[smtp]\nbare_lf_exempt = [\"127.0.0.0/8\"]\n",
+    );
+    // Exempt client: the bare LF is normalized instead of refused.
+    let mut c = Raw::connect(s.inbound);
+    c.reply();
+    c.cmd("EHLO c\r\n");
+    c.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n");
+    for _ in 0..3 {
+        c.reply();
+    }
+    assert!(c.cmd("a\nb\r\n.\r\n").starts_with("250 2.0.0 Ok"));
+    let files = s.dropped();
+    assert!(files[0].ends_with("a\r\nb\r\n"), "{:?}", files[0]);
+    // The binding's own connection limit: c is the first, two more fit, the fourth does not.
+    let mut d = Raw::connect(s.inbound);
+    let mut e = Raw::connect(s.inbound);
+    assert!(d.reply().starts_with("220") && e.reply().starts_with("220"));
+    let mut f = Raw::connect(s.inbound);
+    assert_eq!(
+        f.rest(),
+        "421 4.7.0 Too many connections, try again later\r\n"
+    );
+    drop((d, e));
+    // min_data_rate: a message dribbling in far below 1000 B/s is cut off.
+    c.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n");
+    for _ in 0..3 {
+        c.reply();
+    }
+    // Dribble a byte every 200 ms, and stop as soon as the server answers (writing after its
+    // close would reset the connection and lose the reply).
+    c.w.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let start = std::time::Instant::now();
+    let mut got = String::new();
+    while start.elapsed() < Duration::from_secs(5) && got.is_empty() {
+        c.w.write_all(b"x").unwrap();
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut c.r, &mut line).is_ok() {
+            got = line;
+        }
+    }
+    assert!(
+        start.elapsed() >= Duration::from_secs(1),
+        "not before one second"
+    );
+    assert_eq!(got, "421 4.4.2 Data rate too low, closing connection\r\n");
 }

@@ -371,6 +371,19 @@ pub struct Binding {
     pub section: BindingSection,
     pub limits: Limits,
     pub settings: Arc<proto::Settings>,
+    /// The same with bare CR/LF normalized, for clients in `smtp.bare_lf_exempt`.
+    pub settings_bare_lf_exempt: Arc<proto::Settings>,
+}
+
+impl Binding {
+    /// The session settings for a client at `ip`.
+    pub fn settings_for(&self, ip: std::net::IpAddr, smtp: &SmtpSection) -> &Arc<proto::Settings> {
+        if units::any_contains(&smtp.bare_lf_exempt, ip) {
+            &self.settings_bare_lf_exempt
+        } else {
+            &self.settings
+        }
+    }
 }
 
 /// A validated configuration.
@@ -600,10 +613,15 @@ impl Config {
                 let leaf = field.rsplit('.').next().unwrap_or(&field).to_string();
                 err(key_line(source, &leaf, 0), &field, e.problem.into())
             })?;
+            let mut exempt = settings.config().clone();
+            exempt.bare_line_policy = BareLinePolicy::Normalize;
+            let exempt = proto::Settings::new(exempt)
+                .map_err(|e| err(None, "smtp.bare_lf_exempt", e.to_string()))?;
             bindings.push(Binding {
                 section: sec,
                 limits,
                 settings: Arc::new(settings),
+                settings_bare_lf_exempt: Arc::new(exempt),
             });
         }
 

@@ -71,6 +71,15 @@ impl CoreCtx {
     }
 }
 
+struct BindingSlot<'a>(Option<&'a std::sync::atomic::AtomicUsize>);
+impl Drop for BindingSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.0 {
+            c.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 struct OpenGuard(Rc<CoreCtx>);
 impl Drop for OpenGuard {
     fn drop(&mut self) {
@@ -122,6 +131,8 @@ struct Conn {
     auth_user: Option<String>,
     auth_failures: u32,
     refuse_proxy_header: bool,
+    /// When the message being received started, for `min_data_rate`.
+    message_started: Option<Instant>,
 }
 
 pub(crate) async fn handle(
@@ -166,7 +177,16 @@ pub(crate) async fn handle(
     let guard = shared
         .limits
         .acquire(peer.ip(), binding.b.limits.max_connections_per_ip);
-    let mut session = Session::new(binding.b.settings.clone(), started);
+    let settings = binding
+        .b
+        .settings_for(peer.ip(), &shared.config.smtp)
+        .clone();
+    let mut session = Session::new(settings, started);
+    // The binding's own connection limit (the total and per-IP ones are in `guard`).
+    let per_binding = shared.binding_open.get(binding.index);
+    let binding_count = per_binding.map_or(0, |c| c.fetch_add(1, Ordering::Relaxed) + 1);
+    let _binding_slot = BindingSlot(per_binding);
+    let guard = guard.filter(|_| binding_count <= binding.b.limits.max_connections);
     let mut conn = Conn {
         peer,
         config: shared.config.clone(),
@@ -183,6 +203,7 @@ pub(crate) async fn handle(
         // On a PROXY binding, a header from a source that is not a trusted proxy closes the
         // connection (checked on the first read).
         refuse_proxy_header: proxy_binding && !trusted_proxy,
+        message_started: None,
     };
     if guard.is_none() {
         shared.metrics.rejected(Reason::TooManyConnections);
@@ -324,6 +345,12 @@ impl Conn {
                 let _ = write_out(&mut self.transport, stream, session, &mut spare).await;
                 return "shutdown";
             }
+            if self.too_slow() {
+                self.ctx.shared.metrics.rejected(Reason::Timeout);
+                session.close_with(&reply::TOO_SLOW);
+                let _ = write_out(&mut self.transport, stream, session, &mut spare).await;
+                return "data rate too low";
+            }
             let wait = session.deadline().saturating_duration_since(Instant::now());
             let fd = stream.as_raw_fd();
             let idle = !session.in_transaction();
@@ -416,6 +443,19 @@ impl Conn {
         Ok(())
     }
 
+    /// `min_data_rate`: the message so far arrived slower than the minimum average rate
+    /// (checked from one second into the transfer).
+    fn too_slow(&self) -> bool {
+        let min = self.binding.b.limits.min_data_rate.0;
+        match self.message_started {
+            Some(t) if min > 0 => {
+                let secs = t.elapsed().as_secs_f64();
+                secs >= 1.0 && (self.txn.content.len() as f64) < min as f64 * secs
+            }
+            _ => false,
+        }
+    }
+
     fn client(&self, session: &Session) -> Client {
         Client {
             ip: self.peer.ip(),
@@ -472,17 +512,27 @@ impl Conn {
                         }
                     }
                 }
-                Event::MessageStart => self.txn.content.clear(),
+                Event::MessageStart => {
+                    self.txn.content.clear();
+                    self.message_started = Some(Instant::now());
+                }
                 Event::Body(b) => self.txn.content.extend_from_slice(b),
-                Event::MessageEnd { .. } => return (feed.consumed(), Next::Deliver),
+                Event::MessageEnd { .. } => {
+                    self.message_started = None;
+                    return (feed.consumed(), Next::Deliver);
+                }
                 Event::MessageAborted { reason } => {
+                    self.message_started = None;
                     self.ctx.shared.metrics.rejected(match reason {
                         AbortReason::TooBig => Reason::TooBig,
                         AbortReason::BareLineEnding => Reason::BareLineEnding,
                     });
                     self.txn.clear();
                 }
-                Event::Reset => self.txn.clear(),
+                Event::Reset => {
+                    self.message_started = None;
+                    self.txn.clear();
+                }
                 Event::StartTls | Event::Quit => {}
                 Event::Auth(c) => return (feed.consumed(), Next::Auth(c)),
             }

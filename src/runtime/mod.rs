@@ -31,6 +31,8 @@ pub struct Shared {
     pub tls: Vec<Option<Arc<rustls::ServerConfig>>>,
     pub users: Arc<crate::auth::Users>,
     pub metrics: crate::metrics::Metrics,
+    /// Open connections per binding (for the binding's `max_connections`).
+    pub binding_open: Vec<std::sync::atomic::AtomicUsize>,
     pub limits: ConnLimits,
     pub shutdown: AtomicBool,
 }
@@ -132,6 +134,11 @@ pub fn run(config: Config) -> Result<(), RunError> {
     let shared = Arc::new(Shared {
         tls: tls_configs,
         users,
+        binding_open: config
+            .bindings
+            .iter()
+            .map(|_| std::sync::atomic::AtomicUsize::new(0))
+            .collect(),
         metrics: crate::metrics::Metrics::new(
             config
                 .bindings
