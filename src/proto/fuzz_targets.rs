@@ -13,6 +13,17 @@ pub fn command(data: &[u8]) {
     if let Ok(super::proxy::Parsed::Done(_, n)) = super::proxy::parse(data) {
         assert!(n <= data.len());
     }
+    // Differential: the one-pass framed parser agrees with framing, then parsing the line.
+    for cap in [512, 2048, 16] {
+        let slow = match super::line::frame(data, cap) {
+            super::line::Frame::Line { line, consumed } => {
+                command::Framed::Command(command::parse(line), consumed)
+            }
+            super::line::Frame::Partial => command::Framed::Partial,
+            super::line::Frame::TooLong { consumed } => command::Framed::TooLong { consumed },
+        };
+        assert_eq!(command::parse_framed(data, cap), slow, "cap {cap}");
+    }
     let line = data.split(|&b| b == b'\n').next().unwrap_or_default();
     match command::parse(line) {
         Ok(command::Command::Mail { from: Some(a), .. })
