@@ -1,5 +1,5 @@
 //! The local admin endpoint: a deliberately small HTTP/1.1 server on its own thread (it never
-//! runs on a core). `GET /metrics` (Prometheus text), `GET /healthz`.
+//! runs on a core). `GET /metrics` (Prometheus text), `GET /healthz`, `POST /reload`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -61,7 +61,15 @@ fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
                 ("200 OK", "text/plain", "ok\n".to_string())
             }
         }
-        (_, "/metrics" | "/healthz") => (
+        ("POST", "/reload") => match shared.request_reload() {
+            Ok(g) => (
+                "200 OK",
+                "text/plain",
+                format!("reloaded (generation {g})\n"),
+            ),
+            Err(e) => ("400 Bad Request", "text/plain", format!("{e}\n")),
+        },
+        (_, "/metrics" | "/healthz" | "/reload") => (
             "405 Method Not Allowed",
             "text/plain",
             "method not allowed\n".into(),

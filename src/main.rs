@@ -16,6 +16,10 @@ USAGE:
         --driver legacy forces epoll instead of io_uring (also: [server] driver).
     ringmx check-config FILE
         Validate FILE; on error print the file, line, key and problem and exit 1.
+    ringmx reload [--admin ADDR]
+        Ask the running server to re-read its configuration (POST /reload on the admin
+        endpoint, default 127.0.0.1:8025; SIGHUP does the same). A configuration with errors
+        is refused and the running one stays; the reason is printed and the exit code is 1.
     ringmx print-default-config
         Print the embedded default configuration.
     ringmx hash-password < PASSWORD
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some("reload") => reload(&args[1..]),
         Some("print-default-config") => {
             print!("{}", ringmx::config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
@@ -85,6 +90,40 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(other) => usage_error(&format!("unknown command {other:?}")),
+    }
+}
+
+fn reload(args: &[String]) -> ExitCode {
+    use std::io::{Read, Write};
+    let addr = match args {
+        [] => "127.0.0.1:8025".to_string(),
+        [flag, a] if flag == "--admin" => a.clone(),
+        _ => return usage_error("reload takes [--admin ADDR]"),
+    };
+    let result = (|| -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect(&addr)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(70)))?;
+        s.write_all(b"POST /reload HTTP/1.1\r\nHost: ringmx\r\nContent-Length: 0\r\n\r\n")?;
+        let mut all = String::new();
+        s.read_to_string(&mut all)?;
+        Ok(all)
+    })();
+    match result {
+        Ok(all) => {
+            let (head, body) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
+            let ok = head.starts_with("HTTP/1.1 200");
+            if ok {
+                print!("{body}");
+                ExitCode::SUCCESS
+            } else {
+                eprint!("ringmx: reload refused: {body}");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("ringmx: cannot reach the admin endpoint at {addr}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -126,7 +165,7 @@ fn run(args: &[String]) -> ExitCode {
         config.server.driver = d;
     }
     init_logging(config.server.log);
-    match ringmx::runtime::run(config) {
+    match ringmx::runtime::run(config, config_file) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -75,6 +75,12 @@ impl Metrics {
         }
     }
 
+    /// The index of a binding present at startup (bindings added by a reload are counted in the
+    /// totals only).
+    pub fn binding_index(&self, name: &str) -> Option<usize> {
+        self.bindings.iter().position(|b| b == name)
+    }
+
     fn add(c: Option<&AtomicU64>, n: u64) {
         if let Some(c) = c {
             c.fetch_add(n, Ordering::Relaxed);
@@ -82,7 +88,9 @@ impl Metrics {
     }
 
     pub fn connection_opened(&self, binding: usize, core: usize) {
-        Self::add(self.connections.get(binding * self.cores + core), 1);
+        if binding < self.bindings.len() {
+            Self::add(self.connections.get(binding * self.cores + core), 1);
+        }
         self.open.fetch_add(1, Ordering::Relaxed);
     }
 

@@ -71,12 +71,10 @@ impl CoreCtx {
     }
 }
 
-struct BindingSlot<'a>(Option<&'a std::sync::atomic::AtomicUsize>);
-impl Drop for BindingSlot<'_> {
+struct BindingSlot(Arc<std::sync::atomic::AtomicUsize>);
+impl Drop for BindingSlot {
     fn drop(&mut self) {
-        if let Some(c) = self.0 {
-            c.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -179,17 +177,17 @@ pub(crate) async fn handle(
         .acquire(peer.ip(), binding.b.limits.max_connections_per_ip);
     let settings = binding
         .b
-        .settings_for(peer.ip(), &shared.config.smtp)
+        .settings_for(peer.ip(), &binding.config.smtp)
         .clone();
     let mut session = Session::new(settings, started);
     // The binding's own connection limit (the total and per-IP ones are in `guard`).
-    let per_binding = shared.binding_open.get(binding.index);
-    let binding_count = per_binding.map_or(0, |c| c.fetch_add(1, Ordering::Relaxed) + 1);
+    let per_binding = binding.open.clone();
+    let binding_count = per_binding.fetch_add(1, Ordering::Relaxed) + 1;
     let _binding_slot = BindingSlot(per_binding);
     let guard = guard.filter(|_| binding_count <= binding.b.limits.max_connections);
     let mut conn = Conn {
         peer,
-        config: shared.config.clone(),
+        config: binding.config.clone(),
         binding,
         transport: Transport::Plain,
         tls: None,
@@ -392,7 +390,7 @@ impl Conn {
     /// Check credentials on the blocking pool (argon2 is slow by design). Each failure in a
     /// session delays the answer a little more (1 s, 2 s, … up to 5 s) to slow guessing.
     async fn authenticate(&mut self, session: &mut Session, c: Credentials) {
-        let users = self.ctx.shared.users.clone();
+        let users = self.binding.users.clone();
         let authz_ok = c.authzid.is_empty() || c.authzid == c.username;
         let user = c.username.clone();
         let ok = authz_ok

@@ -4,37 +4,109 @@
 //! connection limits are lock-free counters.
 //!
 //! ```text
-//! main thread: validate config → probe ports → bind listeners (all cores) → spawn cores → wait for signals
+//! main thread: validate config → probe ports → bind listeners (all cores) → spawn cores →
+//!              wait for SIGTERM / SIGHUP / POST /reload
 //! core thread: pin → build runtime → accept loop per binding → one task per connection (conn.rs)
 //! ```
+//!
+//! Reload: the new configuration is read and validated (certificates and users included) on
+//! the main thread; on any error the running one stays. Then listeners for new addresses are
+//! bound and handed to the cores, the live configuration is swapped (new connections use it;
+//! sessions in progress keep the one they started with), and listeners of removed addresses are
+//! woken and closed. No session is dropped.
 
 mod conn;
 mod limits;
 pub mod listener;
 mod transport;
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::Duration;
 
 use crate::config::{Binding, Config, Driver};
 use crate::tls;
 pub use limits::ConnLimits;
 
-/// State shared by every core.
+/// What a reload replaces.
 #[derive(Debug)]
-pub struct Shared {
+pub struct Live {
+    pub generation: u64,
     pub config: Arc<Config>,
     pub tls: Vec<Option<Arc<rustls::ServerConfig>>>,
     pub users: Arc<crate::auth::Users>,
+}
+
+/// A request to the main thread.
+#[derive(Debug)]
+pub(crate) enum Control {
+    Stop(i32),
+    Reload(Option<mpsc::Sender<Result<u64, String>>>),
+}
+
+/// State shared by every core.
+#[derive(Debug)]
+pub struct Shared {
+    live: RwLock<Arc<Live>>,
     pub metrics: crate::metrics::Metrics,
-    /// Open connections per binding (for the binding's `max_connections`).
-    pub binding_open: Vec<std::sync::atomic::AtomicUsize>,
     pub limits: ConnLimits,
     pub shutdown: AtomicBool,
+    /// Open connections per listen address (a binding's `max_connections`), kept over reloads.
+    open_per_address: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+    /// Listeners bound by a reload, waiting for their core to start accepting on them.
+    new_listeners: Vec<Mutex<Vec<(SocketAddr, std::net::TcpListener)>>>,
+    control: Mutex<mpsc::Sender<Control>>,
+}
+
+impl Shared {
+    /// The configuration in force now.
+    pub fn live(&self) -> Arc<Live> {
+        match self.live.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn set_live(&self, live: Live) {
+        let live = Arc::new(live);
+        match self.live.write() {
+            Ok(mut g) => *g = live,
+            Err(p) => *p.into_inner() = live,
+        }
+    }
+
+    fn open_counter(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
+        let mut m = self
+            .open_per_address
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        m.entry(addr).or_default().clone()
+    }
+
+    fn take_new_listeners(&self, core: usize) -> Vec<(SocketAddr, std::net::TcpListener)> {
+        match self.new_listeners.get(core) {
+            Some(m) => std::mem::take(&mut *m.lock().unwrap_or_else(|p| p.into_inner())),
+            None => Vec::new(),
+        }
+    }
+
+    /// Ask the main thread to reload the configuration; returns the new generation or why not.
+    pub fn request_reload(&self) -> Result<u64, String> {
+        let (tx, rx) = mpsc::channel();
+        let sent = self
+            .control
+            .lock()
+            .map_err(|_| "control channel poisoned".to_string())?
+            .send(Control::Reload(Some(tx)));
+        sent.map_err(|_| "the server is stopping".to_string())?;
+        rx.recv_timeout(Duration::from_secs(60))
+            .map_err(|_| "no answer from the main thread".to_string())?
+    }
 }
 
 /// A startup failure.
@@ -45,12 +117,36 @@ pub enum RunError {
     Io(String, std::io::Error),
 }
 
-/// A binding with what it needs at run time.
+/// A binding with what it needs at run time, from one generation of the configuration.
 #[derive(Debug)]
 pub(crate) struct BindingRt {
+    /// Index in the metrics' binding list (`usize::MAX` for a binding added by a reload).
     pub(crate) index: usize,
     pub(crate) b: Binding,
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    pub(crate) config: Arc<Config>,
+    pub(crate) users: Arc<crate::auth::Users>,
+    pub(crate) open: Arc<AtomicUsize>,
+}
+
+fn binding_rt(shared: &Shared, live: &Live, listen: SocketAddr) -> Option<BindingRt> {
+    let i = live
+        .config
+        .bindings
+        .iter()
+        .position(|b| *b.section.listen.get_ref() == listen)?;
+    let b = live.config.bindings.get(i)?.clone();
+    Some(BindingRt {
+        index: shared
+            .metrics
+            .binding_index(&b.section.name)
+            .unwrap_or(usize::MAX),
+        tls: live.tls.get(i).cloned().flatten(),
+        config: live.config.clone(),
+        users: live.users.clone(),
+        open: shared.open_counter(listen),
+        b,
+    })
 }
 
 /// Load `[auth] users_file` when set.
@@ -95,14 +191,10 @@ pub fn driver_name(driver: Driver) -> &'static str {
 struct CoreListeners {
     cpu: usize,
     core: usize,
-    listeners: Vec<(usize, std::net::TcpListener)>,
+    listeners: Vec<(SocketAddr, std::net::TcpListener)>,
 }
 
-/// Run the server until SIGTERM/SIGINT. Returns after every core has stopped.
-pub fn run(config: Config) -> Result<(), RunError> {
-    let config = Arc::new(config);
-    let tls_configs = load_tls(&config).map_err(RunError::Tls)?;
-    let users = Arc::new(load_users(&config)?);
+fn make_folders(config: &Config) -> Result<(), RunError> {
     for r in &config.routes {
         if let Some(folder) = &r.folder {
             std::fs::create_dir_all(folder).map_err(|e| {
@@ -110,20 +202,38 @@ pub fn run(config: Config) -> Result<(), RunError> {
             })?;
         }
     }
+    Ok(())
+}
+
+fn listen_addrs(config: &Config) -> Vec<SocketAddr> {
+    config
+        .bindings
+        .iter()
+        .map(|b| *b.section.listen.get_ref())
+        .collect()
+}
+
+/// Run the server until SIGTERM/SIGINT; SIGHUP and `POST /reload` re-read `path` (or the
+/// embedded default when None). Returns after every core has stopped.
+pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
+    let config = Arc::new(config);
+    let tls_configs = load_tls(&config).map_err(RunError::Tls)?;
+    let users = Arc::new(load_users(&config)?);
+    make_folders(&config)?;
     for b in &config.bindings {
         listener::probe(&b.section.name, *b.section.listen.get_ref()).map_err(RunError::Bind)?;
     }
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cpus = config.server.cores.get_ref().resolve(online);
     let mut per_core = Vec::new();
-    let mut fds: Vec<RawFd> = Vec::new();
+    let mut fds: HashMap<SocketAddr, Vec<RawFd>> = HashMap::new();
     for (core, &cpu) in cpus.iter().enumerate() {
         let mut listeners = Vec::new();
-        for (i, b) in config.bindings.iter().enumerate() {
-            let l = listener::bind(&b.section.name, *b.section.listen.get_ref(), cpu, 1024)
-                .map_err(RunError::Bind)?;
-            fds.push(l.as_raw_fd());
-            listeners.push((i, l));
+        for b in &config.bindings {
+            let addr = *b.section.listen.get_ref();
+            let l = listener::bind(&b.section.name, addr, cpu, 1024).map_err(RunError::Bind)?;
+            fds.entry(addr).or_default().push(l.as_raw_fd());
+            listeners.push((addr, l));
         }
         per_core.push(CoreListeners {
             cpu,
@@ -131,14 +241,14 @@ pub fn run(config: Config) -> Result<(), RunError> {
             listeners,
         });
     }
+    let (control_tx, control_rx) = mpsc::channel();
     let shared = Arc::new(Shared {
-        tls: tls_configs,
-        users,
-        binding_open: config
-            .bindings
-            .iter()
-            .map(|_| std::sync::atomic::AtomicUsize::new(0))
-            .collect(),
+        live: RwLock::new(Arc::new(Live {
+            generation: 1,
+            config: config.clone(),
+            tls: tls_configs,
+            users,
+        })),
         metrics: crate::metrics::Metrics::new(
             config
                 .bindings
@@ -148,8 +258,10 @@ pub fn run(config: Config) -> Result<(), RunError> {
             cpus.len(),
         ),
         limits: ConnLimits::new(config.limits.max_connections),
-        config: config.clone(),
         shutdown: AtomicBool::new(false),
+        open_per_address: Mutex::new(HashMap::new()),
+        new_listeners: cpus.iter().map(|_| Mutex::new(Vec::new())).collect(),
+        control: Mutex::new(control_tx.clone()),
     });
     let signals = signals::block()?;
     if let Some(addr) = config.admin.listen {
@@ -164,9 +276,7 @@ pub fn run(config: Config) -> Result<(), RunError> {
         bindings = config.bindings.len(),
         "ringmx started"
     );
-    for b in &config.bindings {
-        tracing::info!(binding = %b.section.name, listen = %b.section.listen.get_ref(), direction = ?b.section.direction, tls = ?b.section.tls, "listening");
-    }
+    log_bindings(&config);
     let mut threads = Vec::new();
     for c in per_core {
         let shared = shared.clone();
@@ -176,19 +286,39 @@ pub fn run(config: Config) -> Result<(), RunError> {
             .map_err(|e| RunError::Io("spawning a core thread".into(), e))?;
         threads.push(t);
     }
-    // Wait for a signal that stops us.
-    let sig = signals::wait(&signals);
+    std::thread::Builder::new()
+        .name("ringmx-signals".into())
+        .spawn(move || signals::forward(&signals, &control_tx))
+        .map_err(|e| RunError::Io("spawning the signal thread".into(), e))?;
+    let sig = loop {
+        match control_rx.recv() {
+            Ok(Control::Stop(sig)) => break sig,
+            Ok(Control::Reload(reply)) => {
+                let result = reload(&shared, path.as_deref(), &cpus, &mut fds);
+                match &result {
+                    Ok(g) => tracing::info!(generation = g, "configuration reloaded"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload refused; the running configuration stays")
+                    }
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(_) => break 0,
+        }
+    };
     tracing::info!(
         signal = sig,
         "stopping: no new connections, finishing transactions in flight"
     );
     shared.shutdown.store(true, Ordering::SeqCst);
-    for fd in &fds {
+    for fd in fds.values().flatten() {
         // Wakes a pending accept (it fails with EINVAL) without cancelling it.
         // SAFETY: `fd` is a listening socket owned by a core's listener, still open.
         unsafe { libc::shutdown(*fd, libc::SHUT_RD) };
     }
-    let deadline = std::time::Instant::now() + config.server.shutdown_timeout.0;
+    let deadline = std::time::Instant::now() + shared.live().config.server.shutdown_timeout.0;
     for t in threads {
         while !t.is_finished() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -199,6 +329,73 @@ pub fn run(config: Config) -> Result<(), RunError> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+fn log_bindings(config: &Config) {
+    for b in &config.bindings {
+        tracing::info!(binding = %b.section.name, listen = %b.section.listen.get_ref(), direction = ?b.section.direction, tls = ?b.section.tls, "listening");
+    }
+}
+
+/// Re-read and apply the configuration (see the module comment). Nothing changes on error.
+/// `cores`, `driver` and `admin.listen` keep their startup values.
+fn reload(
+    shared: &Shared,
+    path: Option<&std::path::Path>,
+    cpus: &[usize],
+    fds: &mut HashMap<SocketAddr, Vec<RawFd>>,
+) -> Result<u64, String> {
+    let mut config = match path {
+        Some(p) => Config::load(p),
+        None => Config::embedded_default(),
+    }
+    .map_err(|e| e.to_string())?;
+    let old = shared.live();
+    config.server.driver = old.config.server.driver;
+    let tls = load_tls(&config).map_err(|e| e.to_string())?;
+    let users = Arc::new(load_users(&config).map_err(|e| e.to_string())?);
+    make_folders(&config).map_err(|e| e.to_string())?;
+    let old_addrs: HashSet<SocketAddr> = listen_addrs(&old.config).into_iter().collect();
+    let new_addrs: HashSet<SocketAddr> = listen_addrs(&config).into_iter().collect();
+    // Bind what is new before changing anything, so a port in use refuses the whole reload.
+    let mut added = Vec::new();
+    for b in config
+        .bindings
+        .iter()
+        .filter(|b| !old_addrs.contains(b.section.listen.get_ref()))
+    {
+        let addr = *b.section.listen.get_ref();
+        listener::probe(&b.section.name, addr).map_err(|e| e.to_string())?;
+        for (core, &cpu) in cpus.iter().enumerate() {
+            let l = listener::bind(&b.section.name, addr, cpu, 1024).map_err(|e| e.to_string())?;
+            added.push((core, addr, l));
+        }
+    }
+    let generation = old.generation + 1;
+    let config = Arc::new(config);
+    log_bindings(&config);
+    shared.set_live(Live {
+        generation,
+        config,
+        tls,
+        users,
+    });
+    for (core, addr, l) in added {
+        fds.entry(addr).or_default().push(l.as_raw_fd());
+        if let Some(q) = shared.new_listeners.get(core) {
+            q.lock().unwrap_or_else(|p| p.into_inner()).push((addr, l));
+        }
+    }
+    for addr in old_addrs.difference(&new_addrs) {
+        for fd in fds.remove(addr).unwrap_or_default() {
+            // The accept loop wakes, finds its address gone from the live configuration and
+            // drops the listener; sessions it accepted go on.
+            // SAFETY: `fd` is a listening socket still owned by its core's accept loop.
+            unsafe { libc::shutdown(fd, libc::SHUT_RD) };
+        }
+        tracing::info!(listen = %addr, "binding removed");
+    }
+    Ok(generation)
 }
 
 fn core_main(c: CoreListeners, shared: Arc<Shared>, driver: Driver) {
@@ -227,20 +424,15 @@ fn core_main(c: CoreListeners, shared: Arc<Shared>, driver: Driver) {
     };
     rt.block_on(async move {
         let ctx = Rc::new(conn::CoreCtx::new(c.core, shared.clone()));
-        let mut accepts = Vec::new();
-        for (i, l) in c.listeners {
-            let Some(b) = shared.config.bindings.get(i) else {
-                continue;
-            };
-            let rt = BindingRt {
-                index: i,
-                b: b.clone(),
-                tls: shared.tls.get(i).cloned().flatten(),
-            };
-            accepts.push(monoio::spawn(accept_loop(l, Rc::new(rt), ctx.clone())));
+        for (addr, l) in c.listeners {
+            monoio::spawn(accept_loop(l, addr, ctx.clone()));
         }
-        for a in accepts {
-            a.await;
+        // Listeners added by a reload arrive here.
+        while !shared.shutdown.load(Ordering::SeqCst) {
+            for (addr, l) in shared.take_new_listeners(c.core) {
+                monoio::spawn(accept_loop(l, addr, ctx.clone()));
+            }
+            monoio::time::sleep(Duration::from_millis(50)).await;
         }
         // Stopping: idle sessions get 421 now; those in a transaction finish it first (and
         // are woken once idle), up to the shutdown timeout enforced by the main thread.
@@ -251,7 +443,7 @@ fn core_main(c: CoreListeners, shared: Arc<Shared>, driver: Driver) {
     });
 }
 
-async fn accept_loop(l: std::net::TcpListener, binding: Rc<BindingRt>, ctx: Rc<conn::CoreCtx>) {
+async fn accept_loop(l: std::net::TcpListener, listen: SocketAddr, ctx: Rc<conn::CoreCtx>) {
     let listener = match monoio::net::TcpListener::from_std(l) {
         Ok(l) => l,
         Err(e) => {
@@ -259,14 +451,29 @@ async fn accept_loop(l: std::net::TcpListener, binding: Rc<BindingRt>, ctx: Rc<c
             return;
         }
     };
+    // The binding as of the configuration generation last seen.
+    let mut current: Option<(u64, Rc<BindingRt>)> = None;
     loop {
         let accepted = listener.accept().await;
         if ctx.shared.shutdown.load(Ordering::SeqCst) {
             return;
         }
+        let live = ctx.shared.live();
+        let binding = match &current {
+            Some((g, b)) if *g == live.generation => b.clone(),
+            _ => match binding_rt(&ctx.shared, &live, listen) {
+                Some(b) => {
+                    let b = Rc::new(b);
+                    current = Some((live.generation, b.clone()));
+                    b
+                }
+                // Removed by a reload: stop listening (sessions already accepted go on).
+                None => return,
+            },
+        };
         match accepted {
             Ok((stream, peer)) => {
-                monoio::spawn(conn::handle(stream, peer, binding.clone(), ctx.clone()));
+                monoio::spawn(conn::handle(stream, peer, binding, ctx.clone()));
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -315,8 +522,8 @@ mod signals {
         }
     }
 
-    /// Wait for SIGTERM or SIGINT (SIGHUP is logged; reload arrives with the admin endpoint).
-    pub(super) fn wait(set: &Set) -> i32 {
+    /// Turn SIGHUP into reload requests and SIGTERM/SIGINT into a stop, for the main thread.
+    pub(super) fn forward(set: &Set, tx: &std::sync::mpsc::Sender<super::Control>) {
         loop {
             let mut sig: libc::c_int = 0;
             // SAFETY: `set` was initialised by `block`; `sig` is a valid out pointer.
@@ -324,11 +531,15 @@ mod signals {
             if rc != 0 {
                 continue;
             }
-            if sig == libc::SIGHUP {
-                tracing::warn!("SIGHUP: configuration reload is not available yet; ignoring");
-                continue;
+            let msg = if sig == libc::SIGHUP {
+                super::Control::Reload(None)
+            } else {
+                super::Control::Stop(sig)
+            };
+            let stop = matches!(msg, super::Control::Stop(_));
+            if tx.send(msg).is_err() || stop {
+                return;
             }
-            return sig;
         }
     }
 }

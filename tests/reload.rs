@@ -1,0 +1,206 @@
+//! Live reload (POST /reload through `ringmx reload`, and SIGHUP): bindings added, removed and
+//! changed without dropping a session — a DATA transfer in flight completes and is accepted —
+//! and a broken configuration refused while the running one stays.
+
+mod support;
+
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::{DRIVERS, Raw, Server, free_port, stderr, stdout};
+
+fn config(s: &Server, third: u16, banner: &str, with_outbound: bool) -> String {
+    let outbound = if with_outbound {
+        format!(
+            "[[binding]]\nname = \"outbound\"\nlisten = \"{}\"\ndirection = \"outbound\"\nallowed_clients = [\"127.0.0.0/8\"]\n",
+            s.outbound
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        r#"[server]
+hostname = "mx.test"
+cores = 2
+
+[[binding]]
+name = "inbound"
+listen = "{inbound}"
+direction = "inbound"
+
+{outbound}
+[[binding]]
+name = "added"
+listen = "127.0.0.1:{third}"
+direction = "inbound"
+
+[domains]
+local = ["example.test"]
+
+[smtp]
+banner = "{banner}"
+
+[admin]
+listen = "{admin}"
+
+[[route]]
+domains = ["*"]
+action = "drop"
+folder = "{dir}/drop"
+"#,
+        inbound = s.inbound,
+        admin = s.admin,
+        dir = s.dir.display()
+    )
+}
+
+fn reload(s: &Server) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_ringmx"))
+        .args(["reload", "--admin", &s.admin.to_string()])
+        .output()
+        .unwrap()
+}
+
+fn greeting(addr: SocketAddr) -> String {
+    let mut c = Raw::connect(addr);
+    c.reply()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn reload_adds_removes_and_changes_bindings_without_dropping_sessions() {
+    for driver in DRIVERS {
+        let mut s = Server::start("reload", driver);
+        let path = s.dir.join("ringmx.toml");
+        // A transfer in flight across the reload.
+        let mut busy = Raw::connect(s.inbound);
+        busy.reply();
+        busy.cmd("EHLO c\r\n");
+        busy.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n");
+        for _ in 0..3 {
+            busy.reply();
+        }
+        busy.send("Subject: across a reload\r\n\r\nbefore\r\n");
+
+        let third = free_port();
+        std::fs::write(&path, config(&s, third, "reloaded", false)).unwrap();
+        let out = reload(&s);
+        assert!(
+            out.status.success(),
+            "[{driver}] {}\n{}",
+            stderr(&out),
+            s.log()
+        );
+        assert_eq!(stdout(&out), "reloaded (generation 2)\n");
+
+        busy.send("after\r\n.\r\n");
+        assert!(
+            busy.reply().starts_with("250 2.0.0 Ok: queued as"),
+            "[{driver}] the session survived"
+        );
+        assert_eq!(busy.cmd("QUIT\r\n"), "221 2.0.0 Bye\r\n");
+        let files = s.dropped();
+        assert!(
+            files.iter().any(|f| f.ends_with("before\r\nafter\r\n")),
+            "{files:?}"
+        );
+
+        // Changed binding: new connections see the new settings.
+        assert_eq!(greeting(s.inbound), "220 mx.test ESMTP reloaded\r\n");
+        // Added binding.
+        let added = SocketAddr::from(([127, 0, 0, 1], third));
+        wait_until("the added binding accepts", || {
+            TcpStream::connect(added).is_ok() && greeting(added).starts_with("220 mx.test")
+        });
+        // Removed binding: its listeners close on every core.
+        wait_until("the removed binding stops listening", || {
+            TcpStream::connect(s.outbound).is_err()
+        });
+
+        // A broken configuration is refused with its key and line; the running one stays.
+        std::fs::write(
+            &path,
+            config(&s, third, "reloaded", false).replace("[smtp]", "[smtp]\ncolour = 1"),
+        )
+        .unwrap();
+        let out = reload(&s);
+        assert_eq!(out.status.code(), Some(1));
+        let e = stderr(&out);
+        assert!(
+            e.contains(&format!("{}:", path.display())) && e.contains("colour"),
+            "{e}"
+        );
+        assert_eq!(greeting(s.inbound), "220 mx.test ESMTP reloaded\r\n");
+
+        // SIGHUP does the same, and can bring a removed binding back.
+        std::fs::write(&path, config(&s, third, "after-hup", true)).unwrap();
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(s.child.as_ref().unwrap().id() as i32, libc::SIGHUP) };
+        wait_until("SIGHUP reloads", || {
+            greeting(s.inbound) == "220 mx.test ESMTP after-hup\r\n"
+        });
+        wait_until("the outbound binding is back", || {
+            TcpStream::connect(s.outbound).is_ok() && greeting(s.outbound).starts_with("220")
+        });
+        assert!(s.stop().success());
+        assert!(s.log().contains("configuration reloaded"), "{}", s.log());
+    }
+}
+
+const PEER_CERT: &str = r#"
+import hashlib, os, smtplib, ssl
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=10) as s:
+    s.starttls(context=ctx)
+    print(hashlib.sha256(s.sock.getpeercert(binary_form=True)).hexdigest())
+"#;
+
+#[test]
+fn reload_replaces_certificates() {
+    let first = support::Certs::new();
+    let second = support::Certs::new();
+    let s = Server::start_with("reload-cert", "auto", &first.pem_binding("starttls"), "");
+    let fingerprint = || {
+        let out = support::python(PEER_CERT, s.inbound.port(), 0);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let before = fingerprint();
+    let path = s.dir.join("ringmx.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let swapped = text
+        .replace(
+            &first.cert.display().to_string(),
+            &second.cert.display().to_string(),
+        )
+        .replace(
+            &first.key.display().to_string(),
+            &second.key.display().to_string(),
+        );
+    assert_ne!(text, swapped);
+    std::fs::write(&path, swapped).unwrap();
+    let out = reload(&s);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let after = fingerprint();
+    assert_ne!(before, after, "new TLS sessions use the new certificate");
+    // A certificate that does not load is refused, naming the binding and the file.
+    std::fs::write(&second.cert, "garbage").unwrap();
+    let out = reload(&s);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("binding \"inbound\": certificate"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fingerprint(), after, "the running certificate stays");
+}
