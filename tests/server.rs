@@ -410,3 +410,38 @@ fn bare_lf_exempt_binding_limit_and_min_data_rate() {
     );
     assert_eq!(got, "421 4.4.2 Data rate too low, closing connection\r\n");
 }
+
+#[test]
+fn ipv6_binding() {
+    // The outbound binding moves to [::1]; smtplib connects over IPv6 and relays.
+    let v6 = support::free_port();
+    let s = Server::start_with("ipv6", "auto", "", "");
+    let path = s.dir.join("ringmx.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let moved = text
+        .replace(
+            &format!("listen = \"{}\"", s.outbound),
+            &format!("listen = \"[::1]:{v6}\""),
+        )
+        .replace(
+            "allowed_clients = [\"127.0.0.0/8\"]",
+            "allowed_clients = [\"::1\"]",
+        );
+    std::fs::write(&path, moved).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ringmx"))
+        .args(["reload", "--admin", &s.admin.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let script = r#"
+import os, smtplib
+with smtplib.SMTP("::1", int(os.environ["PORT"]), timeout=10) as s:
+    print(s.sendmail("me@example.test", ["friend@elsewhere.test"], b"Subject: v6\r\n\r\nx\r\n"))
+"#;
+    let out = python(script, v6, 0);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), s.log());
+    assert_eq!(stdout(&out), "{}\n");
+    let files = s.dropped();
+    assert!(files[0].contains("Received: from "), "{}", files[0]);
+    assert!(files[0].contains("([::1])"), "{}", files[0]);
+}

@@ -601,8 +601,10 @@ impl Conn {
                     queue_id = %queue_id,
                     client = %self.peer.ip(),
                     helo = %self.helo,
+                    tls = self.tls.as_deref().unwrap_or("none"),
+                    auth = self.auth_user.as_deref().unwrap_or("-"),
                     from = %env.mail_from,
-                    rcpts = env.rcpts.len(),
+                    to = %env.rcpts.join(","),
                     size,
                     result = "accepted",
                     "message"
