@@ -654,13 +654,11 @@ impl Config {
                     ));
                 }
             }
+            let mut sec = sec;
             match sec.action {
+                // A drop route without a folder drops into `{data_dir}/drop`.
                 RouteAction::Drop if sec.folder.is_none() => {
-                    return Err(err(
-                        key_line(source, "action", at),
-                        &format!("route[{i}].folder"),
-                        "action = \"drop\" needs folder".into(),
-                    ));
+                    sec.folder = Some(server.data_dir.join("drop"));
                 }
                 RouteAction::Drop => {}
             }

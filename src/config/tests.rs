@@ -106,11 +106,6 @@ fn semantic_errors_name_the_key() {
             Some(16),
         ),
         (
-            MINIMAL.replace("folder = \"/tmp/drop\"", ""),
-            "route[0].folder",
-            Some(12),
-        ),
-        (
             MINIMAL.replace("domains = [\"*\"]", "domains = [\"bad domain\"]"),
             "route[0].domains",
             Some(11),
@@ -135,6 +130,16 @@ fn semantic_errors_name_the_key() {
         let e = parse(&src).unwrap_err();
         assert_eq!((e.key.as_str(), e.line), (key, line), "{e}");
     }
+}
+
+#[test]
+fn drop_folder_defaults_to_the_data_dir() {
+    let src = format!(
+        "[server]\ndata_dir = \"/srv/mx\"\n{}",
+        MINIMAL.replace("folder = \"/tmp/drop\"", "")
+    );
+    let c = parse(&src).unwrap();
+    assert_eq!(c.routes[0].folder, Some(PathBuf::from("/srv/mx/drop")));
 }
 
 #[test]

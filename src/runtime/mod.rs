@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::Duration;
 
@@ -53,6 +53,8 @@ pub(crate) enum Control {
 #[derive(Debug)]
 pub struct Shared {
     live: RwLock<Arc<Live>>,
+    /// `live`'s generation, so accept loops notice a reload without taking the lock.
+    generation: AtomicU64,
     pub metrics: crate::metrics::Metrics,
     pub limits: ConnLimits,
     pub shutdown: AtomicBool,
@@ -73,11 +75,13 @@ impl Shared {
     }
 
     fn set_live(&self, live: Live) {
+        let generation = live.generation;
         let live = Arc::new(live);
         match self.live.write() {
             Ok(mut g) => *g = live,
             Err(p) => *p.into_inner() = live,
         }
+        self.generation.store(generation, Ordering::Release);
     }
 
     fn open_counter(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
@@ -120,6 +124,8 @@ pub enum RunError {
 /// A binding with what it needs at run time, from one generation of the configuration.
 #[derive(Debug)]
 pub(crate) struct BindingRt {
+    /// The configuration generation this was built from.
+    pub(crate) generation: u64,
     /// Index in the metrics' binding list (`usize::MAX` for a binding added by a reload).
     pub(crate) index: usize,
     pub(crate) b: Binding,
@@ -137,6 +143,7 @@ fn binding_rt(shared: &Shared, live: &Live, listen: SocketAddr) -> Option<Bindin
         .position(|b| *b.section.listen.get_ref() == listen)?;
     let b = live.config.bindings.get(i)?.clone();
     Some(BindingRt {
+        generation: live.generation,
         index: shared
             .metrics
             .binding_index(&b.section.name)
@@ -243,6 +250,7 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
     }
     let (control_tx, control_rx) = mpsc::channel();
     let shared = Arc::new(Shared {
+        generation: AtomicU64::new(1),
         live: RwLock::new(Arc::new(Live {
             generation: 1,
             config: config.clone(),
@@ -458,13 +466,14 @@ async fn accept_loop(l: std::net::TcpListener, listen: SocketAddr, ctx: Rc<conn:
         if ctx.shared.shutdown.load(Ordering::SeqCst) {
             return;
         }
-        let live = ctx.shared.live();
+        // Lock-free unless a reload happened since the last connection.
+        let generation = ctx.shared.generation.load(Ordering::Acquire);
         let binding = match &current {
-            Some((g, b)) if *g == live.generation => b.clone(),
-            _ => match binding_rt(&ctx.shared, &live, listen) {
+            Some((g, b)) if *g == generation => b.clone(),
+            _ => match binding_rt(&ctx.shared, &ctx.shared.live(), listen) {
                 Some(b) => {
                     let b = Rc::new(b);
-                    current = Some((live.generation, b.clone()));
+                    current = Some((b.generation, b.clone()));
                     b
                 }
                 // Removed by a reload: stop listening (sessions already accepted go on).
