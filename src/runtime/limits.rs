@@ -12,7 +12,7 @@ const SLOTS: usize = 1 << 16;
 /// Total and per-IP connection counters.
 pub struct ConnLimits {
     total: AtomicUsize,
-    max_total: usize,
+    max_total: AtomicUsize,
     per_ip: Box<[AtomicU32]>,
     hasher: RandomState,
 }
@@ -45,7 +45,7 @@ impl ConnLimits {
     pub fn new(max_total: usize) -> ConnLimits {
         ConnLimits {
             total: AtomicUsize::new(0),
-            max_total,
+            max_total: AtomicUsize::new(max_total),
             per_ip: (0..SLOTS).map(|_| AtomicU32::new(0)).collect(),
             hasher: RandomState::new(),
         }
@@ -64,10 +64,15 @@ impl ConnLimits {
             .per_ip
             .get(slot)
             .map_or(0, |s| s.fetch_add(1, Ordering::Relaxed) as usize + 1);
-        if total > self.max_total || per_ip > max_per_ip {
+        if total > self.max_total.load(Ordering::Relaxed) || per_ip > max_per_ip {
             return None; // `guard` drops here and gives both counts back
         }
         Some(guard)
+    }
+
+    /// Change the total limit (on reload).
+    pub fn set_max_total(&self, max_total: usize) {
+        self.max_total.store(max_total, Ordering::Relaxed);
     }
 
     /// Connections open now.

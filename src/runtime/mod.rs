@@ -380,6 +380,7 @@ fn reload(
         }
     }
     let generation = old.generation + 1;
+    shared.limits.set_max_total(config.limits.max_connections);
     let config = Arc::new(config);
     log_bindings(&config);
     shared.set_live(Live {
