@@ -13,12 +13,7 @@ fn v1_header_sets_the_client_address() {
         c.send("PROXY TCP4 192.0.2.7 127.0.0.1 40000 25\r\n");
         assert!(c.reply().starts_with("220 mx.test"), "[{driver}]");
         c.cmd("EHLO proxied.test\r\n");
-        c.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n");
-        assert!(
-            c.reply().starts_with("250")
-                && c.reply().starts_with("250")
-                && c.reply().starts_with("354")
-        );
+        c.start_data();
         assert!(
             c.cmd("Subject: p\r\n\r\nx\r\n.\r\n")
                 .starts_with("250 2.0.0 Ok")

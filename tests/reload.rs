@@ -84,10 +84,7 @@ fn reload_adds_removes_and_changes_bindings_without_dropping_sessions() {
         let mut busy = Raw::connect(s.inbound);
         busy.reply();
         busy.cmd("EHLO c\r\n");
-        busy.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n");
-        for _ in 0..3 {
-            busy.reply();
-        }
+        busy.start_data();
         busy.send("Subject: across a reload\r\n\r\nbefore\r\n");
 
         let third = free_port();

@@ -140,10 +140,7 @@ fn smuggling_attempt_is_one_rejected_message() {
         let mut c = Raw::connect(s.inbound);
         assert!(c.reply().starts_with("220 mx.test"));
         c.cmd("EHLO c\r\n");
-        c.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n");
-        assert!(c.reply().starts_with("250"));
-        assert!(c.reply().starts_with("250"));
-        assert!(c.reply().starts_with("354"));
+        c.start_data();
         c.send(
             "hi\n.\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<v@example.test>\r\nDATA\r\nforged\r\n.\r\n",
         );
@@ -267,10 +264,7 @@ fn sigterm_finishes_transactions_and_says_421_to_idle_sessions() {
         let mut busy = Raw::connect(s.inbound);
         busy.reply();
         busy.cmd("EHLO c\r\n");
-        busy.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n");
-        for _ in 0..3 {
-            busy.reply();
-        }
+        busy.start_data();
         busy.send("Subject: in flight\r\n\r\nfirst half\r\n");
         std::thread::sleep(Duration::from_millis(100));
         s.sigterm();
@@ -369,10 +363,7 @@ fn bare_lf_exempt_binding_limit_and_min_data_rate() {
     let mut c = Raw::connect(s.inbound);
     c.reply();
     c.cmd("EHLO c\r\n");
-    c.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n");
-    for _ in 0..3 {
-        c.reply();
-    }
+    c.start_data();
     assert!(c.cmd("a\nb\r\n.\r\n").starts_with("250 2.0.0 Ok"));
     let files = s.dropped();
     assert!(files[0].ends_with("a\r\nb\r\n"), "{:?}", files[0]);
@@ -387,10 +378,7 @@ fn bare_lf_exempt_binding_limit_and_min_data_rate() {
     );
     drop((d, e));
     // min_data_rate: a message dribbling in far below 1000 B/s is cut off.
-    c.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n");
-    for _ in 0..3 {
-        c.reply();
-    }
+    c.start_data();
     // Dribble a byte every 200 ms, and stop as soon as the server answers (writing after its
     // close would reset the connection and lose the reply).
     c.w.set_read_timeout(Some(Duration::from_millis(200)))

@@ -16,8 +16,8 @@ use monoio::net::TcpStream;
 
 use super::transport::Transport;
 use super::{BindingRt, Shared};
+use crate::config::TlsMode;
 use crate::config::units::any_contains;
-use crate::config::{Config, TlsMode};
 use crate::delivery::{self, Envelope, drop_folder, trace};
 use crate::metrics::Reason;
 use crate::policy::{self, Client};
@@ -119,7 +119,6 @@ struct Conn {
     peer: SocketAddr,
     binding: Rc<BindingRt>,
     ctx: Rc<CoreCtx>,
-    config: Arc<Config>,
     transport: Transport,
     tls: Option<String>,
     helo: String,
@@ -187,7 +186,6 @@ pub(crate) async fn handle(
     let guard = guard.filter(|_| binding_count <= binding.b.limits.max_connections);
     let mut conn = Conn {
         peer,
-        config: binding.config.clone(),
         binding,
         transport: Transport::Plain,
         tls: None,
@@ -499,7 +497,12 @@ impl Conn {
                 }
                 Event::Rcpt { to, .. } => {
                     let client = self.client(&feed);
-                    match policy::check_rcpt(&self.config, &self.binding.b, client, to.domain()) {
+                    match policy::check_rcpt(
+                        &self.binding.config,
+                        &self.binding.b,
+                        client,
+                        to.domain(),
+                    ) {
                         Ok(()) => {
                             self.txn.rcpts.push(to.as_str().to_string());
                             feed.accept();
@@ -559,6 +562,7 @@ impl Conn {
         for r in &env.rcpts {
             let domain = r.rsplit_once('@').map_or("", |(_, d)| d);
             let Some(folder) = self
+                .binding
                 .config
                 .route_for(domain, direction)
                 .and_then(|r| r.folder.clone())
@@ -573,7 +577,7 @@ impl Conn {
                 None => groups.push((folder, vec![r.clone()])),
             }
         }
-        let received = trace::received(&env, &self.config.server.hostname);
+        let received = trace::received(&env, &self.binding.config.server.hostname);
         let content = std::mem::take(&mut self.txn.content);
         let size = content.len();
         let env2 = env.clone();

@@ -400,6 +400,16 @@ impl Raw {
         self.reply()
     }
 
+    /// Pipeline `MAIL FROM:<a@b.test>`, `RCPT TO:<u@example.test>` and `DATA` and check the
+    /// three replies (250, 250, 354): the message content comes next.
+    pub fn start_data(&mut self) {
+        self.send("MAIL FROM:<a@b.test>\r\nRCPT TO:<u@example.test>\r\nDATA\r\n");
+        for code in ["250", "250", "354"] {
+            let r = self.reply();
+            assert!(r.starts_with(code), "expected {code}, got {r:?}");
+        }
+    }
+
     /// Read until the peer closes; returns what arrived.
     pub fn rest(&mut self) -> String {
         let mut s = String::new();
