@@ -1,5 +1,7 @@
 //! The local admin endpoint: a deliberately small HTTP/1.1 server on its own thread (it never
-//! runs on a core). `GET /metrics` (Prometheus text), `GET /healthz`, `POST /reload`.
+//! runs on a core). `GET /metrics` (Prometheus text), `GET /healthz`, `POST /reload`, and the
+//! queue API behind `ringmx queue`: `GET /queue`, `GET /queue/ID`, `POST /queue/flush[/ID]`,
+//! `POST /queue/ID/delete|hold|release`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -69,6 +71,7 @@ fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             ),
             Err(e) => ("400 Bad Request", "text/plain", format!("{e}\n")),
         },
+        (m, p) if p.starts_with("/queue") => queue(shared, m, p),
         (_, "/metrics" | "/healthz" | "/reload") => (
             "405 Method Not Allowed",
             "text/plain",
@@ -83,4 +86,51 @@ fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         body.len()
     )?;
     w.flush()
+}
+
+type Response = (&'static str, &'static str, String);
+
+fn queue(shared: &Shared, method: &str, path: &str) -> Response {
+    use crate::runtime::queue::Op;
+    let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(2).collect();
+    let op = match (method, parts.as_slice()) {
+        ("GET", []) => Op::List,
+        ("POST", ["flush"]) => Op::Flush(None),
+        ("POST", ["flush", id]) => Op::Flush(Some(id.to_string())),
+        ("GET", [id]) => Op::Show(id.to_string()),
+        ("POST", [id, "delete"]) => Op::Delete(id.to_string()),
+        ("POST", [id, "hold"]) => Op::Hold(id.to_string()),
+        ("POST", [id, "release"]) => Op::Release(id.to_string()),
+        _ => {
+            return (
+                "404 Not Found",
+                "text/plain",
+                "no such queue request\n".into(),
+            );
+        }
+    };
+    let by_id = matches!(
+        op,
+        Op::Show(_) | Op::Delete(_) | Op::Hold(_) | Op::Release(_) | Op::Flush(Some(_))
+    );
+    let answers = shared.queue_command(op.clone());
+    if by_id && answers.is_empty() {
+        return (
+            "404 Not Found",
+            "text/plain",
+            "no such message in the queue\n".into(),
+        );
+    }
+    let body = match op {
+        Op::Flush(_) => {
+            let n: u64 = answers
+                .iter()
+                .filter_map(|a| a.trim().parse::<u64>().ok())
+                .sum();
+            format!("{n} message(s) scheduled for delivery now\n")
+        }
+        Op::Delete(_) | Op::Hold(_) | Op::Release(_) => "ok\n".into(),
+        _ => answers.concat(),
+    };
+    ("200 OK", "text/plain", body)
 }

@@ -9,5 +9,7 @@ pub mod delivery;
 pub mod metrics;
 pub mod policy;
 pub mod proto;
+pub mod relay;
 pub mod runtime;
+pub mod spool;
 pub mod tls;

@@ -12,7 +12,8 @@ USAGE:
     ringmx run [--config FILE] [--driver auto|legacy]
         Run in the foreground until SIGTERM or SIGINT. Without --config, an embedded default
         is used: inbound 127.0.0.1:2525 (local domain example.test), outbound 127.0.0.1:2587
-        (clients from 127.0.0.0/8 may relay), messages dropped into ./ringmx-data/drop.
+        (clients from 127.0.0.0/8 may relay), messages spooled in ./ringmx-data/spool and
+        then dropped into ./ringmx-data/drop.
         --driver legacy forces epoll instead of io_uring (also: [server] driver).
     ringmx check-config FILE
         Validate FILE; on error print the file, line, key and problem and exit 1.
@@ -20,6 +21,10 @@ USAGE:
         Ask the running server to re-read its configuration (POST /reload on the admin
         endpoint, default 127.0.0.1:8025; SIGHUP does the same). A configuration with errors
         is refused and the running one stays; the reason is printed and the exit code is 1.
+    ringmx queue [list | show ID | flush [ID] | delete ID | hold ID | release ID] [--admin ADDR]
+        The delivery queue of the running server: list (id, state, age, attempts, sender,
+        pending recipients, last error), one message's details, retry now, delete without a
+        bounce, hold, release.
     ringmx print-default-config
         Print the embedded default configuration.
     ringmx hash-password < PASSWORD
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
             }
         }
         Some("reload") => reload(&args[1..]),
+        Some("queue") => queue(&args[1..]),
         Some("print-default-config") => {
             print!("{}", ringmx::config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
@@ -93,17 +99,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn reload(args: &[String]) -> ExitCode {
+/// `[--admin ADDR]` at the end of `args`: the address and the arguments before it.
+fn admin_addr(args: &[String]) -> (String, &[String]) {
+    match args {
+        [rest @ .., flag, a] if flag == "--admin" => (a.clone(), rest),
+        _ => ("127.0.0.1:8025".to_string(), args),
+    }
+}
+
+/// One request to the admin endpoint; prints the body, fails on a non-200 answer.
+fn admin_request(addr: &str, method: &str, path: &str, failure: &str) -> ExitCode {
     use std::io::{Read, Write};
-    let addr = match args {
-        [] => "127.0.0.1:8025".to_string(),
-        [flag, a] if flag == "--admin" => a.clone(),
-        _ => return usage_error("reload takes [--admin ADDR]"),
-    };
     let result = (|| -> std::io::Result<String> {
-        let mut s = std::net::TcpStream::connect(&addr)?;
+        let mut s = std::net::TcpStream::connect(addr)?;
         s.set_read_timeout(Some(std::time::Duration::from_secs(70)))?;
-        s.write_all(b"POST /reload HTTP/1.1\r\nHost: ringmx\r\nContent-Length: 0\r\n\r\n")?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: ringmx\r\nContent-Length: 0\r\n\r\n"
+        )?;
         let mut all = String::new();
         s.read_to_string(&mut all)?;
         Ok(all)
@@ -111,12 +124,11 @@ fn reload(args: &[String]) -> ExitCode {
     match result {
         Ok(all) => {
             let (head, body) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
-            let ok = head.starts_with("HTTP/1.1 200");
-            if ok {
+            if head.starts_with("HTTP/1.1 200") {
                 print!("{body}");
                 ExitCode::SUCCESS
             } else {
-                eprint!("ringmx: reload refused: {body}");
+                eprint!("ringmx: {failure}: {body}");
                 ExitCode::FAILURE
             }
         }
@@ -125,6 +137,31 @@ fn reload(args: &[String]) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn reload(args: &[String]) -> ExitCode {
+    match admin_addr(args) {
+        (addr, []) => admin_request(&addr, "POST", "/reload", "reload refused"),
+        _ => usage_error("reload takes [--admin ADDR]"),
+    }
+}
+
+fn queue(args: &[String]) -> ExitCode {
+    let (addr, args) = admin_addr(args);
+    let strs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (method, path) = match strs.as_slice() {
+        ["list"] | [] => ("GET", "/queue".to_string()),
+        ["show", id] => ("GET", format!("/queue/{id}")),
+        ["flush"] => ("POST", "/queue/flush".to_string()),
+        ["flush", id] => ("POST", format!("/queue/flush/{id}")),
+        [op @ ("delete" | "hold" | "release"), id] => ("POST", format!("/queue/{id}/{op}")),
+        _ => {
+            return usage_error(
+                "queue takes list | show ID | flush [ID] | delete ID | hold ID | release ID",
+            );
+        }
+    };
+    admin_request(&addr, method, &path, "queue request failed")
 }
 
 fn usage_error(msg: &str) -> ExitCode {

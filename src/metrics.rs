@@ -48,7 +48,24 @@ pub struct Metrics {
     duration_buckets: [AtomicU64; DURATION_BUCKETS.len()],
     duration_count: AtomicU64,
     duration_sum_us: AtomicU64,
+    /// Per core: active, deferred, held.
+    queue: Vec<[AtomicI64; 3]>,
+    deliveries: [AtomicU64; DELIVERY_RESULTS.len()],
+    queue_time_count: AtomicU64,
+    queue_time_sum_ms: AtomicU64,
+    commit: std::sync::Arc<crate::spool::CommitStats>,
 }
+
+/// `ringmx_deliveries_total{result}` labels.
+const DELIVERY_RESULTS: [&str; 7] = [
+    "delivered",
+    "deferred",
+    "failed",
+    "expired",
+    "discarded",
+    "bounces_sent",
+    "dropped",
+];
 
 fn zeros(n: usize) -> Vec<AtomicU64> {
     (0..n).map(|_| AtomicU64::new(0)).collect()
@@ -72,6 +89,11 @@ impl Metrics {
             duration_buckets: Default::default(),
             duration_count: AtomicU64::new(0),
             duration_sum_us: AtomicU64::new(0),
+            queue: (0..cores).map(|_| Default::default()).collect(),
+            deliveries: Default::default(),
+            queue_time_count: AtomicU64::new(0),
+            queue_time_sum_ms: AtomicU64::new(0),
+            commit: Default::default(),
         }
     }
 
@@ -109,6 +131,34 @@ impl Metrics {
     pub fn message_accepted(&self, binding: usize, bytes: u64) {
         Self::add(self.accepted.get(binding), 1);
         self.accepted_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// A core's queue sizes (active, deferred, held).
+    pub fn queue_size(&self, core: usize, sizes: [i64; 3]) {
+        if let Some(q) = self.queue.get(core) {
+            for (a, v) in q.iter().zip(sizes) {
+                a.store(v, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Recipients by delivery result (`delivered`, `deferred`, `failed`, …).
+    pub fn delivery(&self, result: &str, n: u64) {
+        if let Some(i) = DELIVERY_RESULTS.iter().position(|r| *r == result) {
+            Self::add(self.deliveries.get(i), n);
+        }
+    }
+
+    /// A message left the queue after `seconds`.
+    pub fn time_in_queue(&self, seconds: f64) {
+        self.queue_time_count.fetch_add(1, Ordering::Relaxed);
+        self.queue_time_sum_ms
+            .fetch_add((seconds * 1000.0) as u64, Ordering::Relaxed);
+    }
+
+    /// The spool committers' statistics (shared with every core's committer).
+    pub fn commit_stats(&self) -> std::sync::Arc<crate::spool::CommitStats> {
+        self.commit.clone()
     }
 
     pub fn rejected(&self, reason: Reason) {
@@ -243,7 +293,84 @@ impl Metrics {
             get(&self.duration_sum_us) as f64 / 1e6
         );
         let _ = writeln!(o, "ringmx_session_duration_seconds_count {count}");
+        self.render_queue(&mut o);
         o
+    }
+
+    fn render_queue(&self, o: &mut String) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let _ = writeln!(
+            o,
+            "# HELP ringmx_queue_messages Messages in the queue by state."
+        );
+        let _ = writeln!(o, "# TYPE ringmx_queue_messages gauge");
+        for (i, state) in ["active", "deferred", "held"].iter().enumerate() {
+            let v: i64 = self
+                .queue
+                .iter()
+                .map(|q| q.get(i).map_or(0, |a| a.load(Ordering::Relaxed)))
+                .sum();
+            let _ = writeln!(o, "ringmx_queue_messages{{state=\"{state}\"}} {v}");
+        }
+        let _ = writeln!(
+            o,
+            "# HELP ringmx_deliveries_total Recipients by delivery attempt result."
+        );
+        let _ = writeln!(o, "# TYPE ringmx_deliveries_total counter");
+        for (i, r) in DELIVERY_RESULTS.iter().enumerate() {
+            let _ = writeln!(
+                o,
+                "ringmx_deliveries_total{{result=\"{r}\"}} {}",
+                self.deliveries.get(i).map_or(0, get)
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP ringmx_queue_time_seconds Time messages spent in the queue."
+        );
+        let _ = writeln!(o, "# TYPE ringmx_queue_time_seconds summary");
+        let _ = writeln!(
+            o,
+            "ringmx_queue_time_seconds_sum {}",
+            get(&self.queue_time_sum_ms) as f64 / 1e3
+        );
+        let _ = writeln!(
+            o,
+            "ringmx_queue_time_seconds_count {}",
+            get(&self.queue_time_count)
+        );
+        let c = &self.commit;
+        let _ = writeln!(o, "# HELP ringmx_spool_commits_total fdatasync batches.");
+        let _ = writeln!(o, "# TYPE ringmx_spool_commits_total counter");
+        let _ = writeln!(o, "ringmx_spool_commits_total {}", get(&c.commits));
+        let _ = writeln!(
+            o,
+            "# HELP ringmx_spool_committed_total Appends made durable (sum of batch sizes)."
+        );
+        let _ = writeln!(o, "# TYPE ringmx_spool_committed_total counter");
+        let _ = writeln!(o, "ringmx_spool_committed_total {}", get(&c.committed));
+        let _ = writeln!(
+            o,
+            "# HELP ringmx_spool_commit_seconds_total Time spent in fdatasync."
+        );
+        let _ = writeln!(o, "# TYPE ringmx_spool_commit_seconds_total counter");
+        let _ = writeln!(
+            o,
+            "ringmx_spool_commit_seconds_total {}",
+            get(&c.latency_us) as f64 / 1e6
+        );
+        let _ = writeln!(
+            o,
+            "# HELP ringmx_spool_commit_batch_max Largest batch so far."
+        );
+        let _ = writeln!(o, "# TYPE ringmx_spool_commit_batch_max gauge");
+        let _ = writeln!(o, "ringmx_spool_commit_batch_max {}", get(&c.max_batch));
+        let _ = writeln!(
+            o,
+            "# HELP ringmx_spool_errors_total Failed commits (answered 451)."
+        );
+        let _ = writeln!(o, "# TYPE ringmx_spool_errors_total counter");
+        let _ = writeln!(o, "ringmx_spool_errors_total {}", get(&c.errors));
     }
 }
 

@@ -107,7 +107,7 @@ fn load_pkcs12(
 }
 
 /// `TLSv1.3 TLS13_AES_256_GCM_SHA384`, for logs and the Received header.
-pub fn describe(conn: &rustls::ServerConnection) -> String {
+pub fn describe(conn: &rustls::CommonState) -> String {
     let v = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
         Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",

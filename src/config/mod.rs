@@ -329,8 +329,29 @@ impl Default for AdminSection {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RouteAction {
+    /// SMTP to the route's next hops (or the recipient domain's MX hosts).
+    Relay,
     /// One `.eml` file per message into `folder` (pickup folder).
     Drop,
+    /// Accept and throw away (tests and benchmarks); logged. Not spooled.
+    Discard,
+    /// Keep in the queue, held, until released with `ringmx queue release`.
+    Hold,
+}
+
+/// TLS towards a next hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayTls {
+    /// Never.
+    None,
+    /// STARTTLS when the next hop offers it; plain otherwise.
+    #[default]
+    Opportunistic,
+    /// STARTTLS must succeed, or the hop counts as failed (temporary).
+    Required,
+    /// TLS from the first byte (port 465).
+    Implicit,
 }
 
 /// `[[route]]`.
@@ -340,8 +361,141 @@ pub struct RouteSection {
     /// Recipient domains: exact, `*.example.com`, or `*`.
     pub domains: Vec<Spanned<String>>,
     pub direction: Option<Direction>,
+    /// Sender domains (same patterns); absent = any sender.
+    pub sender_domains: Option<Vec<String>>,
     pub action: RouteAction,
     pub folder: Option<PathBuf>,
+    /// `relay`: `host:port` next hops tried in order, or `["mx"]` for the recipient domain's MX.
+    #[serde(default)]
+    pub next_hops: Vec<Spanned<String>>,
+    /// Port for MX hosts. Default 25.
+    #[serde(default = "default_mx_port")]
+    pub mx_port: u16,
+    #[serde(default)]
+    pub tls: RelayTls,
+    /// Verify the next hop's certificate (required/implicit TLS). Default true.
+    #[serde(default = "yes")]
+    pub tls_verify: bool,
+    /// PEM roots to verify against instead of the built-in web PKI roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// AUTH to a smart host (sent only over TLS, unless `tls = "none"`).
+    pub auth_user: Option<String>,
+    pub auth_password_file: Option<PathBuf>,
+    /// Name in EHLO. Default `server.hostname`.
+    pub ehlo: Option<String>,
+    /// Source address per sender domain (`"*"` = every other sender).
+    #[serde(default)]
+    pub source_ip: std::collections::BTreeMap<String, std::net::IpAddr>,
+    /// Connections per next hop on each core. Default 16.
+    #[serde(default = "default_hop_connections")]
+    pub max_connections_per_hop: usize,
+    /// Password read from `auth_password_file` at load time.
+    #[serde(skip)]
+    pub auth_password: Option<String>,
+}
+
+fn default_mx_port() -> u16 {
+    25
+}
+fn yes() -> bool {
+    true
+}
+fn default_hop_connections() -> usize {
+    16
+}
+
+impl RouteSection {
+    /// Whether this route takes a recipient in `domain` from `sender_domain`.
+    pub fn matches(&self, domain: &str, sender_domain: &str, direction: Direction) -> bool {
+        self.direction.is_none_or(|d| d == direction)
+            && self.domains.iter().any(|p| {
+                p.get_ref() == "*" || domain_matches(std::slice::from_ref(p.get_ref()), domain)
+            })
+            && self
+                .sender_domains
+                .as_ref()
+                .is_none_or(|s| s.iter().any(|p| p == "*") || domain_matches(s, sender_domain))
+    }
+
+    /// The source address for mail from `sender_domain`, if one is configured.
+    pub fn source_ip_for(&self, sender_domain: &str) -> Option<std::net::IpAddr> {
+        self.source_ip
+            .iter()
+            .find(|(d, _)| {
+                d.as_str() != "*" && domain_matches(std::slice::from_ref(*d), sender_domain)
+            })
+            .or_else(|| self.source_ip.iter().find(|(d, _)| d.as_str() == "*"))
+            .map(|(_, ip)| *ip)
+    }
+}
+
+/// `[spool]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolSection {
+    /// Default `{data_dir}/spool`.
+    pub dir: Option<PathBuf>,
+    pub segment_size: Size,
+    /// Flush when this many messages wait…
+    pub commit_batch: usize,
+    /// …or this long after the first one.
+    pub commit_delay: Secs,
+}
+
+impl Default for SpoolSection {
+    fn default() -> Self {
+        SpoolSection {
+            dir: None,
+            segment_size: Size(64 * 1024 * 1024),
+            commit_batch: 32,
+            commit_delay: Secs(Duration::from_micros(300)),
+        }
+    }
+}
+
+/// `[queue]`: retries, bounces and relay timeouts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QueueSection {
+    /// Waits between attempts; the last one repeats.
+    pub retry: Vec<Secs>,
+    /// Give up (and bounce) after this long in the queue.
+    pub max_lifetime: Secs,
+    /// Send a "delayed" notice once a message has waited this long (0 = never).
+    pub delay_notice: Secs,
+    pub connect_timeout: Secs,
+    /// Per reply from a next hop (RFC 5321 §4.5.3.2 suggests minutes).
+    pub reply_timeout: Secs,
+    /// How long an idle connection to a next hop is kept for reuse.
+    pub idle_timeout: Secs,
+    /// Messages delivered at once on each core.
+    pub concurrency: usize,
+    /// Copy messages deferred longer than this into the current segment so old segments go.
+    pub copy_forward_after: Secs,
+}
+
+impl Default for QueueSection {
+    fn default() -> Self {
+        let m = |n: u64| Secs(Duration::from_secs(n * 60));
+        QueueSection {
+            retry: vec![m(1), m(5), m(15), m(30), m(60)],
+            max_lifetime: Secs(Duration::from_secs(5 * 86400)),
+            delay_notice: Secs(Duration::ZERO),
+            connect_timeout: Secs(Duration::from_secs(30)),
+            reply_timeout: Secs(Duration::from_secs(300)),
+            idle_timeout: Secs(Duration::from_secs(10)),
+            concurrency: 256,
+            copy_forward_after: Secs(Duration::from_secs(3600)),
+        }
+    }
+}
+
+/// `[dns]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsSection {
+    /// Resolvers (`ip:port`); empty = `/etc/resolv.conf`.
+    pub servers: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -363,6 +517,12 @@ struct RawConfig {
     admin: AdminSection,
     #[serde(default, rename = "route")]
     routes: Vec<Spanned<RouteSection>>,
+    #[serde(default)]
+    spool: SpoolSection,
+    #[serde(default)]
+    queue: QueueSection,
+    #[serde(default)]
+    dns: DnsSection,
 }
 
 /// A binding ready to serve: its section plus the SMTP settings derived from it.
@@ -398,6 +558,9 @@ pub struct Config {
     pub auth: AuthSection,
     pub admin: AdminSection,
     pub routes: Vec<RouteSection>,
+    pub spool: SpoolSection,
+    pub queue: QueueSection,
+    pub dns: DnsSection,
 }
 
 fn line_of(src: &str, offset: usize) -> usize {
@@ -655,14 +818,82 @@ impl Config {
                 }
             }
             let mut sec = sec;
+            let key = |k: &str| format!("route[{i}].{k}");
+            let line = Some(line_of(source, at));
             match sec.action {
                 // A drop route without a folder drops into `{data_dir}/drop`.
                 RouteAction::Drop if sec.folder.is_none() => {
                     sec.folder = Some(server.data_dir.join("drop"));
                 }
-                RouteAction::Drop => {}
+                RouteAction::Relay => {
+                    if sec.next_hops.is_empty() {
+                        return Err(err(
+                            line,
+                            &key("next_hops"),
+                            "a relay route needs next_hops (\"host:port\" entries, or [\"mx\"])"
+                                .into(),
+                        ));
+                    }
+                    for h in &sec.next_hops {
+                        let v = h.get_ref();
+                        if v != "mx" && crate::relay::parse_hop(v).is_none() {
+                            return Err(err(
+                                Some(line_of(source, h.span().start)),
+                                &key("next_hops"),
+                                format!("{v:?} is not \"host:port\", \"[ipv6]:port\" or \"mx\""),
+                            ));
+                        }
+                    }
+                    if sec.auth_user.is_some() != sec.auth_password_file.is_some() {
+                        return Err(err(
+                            line,
+                            &key("auth_user"),
+                            "auth_user and auth_password_file go together".into(),
+                        ));
+                    }
+                    if let Some(f) = &sec.auth_password_file {
+                        let pw = std::fs::read_to_string(f).map_err(|e| {
+                            err(
+                                line,
+                                &key("auth_password_file"),
+                                format!("{}: {e}", f.display()),
+                            )
+                        })?;
+                        sec.auth_password = Some(pw.trim_end_matches(['\r', '\n']).to_string());
+                    }
+                    if let Some(f) = &sec.tls_ca_file {
+                        crate::relay::tls::load_roots(f)
+                            .map_err(|e| err(line, &key("tls_ca_file"), e))?;
+                    }
+                }
+                RouteAction::Drop | RouteAction::Discard | RouteAction::Hold => {}
+            }
+            if sec.action != RouteAction::Relay && !sec.next_hops.is_empty() {
+                return Err(err(
+                    line,
+                    &key("next_hops"),
+                    "only relay routes have next hops".into(),
+                ));
             }
             routes.push(sec);
+        }
+        let mut spool = raw.spool;
+        if spool.dir.is_none() {
+            spool.dir = Some(server.data_dir.join("spool"));
+        }
+        if spool.commit_batch == 0 {
+            return Err(err(
+                key_line(source, "commit_batch", 0),
+                "spool.commit_batch",
+                "must be at least 1".into(),
+            ));
+        }
+        if raw.queue.retry.is_empty() {
+            return Err(err(
+                key_line(source, "retry", 0),
+                "queue.retry",
+                "list at least one wait, e.g. [\"1m\", \"5m\"]".into(),
+            ));
         }
         Ok(Config {
             source: source.to_string(),
@@ -674,6 +905,9 @@ impl Config {
             auth: raw.auth,
             admin: raw.admin,
             routes,
+            spool,
+            queue: raw.queue,
+            dns: raw.dns,
         })
     }
 
@@ -682,14 +916,17 @@ impl Config {
         domain_matches(&self.domains, domain)
     }
 
-    /// The first route for a recipient domain and direction.
-    pub fn route_for(&self, domain: &str, direction: Direction) -> Option<&RouteSection> {
-        self.routes.iter().find(|r| {
-            r.direction.is_none_or(|d| d == direction)
-                && r.domains.iter().any(|p| {
-                    p.get_ref() == "*" || domain_matches(std::slice::from_ref(p.get_ref()), domain)
-                })
-        })
+    /// The first route for a recipient domain, sender domain and direction.
+    pub fn route_for(
+        &self,
+        domain: &str,
+        sender_domain: &str,
+        direction: Direction,
+    ) -> Option<(usize, &RouteSection)> {
+        self.routes
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.matches(domain, sender_domain, direction))
     }
 }
 

@@ -81,12 +81,13 @@ impl Secs {
         let d = match unit.trim() {
             "" | "s" => Duration::from_secs(n),
             "ms" => Duration::from_millis(n),
+            "us" => Duration::from_micros(n),
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
             "d" => Duration::from_secs(n.saturating_mul(86400)),
             other => {
                 return Err(format!(
-                    "invalid duration unit {other:?} in {s:?}: use ms, s, m, h or d"
+                    "invalid duration unit {other:?} in {s:?}: use us, ms, s, m, h or d"
                 ));
             }
         };

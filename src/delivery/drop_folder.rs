@@ -55,22 +55,13 @@ pub fn is_storage_full(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::SystemTime;
 
     #[test]
     fn writes_envelope_trace_and_content() {
         let dir = std::env::temp_dir().join(format!("ringmx-drop-{}", std::process::id()));
         let env = Envelope {
-            queue_id: "ABC".into(),
             mail_from: String::new(),
-            rcpts: vec!["x@d.test".into(), "y@d.test".into()],
-            client_ip: "127.0.0.1".parse().unwrap(),
-            helo: "c".into(),
-            tls: None,
-            authenticated_as: None,
-            binding: "in".into(),
-            esmtp: true,
-            received_at: SystemTime::now(),
+            ..Envelope::example("ABC", &["x@d.test", "y@d.test"])
         };
         let p = write(
             &dir,

@@ -93,16 +93,10 @@ mod tests {
     #[test]
     fn received_header() {
         let env = Envelope {
-            queue_id: "Q1".into(),
-            mail_from: "a@b.test".into(),
-            rcpts: vec!["c@d.test".into()],
             client_ip: "192.0.2.7".parse().unwrap(),
             helo: "client (evil); x".into(),
             tls: Some("TLSv1.3 TLS13_AES_256_GCM_SHA384".into()),
-            authenticated_as: None,
-            binding: "mx".into(),
-            esmtp: true,
-            received_at: SystemTime::UNIX_EPOCH,
+            ..Envelope::example("Q1", &["c@d.test"])
         };
         assert_eq!(
             received(&env, "mx.test"),

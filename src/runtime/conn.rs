@@ -14,11 +14,12 @@ use std::time::{Instant, SystemTime};
 
 use monoio::net::TcpStream;
 
+use super::queue::CoreQueue;
 use super::transport::Transport;
 use super::{BindingRt, Shared};
-use crate::config::TlsMode;
 use crate::config::units::any_contains;
-use crate::delivery::{self, Envelope, drop_folder, trace};
+use crate::config::{RouteAction, TlsMode};
+use crate::delivery::{Envelope, drop_folder, trace};
 use crate::metrics::Reason;
 use crate::policy::{self, Client};
 use crate::proto::AbortReason;
@@ -33,7 +34,7 @@ const READ_CHUNK: usize = 4096;
 pub(crate) struct CoreCtx {
     pub core: usize,
     pub shared: Arc<Shared>,
-    counter: Cell<u16>,
+    pub queue: Rc<CoreQueue>,
     open: Cell<usize>,
     /// Sockets of sessions waiting for a command outside a transaction: at shutdown they are
     /// woken (SHUT_RD makes the pending read return 0) and told `421` at once.
@@ -41,11 +42,11 @@ pub(crate) struct CoreCtx {
 }
 
 impl CoreCtx {
-    pub(crate) fn new(core: usize, shared: Arc<Shared>) -> CoreCtx {
+    pub(crate) fn new(core: usize, shared: Arc<Shared>, queue: Rc<CoreQueue>) -> CoreCtx {
         CoreCtx {
             core,
             shared,
-            counter: Cell::new(0),
+            queue,
             open: Cell::new(0),
             idle: RefCell::new(HashSet::new()),
         }
@@ -62,12 +63,6 @@ impl CoreCtx {
 
     pub(crate) fn open_connections(&self) -> usize {
         self.open.get()
-    }
-
-    fn next_queue_id(&self) -> String {
-        let n = self.counter.get().wrapping_add(1);
-        self.counter.set(n);
-        delivery::queue_id(SystemTime::now(), self.core, n)
     }
 }
 
@@ -540,9 +535,10 @@ impl Conn {
         }
     }
 
-    /// Make the message durable, then answer: 250 only once it is on disk.
+    /// Make the message durable, then answer: 250 only once it is on disk (messages whose
+    /// every recipient goes to a `discard` route are not spooled).
     async fn deliver(&mut self, session: &mut Session) {
-        let queue_id = self.ctx.next_queue_id();
+        let queue_id = self.ctx.queue.next_queue_id();
         let env = Envelope {
             queue_id: queue_id.clone(),
             mail_from: std::mem::take(&mut self.txn.mail_from),
@@ -553,48 +549,55 @@ impl Conn {
             authenticated_as: self.auth_user.clone(),
             binding: self.binding.b.section.name.clone(),
             esmtp: self.esmtp,
+            is_bounce: false,
+            direction: self.binding.b.section.direction,
             received_at: SystemTime::now(),
         };
-        // Group recipients by the folder of their route (a message on several routes is
-        // written once per route).
-        let direction = self.binding.b.section.direction;
-        let mut groups: Vec<(std::path::PathBuf, Vec<String>)> = Vec::new();
+        let sender_domain = env.mail_from.rsplit_once('@').map_or("", |(_, d)| d);
+        let mut all_discard = true;
         for r in &env.rcpts {
             let domain = r.rsplit_once('@').map_or("", |(_, d)| d);
-            let Some(folder) = self
+            match self
                 .binding
                 .config
-                .route_for(domain, direction)
-                .and_then(|r| r.folder.clone())
-            else {
-                self.ctx.shared.metrics.rejected(Reason::NoRoute);
-                session.reject(&reply::NO_ROUTE);
-                self.txn.clear();
-                return;
-            };
-            match groups.iter_mut().find(|(f, _)| *f == folder) {
-                Some((_, v)) => v.push(r.clone()),
-                None => groups.push((folder, vec![r.clone()])),
+                .route_for(domain, sender_domain, env.direction)
+            {
+                Some((_, route)) => all_discard &= route.action == RouteAction::Discard,
+                None => {
+                    self.ctx.shared.metrics.rejected(Reason::NoRoute);
+                    session.reject(&reply::NO_ROUTE);
+                    self.txn.clear();
+                    return;
+                }
             }
         }
-        let received = trace::received(&env, &self.binding.config.server.hostname);
         let content = std::mem::take(&mut self.txn.content);
         let size = content.len();
-        let env2 = env.clone();
-        let result = monoio::spawn_blocking(move || {
-            let mut paths = Vec::new();
-            for (i, (folder, rcpts)) in groups.iter().enumerate() {
-                let mut e = env2.clone();
-                if i > 0 {
-                    e.queue_id = format!("{}-{i}", env2.queue_id);
+        let result = if all_discard {
+            self.ctx
+                .shared
+                .metrics
+                .delivery("discarded", env.rcpts.len() as u64);
+            Ok("discarded")
+        } else {
+            let received = trace::received(&env, &self.binding.config.server.hostname);
+            match self.ctx.queue.spool.store(&env, &received, &content).await {
+                Ok(spooled) => {
+                    let n = env.rcpts.len();
+                    self.ctx.queue.enqueue(
+                        env.clone(),
+                        received,
+                        Some(Arc::new(content)),
+                        spooled,
+                        crate::spool::all_indexes(n),
+                    );
+                    Ok("queued")
                 }
-                paths.push(drop_folder::write(folder, &e, rcpts, &received, &content)?);
+                Err(e) => Err(e),
             }
-            Ok::<_, std::io::Error>(paths)
-        })
-        .await;
+        };
         match result {
-            Ok(Ok(_paths)) => {
+            Ok(how) => {
                 self.messages += 1;
                 self.ctx
                     .shared
@@ -610,23 +613,19 @@ impl Conn {
                     from = %env.mail_from,
                     to = %env.rcpts.join(","),
                     size,
-                    result = "accepted",
+                    result = how,
                     "message"
                 );
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 let r = if drop_folder::is_storage_full(&e) {
                     &reply::STORAGE_FULL
                 } else {
                     &reply::STORAGE_ERROR
                 };
-                tracing::error!(queue_id = %queue_id, error = %e, "cannot write the message to the drop folder");
+                tracing::error!(queue_id = %queue_id, error = %e, "cannot spool the message");
                 self.ctx.shared.metrics.rejected(Reason::Storage);
                 session.reject(r);
-            }
-            Err(_) => {
-                tracing::error!(queue_id = %queue_id, "blocking pool failed");
-                session.reject(&reply::STORAGE_ERROR);
             }
         }
         self.txn.clear();

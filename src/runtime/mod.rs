@@ -18,6 +18,8 @@
 mod conn;
 mod limits;
 pub mod listener;
+mod outbound;
+pub mod queue;
 mod transport;
 
 use std::collections::{HashMap, HashSet};
@@ -63,9 +65,41 @@ pub struct Shared {
     /// Listeners bound by a reload, waiting for their core to start accepting on them.
     new_listeners: Vec<Mutex<Vec<(SocketAddr, std::net::TcpListener)>>>,
     control: Mutex<mpsc::Sender<Control>>,
+    /// Admin requests for each core's queue.
+    queue_commands: Vec<Mutex<Vec<queue::Command>>>,
+    /// Messages found by the startup recovery, per core.
+    recovered: Vec<Mutex<Vec<crate::spool::Recovered>>>,
+    spool_ids: Arc<AtomicU64>,
 }
 
 impl Shared {
+    pub(crate) fn take_queue_commands(&self, core: usize) -> Vec<queue::Command> {
+        match self.queue_commands.get(core) {
+            Some(m) => std::mem::take(&mut *m.lock().unwrap_or_else(|p| p.into_inner())),
+            None => Vec::new(),
+        }
+    }
+
+    /// Run a queue command on every core and collect the answers (empty ones left out).
+    pub fn queue_command(&self, op: queue::Op) -> Vec<String> {
+        let mut waiting = Vec::new();
+        for m in &self.queue_commands {
+            let (tx, rx) = mpsc::channel();
+            m.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(queue::Command {
+                    op: op.clone(),
+                    reply: tx,
+                });
+            waiting.push(rx);
+        }
+        waiting
+            .into_iter()
+            .filter_map(|rx| rx.recv_timeout(Duration::from_secs(10)).ok())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
     /// The configuration in force now.
     pub fn live(&self) -> Arc<Live> {
         match self.live.read() {
@@ -248,8 +282,45 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
             listeners,
         });
     }
+    let spool_dir = config
+        .spool
+        .dir
+        .clone()
+        .unwrap_or_else(|| config.server.data_dir.join("spool"));
+    let spool_lock = lock_spool(&spool_dir)?;
+    let recovery = crate::spool::recover(&spool_dir).map_err(|e| {
+        RunError::Io(
+            format!("recovering the spool in {}", spool_dir.display()),
+            e,
+        )
+    })?;
+    tracing::info!(
+        spool = %spool_dir.display(),
+        segments = recovery.segments_scanned,
+        deleted = recovery.segments_deleted,
+        messages = recovery.messages.len(),
+        corrupt_ranges = recovery.corrupt_ranges,
+        "spool recovered"
+    );
+    if recovery.corrupt_ranges > 0 {
+        tracing::warn!(
+            ranges = recovery.corrupt_ranges,
+            "spool: torn or corrupt ranges skipped (unacknowledged writes cut by a crash, or damage)"
+        );
+    }
+    let mut recovered: Vec<Vec<crate::spool::Recovered>> =
+        cpus.iter().map(|_| Vec::new()).collect();
+    let spool_ids = Arc::new(AtomicU64::new(recovery.next_id));
+    for (i, m) in recovery.messages.into_iter().enumerate() {
+        if let Some(v) = recovered.get_mut(i % cpus.len().max(1)) {
+            v.push(m);
+        }
+    }
     let (control_tx, control_rx) = mpsc::channel();
     let shared = Arc::new(Shared {
+        queue_commands: cpus.iter().map(|_| Mutex::new(Vec::new())).collect(),
+        recovered: recovered.into_iter().map(Mutex::new).collect(),
+        spool_ids,
         generation: AtomicU64::new(1),
         live: RwLock::new(Arc::new(Live {
             generation: 1,
@@ -335,8 +406,29 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
             let _ = t.join();
         }
     }
+    drop(spool_lock);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Hold an exclusive lock on the spool directory: two servers must never share one.
+fn lock_spool(dir: &std::path::Path) -> Result<std::fs::File, RunError> {
+    let what = || format!("spool directory {}", dir.display());
+    std::fs::create_dir_all(dir).map_err(|e| RunError::Io(what(), e))?;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .map_err(|e| RunError::Io(what(), e))?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(RunError::Io(
+            what(),
+            std::io::Error::other("in use by another ringmx process"),
+        ));
+    }
+    Ok(f)
 }
 
 fn log_bindings(config: &Config) {
@@ -431,8 +523,42 @@ fn core_main(c: CoreListeners, shared: Arc<Shared>, driver: Driver) {
             return;
         }
     };
+    let live = shared.live();
+    let sc = &live.config.spool;
+    let opts = crate::spool::SpoolOptions {
+        dir: sc
+            .dir
+            .clone()
+            .unwrap_or_else(|| live.config.server.data_dir.join("spool")),
+        segment_size: sc.segment_size.0.max(4096),
+        commit_batch: sc.commit_batch,
+        commit_delay: sc.commit_delay.0,
+    };
+    let spool = match crate::spool::CoreSpool::new(
+        c.core,
+        opts,
+        shared.spool_ids.clone(),
+        shared.metrics.commit_stats(),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(core = c.core, error = %e, "cannot start the spool committer");
+            return;
+        }
+    };
+    drop(live);
     rt.block_on(async move {
-        let ctx = Rc::new(conn::CoreCtx::new(c.core, shared.clone()));
+        let queue = Rc::new(queue::CoreQueue::new(c.core, shared.clone(), spool));
+        let recovered = shared
+            .recovered
+            .get(c.core)
+            .map(|m| std::mem::take(&mut *m.lock().unwrap_or_else(|p| p.into_inner())))
+            .unwrap_or_default();
+        for r in recovered {
+            queue.adopt(r);
+        }
+        monoio::spawn(queue.clone().scheduler());
+        let ctx = Rc::new(conn::CoreCtx::new(c.core, shared.clone(), queue));
         for (addr, l) in c.listeners {
             monoio::spawn(accept_loop(l, addr, ctx.clone()));
         }
@@ -444,8 +570,9 @@ fn core_main(c: CoreListeners, shared: Arc<Shared>, driver: Driver) {
             monoio::time::sleep(Duration::from_millis(50)).await;
         }
         // Stopping: idle sessions get 421 now; those in a transaction finish it first (and
-        // are woken once idle), up to the shutdown timeout enforced by the main thread.
-        while ctx.open_connections() > 0 {
+        // are woken once idle), as do delivery attempts in flight, up to the shutdown timeout
+        // enforced by the main thread. What is still queued stays in the spool for next time.
+        while ctx.open_connections() > 0 || ctx.queue.running() > 0 {
             ctx.wake_idle();
             monoio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -17,7 +17,7 @@ pub(crate) enum Transport {
 }
 
 pub(crate) struct Tls {
-    pub conn: rustls::ServerConnection,
+    pub conn: rustls::Connection,
     cipher: Vec<u8>,
 }
 
@@ -25,7 +25,21 @@ impl Transport {
     pub(crate) fn tls(config: Arc<rustls::ServerConfig>) -> io::Result<Transport> {
         let conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
         Ok(Transport::Tls(Box::new(Tls {
-            conn,
+            conn: conn.into(),
+            cipher: Vec::new(),
+        })))
+    }
+
+    /// The client side, towards a next hop called `name`.
+    pub(crate) fn tls_client(
+        config: Arc<rustls::ClientConfig>,
+        name: &str,
+    ) -> io::Result<Transport> {
+        let name = rustls::pki_types::ServerName::try_from(name.to_string())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+        let conn = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
+        Ok(Transport::Tls(Box::new(Tls {
+            conn: conn.into(),
             cipher: Vec::new(),
         })))
     }

@@ -91,6 +91,23 @@ folder = "{dir}/drop"
     )
 }
 
+/// Run `ringmx` on `dir/ringmx.toml`, logging (appended) to `dir/ringmx.log`.
+fn spawn(dir: &Path, driver: &str) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("ringmx.log"))
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_ringmx"))
+        .args(["run", "--config"])
+        .arg(dir.join("ringmx.toml"))
+        .args(["--driver", driver])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
 impl Server {
     pub fn start(name: &str, driver: &'static str) -> Server {
         Server::start_with(name, driver, "", "")
@@ -117,17 +134,8 @@ impl Server {
         let cfg = config_with_admin(&dir, inbound, outbound, admin, binding_extra, extra);
         let path = dir.join("ringmx.toml");
         std::fs::write(&path, cfg).unwrap();
-        let log = std::fs::File::create(dir.join("ringmx.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ringmx"))
-            .args(["run", "--config"])
-            .arg(&path)
-            .args(["--driver", driver])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
         let s = Server {
-            child: Some(child),
+            child: Some(spawn(&dir, driver)),
             drop_dir: dir.join("drop"),
             dir,
             inbound: SocketAddr::from(([127, 0, 0, 1], inbound)),
@@ -137,6 +145,24 @@ impl Server {
         };
         s.wait_ready(implicit);
         s
+    }
+
+    /// Start again on the same configuration and data directory (after a stop or a kill).
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.child = Some(spawn(&self.dir, self.driver));
+        self.wait_ready(false);
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
     }
 
     /// Like `start_with`, for an inbound binding that speaks TLS from the first byte: readiness
@@ -191,8 +217,38 @@ impl Server {
         )
     }
 
-    /// The `.eml` files in the drop folder, sorted.
+    /// Messages in the queue that are active or deferred, from `/metrics`.
+    pub fn queued(&self) -> u64 {
+        let (_, body) = self.admin_get("/metrics");
+        body.lines()
+            .filter(|l| {
+                l.starts_with("ringmx_queue_messages{state=\"active\"}")
+                    || l.starts_with("ringmx_queue_messages{state=\"deferred\"}")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// Wait (up to 20 s) until nothing is active or deferred in the queue (at once when the
+    /// server is not running).
+    pub fn wait_queue_empty(&self) {
+        if TcpStream::connect(self.admin).is_err() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.queued() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "queue not empty; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The `.eml` files in the drop folder, sorted, once the queue has delivered everything.
     pub fn dropped(&self) -> Vec<String> {
+        self.wait_queue_empty();
         let mut v: Vec<PathBuf> = std::fs::read_dir(&self.drop_dir)
             .map(|d| {
                 d.flatten()

@@ -1,0 +1,158 @@
+use super::*;
+use crate::relay::reply::parse;
+
+fn r(s: &str) -> Reply {
+    parse(s.as_bytes()).unwrap().unwrap().0
+}
+
+fn opts(tls: RelayTls, auth: bool) -> ClientOptions {
+    ClientOptions {
+        ehlo: "edge.test".into(),
+        tls,
+        auth: auth.then(|| ("u".into(), "p".into())),
+    }
+}
+
+fn sent(a: Action) -> String {
+    match a {
+        Action::Send(b) => String::from_utf8(b).unwrap(),
+        other => panic!("expected Send, got {other:?}"),
+    }
+}
+
+const EHLO_PIPE: &str = "250-mx\r\n250-PIPELINING\r\n250-SIZE 100000\r\n250 8BITMIME\r\n";
+
+fn ready(c: &mut Client, ehlo: &str) {
+    assert_eq!(
+        sent(c.on_reply(r("220 mx ESMTP\r\n"))),
+        "EHLO edge.test\r\n"
+    );
+    assert_eq!(c.on_reply(r(ehlo)), Action::Ready);
+}
+
+#[test]
+fn pipelined_transaction_with_per_recipient_results() {
+    let mut c = Client::new(opts(RelayTls::None, false), false);
+    ready(&mut c, EHLO_PIPE);
+    let rcpts = vec!["a@d.test".to_string(), "b@d.test".to_string()];
+    let out = sent(c.start("s@x.test", &rcpts, &[b"T: 1\r\n", b".dot\r\nbody"]));
+    assert_eq!(
+        out,
+        "MAIL FROM:<s@x.test> SIZE=16\r\nRCPT TO:<a@d.test>\r\nRCPT TO:<b@d.test>\r\nDATA\r\n"
+    );
+    assert_eq!(c.on_reply(r("250 2.1.0 ok\r\n")), Action::Wait);
+    assert_eq!(c.on_reply(r("250 2.1.5 ok\r\n")), Action::Wait);
+    assert_eq!(c.on_reply(r("550 5.1.1 unknown\r\n")), Action::Wait);
+    // Payload: dot-stuffed, CRLF added, final dot in the same write.
+    assert_eq!(
+        sent(c.on_reply(r("354 go\r\n"))),
+        "T: 1\r\n..dot\r\nbody\r\n.\r\n"
+    );
+    let Action::Done(res) = c.on_reply(r("250 2.0.0 queued\r\n")) else {
+        panic!()
+    };
+    assert_eq!(res[0].code, 250);
+    assert_eq!(res[1].one_line(), "550 5.1.1 unknown");
+    // A partly failed transaction is followed by RSET.
+    assert!(c.is_ready());
+    assert!(sent(c.start("s@x.test", &rcpts[..1], &[b"x\r\n"])).starts_with("RSET\r\nMAIL"));
+}
+
+#[test]
+fn without_pipelining_one_command_per_reply_and_mail_refusal() {
+    let mut c = Client::new(opts(RelayTls::None, false), false);
+    ready(&mut c, "250 mx\r\n");
+    let rcpts = vec!["a@d.test".to_string()];
+    assert_eq!(sent(c.start("", &rcpts, &[b"x\r\n"])), "MAIL FROM:<>\r\n");
+    assert_eq!(sent(c.on_reply(r("250 ok\r\n"))), "RCPT TO:<a@d.test>\r\n");
+    assert_eq!(sent(c.on_reply(r("250 ok\r\n"))), "DATA\r\n");
+    assert_eq!(sent(c.on_reply(r("354 go\r\n"))), "x\r\n.\r\n");
+    let Action::Done(res) = c.on_reply(r("451 4.3.0 later\r\n")) else {
+        panic!()
+    };
+    assert!(res[0].is_transient());
+    assert!(sent(c.start("s@x", &rcpts, &[b"x\r\n"])).starts_with("RSET\r\n"));
+    assert_eq!(c.on_reply(r("250 ok\r\n")), Action::Wait);
+    let Action::Done(res) = c.on_reply(r("553 5.1.8 bad sender\r\n")) else {
+        panic!()
+    };
+    assert_eq!(res[0].code, 553);
+}
+
+#[test]
+fn bdat_when_chunking_and_pipelining() {
+    let mut c = Client::new(opts(RelayTls::None, false), false);
+    ready(&mut c, "250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n");
+    let out = sent(c.start("s@x", &["a@d".to_string()], &[b".x\r\n"]));
+    assert_eq!(
+        out,
+        "MAIL FROM:<s@x> SIZE=4\r\nRCPT TO:<a@d>\r\nBDAT 4 LAST\r\n.x\r\n"
+    );
+    assert_eq!(c.on_reply(r("250 ok\r\n")), Action::Wait);
+    assert_eq!(c.on_reply(r("250 ok\r\n")), Action::Wait);
+    assert!(matches!(c.on_reply(r("250 ok\r\n")), Action::Done(v) if v[0].code == 250));
+}
+
+#[test]
+fn starttls_policies_and_auth() {
+    // Required, not offered: the hop fails with a temporary error.
+    let mut c = Client::new(opts(RelayTls::Required, false), false);
+    c.on_reply(r("220 mx\r\n"));
+    assert!(matches!(c.on_reply(r("250 mx\r\n")), Action::Failed(f) if f.code == 421));
+    // Opportunistic, offered, refused: plain.
+    let mut c = Client::new(opts(RelayTls::Opportunistic, false), false);
+    c.on_reply(r("220 mx\r\n"));
+    assert_eq!(
+        sent(c.on_reply(r("250-mx\r\n250 STARTTLS\r\n"))),
+        "STARTTLS\r\n"
+    );
+    assert_eq!(c.on_reply(r("454 4.7.0 no\r\n")), Action::Ready);
+    // Offered and accepted, then AUTH PLAIN over TLS.
+    let mut c = Client::new(opts(RelayTls::Required, true), false);
+    c.on_reply(r("220 mx\r\n"));
+    c.on_reply(r("250-mx\r\n250 STARTTLS\r\n"));
+    assert_eq!(c.on_reply(r("220 go\r\n")), Action::StartTls);
+    assert_eq!(sent(c.tls_started()), "EHLO edge.test\r\n");
+    assert_eq!(
+        sent(c.on_reply(r("250-mx\r\n250 AUTH PLAIN LOGIN\r\n"))),
+        "AUTH PLAIN AHUAcA==\r\n"
+    );
+    assert_eq!(c.on_reply(r("235 ok\r\n")), Action::Ready);
+    // AUTH LOGIN; a refusal is temporary for the messages.
+    let mut c = Client::new(opts(RelayTls::Implicit, true), true);
+    c.on_reply(r("220 mx\r\n"));
+    assert_eq!(
+        sent(c.on_reply(r("250-mx\r\n250 AUTH LOGIN\r\n"))),
+        "AUTH LOGIN\r\n"
+    );
+    assert_eq!(sent(c.on_reply(r("334 VXNlcm5hbWU6\r\n"))), "dQ==\r\n");
+    assert_eq!(sent(c.on_reply(r("334 UGFzc3dvcmQ6\r\n"))), "cA==\r\n");
+    assert!(matches!(c.on_reply(r("535 5.7.8 no\r\n")), Action::Failed(f) if f.code == 454));
+    // Credentials are never sent in plain text unless TLS is off by configuration.
+    let mut c = Client::new(opts(RelayTls::Opportunistic, true), false);
+    c.on_reply(r("220 mx\r\n"));
+    assert!(matches!(c.on_reply(r("250 mx\r\n")), Action::Failed(f) if f.code == 454));
+}
+
+#[test]
+fn helo_fallback_size_and_utf8() {
+    let mut c = Client::new(opts(RelayTls::None, false), false);
+    c.on_reply(r("220 mx\r\n"));
+    assert_eq!(sent(c.on_reply(r("502 no\r\n"))), "HELO edge.test\r\n");
+    assert_eq!(c.on_reply(r("250 mx\r\n")), Action::Ready);
+    let utf8 = vec!["é@d.test".to_string()];
+    assert!(matches!(c.start("s@x", &utf8, &[b"x"]), Action::Done(v) if v[0].code == 553));
+    let mut c = Client::new(opts(RelayTls::None, false), false);
+    ready(&mut c, "250-mx\r\n250 SIZE 10\r\n");
+    let big = vec![b'x'; 11];
+    assert!(
+        matches!(c.start("s@x", &["a@d".into()], &[&big]), Action::Done(v) if v[0].status() == "5.3.4")
+    );
+}
+
+#[test]
+fn dot_stuffing() {
+    assert_eq!(dot_stuff(&[b".a\r\n.\r\nb"]), b"..a\r\n..\r\nb\r\n.\r\n");
+    assert_eq!(dot_stuff(&[b"a\r\n", b".b\r\n"]), b"a\r\n..b\r\n.\r\n");
+    assert_eq!(dot_stuff(&[b""]), b".\r\n");
+}

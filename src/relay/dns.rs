@@ -1,0 +1,126 @@
+//! MX resolution (RFC 5321 §5.1) with hickory-resolver. hickory is tokio-based, so it runs on
+//! one small tokio runtime of its own; cores ask through the blocking pool and never wait on
+//! DNS on their own thread.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
+
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::proto::rr::RData;
+use hickory_resolver::{Resolver, TokioResolver};
+
+/// The resolver and the runtime it runs on.
+pub struct Dns {
+    rt: tokio::runtime::Runtime,
+    resolver: TokioResolver,
+}
+
+/// Where to deliver for a domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Targets {
+    /// Hosts in preference order, each with its addresses.
+    Hosts(Vec<(String, Vec<IpAddr>)>),
+    /// The domain publishes a null MX (RFC 7505): it accepts no mail.
+    NullMx,
+}
+
+static DNS: OnceLock<Result<Arc<Dns>, String>> = OnceLock::new();
+
+impl Dns {
+    /// The process-wide resolver (built on first use from `servers`, or `/etc/resolv.conf`).
+    pub fn get(servers: &[SocketAddr]) -> Result<Arc<Dns>, String> {
+        DNS.get_or_init(|| Dns::new(servers).map(Arc::new)).clone()
+    }
+
+    fn new(servers: &[SocketAddr]) -> Result<Dns, String> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("ringmx-dns")
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let provider = TokioRuntimeProvider::default();
+        let resolver = rt.block_on(async {
+            let builder = if servers.is_empty() {
+                Resolver::builder(provider).map_err(|e| e.to_string())?
+            } else {
+                let ns = servers
+                    .iter()
+                    .map(|s| {
+                        let mut udp = ConnectionConfig::udp();
+                        udp.port = s.port();
+                        let mut tcp = ConnectionConfig::tcp();
+                        tcp.port = s.port();
+                        NameServerConfig::new(s.ip(), true, vec![udp, tcp])
+                    })
+                    .collect();
+                Resolver::builder_with_config(
+                    ResolverConfig::from_parts(None, vec![], ns),
+                    provider,
+                )
+            };
+            builder.build().map_err(|e| e.to_string())
+        })?;
+        Ok(Dns { rt, resolver })
+    }
+
+    /// MX hosts of `domain` with their addresses; the domain itself when it has no MX
+    /// (implicit MX, RFC 5321 §5.1). Blocking: call from the blocking pool.
+    pub fn resolve_mx(&self, domain: &str) -> Result<Targets, String> {
+        self.rt.block_on(async {
+            let fqdn = format!("{}.", domain.trim_end_matches('.'));
+            let mut mx: Vec<(u16, String)> = match self.resolver.mx_lookup(fqdn.as_str()).await {
+                Ok(l) => l
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::MX(m) => Some((m.preference, m.exchange.to_utf8())),
+                        _ => None,
+                    })
+                    .collect(),
+                Err(e) if e.is_no_records_found() => Vec::new(),
+                Err(e) => return Err(format!("MX lookup for {domain}: {e}")),
+            };
+            if mx.len() == 1 && mx.first().is_some_and(|(_, h)| h == ".") {
+                return Ok(Targets::NullMx);
+            }
+            if mx.is_empty() {
+                mx.push((0, fqdn.clone()));
+            }
+            mx.sort_by_key(|(p, _)| *p);
+            let mut hosts = Vec::new();
+            for (_, host) in mx {
+                let ips: Vec<IpAddr> = match self.resolver.lookup_ip(host.as_str()).await {
+                    Ok(l) => l.iter().collect(),
+                    Err(_) => Vec::new(),
+                };
+                hosts.push((host.trim_end_matches('.').to_string(), ips));
+            }
+            if hosts.iter().all(|(_, ips)| ips.is_empty()) {
+                return Err(format!("no address for the mail hosts of {domain}"));
+            }
+            Ok(Targets::Hosts(hosts))
+        })
+    }
+
+    /// Addresses of one host (a next hop given by name).
+    pub fn resolve_host(&self, host: &str) -> Result<Vec<IpAddr>, String> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![ip]);
+        }
+        self.rt.block_on(async {
+            self.resolver
+                .lookup_ip(host)
+                .await
+                .map(|l| l.iter().collect())
+                .map_err(|e| format!("{host}: {e}"))
+        })
+    }
+}
+
+impl std::fmt::Debug for Dns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dns").finish_non_exhaustive()
+    }
+}

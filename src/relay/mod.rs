@@ -1,0 +1,57 @@
+//! Delivery to next hops: the sans-IO client ([`client`]), reply parsing ([`reply`]), MX
+//! resolution ([`dns`]), client TLS ([`tls`]) and delivery status notifications ([`dsn`]).
+//! The runtime glue that drives them lives in `runtime::outbound` and `runtime::queue`.
+
+pub mod client;
+pub mod dns;
+pub mod dsn;
+pub mod reply;
+pub mod tls;
+
+use std::time::Duration;
+
+/// `host:port` or `[v6]:port` → (host, port).
+pub fn parse_hop(s: &str) -> Option<(String, u16)> {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (h, p) = rest.split_once("]:")?;
+        (h, p)
+    } else {
+        s.rsplit_once(':')?
+    };
+    let port: u16 = port.parse().ok().filter(|&p| p > 0)?;
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return None;
+    }
+    Some((host.to_string(), port))
+}
+
+/// The wait before attempt `attempt + 1` (`attempt` ≥ 1): the schedule, last entry repeated.
+pub fn backoff(schedule: &[Duration], attempt: u32) -> Duration {
+    let i = (attempt.max(1) - 1) as usize;
+    schedule
+        .get(i)
+        .or(schedule.last())
+        .copied()
+        .unwrap_or(Duration::from_secs(300))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hops() {
+        assert_eq!(parse_hop("mx.test:25"), Some(("mx.test".into(), 25)));
+        assert_eq!(parse_hop("[::1]:2525"), Some(("::1".into(), 2525)));
+        assert_eq!(parse_hop("127.0.0.1:0"), None);
+        assert_eq!(parse_hop("mx.test"), None);
+    }
+
+    #[test]
+    fn backoff_schedule() {
+        let s = [Duration::from_secs(60), Duration::from_secs(300)];
+        assert_eq!(backoff(&s, 1), s[0]);
+        assert_eq!(backoff(&s, 2), s[1]);
+        assert_eq!(backoff(&s, 9), s[1]);
+    }
+}

@@ -1,0 +1,388 @@
+//! Runtime glue for the relay client: connect (from a chosen source address), drive
+//! [`relay::client::Client`] over plain TCP or TLS, and keep idle connections per next hop for
+//! reuse, with a per-hop connection limit on each core.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use monoio::net::TcpStream;
+
+use super::transport::Transport;
+use crate::config::{RelayTls, RouteSection};
+use crate::relay::client::{Action, Client, ClientOptions};
+use crate::relay::reply::{self, Reply};
+
+/// Which pooled connections can carry a message: same next hop, source address and route
+/// settings (the configuration generation stands for the latter).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct HopKey {
+    pub addr: SocketAddr,
+    pub source: Option<IpAddr>,
+    pub route: usize,
+    pub generation: u64,
+}
+
+/// A counted connection slot for a next hop.
+struct Slot(Rc<Cell<usize>>);
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
+}
+
+/// One open connection to a next hop.
+pub(crate) struct OutConn {
+    stream: TcpStream,
+    transport: Transport,
+    client: Client,
+    buf: Vec<u8>,
+    pub host: String,
+    idle_since: Instant,
+    _slot: Slot,
+}
+
+/// How a delivery over one hop ended.
+pub(crate) enum Outcome {
+    /// The transaction ran: one reply per recipient.
+    Replies(Vec<Reply>),
+    /// The hop could not be used (connect, greeting, TLS, AUTH, a 421…): try the next one.
+    HopFailed(Reply),
+}
+
+/// Idle connections and open-connection counts, per core.
+#[derive(Default)]
+pub(crate) struct Pool {
+    idle: RefCell<HashMap<HopKey, Vec<OutConn>>>,
+    open: RefCell<HashMap<SocketAddr, Rc<Cell<usize>>>>,
+}
+
+/// Everything a hop needs from the route.
+pub(crate) struct HopSettings {
+    pub opts: ClientOptions,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub connect_timeout: Duration,
+    pub reply_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_per_hop: usize,
+}
+
+impl HopSettings {
+    pub(super) fn new(
+        route: &RouteSection,
+        hostname: &str,
+        q: &crate::config::QueueSection,
+    ) -> Result<HopSettings, String> {
+        let tls = match route.tls {
+            RelayTls::None => None,
+            RelayTls::Opportunistic => Some(crate::relay::tls::client_config(false, None)?),
+            RelayTls::Required | RelayTls::Implicit => Some(crate::relay::tls::client_config(
+                route.tls_verify,
+                route.tls_ca_file.as_deref(),
+            )?),
+        };
+        Ok(HopSettings {
+            opts: ClientOptions {
+                ehlo: route.ehlo.clone().unwrap_or_else(|| hostname.to_string()),
+                tls: route.tls,
+                auth: route.auth_user.clone().zip(route.auth_password.clone()),
+            },
+            tls,
+            connect_timeout: q.connect_timeout.0,
+            reply_timeout: q.reply_timeout.0,
+            idle_timeout: q.idle_timeout.0,
+            max_per_hop: route.max_connections_per_hop.max(1),
+        })
+    }
+}
+
+impl Pool {
+    fn take_idle(&self, key: &HopKey, idle_timeout: Duration) -> Option<OutConn> {
+        let mut idle = self.idle.borrow_mut();
+        let v = idle.get_mut(key)?;
+        while let Some(c) = v.pop() {
+            if c.idle_since.elapsed() < idle_timeout {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, key: HopKey, mut c: OutConn) {
+        c.idle_since = Instant::now();
+        self.idle.borrow_mut().entry(key).or_default().push(c);
+    }
+
+    /// Close connections idle longer than `idle_timeout` (QUIT, then drop).
+    pub(super) async fn sweep(&self, idle_timeout: Duration) {
+        let mut stale = Vec::new();
+        for v in self.idle.borrow_mut().values_mut() {
+            let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(v)
+                .into_iter()
+                .partition(|c| c.idle_since.elapsed() >= idle_timeout);
+            *v = keep;
+            stale.extend(old);
+        }
+        self.idle.borrow_mut().retain(|_, v| !v.is_empty());
+        for mut c in stale {
+            let quit = c.client.quit();
+            let _ = c.transport.write_all(&mut c.stream, quit).await;
+        }
+    }
+
+    fn counter(&self, addr: SocketAddr) -> Rc<Cell<usize>> {
+        self.open.borrow_mut().entry(addr).or_default().clone()
+    }
+
+    /// Deliver one transaction over `key`'s hop, reusing an idle connection when there is one.
+    pub(super) async fn deliver(
+        &self,
+        key: &HopKey,
+        host: &str,
+        s: &HopSettings,
+        from: &str,
+        rcpts: &[String],
+        message: &[&[u8]],
+    ) -> Outcome {
+        // A pooled connection the peer closed meanwhile fails before any reply: retry fresh.
+        if let Some(mut c) = self.take_idle(key, s.idle_timeout) {
+            let first = c.client.start(from, rcpts, message);
+            if let Ok(Action::Done(r)) = c.run(first, s).await {
+                self.keep(key, c);
+                return Outcome::Replies(r);
+            }
+        }
+        let counter = self.counter(key.addr);
+        let waited = Instant::now();
+        while counter.get() >= s.max_per_hop {
+            if waited.elapsed() > s.reply_timeout {
+                return Outcome::HopFailed(Reply::local(
+                    451,
+                    (4, 4, 5),
+                    "too many connections to the next hop",
+                ));
+            }
+            if let Some(mut c) = self.take_idle(key, s.idle_timeout) {
+                let first = c.client.start(from, rcpts, message);
+                if let Ok(Action::Done(r)) = c.run(first, s).await {
+                    self.keep(key, c);
+                    return Outcome::Replies(r);
+                }
+                continue;
+            }
+            monoio::time::sleep(Duration::from_millis(5)).await;
+        }
+        counter.set(counter.get() + 1);
+        let slot = Slot(counter);
+        let mut c = match OutConn::open(key, host, s, slot).await {
+            Ok(c) => c,
+            Err(r) => return Outcome::HopFailed(r),
+        };
+        let first = c.client.start(from, rcpts, message);
+        match c.run(first, s).await {
+            Ok(Action::Done(r)) => {
+                self.keep(key, c);
+                Outcome::Replies(r)
+            }
+            Ok(Action::Failed(r)) | Err(r) => Outcome::HopFailed(r),
+            Ok(other) => Outcome::HopFailed(Reply::local(
+                451,
+                (4, 4, 2),
+                &format!("relay client stopped unexpectedly ({other:?})"),
+            )),
+        }
+    }
+
+    fn keep(&self, key: &HopKey, c: OutConn) {
+        if c.client.is_ready() {
+            self.put_idle(key.clone(), c);
+        }
+    }
+}
+
+fn hop_error(host: &str, what: &str, e: &io::Error) -> Reply {
+    Reply::local(451, (4, 4, 1), &format!("{host}: {what}: {e}"))
+}
+
+/// Connect to `addr`, from `source` when given, with TCP_NODELAY.
+async fn connect(
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let fut = async {
+        let Some(src) = source else {
+            return TcpStream::connect_addr(addr).await;
+        };
+        let domain = socket2::Domain::for_address(addr);
+        let sock =
+            socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+        sock.bind(&SocketAddr::new(src, 0).into())?;
+        sock.set_nonblocking(true)?;
+        match sock.connect(&addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+            Err(e) => return Err(e),
+        }
+        let stream = TcpStream::from_std(std::net::TcpStream::from(sock))?;
+        stream.writable(false).await?;
+        // SAFETY: the descriptor belongs to `stream`, which outlives this borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+        if let Some(e) = socket2::SockRef::from(&fd).take_error()? {
+            return Err(e);
+        }
+        Ok(stream)
+    };
+    match monoio::time::timeout(timeout, fut).await {
+        Ok(r) => {
+            let s = r?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        }
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")),
+    }
+}
+
+impl OutConn {
+    async fn open(key: &HopKey, host: &str, s: &HopSettings, slot: Slot) -> Result<OutConn, Reply> {
+        let stream = connect(key.addr, key.source, s.connect_timeout)
+            .await
+            .map_err(|e| hop_error(host, &format!("connect to {}", key.addr), &e))?;
+        let implicit = s.opts.tls == RelayTls::Implicit;
+        let transport = match (&s.tls, implicit) {
+            (Some(cfg), true) => Transport::tls_client(cfg.clone(), host)
+                .map_err(|e| hop_error(host, "TLS setup", &e))?,
+            _ => Transport::Plain,
+        };
+        let mut c = OutConn {
+            stream,
+            transport,
+            client: Client::new(s.opts.clone(), implicit),
+            buf: Vec::with_capacity(1024),
+            host: host.to_string(),
+            idle_since: Instant::now(),
+            _slot: slot,
+        };
+        if implicit {
+            let hs = monoio::time::timeout(s.reply_timeout, c.transport.handshake(&mut c.stream));
+            match hs.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(hop_error(host, "TLS handshake", &e)),
+                Err(_) => {
+                    return Err(Reply::local(
+                        451,
+                        (4, 4, 2),
+                        &format!("{host}: TLS handshake timed out"),
+                    ));
+                }
+            }
+        }
+        match c.run(Action::Wait, s).await {
+            Ok(Action::Ready) => Ok(c),
+            Ok(Action::Failed(r)) | Err(r) => Err(r),
+            Ok(other) => Err(Reply::local(
+                451,
+                (4, 4, 2),
+                &format!("{host}: unexpected {other:?}"),
+            )),
+        }
+    }
+
+    /// Run the client until it is ready, done or failed.
+    async fn run(&mut self, mut action: Action, s: &HopSettings) -> Result<Action, Reply> {
+        loop {
+            action = match action {
+                Action::Send(bytes) => {
+                    let (res, _) = self.transport.write_all(&mut self.stream, bytes).await;
+                    res.map_err(|e| hop_error(&self.host, "write", &e))?;
+                    let r = self.read_reply(s.reply_timeout).await?;
+                    self.client.on_reply(r)
+                }
+                Action::Wait => {
+                    let r = self.read_reply(s.reply_timeout).await?;
+                    self.client.on_reply(r)
+                }
+                Action::StartTls => {
+                    if !self.buf.is_empty() {
+                        // Bytes after the 220 were injected before the handshake (the
+                        // STARTTLS command-injection attack): never trust them.
+                        return Err(Reply::local(
+                            421,
+                            (4, 7, 0),
+                            &format!(
+                                "{}: data after the STARTTLS reply, connection dropped",
+                                self.host
+                            ),
+                        ));
+                    }
+                    let Some(cfg) = s.tls.clone() else {
+                        return Err(Reply::local(421, (4, 7, 0), "no TLS configuration"));
+                    };
+                    self.transport = Transport::tls_client(cfg, &self.host)
+                        .map_err(|e| hop_error(&self.host, "TLS setup", &e))?;
+                    let hs = monoio::time::timeout(
+                        s.reply_timeout,
+                        self.transport.handshake(&mut self.stream),
+                    );
+                    match hs.await {
+                        Ok(Ok(())) => self.client.tls_started(),
+                        Ok(Err(e)) => return Err(hop_error(&self.host, "TLS handshake", &e)),
+                        Err(_) => {
+                            return Err(Reply::local(451, (4, 4, 2), "TLS handshake timed out"));
+                        }
+                    }
+                }
+                done => return Ok(done),
+            };
+        }
+    }
+
+    async fn read_reply(&mut self, timeout: Duration) -> Result<Reply, Reply> {
+        loop {
+            match reply::parse(&self.buf) {
+                Ok(Some((r, n))) => {
+                    self.buf.drain(..n);
+                    return Ok(r);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(Reply::local(
+                        451,
+                        (4, 5, 0),
+                        &format!("{}: malformed reply ({e:?})", self.host),
+                    ));
+                }
+            }
+            let buf = std::mem::take(&mut self.buf);
+            let read =
+                monoio::time::timeout(timeout, self.transport.read(&mut self.stream, buf, 4096));
+            match read.await {
+                Ok((Ok(0), b)) => {
+                    self.buf = b;
+                    return Err(Reply::local(
+                        451,
+                        (4, 4, 2),
+                        &format!("{}: connection closed by the next hop", self.host),
+                    ));
+                }
+                Ok((Ok(_), b)) => self.buf = b,
+                Ok((Err(e), b)) => {
+                    self.buf = b;
+                    return Err(hop_error(&self.host, "read", &e));
+                }
+                Err(_) => {
+                    return Err(Reply::local(
+                        451,
+                        (4, 4, 2),
+                        &format!("{}: no reply within {}s", self.host, timeout.as_secs()),
+                    ));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,918 @@
+//! The delivery queue of one core: messages this core spooled (or recovered at startup),
+//! attempted at once and then on the retry schedule; results recorded in the spool; bounces
+//! for permanent failures and expiry; the admin commands behind `ringmx queue`.
+
+use std::cell::{Cell, RefCell};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::Shared;
+use super::outbound::{HopKey, HopSettings, Outcome, Pool};
+use crate::config::{Config, Direction, RouteAction, RouteSection};
+use crate::delivery::{self, Envelope, drop_folder, trace};
+use crate::relay::dns::{Dns, Targets};
+use crate::relay::dsn::{self, RcptStatus};
+use crate::relay::reply::Reply;
+use crate::spool::{CoreSpool, Recovered, Spooled};
+
+/// Where an entry stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Being delivered now or waiting for a delivery slot.
+    Active,
+    /// Waiting for its next attempt.
+    Deferred,
+    /// Kept until released.
+    Held,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Active => "active",
+            State::Deferred => "deferred",
+            State::Held => "held",
+        }
+    }
+}
+
+struct Entry {
+    env: Envelope,
+    trace: String,
+    /// The content while it is in memory (until the first attempt is over).
+    content: Option<Arc<Vec<u8>>>,
+    spooled: Spooled,
+    /// Recipient indexes not yet finished.
+    pending: Vec<u32>,
+    attempts: u32,
+    next_attempt: Instant,
+    state: State,
+    running: bool,
+    last_error: String,
+    delay_notified: bool,
+    /// Set by `delete`: drop without bouncing when the running attempt ends.
+    deleted: bool,
+}
+
+/// A request from the admin endpoint, answered on `reply`.
+#[derive(Debug)]
+pub struct Command {
+    pub op: Op,
+    pub reply: std::sync::mpsc::Sender<String>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Op {
+    List,
+    Show(String),
+    Flush(Option<String>),
+    Delete(String),
+    Hold(String),
+    Release(String),
+}
+
+pub(crate) struct CoreQueue {
+    pub core: usize,
+    pub shared: Arc<Shared>,
+    pub spool: CoreSpool,
+    entries: RefCell<HashMap<String, Rc<RefCell<Entry>>>>,
+    timers: RefCell<BinaryHeap<Reverse<(Instant, String)>>>,
+    running: Cell<usize>,
+    pool: Pool,
+    hop_settings: RefCell<HashMap<(u64, usize), Rc<HopSettings>>>,
+    counter: Cell<u16>,
+    counts: Cell<[i64; 3]>,
+}
+
+/// What happened to one recipient in an attempt.
+enum Result_ {
+    Delivered,
+    Failed(Reply, Option<String>),
+    Deferred(Reply),
+}
+
+impl CoreQueue {
+    pub(crate) fn new(core: usize, shared: Arc<Shared>, spool: CoreSpool) -> CoreQueue {
+        CoreQueue {
+            core,
+            shared,
+            spool,
+            entries: RefCell::new(HashMap::new()),
+            timers: RefCell::new(BinaryHeap::new()),
+            running: Cell::new(0),
+            pool: Pool::default(),
+            hop_settings: RefCell::new(HashMap::new()),
+            counter: Cell::new(0),
+            counts: Cell::new([0; 3]),
+        }
+    }
+
+    /// Delivery attempts in flight.
+    pub(crate) fn running(&self) -> usize {
+        self.running.get()
+    }
+
+    pub(crate) fn next_queue_id(&self) -> String {
+        let n = self.counter.get().wrapping_add(1);
+        self.counter.set(n);
+        delivery::queue_id(SystemTime::now(), self.core, n)
+    }
+
+    fn count(&self, s: State, d: i64) {
+        let mut c = self.counts.get();
+        if let Some(x) = c.get_mut(s as usize) {
+            *x += d;
+        }
+        self.counts.set(c);
+        self.shared.metrics.queue_size(self.core, c);
+    }
+
+    fn set_state(&self, e: &mut Entry, s: State) {
+        if e.state != s {
+            self.count(e.state, -1);
+            self.count(s, 1);
+            e.state = s;
+        }
+    }
+
+    /// Take a durably spooled message and start delivering it.
+    pub(crate) fn enqueue(
+        self: &Rc<Self>,
+        env: Envelope,
+        trace: String,
+        content: Option<Arc<Vec<u8>>>,
+        spooled: Spooled,
+        pending: Vec<u32>,
+    ) {
+        let id = env.queue_id.clone();
+        let e = Entry {
+            env,
+            trace,
+            content,
+            spooled,
+            pending,
+            attempts: 0,
+            next_attempt: Instant::now(),
+            state: State::Active,
+            running: false,
+            last_error: String::new(),
+            delay_notified: false,
+            deleted: false,
+        };
+        self.count(State::Active, 1);
+        let e = Rc::new(RefCell::new(e));
+        self.entries.borrow_mut().insert(id.clone(), e.clone());
+        self.try_start(id, e);
+    }
+
+    /// Re-queue what recovery found (assigned to this core).
+    pub(crate) fn adopt(self: &Rc<Self>, r: Recovered) {
+        let spooled = Spooled {
+            seg: r.seg,
+            content_at: r.record.content_at,
+            content_len: r.record.content_len,
+        };
+        self.enqueue(r.record.env, r.record.trace, None, spooled, r.pending);
+    }
+
+    fn try_start(self: &Rc<Self>, id: String, e: Rc<RefCell<Entry>>) {
+        if self
+            .shared
+            .shutdown
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let limit = self.shared.live().config.queue.concurrency.max(1);
+        if self.running.get() >= limit {
+            // Picked up by the scheduler as slots free.
+            self.timers.borrow_mut().push(Reverse((Instant::now(), id)));
+            return;
+        }
+        {
+            let mut b = e.borrow_mut();
+            if b.running || b.state == State::Held {
+                return;
+            }
+            b.running = true;
+            self.set_state(&mut b, State::Active);
+        }
+        self.running.set(self.running.get() + 1);
+        let q = self.clone();
+        monoio::spawn(async move {
+            q.attempt(&e).await;
+            q.running.set(q.running.get().saturating_sub(1));
+            e.borrow_mut().running = false;
+        });
+    }
+
+    /// The scheduler: retries when due, admin commands, idle connections, copy-forward.
+    pub(crate) async fn scheduler(self: Rc<Self>) {
+        let mut last_maintenance = Instant::now();
+        while !self
+            .shared
+            .shutdown
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            for cmd in self.shared.take_queue_commands(self.core) {
+                let answer = self.command(&cmd.op);
+                let _ = cmd.reply.send(answer);
+            }
+            let now = Instant::now();
+            let limit = self.shared.live().config.queue.concurrency.max(1);
+            loop {
+                if self.running.get() >= limit {
+                    break;
+                }
+                let due = {
+                    let mut t = self.timers.borrow_mut();
+                    match t.peek() {
+                        Some(Reverse((at, _))) if *at <= now => t.pop().map(|Reverse((_, id))| id),
+                        _ => None,
+                    }
+                };
+                let Some(id) = due else { break };
+                let e = self.entries.borrow().get(&id).cloned();
+                if let Some(e) = e {
+                    let due_now = {
+                        let b = e.borrow();
+                        b.next_attempt <= now && !b.running && b.state != State::Held
+                    };
+                    if due_now {
+                        self.try_start(id, e);
+                    }
+                }
+            }
+            if last_maintenance.elapsed() >= Duration::from_secs(1) {
+                last_maintenance = Instant::now();
+                let cfg = self.shared.live().config.clone();
+                self.pool.sweep(cfg.queue.idle_timeout.0).await;
+                self.copy_forward(cfg.queue.copy_forward_after.0).await;
+            }
+            monoio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// One delivery attempt of every pending recipient.
+    async fn attempt(self: &Rc<Self>, e: &Rc<RefCell<Entry>>) {
+        let live = self.shared.live();
+        let cfg = live.config.clone();
+        let (env, trace, pending, attempts) = {
+            let b = e.borrow();
+            (
+                b.env.clone(),
+                b.trace.clone(),
+                b.pending.clone(),
+                b.attempts,
+            )
+        };
+        let content = match self.content(e).await {
+            Ok(c) => c,
+            Err(err) => {
+                tracing::error!(queue_id = %env.queue_id, error = %err, "cannot read the message from the spool");
+                let r = Reply::local(451, (4, 3, 0), &format!("spool read error: {err}"));
+                let results = pending
+                    .iter()
+                    .map(|&i| (i, Result_::Deferred(r.clone())))
+                    .collect();
+                self.conclude(e, results, &[]).await;
+                return;
+            }
+        };
+        let sender_domain = env
+            .mail_from
+            .rsplit_once('@')
+            .map_or("", |(_, d)| d)
+            .to_ascii_lowercase();
+        // Group by route (and by domain for MX routes).
+        let mut groups: Vec<(usize, String, Vec<u32>)> = Vec::new();
+        let mut results: Vec<(u32, Result_)> = Vec::new();
+        for &i in &pending {
+            let Some(rcpt) = env.rcpts.get(i as usize) else {
+                continue;
+            };
+            let domain = rcpt
+                .rsplit_once('@')
+                .map_or("", |(_, d)| d)
+                .to_ascii_lowercase();
+            match cfg.route_for(&domain, &sender_domain, env.direction) {
+                Some((ri, r)) => {
+                    let key = if r.next_hops.iter().any(|h| h.get_ref() == "mx") {
+                        domain
+                    } else {
+                        String::new()
+                    };
+                    match groups
+                        .iter_mut()
+                        .find(|(gr, gk, _)| *gr == ri && *gk == key)
+                    {
+                        Some((_, _, v)) => v.push(i),
+                        None => groups.push((ri, key, vec![i])),
+                    }
+                }
+                None => results.push((
+                    i,
+                    Result_::Deferred(Reply::local(451, (4, 4, 0), "no route for this recipient")),
+                )),
+            }
+        }
+        let message: [&[u8]; 2] = [trace.as_bytes(), content.as_slice()];
+        for (ri, domain, idx) in groups {
+            let Some(route) = cfg.routes.get(ri) else {
+                continue;
+            };
+            let rcpts: Vec<String> = idx
+                .iter()
+                .filter_map(|&i| env.rcpts.get(i as usize).cloned())
+                .collect();
+            match route.action {
+                RouteAction::Discard => {
+                    results.extend(idx.iter().map(|&i| (i, Result_::Delivered)));
+                    self.shared.metrics.delivery("discarded", idx.len() as u64);
+                }
+                RouteAction::Hold => {
+                    let mut b = e.borrow_mut();
+                    self.set_state(&mut b, State::Held);
+                    b.last_error = "held by route".into();
+                    // Nothing finished: the held recipients stay pending.
+                }
+                RouteAction::Drop => {
+                    let folder = route
+                        .folder
+                        .clone()
+                        .unwrap_or_else(|| cfg.server.data_dir.join("drop"));
+                    let (env2, trace2, content2) = (env.clone(), trace.clone(), content.clone());
+                    let mut e2 = env2.clone();
+                    if idx.len() != env2.rcpts.len() || ri > 0 {
+                        e2.queue_id = format!("{}-{ri}", env2.queue_id);
+                    }
+                    let rc = rcpts.clone();
+                    let res = monoio::spawn_blocking(move || {
+                        drop_folder::write(&folder, &e2, &rc, &trace2, &content2)
+                    })
+                    .await;
+                    let outcome = match res {
+                        Ok(Ok(_)) => Result_::Delivered,
+                        Ok(Err(err)) => Result_::Deferred(Reply::local(
+                            451,
+                            (4, 3, 0),
+                            &format!("drop folder: {err}"),
+                        )),
+                        Err(_) => {
+                            Result_::Deferred(Reply::local(451, (4, 3, 0), "blocking pool failed"))
+                        }
+                    };
+                    if let Result_::Deferred(r) = &outcome {
+                        tracing::warn!(queue_id = %env.queue_id, error = %r.one_line(), "drop folder write failed");
+                    }
+                    for &i in &idx {
+                        results.push((i, clone_result(&outcome)));
+                    }
+                }
+                RouteAction::Relay => {
+                    let replies = self
+                        .relay(
+                            &live_generation(&self.shared),
+                            ri,
+                            route,
+                            &cfg,
+                            &domain,
+                            &env,
+                            &rcpts,
+                            &message,
+                            attempts,
+                        )
+                        .await;
+                    for (&i, (r, mta)) in idx.iter().zip(replies) {
+                        let outcome = if r.is_positive() {
+                            Result_::Delivered
+                        } else if r.is_permanent() {
+                            Result_::Failed(r, mta)
+                        } else {
+                            Result_::Deferred(r)
+                        };
+                        results.push((i, outcome));
+                    }
+                }
+            }
+        }
+        self.conclude(e, results, &message).await;
+    }
+
+    /// The message content: in memory after acceptance, else read back from the spool.
+    async fn content(&self, e: &Rc<RefCell<Entry>>) -> std::io::Result<Arc<Vec<u8>>> {
+        if let Some(c) = e.borrow().content.clone() {
+            return Ok(c);
+        }
+        let sp = e.borrow().spooled.clone();
+        let data = monoio::spawn_blocking(move || sp.seg.read_at(sp.content_at, sp.content_len))
+            .await
+            .map_err(|_| std::io::Error::other("blocking pool failed"))??;
+        Ok(Arc::new(data))
+    }
+
+    fn settings(
+        &self,
+        generation: u64,
+        ri: usize,
+        route: &RouteSection,
+        cfg: &Config,
+    ) -> Result<Rc<HopSettings>, String> {
+        if let Some(s) = self.hop_settings.borrow().get(&(generation, ri)) {
+            return Ok(s.clone());
+        }
+        let s = Rc::new(HopSettings::new(route, &cfg.server.hostname, &cfg.queue)?);
+        let mut m = self.hop_settings.borrow_mut();
+        m.retain(|(g, _), _| *g == generation);
+        m.insert((generation, ri), s.clone());
+        Ok(s)
+    }
+
+    /// Relay one group; one (reply, remote host) per recipient.
+    #[allow(clippy::too_many_arguments)]
+    async fn relay(
+        &self,
+        generation: &u64,
+        ri: usize,
+        route: &RouteSection,
+        cfg: &Config,
+        domain: &str,
+        env: &Envelope,
+        rcpts: &[String],
+        message: &[&[u8]],
+        attempts: u32,
+    ) -> Vec<(Reply, Option<String>)> {
+        let all = |r: Reply, h: Option<String>| vec![(r, h); rcpts.len()];
+        let s = match self.settings(*generation, ri, route, cfg) {
+            Ok(s) => s,
+            Err(e) => {
+                return all(
+                    Reply::local(451, (4, 3, 5), &format!("relay TLS settings: {e}")),
+                    None,
+                );
+            }
+        };
+        let hops = match self.hops(route, cfg, domain).await {
+            Ok(h) => h,
+            Err(r) => return all(r, None),
+        };
+        if hops.is_empty() {
+            return all(Reply::local(451, (4, 4, 4), "no next hop address"), None);
+        }
+        let sender_domain = env.mail_from.rsplit_once('@').map_or("", |(_, d)| d);
+        let source = route.source_ip_for(sender_domain);
+        let n = hops.len();
+        let start = attempts as usize % n;
+        let mut last = Reply::local(451, (4, 4, 1), "no next hop tried");
+        let mut last_host = None;
+        for k in 0..n {
+            let Some((host, addr)) = hops.get((start + k) % n) else {
+                continue;
+            };
+            let key = HopKey {
+                addr: *addr,
+                source,
+                route: ri,
+                generation: *generation,
+            };
+            match self
+                .pool
+                .deliver(&key, host, &s, &env.mail_from, rcpts, message)
+                .await
+            {
+                Outcome::Replies(r) => {
+                    return r.into_iter().map(|r| (r, Some(host.clone()))).collect();
+                }
+                Outcome::HopFailed(r) => {
+                    tracing::info!(queue_id = %env.queue_id, hop = %addr, reply = %r.one_line(), "next hop failed");
+                    last = r;
+                    last_host = Some(host.clone());
+                }
+            }
+        }
+        all(last, last_host)
+    }
+
+    /// The next hops of a route: `(name for TLS and logs, address)`.
+    async fn hops(
+        &self,
+        route: &RouteSection,
+        cfg: &Config,
+        domain: &str,
+    ) -> Result<Vec<(String, std::net::SocketAddr)>, Reply> {
+        let servers = cfg.dns.servers.clone();
+        let mut out = Vec::new();
+        for h in &route.next_hops {
+            let h = h.get_ref().clone();
+            if h == "mx" {
+                let d = domain.to_string();
+                let sv = servers.clone();
+                let t = monoio::spawn_blocking(move || Dns::get(&sv)?.resolve_mx(&d))
+                    .await
+                    .map_err(|_| Reply::local(451, (4, 4, 3), "DNS worker failed"))?;
+                match t {
+                    Ok(Targets::NullMx) => {
+                        return Err(Reply::local(
+                            556,
+                            (5, 1, 10),
+                            &format!("{domain} accepts no mail (null MX)"),
+                        ));
+                    }
+                    Ok(Targets::Hosts(hosts)) => {
+                        for (name, ips) in hosts {
+                            for ip in ips {
+                                out.push((
+                                    name.clone(),
+                                    std::net::SocketAddr::new(ip, route.mx_port),
+                                ));
+                            }
+                        }
+                    }
+                    Err(e) => return Err(Reply::local(451, (4, 4, 3), &e)),
+                }
+                continue;
+            }
+            let Some((host, port)) = crate::relay::parse_hop(&h) else {
+                continue;
+            };
+            if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+                out.push((host, std::net::SocketAddr::new(ip, port)));
+                continue;
+            }
+            let (hn, sv) = (host.clone(), servers.clone());
+            let ips = monoio::spawn_blocking(move || Dns::get(&sv)?.resolve_host(&hn))
+                .await
+                .map_err(|_| Reply::local(451, (4, 4, 3), "DNS worker failed"))?
+                .map_err(|e| Reply::local(451, (4, 4, 3), &e))?;
+            for ip in ips {
+                out.push((host.clone(), std::net::SocketAddr::new(ip, port)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Record an attempt's results: finished recipients in the spool, bounces, the next try.
+    async fn conclude(
+        self: &Rc<Self>,
+        e: &Rc<RefCell<Entry>>,
+        results: Vec<(u32, Result_)>,
+        message: &[&[u8]],
+    ) {
+        let cfg = self.shared.live().config.clone();
+        let env = e.borrow().env.clone();
+        let now = SystemTime::now();
+        let age = now.duration_since(env.received_at).unwrap_or_default();
+        let expired = age >= cfg.queue.max_lifetime.0;
+        let mut finished = Vec::new();
+        let mut failed: Vec<RcptStatus> = Vec::new();
+        let mut deferred: Vec<RcptStatus> = Vec::new();
+        let mut last_error = String::new();
+        for (i, r) in results {
+            let rcpt = env.rcpts.get(i as usize).cloned().unwrap_or_default();
+            match r {
+                Result_::Delivered => {
+                    finished.push(i);
+                    self.shared.metrics.delivery("delivered", 1);
+                }
+                Result_::Failed(reply, mta) => {
+                    finished.push(i);
+                    self.shared.metrics.delivery("failed", 1);
+                    tracing::info!(queue_id = %env.queue_id, to = %rcpt, reply = %reply.one_line(), result = "failed", "delivery");
+                    failed.push(RcptStatus {
+                        rcpt,
+                        status: reply.status(),
+                        diagnostic: reply.one_line(),
+                        remote_mta: mta,
+                    });
+                }
+                Result_::Deferred(reply) if expired => {
+                    finished.push(i);
+                    self.shared.metrics.delivery("expired", 1);
+                    tracing::info!(queue_id = %env.queue_id, to = %rcpt, reply = %reply.one_line(), result = "expired", "delivery");
+                    failed.push(RcptStatus {
+                        rcpt,
+                        status: "4.4.7".into(),
+                        diagnostic: format!(
+                            "message expired after {}s in the queue; last error: {}",
+                            age.as_secs(),
+                            reply.one_line()
+                        ),
+                        remote_mta: None,
+                    });
+                }
+                Result_::Deferred(reply) => {
+                    self.shared.metrics.delivery("deferred", 1);
+                    last_error = reply.one_line();
+                    deferred.push(RcptStatus {
+                        rcpt,
+                        status: reply.status(),
+                        diagnostic: reply.one_line(),
+                        remote_mta: None,
+                    });
+                }
+            }
+        }
+        if !failed.is_empty()
+            && !env.mail_from.is_empty()
+            && !env.is_bounce
+            && let Err(err) = self.bounce(dsn::Kind::Failed, &env, &failed, message).await
+        {
+            // Keep those recipients pending: they are tried (and bounced) again.
+            tracing::error!(queue_id = %env.queue_id, error = %err, "cannot spool a bounce");
+            let keep: Vec<String> = failed.iter().map(|f| f.rcpt.clone()).collect();
+            finished.retain(|&i| env.rcpts.get(i as usize).is_none_or(|r| !keep.contains(r)));
+        }
+        let (held, deleted) = {
+            let b = e.borrow();
+            (b.state == State::Held, b.deleted)
+        };
+        let (seg, all_done) = {
+            let mut b = e.borrow_mut();
+            b.pending.retain(|i| !finished.contains(i));
+            (b.spooled.seg.clone(), b.pending.is_empty())
+        };
+        seg.finish(&env.queue_id, &finished, all_done);
+        if all_done || deleted {
+            if deleted && !all_done {
+                let rest = e.borrow().pending.clone();
+                seg.finish(&env.queue_id, &rest, true);
+            }
+            self.remove(&env.queue_id, e);
+            let secs = age.as_secs_f64();
+            self.shared.metrics.time_in_queue(secs);
+            tracing::info!(queue_id = %env.queue_id, seconds = secs, result = "done", "message");
+            return;
+        }
+        let delay_notice = cfg.queue.delay_notice.0;
+        let notify = !delay_notice.is_zero()
+            && age >= delay_notice
+            && !e.borrow().delay_notified
+            && !env.mail_from.is_empty()
+            && !env.is_bounce
+            && !deferred.is_empty();
+        if notify
+            && self
+                .bounce(dsn::Kind::Delayed, &env, &deferred, message)
+                .await
+                .is_ok()
+        {
+            e.borrow_mut().delay_notified = true;
+        }
+        let mut b = e.borrow_mut();
+        b.content = None;
+        if held {
+            return;
+        }
+        b.attempts += 1;
+        let wait = crate::relay::backoff(
+            &cfg.queue.retry.iter().map(|s| s.0).collect::<Vec<_>>(),
+            b.attempts,
+        );
+        b.next_attempt = Instant::now() + wait;
+        b.last_error = last_error;
+        self.set_state(&mut b, State::Deferred);
+        tracing::info!(queue_id = %env.queue_id, attempt = b.attempts, retry_in = wait.as_secs(), error = %b.last_error, result = "deferred", "delivery");
+        self.timers
+            .borrow_mut()
+            .push(Reverse((b.next_attempt, env.queue_id.clone())));
+    }
+
+    fn remove(&self, id: &str, e: &Rc<RefCell<Entry>>) {
+        self.entries.borrow_mut().remove(id);
+        let s = e.borrow().state;
+        self.count(s, -1);
+    }
+
+    /// Spool a DSN to the original sender and queue it.
+    async fn bounce(
+        self: &Rc<Self>,
+        kind: dsn::Kind,
+        env: &Envelope,
+        rcpts: &[RcptStatus],
+        message: &[&[u8]],
+    ) -> std::io::Result<()> {
+        let cfg = self.shared.live().config.clone();
+        let hostname = cfg.server.hostname.clone();
+        let original: Vec<u8> = message.iter().flat_map(|p| p.iter().copied()).collect();
+        let orig = dsn::Original {
+            queue_id: &env.queue_id,
+            sender: &env.mail_from,
+            arrival: env.received_at,
+            message: &original,
+        };
+        let content = dsn::build(kind, &hostname, &orig, rcpts, SystemTime::now());
+        let benv = Envelope {
+            queue_id: self.next_queue_id(),
+            mail_from: String::new(),
+            rcpts: vec![env.mail_from.clone()],
+            client_ip: std::net::IpAddr::from([127, 0, 0, 1]),
+            helo: hostname.clone(),
+            tls: None,
+            authenticated_as: None,
+            binding: "bounce".into(),
+            esmtp: true,
+            is_bounce: true,
+            direction: match env.direction {
+                Direction::Inbound => Direction::Outbound,
+                Direction::Outbound => Direction::Inbound,
+            },
+            received_at: SystemTime::now(),
+        };
+        let t = trace::received(&benv, &hostname);
+        let spooled = self.spool.store(&benv, &t, &content).await?;
+        tracing::info!(queue_id = %benv.queue_id, original = %env.queue_id, to = %env.mail_from, kind = ?kind, "bounce");
+        self.shared.metrics.delivery("bounces_sent", 1);
+        self.enqueue(benv, t, Some(Arc::new(content)), spooled, vec![0]);
+        Ok(())
+    }
+
+    /// Copy messages deferred for long into the current segment, so their old segment can go.
+    async fn copy_forward(self: &Rc<Self>, after: Duration) {
+        if after.is_zero() {
+            return;
+        }
+        let old: Vec<Rc<RefCell<Entry>>> = self
+            .entries
+            .borrow()
+            .values()
+            .filter(|e| {
+                let b = e.borrow();
+                !b.running
+                    && b.state != State::Active
+                    && SystemTime::now()
+                        .duration_since(b.env.received_at)
+                        .unwrap_or_default()
+                        >= after
+                    && b.spooled.seg.is_old(after)
+            })
+            .take(64)
+            .cloned()
+            .collect();
+        for e in old {
+            let Ok(content) = self.content(&e).await else {
+                continue;
+            };
+            let (mut env, trace, pending, old_sp) = {
+                let b = e.borrow();
+                (
+                    b.env.clone(),
+                    b.trace.clone(),
+                    b.pending.clone(),
+                    b.spooled.clone(),
+                )
+            };
+            // The copy keeps only the recipients still pending.
+            let kept: Vec<String> = pending
+                .iter()
+                .filter_map(|&i| env.rcpts.get(i as usize).cloned())
+                .collect();
+            env.rcpts = kept;
+            match self.spool.store(&env, &trace, &content).await {
+                Ok(sp) => {
+                    old_sp.seg.finish(&env.queue_id, &pending, true);
+                    let mut b = e.borrow_mut();
+                    b.pending = crate::spool::all_indexes(env.rcpts.len());
+                    b.env = env;
+                    b.spooled = sp;
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "copy-forward failed; will try again");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn command(self: &Rc<Self>, op: &Op) -> String {
+        let get = |id: &str| self.entries.borrow().get(id).cloned();
+        match op {
+            Op::List => {
+                let mut out = String::new();
+                for (id, e) in self.entries.borrow().iter() {
+                    let b = e.borrow();
+                    let rcpts: Vec<&str> = b
+                        .pending
+                        .iter()
+                        .filter_map(|&i| b.env.rcpts.get(i as usize).map(String::as_str))
+                        .collect();
+                    let age = SystemTime::now()
+                        .duration_since(b.env.received_at)
+                        .unwrap_or_default()
+                        .as_secs();
+                    out.push_str(&format!(
+                        "{id}\t{}\t{age}s\t{}\t<{}>\t{}\t{}\n",
+                        b.state.name(),
+                        b.attempts,
+                        b.env.mail_from,
+                        rcpts.join(","),
+                        b.last_error
+                    ));
+                }
+                out
+            }
+            Op::Show(id) => match get(id) {
+                Some(e) => {
+                    let b = e.borrow();
+                    let mut s = format!(
+                        "queue_id: {id}\ncore: {}\nstate: {}\nattempts: {}\nfrom: <{}>\nreceived: {}\nclient: {} ({})\nbinding: {}\nsize: {}\nsegment: {}\nlast_error: {}\n",
+                        self.core,
+                        b.state.name(),
+                        b.attempts,
+                        b.env.mail_from,
+                        trace::rfc5322_date(b.env.received_at),
+                        b.env.client_ip,
+                        b.env.helo,
+                        b.env.binding,
+                        b.spooled.content_len,
+                        b.spooled.seg.path.display(),
+                        b.last_error
+                    );
+                    for (i, r) in b.env.rcpts.iter().enumerate() {
+                        let st = if b.pending.contains(&(i as u32)) {
+                            "pending"
+                        } else {
+                            "done"
+                        };
+                        s.push_str(&format!("rcpt: <{r}> {st}\n"));
+                    }
+                    s
+                }
+                None => String::new(),
+            },
+            Op::Flush(id) => {
+                let targets: Vec<(String, Rc<RefCell<Entry>>)> = match id {
+                    Some(id) => get(id).map(|e| vec![(id.clone(), e)]).unwrap_or_default(),
+                    None => self
+                        .entries
+                        .borrow()
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                };
+                let mut n = 0;
+                for (id, e) in targets {
+                    if e.borrow().state == State::Deferred {
+                        e.borrow_mut().next_attempt = Instant::now();
+                        self.try_start(id, e);
+                        n += 1;
+                    }
+                }
+                format!("{n}\n")
+            }
+            Op::Delete(id) => match get(id) {
+                Some(e) => {
+                    let running = {
+                        let mut b = e.borrow_mut();
+                        b.deleted = true;
+                        b.running
+                    };
+                    if !running {
+                        let (seg, pending) = {
+                            let b = e.borrow();
+                            (b.spooled.seg.clone(), b.pending.clone())
+                        };
+                        seg.finish(id, &pending, true);
+                        self.remove(id, &e);
+                    }
+                    tracing::info!(queue_id = %id, result = "deleted", "message");
+                    "1\n".into()
+                }
+                None => String::new(),
+            },
+            Op::Hold(id) => match get(id) {
+                Some(e) => {
+                    self.set_state(&mut e.borrow_mut(), State::Held);
+                    "1\n".into()
+                }
+                None => String::new(),
+            },
+            Op::Release(id) => match get(id) {
+                Some(e) => {
+                    {
+                        let mut b = e.borrow_mut();
+                        self.set_state(&mut b, State::Deferred);
+                        b.next_attempt = Instant::now();
+                    }
+                    self.try_start(id.clone(), e);
+                    "1\n".into()
+                }
+                None => String::new(),
+            },
+        }
+    }
+}
+
+fn live_generation(shared: &Shared) -> u64 {
+    shared.live().generation
+}
+
+fn clone_result(r: &Result_) -> Result_ {
+    match r {
+        Result_::Delivered => Result_::Delivered,
+        Result_::Failed(a, b) => Result_::Failed(a.clone(), b.clone()),
+        Result_::Deferred(a) => Result_::Deferred(a.clone()),
+    }
+}

@@ -1,0 +1,142 @@
+use super::*;
+use std::time::SystemTime;
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ringmx-spool-{name}-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn env(id: &str, rcpts: usize) -> Envelope {
+    let rcpts: Vec<String> = (0..rcpts).map(|i| format!("r{i}@d.test")).collect();
+    let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    Envelope {
+        received_at: SystemTime::now(),
+        ..Envelope::example(id, &rcpts)
+    }
+}
+
+fn spool(d: &Path, segment_size: u64) -> CoreSpool {
+    let opts = SpoolOptions {
+        dir: d.to_path_buf(),
+        segment_size,
+        commit_batch: 4,
+        commit_delay: Duration::from_micros(200),
+    };
+    CoreSpool::new(0, opts, Arc::new(AtomicU64::new(1)), Arc::default()).unwrap()
+}
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+#[test]
+fn stored_messages_are_recovered_until_finished() {
+    let d = dir("recover");
+    let s = spool(&d, 1 << 20);
+    let (a, b) = block_on(async {
+        let a = s
+            .store(&env("A", 2), "T: a\r\n", b"body a\r\n")
+            .await
+            .unwrap();
+        let b = s
+            .store(&env("B", 1), "T: b\r\n", b"body b\r\n")
+            .await
+            .unwrap();
+        (a, b)
+    });
+    assert_eq!(
+        a.seg.read_at(a.content_at, a.content_len).unwrap(),
+        b"body a\r\n"
+    );
+    // A: recipient 0 delivered; B: finished.
+    a.seg.finish("A", &[0], false);
+    b.seg.finish("B", &[0], true);
+    drop(s);
+    let r = recover(&d).unwrap();
+    assert_eq!(r.messages.len(), 1);
+    let m = &r.messages[0];
+    assert_eq!(m.record.env.queue_id, "A");
+    assert_eq!(m.pending, vec![1]);
+    assert_eq!(m.record.trace, "T: a\r\n");
+    assert_eq!(
+        m.seg
+            .read_at(m.record.content_at, m.record.content_len)
+            .unwrap(),
+        b"body a\r\n"
+    );
+    // Finishing the last message deletes the (no longer current) segment.
+    m.seg.finish("A", &[1], true);
+    assert!(!m.seg.path.exists());
+    fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn torn_tail_and_corrupt_ranges_are_skipped() {
+    let d = dir("torn");
+    let s = spool(&d, 1 << 20);
+    let seg = block_on(async {
+        for i in 0..3 {
+            s.store(&env(&format!("M{i}"), 1), "", b"x\r\n")
+                .await
+                .unwrap();
+        }
+        s.segment().unwrap()
+    });
+    drop(s);
+    let mut bytes = fs::read(&seg.path).unwrap();
+    let one = bytes.len() / 3;
+    // Corrupt the middle record's checksum and tear the last one.
+    bytes[one + 13] ^= 0xff;
+    bytes.truncate(bytes.len() - 2);
+    fs::write(&seg.path, &bytes).unwrap();
+    let r = recover(&d).unwrap();
+    let ids: Vec<_> = r
+        .messages
+        .iter()
+        .map(|m| m.record.env.queue_id.as_str())
+        .collect();
+    assert_eq!(ids, ["M0"]);
+    assert!(r.corrupt_ranges >= 2);
+    fs::remove_dir_all(&d).unwrap();
+}
+
+#[test]
+fn segments_roll_over_and_finished_ones_are_deleted() {
+    let d = dir("roll");
+    let s = spool(&d, 64);
+    let stored = block_on(async {
+        let mut v = Vec::new();
+        for i in 0..4 {
+            v.push(
+                s.store(&env(&format!("M{i}"), 1), "", b"xx\r\n")
+                    .await
+                    .unwrap(),
+            );
+        }
+        v
+    });
+    let segs: HashSet<u64> = stored.iter().map(|s| s.seg.id).collect();
+    assert_eq!(
+        segs.len(),
+        4,
+        "each record exceeds 64 bytes, so each gets a segment"
+    );
+    for (i, st) in stored.iter().enumerate().take(3) {
+        st.seg.finish(&format!("M{i}"), &[0], true);
+        assert!(!st.seg.path.exists());
+    }
+    // The current segment stays while it is current.
+    stored[3].seg.finish("M3", &[0], true);
+    assert!(stored[3].seg.path.exists());
+    drop(s);
+    let r = recover(&d).unwrap();
+    assert!(r.messages.is_empty());
+    assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
+    fs::remove_dir_all(&d).unwrap();
+}
