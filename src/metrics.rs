@@ -54,6 +54,9 @@ pub struct Metrics {
     queue_time_count: AtomicU64,
     queue_time_sum_ms: AtomicU64,
     commit: std::sync::Arc<crate::spool::CommitStats>,
+    /// Relay connections opened, and transactions sent over a reused one.
+    relay_opened: AtomicU64,
+    relay_reused: AtomicU64,
 }
 
 /// `ringmx_deliveries_total{result}` labels.
@@ -94,6 +97,8 @@ impl Metrics {
             queue_time_count: AtomicU64::new(0),
             queue_time_sum_ms: AtomicU64::new(0),
             commit: Default::default(),
+            relay_opened: AtomicU64::new(0),
+            relay_reused: AtomicU64::new(0),
         }
     }
 
@@ -147,6 +152,16 @@ impl Metrics {
         if let Some(i) = DELIVERY_RESULTS.iter().position(|r| *r == result) {
             Self::add(self.deliveries.get(i), n);
         }
+    }
+
+    /// A relay connection was opened (`reused == false`) or an idle one carried a message.
+    pub fn relay_connection(&self, reused: bool) {
+        let c = if reused {
+            &self.relay_reused
+        } else {
+            &self.relay_opened
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A message left the queue after `seconds`.
@@ -338,6 +353,21 @@ impl Metrics {
             o,
             "ringmx_queue_time_seconds_count {}",
             get(&self.queue_time_count)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP ringmx_relay_connections_total Connections to next hops opened, and reuses of idle ones."
+        );
+        let _ = writeln!(o, "# TYPE ringmx_relay_connections_total counter");
+        let _ = writeln!(
+            o,
+            "ringmx_relay_connections_total{{event=\"opened\"}} {}",
+            get(&self.relay_opened)
+        );
+        let _ = writeln!(
+            o,
+            "ringmx_relay_connections_total{{event=\"reused\"}} {}",
+            get(&self.relay_reused)
         );
         let c = &self.commit;
         let _ = writeln!(o, "# HELP ringmx_spool_commits_total fdatasync batches.");

@@ -140,6 +140,7 @@ impl Pool {
     }
 
     /// Deliver one transaction over `key`'s hop, reusing an idle connection when there is one.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn deliver(
         &self,
         key: &HopKey,
@@ -148,26 +149,14 @@ impl Pool {
         from: &str,
         rcpts: &[String],
         message: &[&[u8]],
+        metrics: &crate::metrics::Metrics,
     ) -> Outcome {
-        // A pooled connection the peer closed meanwhile fails before any reply: retry fresh.
-        if let Some(mut c) = self.take_idle(key, s.idle_timeout) {
-            let first = c.client.start(from, rcpts, message);
-            if let Ok(Action::Done(r)) = c.run(first, s).await {
-                self.keep(key, c);
-                return Outcome::Replies(r);
-            }
-        }
         let counter = self.counter(key.addr);
         let waited = Instant::now();
-        while counter.get() >= s.max_per_hop {
-            if waited.elapsed() > s.reply_timeout {
-                return Outcome::HopFailed(Reply::local(
-                    451,
-                    (4, 4, 5),
-                    "too many connections to the next hop",
-                ));
-            }
+        loop {
+            // A pooled connection the peer closed meanwhile fails before any reply: go on.
             if let Some(mut c) = self.take_idle(key, s.idle_timeout) {
+                metrics.relay_connection(true);
                 let first = c.client.start(from, rcpts, message);
                 if let Ok(Action::Done(r)) = c.run(first, s).await {
                     self.keep(key, c);
@@ -175,8 +164,19 @@ impl Pool {
                 }
                 continue;
             }
+            if counter.get() < s.max_per_hop {
+                break;
+            }
+            if waited.elapsed() > s.reply_timeout {
+                return Outcome::HopFailed(Reply::local(
+                    451,
+                    (4, 4, 5),
+                    "too many connections to the next hop",
+                ));
+            }
             monoio::time::sleep(Duration::from_millis(5)).await;
         }
+        metrics.relay_connection(false);
         counter.set(counter.get() + 1);
         let slot = Slot(counter);
         let mut c = match OutConn::open(key, host, s, slot).await {

@@ -480,7 +480,15 @@ impl CoreQueue {
             };
             match self
                 .pool
-                .deliver(&key, host, &s, &env.mail_from, rcpts, message)
+                .deliver(
+                    &key,
+                    host,
+                    &s,
+                    &env.mail_from,
+                    rcpts,
+                    message,
+                    &self.shared.metrics,
+                )
                 .await
             {
                 Outcome::Replies(r) => {

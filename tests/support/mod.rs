@@ -41,8 +41,9 @@ pub struct Server {
     pub driver: &'static str,
 }
 
-/// A configuration with an inbound and an outbound binding; `extra` is appended (it may add
-/// sections such as `[limits]`), `binding_extra` goes into the inbound binding.
+/// A configuration with an inbound and an outbound binding; `extra` (sections such as
+/// `[limits]`, or routes that take precedence over the catch-all drop route) goes after the
+/// bindings, `binding_extra` into the inbound binding.
 pub fn config(dir: &Path, inbound: u16, outbound: u16, binding_extra: &str, extra: &str) -> String {
     config_with_admin(dir, inbound, outbound, free_port(), binding_extra, extra)
 }
@@ -80,12 +81,13 @@ local = ["example.test"]
 
 [admin]
 listen = "127.0.0.1:{admin}"
+{extra}
 
+# The catch-all comes last (routes match in order; `extra` may add routes before it).
 [[route]]
 domains = ["*"]
 action = "drop"
 folder = "{dir}/drop"
-{extra}
 "#,
         dir = dir.display()
     )
@@ -472,4 +474,80 @@ impl Raw {
         let _ = self.r.read_to_string(&mut s);
         s
     }
+}
+
+/// The aiosmtpd next hop in `sink.py`, recording every accepted message as a JSON line.
+pub struct Sink {
+    pub port: u16,
+    pub out: PathBuf,
+    child: Child,
+}
+
+impl Sink {
+    /// Start on a free port; `args` are sink.py switches (`--tempfail 1`, `--reject bad`…).
+    pub fn start(dir: &Path, args: &[&str]) -> Sink {
+        Sink::start_on(dir, free_port(), args)
+    }
+
+    pub fn start_on(dir: &Path, port: u16, args: &[&str]) -> Sink {
+        let out = dir.join(format!("sink-{port}.jsonl"));
+        let mut child = Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/support/sink.py"
+            ))
+            .args(["--port", &port.to_string(), "--out"])
+            .arg(&out)
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 with aiosmtpd");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "sink did not start");
+        Sink { port, out, child }
+    }
+
+    pub fn records(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Wait (up to `secs`) for at least `n` records.
+    pub fn wait_for(&self, n: usize, secs: u64) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let r = self.records();
+            if r.len() >= n || Instant::now() > deadline {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `ringmx queue ARGS --admin ADDR`: (success, stdout + stderr).
+pub fn queue_cli(s: &Server, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringmx"))
+        .arg("queue")
+        .args(args)
+        .args(["--admin", &s.admin.to_string()])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!("{}{}", stdout(&out), stderr(&out)),
+    )
 }

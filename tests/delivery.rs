@@ -1,0 +1,550 @@
+//! Store-and-forward with real next hops: an aiosmtpd sink (tests/support/sink.py), Postfix's
+//! smtp-sink, dnsmasq for MX records. Relaying, per-recipient results and bounces, retries after
+//! 4xx and after a hop that was down, TLS towards the next hop, MX resolution, the queue CLI.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Server, Sink, free_port, python, queue_cli, stderr, temp_dir};
+
+fn relay_route(domain: &str, hops: &str, more: &str) -> String {
+    format!(
+        "[[route]]\ndomains = [\"{domain}\"]\naction = \"relay\"\nnext_hops = [{hops}]\n{more}\n"
+    )
+}
+
+const QUEUE_FAST: &str = "[queue]\nretry = [\"1s\"]\n";
+
+/// Send one message through the outbound binding with smtplib; prints the refused dict.
+const SEND: &str = r#"
+import os, smtplib
+from email.message import EmailMessage
+m = EmailMessage()
+m["From"] = os.environ.get("FROM") or "alice@example.test"
+m["To"] = ", ".join(os.environ["TO"].split())
+m["Subject"] = "relay test"
+m["Message-ID"] = os.environ["MID"]
+m.set_content("Hello next hop.\n.leading dot\n")
+with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
+    print(s.send_message(m, from_addr=os.environ.get("FROM", "alice@example.test"), to_addrs=os.environ["TO"].split()))
+"#;
+
+fn send(s: &Server, from: &str, to: &str, mid: &str) {
+    let out = Command::new("python3")
+        .args(["-c", SEND])
+        .env("PORT", s.outbound.port().to_string())
+        .env("FROM", from)
+        .env("TO", to)
+        .env("MID", mid)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", stderr(&out), s.log());
+}
+
+#[test]
+fn relays_per_recipient_and_bounces_permanent_failures() {
+    let dir = temp_dir("relay-sink");
+    let sink = Sink::start(&dir, &["--reject", "bad"]);
+    let extra = format!(
+        "{QUEUE_FAST}{}",
+        relay_route(
+            "remote.test",
+            &format!("\"127.0.0.1:{}\"", sink.port),
+            "tls = \"none\""
+        )
+    );
+    let s = Server::start_with("relay", "auto", "", &extra);
+    send(
+        &s,
+        "alice@example.test",
+        "ok1@remote.test bad@remote.test",
+        "<t1@example.test>",
+    );
+    // A failure for a null sender is never bounced.
+    send(&s, "", "bad@remote.test", "<t2@example.test>");
+    let recs = sink.wait_for(1, 20);
+    s.wait_queue_empty();
+    assert_eq!(recs.len(), 1, "{recs:?}");
+    let r = &recs[0];
+    assert_eq!(r["rcpts"], serde_json::json!(["ok1@remote.test"]));
+    assert_eq!(r["from"], "alice@example.test");
+    assert_eq!(r["message_id"], "<t1@example.test>");
+    let data = r["data"].as_str().unwrap();
+    assert!(data.starts_with("Received: from "), "{data}");
+    assert!(
+        data.contains("by mx.test (ringmx)") && data.contains("\tid "),
+        "{data}"
+    );
+    assert!(
+        data.contains("\n.leading dot"),
+        "dot-stuffing undone by the sink: {data}"
+    );
+    // The DSN for bad@ went back to alice (a local domain: the catch-all drop route).
+    let dropped = s.dropped();
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    let dsn = &dropped[0];
+    assert!(
+        dsn.starts_with("X-Sender: \r\nX-Receiver: alice@example.test\r\n"),
+        "{dsn}"
+    );
+    assert!(
+        dsn.contains("multipart/report; report-type=delivery-status"),
+        "{dsn}"
+    );
+    assert!(
+        dsn.contains("Final-Recipient: rfc822; bad@remote.test\r\nAction: failed\r\nStatus: 5.1.1"),
+        "{dsn}"
+    );
+    assert!(dsn.contains("Remote-MTA: dns; 127.0.0.1"), "{dsn}");
+    assert!(
+        dsn.contains("Message-ID: <t1@example.test>"),
+        "original headers: {dsn}"
+    );
+    assert!(!dsn.contains("ok1@remote.test\r\nAction"), "{dsn}");
+    let (_, metrics) = s.admin_get("/metrics");
+    assert!(
+        metrics.contains("ringmx_deliveries_total{result=\"delivered\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ringmx_deliveries_total{result=\"failed\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("ringmx_deliveries_total{result=\"bounces_sent\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn temporary_failure_waits_for_retry_and_queue_cli_controls_it() {
+    let dir = temp_dir("relay-retry");
+    let sink = Sink::start(&dir, &["--tempfail", "1"]);
+    // Retries an hour away: only the CLI makes them happen in this test.
+    let extra = format!(
+        "[queue]\nretry = [\"1h\"]\n{}",
+        relay_route(
+            "remote.test",
+            &format!("\"127.0.0.1:{}\"", sink.port),
+            "tls = \"none\""
+        )
+    );
+    let s = Server::start_with("relay-retry", "auto", "", &extra);
+    send(
+        &s,
+        "alice@example.test",
+        "r@remote.test",
+        "<retry@example.test>",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let list = loop {
+        let (ok, list) = queue_cli(&s, &["list"]);
+        assert!(ok, "{list}");
+        if list.contains("\tdeferred\t") {
+            break list;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never deferred: {list}\n{}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(list.contains("451 4.3.0 please try again later"), "{list}");
+    assert!(
+        list.contains("<alice@example.test>\tr@remote.test"),
+        "{list}"
+    );
+    let id = list.split('\t').next().unwrap().to_string();
+    let (ok, show) = queue_cli(&s, &["show", &id]);
+    assert!(
+        ok && show.contains("attempts: 1") && show.contains("rcpt: <r@remote.test> pending"),
+        "{show}"
+    );
+    // Held messages are not flushed.
+    assert!(queue_cli(&s, &["hold", &id]).0);
+    assert!(queue_cli(&s, &["list"]).1.contains("\theld\t"));
+    assert!(queue_cli(&s, &["flush"]).1.starts_with("0 message"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(sink.records().is_empty());
+    // Released: delivered at once.
+    assert!(queue_cli(&s, &["release", &id]).0);
+    let recs = sink.wait_for(1, 20);
+    assert_eq!(recs.len(), 1, "{}", s.log());
+    s.wait_queue_empty();
+    let (ok, out) = queue_cli(&s, &["show", &id]);
+    assert!(!ok && out.contains("no such message"), "{out}");
+    // Deleted: gone without a bounce (the hop is down from now on).
+    drop(sink);
+    send(
+        &s,
+        "alice@example.test",
+        "gone@remote.test",
+        "<del@example.test>",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        let list = queue_cli(&s, &["list"]).1;
+        if let Some(l) = list
+            .lines()
+            .find(|l| l.contains("gone@remote.test") && l.contains("\tdeferred\t"))
+        {
+            break l.split('\t').next().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "{list}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(queue_cli(&s, &["delete", &id]).0);
+    assert_eq!(queue_cli(&s, &["list"]).1, "");
+    assert!(s.dropped().is_empty(), "no bounce for a deleted message");
+}
+
+#[test]
+fn hop_down_then_up_and_fallback_to_the_next_hop() {
+    let dir = temp_dir("relay-down");
+    let later = free_port();
+    let up = Sink::start(&dir, &[]);
+    let dead = free_port();
+    let extra = format!(
+        "{QUEUE_FAST}{}{}",
+        relay_route(
+            "later.test",
+            &format!("\"127.0.0.1:{later}\""),
+            "tls = \"none\""
+        ),
+        relay_route(
+            "fallback.test",
+            &format!("\"127.0.0.1:{dead}\", \"127.0.0.1:{}\"", up.port),
+            "tls = \"none\""
+        ),
+    );
+    let s = Server::start_with("relay-down", "auto", "", &extra);
+    // First hop refuses connections: the second one takes the message in the same attempt.
+    send(
+        &s,
+        "alice@example.test",
+        "x@fallback.test",
+        "<fb@example.test>",
+    );
+    assert_eq!(up.wait_for(1, 20).len(), 1, "{}", s.log());
+    // Nothing listens yet: deferred with the connection error.
+    send(
+        &s,
+        "alice@example.test",
+        "y@later.test",
+        "<later@example.test>",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = queue_cli(&s, &["list"]).1;
+        if list.contains("\tdeferred\t") {
+            assert!(list.contains("connect to 127.0.0.1"), "{list}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{list}\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let sink = Sink::start_on(&dir, later, &[]);
+    let recs = sink.wait_for(1, 30);
+    assert_eq!(recs.len(), 1, "{}", s.log());
+    assert_eq!(recs[0]["message_id"], "<later@example.test>");
+    s.wait_queue_empty();
+}
+
+/// A CA and a leaf certificate for 127.0.0.1 / mx.test signed by it.
+fn ca_and_leaf(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ringmx test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+        "-subj",
+        "/CN=mx.test",
+    ]);
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=DNS:mx.test,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ]);
+}
+
+#[test]
+fn tls_to_the_next_hop_by_policy() {
+    let dir = temp_dir("relay-tls");
+    ca_and_leaf(&dir);
+    let (leaf, key, ca) = (
+        dir.join("leaf.pem"),
+        dir.join("leaf.key"),
+        dir.join("ca.pem"),
+    );
+    let tls_args = ["--tls", leaf.to_str().unwrap(), key.to_str().unwrap()];
+    let strict = Sink::start(&dir, &[&tls_args[..], &["--require-tls"]].concat());
+    let offers = Sink::start(&dir, &tls_args);
+    let plain = Sink::start(&dir, &[]);
+    let extra = format!(
+        "{QUEUE_FAST}{}{}{}",
+        relay_route(
+            "required.test",
+            &format!("\"127.0.0.1:{}\"", strict.port),
+            &format!("tls = \"required\"\ntls_ca_file = \"{}\"", ca.display())
+        ),
+        relay_route(
+            "opportunistic.test",
+            &format!("\"127.0.0.1:{}\"", offers.port),
+            ""
+        ),
+        relay_route(
+            "plain.test",
+            &format!("\"127.0.0.1:{}\"", plain.port),
+            "tls = \"required\"\ntls_verify = false"
+        ),
+    );
+    let s = Server::start_with("relay-tls", "auto", "", &extra);
+    send(
+        &s,
+        "alice@example.test",
+        "a@required.test",
+        "<req@example.test>",
+    );
+    send(
+        &s,
+        "alice@example.test",
+        "b@opportunistic.test",
+        "<opp@example.test>",
+    );
+    send(
+        &s,
+        "alice@example.test",
+        "c@plain.test",
+        "<plain@example.test>",
+    );
+    let r = strict.wait_for(1, 20);
+    assert_eq!(r.len(), 1, "{}", s.log());
+    assert_eq!(r[0]["tls"], true);
+    let r = offers.wait_for(1, 20);
+    assert_eq!(r.len(), 1, "{}", s.log());
+    assert_eq!(r[0]["tls"], true, "opportunistic TLS used when offered");
+    // TLS required, the hop offers none: kept, never sent in plain text.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = queue_cli(&s, &["list"]).1;
+        if list.contains("c@plain.test") && list.contains("\tdeferred\t") {
+            assert!(list.contains("TLS required"), "{list}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{list}\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(plain.records().is_empty());
+}
+
+#[test]
+fn tls_verification_failure_defers() {
+    let dir = temp_dir("relay-tls-verify");
+    ca_and_leaf(&dir);
+    let other = support::Certs::new();
+    let (leaf, key) = (dir.join("leaf.pem"), dir.join("leaf.key"));
+    let sink = Sink::start(
+        &dir,
+        &["--tls", leaf.to_str().unwrap(), key.to_str().unwrap()],
+    );
+    let extra = format!(
+        "{QUEUE_FAST}{}",
+        relay_route(
+            "remote.test",
+            &format!("\"127.0.0.1:{}\"", sink.port),
+            &format!(
+                "tls = \"required\"\ntls_ca_file = \"{}\"",
+                other.cert.display()
+            )
+        ),
+    );
+    let s = Server::start_with("relay-tls-verify", "auto", "", &extra);
+    send(
+        &s,
+        "alice@example.test",
+        "a@remote.test",
+        "<v@example.test>",
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = queue_cli(&s, &["list"]).1;
+        if list.contains("\tdeferred\t") {
+            assert!(list.contains("TLS handshake"), "{list}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{list}\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(sink.records().is_empty());
+}
+
+struct Dnsmasq(Child);
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn mx_records_from_a_loopback_dns_server() {
+    let dir = temp_dir("relay-mx");
+    let sink = Sink::start(&dir, &[]);
+    let dns_port = free_port();
+    let dns = Dnsmasq(
+        Command::new("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                "--user=root",
+                &format!("--port={dns_port}"),
+                // Preference 5 has no address; 10 is the one that works.
+                "--mx-host=mxdomain.test,broken.mxdomain.test,5",
+                "--mx-host=mxdomain.test,mail.mxdomain.test,10",
+                "--host-record=mail.mxdomain.test,127.0.0.1",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("dnsmasq is installed"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let extra = format!(
+        "{QUEUE_FAST}[dns]\nservers = [\"127.0.0.1:{dns_port}\"]\n{}",
+        relay_route(
+            "mxdomain.test",
+            "\"mx\"",
+            &format!("mx_port = {}\ntls = \"none\"", sink.port)
+        ),
+    );
+    let s = Server::start_with("relay-mx", "auto", "", &extra);
+    send(
+        &s,
+        "alice@example.test",
+        "u@mxdomain.test",
+        "<mx@example.test>",
+    );
+    let recs = sink.wait_for(1, 20);
+    assert_eq!(recs.len(), 1, "{}", s.log());
+    assert_eq!(recs[0]["rcpts"], serde_json::json!(["u@mxdomain.test"]));
+    drop(dns);
+}
+
+#[test]
+fn relays_to_postfix_smtp_sink_over_reused_connections() {
+    let dir = temp_dir("relay-smtp-sink");
+    let dump = dir.join("dump");
+    std::fs::create_dir_all(&dump).unwrap();
+    Command::new("chmod")
+        .arg("777")
+        .arg(&dump)
+        .status()
+        .unwrap();
+    let port = free_port();
+    let mut sink = Command::new("smtp-sink")
+        .args(["-u", "nobody", "-d"])
+        .arg(format!("{}/%H%M%S.", dump.display()))
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("100")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("smtp-sink (Debian postfix package) is installed");
+    std::thread::sleep(Duration::from_millis(300));
+    let extra = format!(
+        "{QUEUE_FAST}{}",
+        relay_route(
+            "remote.test",
+            &format!("\"127.0.0.1:{port}\""),
+            "tls = \"none\""
+        )
+    );
+    let s = Server::start_with("relay-smtp-sink", "auto", "", &extra);
+    let script = r#"
+import os, smtplib
+with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
+    for i in range(40):
+        s.sendmail("alice@example.test", ["u%d@remote.test" % i], "Message-ID: <%d@x>\r\nSubject: %d\r\n\r\nbody\r\n" % (i, i))
+"#;
+    let out = python(script, s.outbound.port(), 0);
+    assert!(out.status.success(), "{}", stderr(&out));
+    s.wait_queue_empty();
+    let files: Vec<_> = std::fs::read_dir(&dump).unwrap().flatten().collect();
+    let _ = sink.kill();
+    let _ = sink.wait();
+    assert_eq!(files.len(), 40, "{}", s.log());
+    // One connection per core at most carried them (reuse; smtplib sends one at a time).
+    let (_, metrics) = s.admin_get("/metrics");
+    let opened: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ringmx_relay_connections_total{event=\"opened\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(
+        (1..=2).contains(&opened),
+        "{opened} connections for 40 messages"
+    );
+    let all: String = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f.path()).unwrap())
+        .collect();
+    for i in 0..40 {
+        assert!(
+            all.contains(&format!("Message-ID: <{i}@x>")),
+            "message {i} missing"
+        );
+    }
+}
