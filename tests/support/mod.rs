@@ -155,6 +155,16 @@ impl Server {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // A killed process's io_uring is torn down asynchronously: its listening sockets can
+        // outlive it for a moment. Wait until the ports are free.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while [self.inbound, self.outbound]
+            .iter()
+            .any(|a| TcpListener::bind(a).is_err())
+        {
+            assert!(Instant::now() < deadline, "ports still busy after the stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         self.child = Some(spawn(&self.dir, self.driver));
         self.wait_ready(false);
     }
