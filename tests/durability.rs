@@ -54,7 +54,7 @@ fn kill_9_under_load_loses_nothing_that_got_250() {
     let mut s = Server::start_with("crash", "auto", "", &extra);
     let accepted = dir.join("accepted");
     let n = 600;
-    let mut load = Command::new("python3")
+    let load = Command::new("python3")
         .args(["-c", LOAD])
         .env("PORT", s.outbound.port().to_string())
         .env("OUT", &accepted)
