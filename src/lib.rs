@@ -6,6 +6,7 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod delivery;
+pub mod fuzz_targets;
 pub mod metrics;
 pub mod policy;
 pub mod proto;
