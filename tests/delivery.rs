@@ -7,7 +7,7 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Server, Sink, free_port, python, queue_cli, stderr, temp_dir};
+use support::{Server, Sink, free_port, queue_cli, stderr, temp_dir};
 
 fn relay_route(domain: &str, hops: &str, more: &str) -> String {
     format!(
@@ -513,13 +513,26 @@ fn relays_to_postfix_smtp_sink_over_reused_connections() {
         )
     );
     let s = Server::start_with("relay-smtp-sink", "auto", "", &extra);
+    // The first 10 one at a time, each sent once the queue is empty again (so the connection
+    // is back in the pool); the other 30 back to back.
     let script = r#"
-import os, smtplib
+import os, smtplib, time, urllib.request
+def queued():
+    m = urllib.request.urlopen("http://%s/metrics" % os.environ["ADMIN"]).read().decode()
+    return sum(int(l.split()[-1]) for l in m.splitlines() if l.startswith('ringmx_queue_messages{state="active"}'))
 with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
     for i in range(40):
         s.sendmail("alice@example.test", ["u%d@remote.test" % i], "Message-ID: <%d@x>\r\nSubject: %d\r\n\r\nbody\r\n" % (i, i))
+        deadline = time.time() + 10
+        while i < 10 and queued() > 0 and time.time() < deadline:
+            time.sleep(0.01)
 "#;
-    let out = python(script, s.outbound.port(), 0);
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .env("PORT", s.outbound.port().to_string())
+        .env("ADMIN", s.admin.to_string())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     s.wait_queue_empty();
     let files: Vec<_> = std::fs::read_dir(&dump).unwrap().flatten().collect();

@@ -623,7 +623,14 @@ impl Config {
                 .next()
                 .unwrap_or("invalid TOML")
                 .to_string();
-            err(line, "", message)
+            // Name the key: the `key = …` text of the line the error points at.
+            let key = line
+                .and_then(|l| source.lines().nth(l - 1))
+                .and_then(|t| t.split_once('='))
+                .map(|(k, _)| k.trim().trim_matches('"').to_string())
+                .filter(|k| !k.is_empty() && !k.starts_with('['))
+                .unwrap_or_default();
+            err(line, &key, message)
         })?;
 
         let server = raw.server;

@@ -176,3 +176,81 @@ fn cores() {
     let e = parse(&format!("[server]\ncores = \"many\"\n{MINIMAL}")).unwrap_err();
     assert_eq!((e.key.as_str(), e.line), ("server.cores", Some(2)));
 }
+
+const RELAY: &str = r#"
+[[route]]
+domains = ["remote.test"]
+action = "relay"
+next_hops = ["10.0.0.1:25", "[2001:db8::1]:2525"]
+sender_domains = ["example.test"]
+tls = "required"
+ehlo = "edge.test"
+
+[route.source_ip]
+"example.test" = "192.0.2.10"
+"*" = "192.0.2.11"
+"#;
+
+#[test]
+fn relay_routes_match_by_recipient_and_sender_domain() {
+    let c = parse(&format!("{RELAY}{MINIMAL}")).unwrap();
+    let (i, r) = c
+        .route_for("Remote.Test", "example.test", Direction::Inbound)
+        .unwrap();
+    assert_eq!(
+        (i, r.action, r.tls),
+        (0, RouteAction::Relay, RelayTls::Required)
+    );
+    assert_eq!(
+        r.source_ip_for("EXAMPLE.test"),
+        Some("192.0.2.10".parse().unwrap())
+    );
+    assert_eq!(
+        r.source_ip_for("other.test"),
+        Some("192.0.2.11".parse().unwrap())
+    );
+    // Another sender domain falls through to the catch-all drop route.
+    let (i, r) = c
+        .route_for("remote.test", "other.test", Direction::Inbound)
+        .unwrap();
+    assert_eq!((i, r.action), (1, RouteAction::Drop));
+    assert_eq!(c.spool.dir, Some(PathBuf::from("./ringmx-data/spool")));
+    assert_eq!(c.queue.retry.len(), 5);
+    assert_eq!(c.spool.commit_delay.0, Duration::from_micros(300));
+}
+
+#[test]
+fn relay_route_errors_name_key_and_line() {
+    let bad_hop = RELAY.replace("\"10.0.0.1:25\"", "\"10.0.0.1\"");
+    let e = parse(&format!("{bad_hop}{MINIMAL}")).unwrap_err();
+    assert_eq!(
+        (e.key.as_str(), e.line),
+        ("route[0].next_hops", Some(5)),
+        "{e}"
+    );
+    let no_hops = "[[route]]\ndomains = [\"*\"]\naction = \"relay\"\n";
+    let e = parse(&format!("{no_hops}{MINIMAL}")).unwrap_err();
+    assert_eq!(
+        (e.key.as_str(), e.line),
+        ("route[0].next_hops", Some(1)),
+        "{e}"
+    );
+    // Under [route.source_ip] every key is a sender domain; a non-address value names its key.
+    let e = parse(&format!("{RELAY}auth_user = \"u\"\n{MINIMAL}")).unwrap_err();
+    assert_eq!((e.key.as_str(), e.line), ("auth_user", Some(13)), "{e}");
+    let half = RELAY.replace("ehlo = \"edge.test\"", "auth_user = \"u\"");
+    let e = parse(&format!("{half}{MINIMAL}")).unwrap_err();
+    assert_eq!(e.key, "route[0].auth_user", "{e}");
+    let e = parse(&format!("{MINIMAL}next_hops = [\"a:1\"]\n")).unwrap_err();
+    assert_eq!(e.key, "route[0].next_hops", "{e}");
+    let e = parse(&format!("{MINIMAL}[queue]\nretry = []\n")).unwrap_err();
+    assert_eq!(e.key, "queue.retry", "{e}");
+    let e = parse(&format!(
+        "{MINIMAL}[spool]\ncommit_delay = \"5 fortnights\"\n"
+    ))
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("test.toml:") && e.to_string().contains("fortnights"),
+        "{e}"
+    );
+}

@@ -28,11 +28,42 @@ pub(crate) struct HopKey {
     pub generation: u64,
 }
 
+/// Open connections to one next hop on this core, and the deliveries waiting for one.
+#[derive(Default)]
+struct Hop {
+    open: Cell<usize>,
+    waiters: RefCell<std::collections::VecDeque<std::task::Waker>>,
+}
+
+impl Hop {
+    /// A connection was freed or returned to the pool: let one waiting delivery look.
+    fn wake_one(&self) {
+        if let Some(w) = self.waiters.borrow_mut().pop_front() {
+            w.wake();
+        }
+    }
+
+    /// Wait until `wake_one` (or spuriously; callers re-check).
+    async fn turn(&self) {
+        let mut registered = false;
+        std::future::poll_fn(|cx| {
+            if registered {
+                return std::task::Poll::Ready(());
+            }
+            registered = true;
+            self.waiters.borrow_mut().push_back(cx.waker().clone());
+            std::task::Poll::Pending
+        })
+        .await
+    }
+}
+
 /// A counted connection slot for a next hop.
-struct Slot(Rc<Cell<usize>>);
+struct Slot(Rc<Hop>);
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.set(self.0.get().saturating_sub(1));
+        self.0.open.set(self.0.open.get().saturating_sub(1));
+        self.0.wake_one();
     }
 }
 
@@ -59,7 +90,7 @@ pub(crate) enum Outcome {
 #[derive(Default)]
 pub(crate) struct Pool {
     idle: RefCell<HashMap<HopKey, Vec<OutConn>>>,
-    open: RefCell<HashMap<SocketAddr, Rc<Cell<usize>>>>,
+    hops: RefCell<HashMap<SocketAddr, Rc<Hop>>>,
 }
 
 /// Everything a hop needs from the route.
@@ -135,8 +166,8 @@ impl Pool {
         }
     }
 
-    fn counter(&self, addr: SocketAddr) -> Rc<Cell<usize>> {
-        self.open.borrow_mut().entry(addr).or_default().clone()
+    fn hop(&self, addr: SocketAddr) -> Rc<Hop> {
+        self.hops.borrow_mut().entry(addr).or_default().clone()
     }
 
     /// Deliver one transaction over `key`'s hop, reusing an idle connection when there is one.
@@ -151,7 +182,7 @@ impl Pool {
         message: &[&[u8]],
         metrics: &crate::metrics::Metrics,
     ) -> Outcome {
-        let counter = self.counter(key.addr);
+        let hop = self.hop(key.addr);
         let waited = Instant::now();
         loop {
             // A pooled connection the peer closed meanwhile fails before any reply: go on.
@@ -164,21 +195,24 @@ impl Pool {
                 }
                 continue;
             }
-            if counter.get() < s.max_per_hop {
+            if hop.open.get() < s.max_per_hop {
                 break;
             }
-            if waited.elapsed() > s.reply_timeout {
+            let left = s.reply_timeout.saturating_sub(waited.elapsed());
+            if left.is_zero() {
                 return Outcome::HopFailed(Reply::local(
                     451,
                     (4, 4, 5),
                     "too many connections to the next hop",
                 ));
             }
-            monoio::time::sleep(Duration::from_millis(5)).await;
+            // Woken when a connection to this hop is freed or goes back to the pool (and at
+            // least every second, so a wake-up lost to a waiter that timed out costs little).
+            let _ = monoio::time::timeout(left.min(Duration::from_secs(1)), hop.turn()).await;
         }
         metrics.relay_connection(false);
-        counter.set(counter.get() + 1);
-        let slot = Slot(counter);
+        hop.open.set(hop.open.get() + 1);
+        let slot = Slot(hop.clone());
         let mut c = match OutConn::open(key, host, s, slot).await {
             Ok(c) => c,
             Err(r) => return Outcome::HopFailed(r),
@@ -201,6 +235,7 @@ impl Pool {
     fn keep(&self, key: &HopKey, c: OutConn) {
         if c.client.is_ready() {
             self.put_idle(key.clone(), c);
+            self.hop(key.addr).wake_one();
         }
     }
 }
