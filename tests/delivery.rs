@@ -566,3 +566,201 @@ with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
         );
     }
 }
+
+#[test]
+fn smart_host_auth_and_source_address_per_sender_domain() {
+    let dir = temp_dir("relay-auth");
+    ca_and_leaf(&dir);
+    let (leaf, key) = (dir.join("leaf.pem"), dir.join("leaf.key"));
+    let sink = Sink::start(
+        &dir,
+        &[
+            "--tls",
+            leaf.to_str().unwrap(),
+            key.to_str().unwrap(),
+            "--auth",
+            "edge:s3cret pw",
+        ],
+    );
+    std::fs::write(dir.join("smarthost.pass"), "s3cret pw\n").unwrap();
+    let extra = format!(
+        "{QUEUE_FAST}{}[route.source_ip]\n\"example.test\" = \"127.0.0.2\"\n\"*\" = \"127.0.0.3\"\n",
+        relay_route(
+            "remote.test",
+            &format!("\"127.0.0.1:{}\"", sink.port),
+            &format!(
+                "tls = \"required\"\ntls_verify = false\nauth_user = \"edge\"\nauth_password_file = \"{}\"",
+                dir.join("smarthost.pass").display()
+            )
+        ),
+    );
+    let s = Server::start_with("relay-auth", "auto", "", &extra);
+    send(
+        &s,
+        "alice@example.test",
+        "a@remote.test",
+        "<auth1@example.test>",
+    );
+    send(
+        &s,
+        "bob@elsewhere.test",
+        "b@remote.test",
+        "<auth2@example.test>",
+    );
+    let recs = sink.wait_for(2, 20);
+    assert_eq!(recs.len(), 2, "{}", s.log());
+    for r in &recs {
+        assert_eq!(r["auth"], "edge", "{r}");
+        assert_eq!(r["tls"], true);
+        let want = if r["from"] == "alice@example.test" {
+            "127.0.0.2"
+        } else {
+            "127.0.0.3"
+        };
+        assert_eq!(r["peer"], want, "source address by sender domain: {r}");
+    }
+}
+
+#[test]
+fn bdat_to_a_chunking_next_hop() {
+    // ringmx itself offers CHUNKING + PIPELINING: the relay client sends BDAT.
+    let hop = Server::start("relay-bdat-hop", "auto");
+    let extra = relay_route(
+        "remote.test",
+        &format!("\"{}\"", hop.outbound),
+        "tls = \"none\"",
+    );
+    let s = Server::start_with("relay-bdat", "auto", "", &extra);
+    send(
+        &s,
+        "alice@example.test",
+        "x@remote.test",
+        "<bdat@example.test>",
+    );
+    s.wait_queue_empty();
+    let files = hop.dropped();
+    assert_eq!(files.len(), 1, "{}", s.log());
+    assert!(
+        files[0].contains("Message-ID: <bdat@example.test>"),
+        "{}",
+        files[0]
+    );
+    assert!(
+        files[0].contains("\n.leading dot"),
+        "BDAT carries the content unstuffed"
+    );
+    // Two Received headers: ours at the first hop, then the next hop's.
+    assert_eq!(
+        files[0].matches("Received: from").count(),
+        2,
+        "{}",
+        files[0]
+    );
+}
+
+#[test]
+fn delay_notice_while_the_hop_stays_down() {
+    let dir = temp_dir("relay-delay");
+    let later = free_port();
+    let extra = format!(
+        "[queue]\nretry = [\"1s\"]\ndelay_notice = \"1s\"\n{}",
+        relay_route(
+            "later.test",
+            &format!("\"127.0.0.1:{later}\""),
+            "tls = \"none\""
+        )
+    );
+    let s = Server::start_with("relay-delay", "auto", "", &extra);
+    send(
+        &s,
+        "alice@example.test",
+        "y@later.test",
+        "<delay@example.test>",
+    );
+    // One "delayed" notice, once, while it keeps being retried.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let notice = loop {
+        let files: Vec<String> = std::fs::read_dir(&s.drop_dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(f) = files.into_iter().next() {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "no delay notice\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(notice.contains("Action: delayed"), "{notice}");
+    assert!(notice.contains("Subject: Delayed Mail"), "{notice}");
+    let sink = Sink::start_on(&dir, later, &[]);
+    assert_eq!(sink.wait_for(1, 20).len(), 1, "{}", s.log());
+    s.wait_queue_empty();
+    assert_eq!(
+        std::fs::read_dir(&s.drop_dir).unwrap().count(),
+        1,
+        "only one notice"
+    );
+}
+
+/// A next hop that answers STARTTLS with 220 and, in the same packet, a forged reply.
+const INJECTING_HOP: &str = r#"
+import os, socket
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", int(os.environ["PORT"]))); l.listen(5)
+print("ready", flush=True)
+c, _ = l.accept()
+f = c.makefile("rb")
+c.sendall(b"220 evil ESMTP\r\n")
+f.readline()
+c.sendall(b"250-evil\r\n250 STARTTLS\r\n")
+f.readline()
+c.sendall(b"220 go ahead\r\n250 injected\r\n")
+print("closed" if c.recv(10) == b"" else "kept", flush=True)
+"#;
+
+#[test]
+fn bytes_after_the_starttls_reply_drop_the_connection() {
+    use std::io::BufRead;
+    let port = free_port();
+    let mut hop = Command::new("python3")
+        .args(["-c", INJECTING_HOP])
+        .env("PORT", port.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(hop.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let extra = format!(
+        "{QUEUE_FAST}{}",
+        relay_route(
+            "remote.test",
+            &format!("\"127.0.0.1:{port}\""),
+            "tls = \"opportunistic\""
+        )
+    );
+    let s = Server::start_with("relay-inject", "auto", "", &extra);
+    send(
+        &s,
+        "alice@example.test",
+        "x@remote.test",
+        "<inject@example.test>",
+    );
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        "closed",
+        "ringmx closed without a TLS handshake"
+    );
+    let _ = hop.wait();
+    let list = queue_cli(&s, &["list"]).1;
+    assert!(
+        list.contains("data after the STARTTLS reply"),
+        "{list}\n{}",
+        s.log()
+    );
+}

@@ -206,7 +206,35 @@ impl CoreQueue {
             q.attempt(&e).await;
             q.running.set(q.running.get().saturating_sub(1));
             e.borrow_mut().running = false;
+            // A slot is free: take the next message waiting for one.
+            q.start_due();
         });
+    }
+
+    /// Start entries whose attempt is due, while delivery slots are free.
+    fn start_due(self: &Rc<Self>) {
+        let now = Instant::now();
+        let limit = self.shared.live().config.queue.concurrency.max(1);
+        while self.running.get() < limit {
+            let due = {
+                let mut t = self.timers.borrow_mut();
+                match t.peek() {
+                    Some(Reverse((at, _))) if *at <= now => t.pop().map(|Reverse((_, id))| id),
+                    _ => None,
+                }
+            };
+            let Some(id) = due else { break };
+            let e = self.entries.borrow().get(&id).cloned();
+            if let Some(e) = e {
+                let due_now = {
+                    let b = e.borrow();
+                    b.next_attempt <= now && !b.running && b.state != State::Held
+                };
+                if due_now {
+                    self.try_start(id, e);
+                }
+            }
+        }
     }
 
     /// The scheduler: retries when due, admin commands, idle connections, copy-forward.
@@ -221,31 +249,7 @@ impl CoreQueue {
                 let answer = self.command(&cmd.op);
                 let _ = cmd.reply.send(answer);
             }
-            let now = Instant::now();
-            let limit = self.shared.live().config.queue.concurrency.max(1);
-            loop {
-                if self.running.get() >= limit {
-                    break;
-                }
-                let due = {
-                    let mut t = self.timers.borrow_mut();
-                    match t.peek() {
-                        Some(Reverse((at, _))) if *at <= now => t.pop().map(|Reverse((_, id))| id),
-                        _ => None,
-                    }
-                };
-                let Some(id) = due else { break };
-                let e = self.entries.borrow().get(&id).cloned();
-                if let Some(e) = e {
-                    let due_now = {
-                        let b = e.borrow();
-                        b.next_attempt <= now && !b.running && b.state != State::Held
-                    };
-                    if due_now {
-                        self.try_start(id, e);
-                    }
-                }
-            }
+            self.start_due();
             if last_maintenance.elapsed() >= Duration::from_secs(1) {
                 last_maintenance = Instant::now();
                 let cfg = self.shared.live().config.clone();

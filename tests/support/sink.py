@@ -5,6 +5,7 @@ whether the session used TLS, and the raw message. Behaviour switches:
   --tempfail N    the first N transactions get "451 4.3.0" at end of data
   --reject WORD   recipients containing WORD get "550 5.1.1"
   --tls CERT KEY  offer STARTTLS;  --require-tls  refuse MAIL before it
+  --auth USER:PASS  offer AUTH (over TLS) and require it
 Prints "ready" once listening; runs until SIGTERM.
 """
 import argparse, email, json, signal, ssl, sys, threading
@@ -18,6 +19,7 @@ p.add_argument("--tempfail", type=int, default=0)
 p.add_argument("--reject", default=None)
 p.add_argument("--tls", nargs=2, default=None)
 p.add_argument("--require-tls", action="store_true")
+p.add_argument("--auth", default=None)
 a = p.parse_args()
 
 lock = threading.Lock()
@@ -43,6 +45,8 @@ class Handler:
             "rcpts": envelope.rcpt_tos,
             "message_id": msg.get("Message-ID"),
             "tls": session.ssl is not None,
+            "peer": session.peer[0],
+            "auth": getattr(session, "ringmx_user", None),
             "data": raw.decode("utf-8", "replace"),
         }
         with lock, open(a.out, "a") as f:
@@ -56,6 +60,18 @@ if a.tls:
     ctx.load_cert_chain(a.tls[0], a.tls[1])
     kw["tls_context"] = ctx
     kw["require_starttls"] = a.require_tls
+if a.auth:
+    from aiosmtpd.smtp import AuthResult
+    user, pw = a.auth.split(":", 1)
+
+    def check(server, session, envelope, mechanism, auth_data):
+        ok = auth_data.login.decode() == user and auth_data.password.decode() == pw
+        if ok:
+            session.ringmx_user = user
+        return AuthResult(success=ok)
+
+    kw["authenticator"] = check
+    kw["auth_required"] = True
 c = Controller(Handler(), hostname="127.0.0.1", port=a.port, decode_data=False,
                enable_SMTPUTF8=True, **kw)
 c.start()
