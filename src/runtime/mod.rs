@@ -20,7 +20,7 @@ mod limits;
 pub mod listener;
 mod outbound;
 pub mod queue;
-mod transport;
+pub mod transport;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;

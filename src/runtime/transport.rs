@@ -11,18 +11,18 @@ use monoio::net::TcpStream;
 
 const CIPHER_READ: usize = 8192;
 
-pub(crate) enum Transport {
+pub enum Transport {
     Plain,
     Tls(Box<Tls>),
 }
 
-pub(crate) struct Tls {
+pub struct Tls {
     pub conn: rustls::Connection,
     cipher: Vec<u8>,
 }
 
 impl Transport {
-    pub(crate) fn tls(config: Arc<rustls::ServerConfig>) -> io::Result<Transport> {
+    pub fn tls(config: Arc<rustls::ServerConfig>) -> io::Result<Transport> {
         let conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;
         Ok(Transport::Tls(Box::new(Tls {
             conn: conn.into(),
@@ -31,10 +31,7 @@ impl Transport {
     }
 
     /// The client side, towards a next hop called `name`.
-    pub(crate) fn tls_client(
-        config: Arc<rustls::ClientConfig>,
-        name: &str,
-    ) -> io::Result<Transport> {
+    pub fn tls_client(config: Arc<rustls::ClientConfig>, name: &str) -> io::Result<Transport> {
         let name = rustls::pki_types::ServerName::try_from(name.to_string())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
         let conn = rustls::ClientConnection::new(config, name).map_err(io::Error::other)?;
@@ -46,7 +43,7 @@ impl Transport {
 
     /// Hand rustls ciphertext that was read before TLS started (bytes after a PROXY header
     /// on an implicit-TLS binding).
-    pub(crate) fn feed_ciphertext(&mut self, mut data: &[u8]) -> io::Result<()> {
+    pub fn feed_ciphertext(&mut self, mut data: &[u8]) -> io::Result<()> {
         let Transport::Tls(t) = self else {
             return Ok(());
         };
@@ -59,7 +56,7 @@ impl Transport {
         Ok(())
     }
 
-    pub(crate) fn tls_description(&self) -> Option<String> {
+    pub fn tls_description(&self) -> Option<String> {
         match self {
             Transport::Plain => None,
             Transport::Tls(t) => Some(crate::tls::describe(&t.conn)),
@@ -67,7 +64,7 @@ impl Transport {
     }
 
     /// Append what arrives to `buf`; Ok(0) is the end of the stream (or TLS close_notify).
-    pub(crate) async fn read(
+    pub async fn read(
         &mut self,
         stream: &mut TcpStream,
         buf: Vec<u8>,
@@ -87,7 +84,7 @@ impl Transport {
         }
     }
 
-    pub(crate) async fn write_all(
+    pub async fn write_all(
         &mut self,
         stream: &mut TcpStream,
         data: Vec<u8>,
@@ -108,7 +105,7 @@ impl Transport {
     }
 
     /// Run the TLS handshake to completion (no-op for plain).
-    pub(crate) async fn handshake(&mut self, stream: &mut TcpStream) -> io::Result<()> {
+    pub async fn handshake(&mut self, stream: &mut TcpStream) -> io::Result<()> {
         let Transport::Tls(t) = self else {
             return Ok(());
         };
@@ -194,5 +191,20 @@ impl Tls {
                 Err(e) => return (Err(e), buf),
             }
         }
+    }
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Plain => f.write_str("Plain"),
+            Transport::Tls(_) => f.write_str("Tls"),
+        }
+    }
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").finish_non_exhaustive()
     }
 }

@@ -1,0 +1,363 @@
+//! One load-generating SMTP connection at a time: connect, greet, (STARTTLS), then messages
+//! until the run's budget is spent or this connection's share (`--per-connection`) is sent.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use monoio::net::TcpStream;
+use ringmx::relay::reply::{self, Reply};
+use ringmx::runtime::transport::Transport;
+
+use crate::stats::Stats;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    None,
+    StartTls,
+    Implicit,
+}
+
+/// The run's settings.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    pub target: std::net::SocketAddr,
+    pub tls_name: String,
+    pub connections: usize,
+    pub messages: Option<u64>,
+    pub duration: Option<Duration>,
+    pub per_connection: u64,
+    pub size: (usize, usize),
+    pub recipients: usize,
+    pub pipelining: bool,
+    pub bdat: bool,
+    pub tls: TlsMode,
+    pub rate: Option<f64>,
+    pub threads: usize,
+    pub json: bool,
+    pub from: String,
+    pub to_domain: String,
+    pub run_id: String,
+}
+
+/// The budget all connections draw messages from.
+#[derive(Debug)]
+pub struct Budget {
+    next: AtomicU64,
+    limit: u64,
+    pub start: Instant,
+    deadline: Option<Instant>,
+    pub stop: AtomicBool,
+    pub done: AtomicU64,
+}
+
+impl Budget {
+    pub fn new(opts: &Opts) -> Budget {
+        let start = Instant::now();
+        Budget {
+            next: AtomicU64::new(0),
+            limit: opts.messages.unwrap_or(u64::MAX),
+            start,
+            deadline: opts.duration.map(|d| start + d),
+            stop: AtomicBool::new(false),
+            done: AtomicU64::new(0),
+        }
+    }
+
+    /// The next message number, or None when the run is over.
+    fn take(&self) -> Option<u64> {
+        if self.stop.load(Ordering::Relaxed) || self.deadline.is_some_and(|d| Instant::now() >= d) {
+            return None;
+        }
+        let k = self.next.fetch_add(1, Ordering::Relaxed);
+        (k < self.limit).then_some(k)
+    }
+}
+
+fn micros(since: Instant) -> u64 {
+    since.elapsed().as_micros() as u64
+}
+
+struct Conn {
+    stream: TcpStream,
+    transport: Transport,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn reply(&mut self) -> io::Result<Reply> {
+        loop {
+            match reply::parse(&self.buf) {
+                Ok(Some((r, n))) => {
+                    self.buf.drain(..n);
+                    return Ok(r);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}")));
+                }
+            }
+            let buf = std::mem::take(&mut self.buf);
+            let (res, b) = self.transport.read(&mut self.stream, buf, 8192).await;
+            self.buf = b;
+            if res? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    async fn send(&mut self, data: Vec<u8>) -> io::Result<()> {
+        let (res, _) = self.transport.write_all(&mut self.stream, data).await;
+        res
+    }
+
+    /// Send a command and read its reply.
+    async fn cmd(&mut self, line: String, st: &mut Stats) -> io::Result<Reply> {
+        self.send(line.into_bytes()).await?;
+        let r = self.reply().await?;
+        st.reply(r.code);
+        Ok(r)
+    }
+}
+
+/// A message body of `size` bytes (at least the headers), unique Message-ID, no line starts
+/// with a dot.
+fn message(opts: &Opts, k: u64, size: usize) -> Vec<u8> {
+    let mut m = format!(
+        "From: <{}>\r\nTo: <rcpt0@{}>\r\nSubject: ringmx-loadtest {k}\r\nMessage-ID: <{}.{k}@loadtest.ringmx>\r\n\r\n",
+        opts.from, opts.to_domain, opts.run_id
+    )
+    .into_bytes();
+    while m.len() + 2 < size {
+        let n = (size - m.len() - 2).min(76);
+        m.extend(std::iter::repeat_n(b'x', n));
+        m.extend_from_slice(b"\r\n");
+    }
+    m
+}
+
+fn size_of(opts: &Opts, k: u64) -> usize {
+    let (lo, hi) = opts.size;
+    if hi <= lo {
+        return lo;
+    }
+    // A cheap deterministic spread (splitmix64) over [lo, hi].
+    let mut z = k.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    lo + (z % (hi - lo + 1) as u64) as usize
+}
+
+/// Run one connection slot until the budget is spent.
+pub async fn run(
+    opts: Arc<Opts>,
+    budget: Arc<Budget>,
+    tls: Arc<rustls::ClientConfig>,
+    st: &mut Stats,
+) {
+    let mut pending = budget.take();
+    while let Some(k) = pending {
+        let mut c = match connect(&opts, &tls, st).await {
+            Ok(c) => c,
+            Err(e) => {
+                st.connect_errors += 1;
+                st.failed += 1;
+                st.error(format!("connect: {}", e.kind()));
+                budget.done.fetch_add(1, Ordering::Relaxed);
+                monoio::time::sleep(Duration::from_millis(10)).await;
+                pending = budget.take();
+                continue;
+            }
+        };
+        let mut on_conn = 0u64;
+        let mut next = Some(k);
+        let mut broken = false;
+        while let Some(k) = next {
+            let ok = match send_message(&opts, &budget, &mut c, k, st).await {
+                Ok(ok) => ok,
+                Err(e) => {
+                    st.error(format!("io: {}", e.kind()));
+                    broken = true;
+                    false
+                }
+            };
+            if ok {
+                st.ok += 1;
+            } else {
+                st.failed += 1;
+            }
+            budget.done.fetch_add(1, Ordering::Relaxed);
+            on_conn += 1;
+            if broken || (opts.per_connection > 0 && on_conn >= opts.per_connection) {
+                break;
+            }
+            next = budget.take();
+        }
+        if !broken && c.cmd("QUIT\r\n".into(), st).await.is_err() {
+            st.error("io: QUIT".into());
+        }
+        pending = if broken || next.is_some() {
+            budget.take()
+        } else {
+            None
+        };
+    }
+}
+
+async fn connect(opts: &Opts, tls: &Arc<rustls::ClientConfig>, st: &mut Stats) -> io::Result<Conn> {
+    let t = Instant::now();
+    let stream = TcpStream::connect_addr(opts.target).await?;
+    stream.set_nodelay(true)?;
+    st.record(0, micros(t));
+    let t = Instant::now();
+    let mut c = Conn {
+        stream,
+        transport: Transport::Plain,
+        buf: Vec::with_capacity(4096),
+    };
+    if opts.tls == TlsMode::Implicit {
+        c.transport = Transport::tls_client(tls.clone(), &opts.tls_name)?;
+        c.transport.handshake(&mut c.stream).await?;
+    }
+    let g = c.reply().await?;
+    st.reply(g.code);
+    st.record(1, micros(t));
+    if g.code != 220 {
+        return Err(io::Error::other(format!("greeting {}", g.code)));
+    }
+    let t = Instant::now();
+    let r = c.cmd("EHLO loadtest.ringmx\r\n".into(), st).await?;
+    st.record(2, micros(t));
+    if r.code != 250 {
+        return Err(io::Error::other(format!("EHLO {}", r.code)));
+    }
+    if opts.tls == TlsMode::StartTls {
+        let r = c.cmd("STARTTLS\r\n".into(), st).await?;
+        if r.code != 220 {
+            return Err(io::Error::other(format!("STARTTLS {}", r.code)));
+        }
+        c.transport = Transport::tls_client(tls.clone(), &opts.tls_name)?;
+        c.transport.handshake(&mut c.stream).await?;
+        let r = c.cmd("EHLO loadtest.ringmx\r\n".into(), st).await?;
+        if r.code != 250 {
+            return Err(io::Error::other(format!("EHLO after TLS {}", r.code)));
+        }
+    }
+    Ok(c)
+}
+
+/// One transaction; Ok(true) when the final reply was 2xx.
+async fn send_message(
+    opts: &Opts,
+    budget: &Budget,
+    c: &mut Conn,
+    k: u64,
+    st: &mut Stats,
+) -> io::Result<bool> {
+    // Open loop: message k is due at start + k/rate, and its latency counts from then.
+    let scheduled = match opts.rate {
+        Some(rate) => {
+            let due = budget.start + Duration::from_secs_f64(k as f64 / rate);
+            let now = Instant::now();
+            if due > now {
+                monoio::time::sleep(due - now).await;
+            }
+            due
+        }
+        None => Instant::now(),
+    };
+    let size = size_of(opts, k);
+    let body = message(opts, k, size);
+    st.bytes += body.len() as u64;
+    let mail = format!("MAIL FROM:<{}> SIZE={}\r\n", opts.from, body.len());
+    let rcpts: Vec<String> = (0..opts.recipients.max(1))
+        .map(|i| format!("RCPT TO:<rcpt{i}@{}>\r\n", opts.to_domain))
+        .collect();
+    let t = Instant::now();
+    let mut accepted = 0;
+    if opts.pipelining {
+        let mut out = mail.into_bytes();
+        for r in &rcpts {
+            out.extend_from_slice(r.as_bytes());
+        }
+        if opts.bdat {
+            out.extend_from_slice(format!("BDAT {} LAST\r\n", body.len()).as_bytes());
+            out.extend_from_slice(&body);
+        } else {
+            out.extend_from_slice(b"DATA\r\n");
+        }
+        c.send(out).await?;
+        let r = c.reply().await?;
+        st.reply(r.code);
+        st.record(3, micros(t));
+        let mail_ok = r.is_positive();
+        for _ in &rcpts {
+            let r = c.reply().await?;
+            st.reply(r.code);
+            st.record(4, micros(t));
+            accepted += usize::from(r.is_positive());
+        }
+        if !opts.bdat {
+            let r = c.reply().await?;
+            st.reply(r.code);
+            st.record(5, micros(t));
+            if r.code != 354 {
+                c.cmd("RSET\r\n".into(), st).await?;
+                return Ok(false);
+            }
+            let mut payload = body;
+            payload.extend_from_slice(b".\r\n");
+            c.send(payload).await?;
+        }
+        let r = c.reply().await?;
+        st.reply(r.code);
+        st.record(6, micros(scheduled));
+        if !(mail_ok && accepted > 0 && r.is_positive()) {
+            c.cmd("RSET\r\n".into(), st).await?;
+            return Ok(false);
+        }
+        return Ok(true);
+    }
+    let r = c.cmd(mail, st).await?;
+    st.record(3, micros(t));
+    if !r.is_positive() {
+        c.cmd("RSET\r\n".into(), st).await?;
+        return Ok(false);
+    }
+    for rc in rcpts {
+        let t = Instant::now();
+        let r = c.cmd(rc, st).await?;
+        st.record(4, micros(t));
+        accepted += usize::from(r.is_positive());
+    }
+    if accepted == 0 {
+        c.cmd("RSET\r\n".into(), st).await?;
+        return Ok(false);
+    }
+    let r = if opts.bdat {
+        let mut out = format!("BDAT {} LAST\r\n", body.len()).into_bytes();
+        out.extend_from_slice(&body);
+        c.send(out).await?;
+        let r = c.reply().await?;
+        st.reply(r.code);
+        r
+    } else {
+        let t = Instant::now();
+        let r = c.cmd("DATA\r\n".into(), st).await?;
+        st.record(5, micros(t));
+        if r.code != 354 {
+            c.cmd("RSET\r\n".into(), st).await?;
+            return Ok(false);
+        }
+        let mut payload = body;
+        payload.extend_from_slice(b".\r\n");
+        c.send(payload).await?;
+        let r = c.reply().await?;
+        st.reply(r.code);
+        r
+    };
+    st.record(6, micros(scheduled));
+    Ok(r.is_positive())
+}
