@@ -132,21 +132,36 @@ impl Server {
         implicit: bool,
     ) -> Server {
         let dir = temp_dir(name);
-        let (inbound, outbound, admin) = (free_port(), free_port(), free_port());
-        let cfg = config_with_admin(&dir, inbound, outbound, admin, binding_extra, extra);
-        let path = dir.join("ringmx.toml");
-        std::fs::write(&path, cfg).unwrap();
-        let s = Server {
-            child: Some(spawn(&dir, driver)),
-            drop_dir: dir.join("drop"),
-            dir,
-            inbound: SocketAddr::from(([127, 0, 0, 1], inbound)),
-            outbound: SocketAddr::from(([127, 0, 0, 1], outbound)),
-            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
-            driver,
-        };
-        s.wait_ready(implicit);
-        s
+        // Free ports are picked by binding and releasing; a test running in parallel can take
+        // one in between. Then ringmx exits at once ("in use"), and we pick again.
+        for attempt in 0.. {
+            // (A failed attempt's Server removed the directory when dropped.)
+            std::fs::create_dir_all(&dir).unwrap();
+            let (inbound, outbound, admin) = (free_port(), free_port(), free_port());
+            let cfg = config_with_admin(&dir, inbound, outbound, admin, binding_extra, extra);
+            std::fs::write(dir.join("ringmx.toml"), cfg).unwrap();
+            let mut s = Server {
+                child: Some(spawn(&dir, driver)),
+                drop_dir: dir.join("drop"),
+                dir: dir.clone(),
+                inbound: SocketAddr::from(([127, 0, 0, 1], inbound)),
+                outbound: SocketAddr::from(([127, 0, 0, 1], outbound)),
+                admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+                driver,
+            };
+            std::thread::sleep(Duration::from_millis(30));
+            let exited = s
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().unwrap().is_some());
+            if exited && attempt < 3 && s.log().contains("in use") {
+                s.child = None;
+                continue;
+            }
+            s.wait_ready(implicit);
+            return s;
+        }
+        unreachable!()
     }
 
     /// Start again on the same configuration and data directory (after a stop or a kill).
