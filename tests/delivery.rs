@@ -17,6 +17,28 @@ fn relay_route(domain: &str, hops: &str, more: &str) -> String {
 
 const QUEUE_FAST: &str = "[queue]\nretry = [\"1s\"]\n";
 
+/// Wait (up to 20 s) until `ringmx queue list` has a line that is deferred and contains
+/// `needle`; returns that line.
+fn wait_deferred(s: &Server, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (ok, list) = queue_cli(s, &["list"]);
+        assert!(ok, "{list}");
+        if let Some(l) = list
+            .lines()
+            .find(|l| l.contains("\tdeferred\t") && l.contains(needle))
+        {
+            return l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never deferred: {list}\n{}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Send one message through the outbound binding with smtplib; prints the refused dict.
 const SEND: &str = r#"
 import os, smtplib
@@ -138,20 +160,7 @@ fn temporary_failure_waits_for_retry_and_queue_cli_controls_it() {
         "r@remote.test",
         "<retry@example.test>",
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let list = loop {
-        let (ok, list) = queue_cli(&s, &["list"]);
-        assert!(ok, "{list}");
-        if list.contains("\tdeferred\t") {
-            break list;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "never deferred: {list}\n{}",
-            s.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let list = wait_deferred(&s, "r@remote.test");
     assert!(list.contains("451 4.3.0 please try again later"), "{list}");
     assert!(
         list.contains("<alice@example.test>\tr@remote.test"),
@@ -184,18 +193,8 @@ fn temporary_failure_waits_for_retry_and_queue_cli_controls_it() {
         "gone@remote.test",
         "<del@example.test>",
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let id = loop {
-        let list = queue_cli(&s, &["list"]).1;
-        if let Some(l) = list
-            .lines()
-            .find(|l| l.contains("gone@remote.test") && l.contains("\tdeferred\t"))
-        {
-            break l.split('\t').next().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline, "{list}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let line = wait_deferred(&s, "gone@remote.test");
+    let id = line.split('\t').next().unwrap().to_string();
     assert!(queue_cli(&s, &["delete", &id]).0);
     assert_eq!(queue_cli(&s, &["list"]).1, "");
     assert!(s.dropped().is_empty(), "no bounce for a deleted message");
@@ -236,16 +235,8 @@ fn hop_down_then_up_and_fallback_to_the_next_hop() {
         "y@later.test",
         "<later@example.test>",
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let list = queue_cli(&s, &["list"]).1;
-        if list.contains("\tdeferred\t") {
-            assert!(list.contains("connect to 127.0.0.1"), "{list}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "{list}\n{}", s.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let line = wait_deferred(&s, "y@later.test");
+    assert!(line.contains("connect to 127.0.0.1"), "{line}");
     let sink = Sink::start_on(&dir, later, &[]);
     let recs = sink.wait_for(1, 30);
     assert_eq!(recs.len(), 1, "{}", s.log());
@@ -375,16 +366,8 @@ fn tls_to_the_next_hop_by_policy() {
     assert_eq!(r.len(), 1, "{}", s.log());
     assert_eq!(r[0]["tls"], true, "opportunistic TLS used when offered");
     // TLS required, the hop offers none: kept, never sent in plain text.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let list = queue_cli(&s, &["list"]).1;
-        if list.contains("c@plain.test") && list.contains("\tdeferred\t") {
-            assert!(list.contains("TLS required"), "{list}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "{list}\n{}", s.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let line = wait_deferred(&s, "c@plain.test");
+    assert!(line.contains("TLS required"), "{line}");
     assert!(plain.records().is_empty());
 }
 
@@ -416,16 +399,8 @@ fn tls_verification_failure_defers() {
         "a@remote.test",
         "<v@example.test>",
     );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let list = queue_cli(&s, &["list"]).1;
-        if list.contains("\tdeferred\t") {
-            assert!(list.contains("TLS handshake"), "{list}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "{list}\n{}", s.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let line = wait_deferred(&s, "a@remote.test");
+    assert!(line.contains("TLS handshake"), "{line}");
     assert!(sink.records().is_empty());
 }
 

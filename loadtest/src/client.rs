@@ -112,6 +112,23 @@ impl Conn {
         res
     }
 
+    /// After the reply to DATA: the content and the final dot in one write when it is 354,
+    /// else RSET. Whether the content went out.
+    async fn content_after(
+        &mut self,
+        r: &Reply,
+        mut body: Vec<u8>,
+        st: &mut Stats,
+    ) -> io::Result<bool> {
+        if r.code != 354 {
+            self.cmd("RSET\r\n".into(), st).await?;
+            return Ok(false);
+        }
+        body.extend_from_slice(b".\r\n");
+        self.send(body).await?;
+        Ok(true)
+    }
+
     /// Send a command and read its reply.
     async fn cmd(&mut self, line: String, st: &mut Stats) -> io::Result<Reply> {
         self.send(line.into_bytes()).await?;
@@ -303,13 +320,9 @@ async fn send_message(
             let r = c.reply().await?;
             st.reply(r.code);
             st.record(5, micros(t));
-            if r.code != 354 {
-                c.cmd("RSET\r\n".into(), st).await?;
+            if !c.content_after(&r, body, st).await? {
                 return Ok(false);
             }
-            let mut payload = body;
-            payload.extend_from_slice(b".\r\n");
-            c.send(payload).await?;
         }
         let r = c.reply().await?;
         st.reply(r.code);
@@ -347,13 +360,9 @@ async fn send_message(
         let t = Instant::now();
         let r = c.cmd("DATA\r\n".into(), st).await?;
         st.record(5, micros(t));
-        if r.code != 354 {
-            c.cmd("RSET\r\n".into(), st).await?;
+        if !c.content_after(&r, body, st).await? {
             return Ok(false);
         }
-        let mut payload = body;
-        payload.extend_from_slice(b".\r\n");
-        c.send(payload).await?;
         let r = c.reply().await?;
         st.reply(r.code);
         r
