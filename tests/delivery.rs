@@ -153,7 +153,7 @@ fn temporary_failure_waits_for_retry_and_queue_cli_controls_it() {
             "tls = \"none\""
         )
     );
-    let s = Server::start_with("relay-retry", "auto", "", &extra);
+    let mut s = Server::start_with("relay-retry", "auto", "", &extra);
     send(
         &s,
         "alice@example.test",
@@ -178,6 +178,12 @@ fn temporary_failure_waits_for_retry_and_queue_cli_controls_it() {
     assert!(queue_cli(&s, &["flush"]).1.starts_with("0 message"));
     std::thread::sleep(Duration::from_millis(300));
     assert!(sink.records().is_empty());
+    // A hold survives a crash and a restart.
+    s.kill9();
+    s.restart();
+    let list = queue_cli(&s, &["list"]).1;
+    assert!(list.starts_with(&format!("{id}\theld\t")), "{list}");
+    assert!(queue_cli(&s, &["flush"]).1.starts_with("0 message"));
     // Released: delivered at once.
     assert!(queue_cli(&s, &["release", &id]).0);
     let recs = sink.wait_for(1, 20);

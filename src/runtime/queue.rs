@@ -148,6 +148,19 @@ impl CoreQueue {
         pending: Vec<u32>,
     ) {
         let id = env.queue_id.clone();
+        let e = self.insert(env, trace, content, spooled, pending);
+        self.try_start(id, e);
+    }
+
+    fn insert(
+        &self,
+        env: Envelope,
+        trace: String,
+        content: Option<Arc<Vec<u8>>>,
+        spooled: Spooled,
+        pending: Vec<u32>,
+    ) -> Rc<RefCell<Entry>> {
+        let id = env.queue_id.clone();
         let e = Entry {
             env,
             trace,
@@ -164,18 +177,26 @@ impl CoreQueue {
         };
         self.count(State::Active, 1);
         let e = Rc::new(RefCell::new(e));
-        self.entries.borrow_mut().insert(id.clone(), e.clone());
-        self.try_start(id, e);
+        self.entries.borrow_mut().insert(id, e.clone());
+        e
     }
 
-    /// Re-queue what recovery found (assigned to this core).
+    /// Re-queue what recovery found (assigned to this core); held messages stay held.
     pub(crate) fn adopt(self: &Rc<Self>, r: Recovered) {
         let spooled = Spooled {
             seg: r.seg,
             content_at: r.record.content_at,
             content_len: r.record.content_len,
         };
-        self.enqueue(r.record.env, r.record.trace, None, spooled, r.pending);
+        let id = r.record.env.queue_id.clone();
+        let e = self.insert(r.record.env, r.record.trace, None, spooled, r.pending);
+        if r.held {
+            let mut b = e.borrow_mut();
+            self.set_state(&mut b, State::Held);
+            b.last_error = "held".into();
+        } else {
+            self.try_start(id, e);
+        }
     }
 
     fn try_start(self: &Rc<Self>, id: String, e: Rc<RefCell<Entry>>) {
@@ -784,6 +805,9 @@ impl CoreQueue {
             env.rcpts = kept;
             match self.spool.store(&env, &trace, &content).await {
                 Ok(sp) => {
+                    if e.borrow().state == State::Held {
+                        sp.seg.set_held(&env.queue_id, true);
+                    }
                     old_sp.seg.finish(&env.queue_id, &pending, true);
                     let mut b = e.borrow_mut();
                     b.pending = crate::spool::all_indexes(env.rcpts.len());
@@ -896,7 +920,9 @@ impl CoreQueue {
             },
             Op::Hold(id) => match get(id) {
                 Some(e) => {
-                    self.set_state(&mut e.borrow_mut(), State::Held);
+                    let mut b = e.borrow_mut();
+                    self.set_state(&mut b, State::Held);
+                    b.spooled.seg.set_held(id, true);
                     "1\n".into()
                 }
                 None => String::new(),
@@ -905,6 +931,9 @@ impl CoreQueue {
                 Some(e) => {
                     {
                         let mut b = e.borrow_mut();
+                        if b.state == State::Held {
+                            b.spooled.seg.set_held(id, false);
+                        }
                         self.set_state(&mut b, State::Deferred);
                         b.next_attempt = Instant::now();
                     }

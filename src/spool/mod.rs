@@ -128,6 +128,14 @@ impl Segment {
         }
     }
 
+    /// Record an operator's hold or release, so it survives a restart (best effort, like done
+    /// records: it is made durable by the next commit of this segment, if any).
+    pub fn set_held(&self, queue_id: &str, held: bool) {
+        if let Err(e) = self.append(&[&record::encode_hold(queue_id, held)]) {
+            tracing::warn!(segment = %self.path.display(), error = %e, "cannot record a hold");
+        }
+    }
+
     fn delete_if_idle(&self) {
         if self.live.load(Ordering::Acquire) == 0 && !self.current.load(Ordering::Acquire) {
             match fs::remove_file(&self.path) {
@@ -427,6 +435,8 @@ pub struct Recovered {
     pub record: MessageRecord,
     pub pending: Vec<u32>,
     pub seg: Arc<Segment>,
+    /// Held by the operator when the server stopped.
+    pub held: bool,
 }
 
 /// What recovery found.
@@ -465,6 +475,7 @@ pub fn recover(dir: &Path) -> io::Result<Recovery> {
         out.segments_scanned += 1;
         let mut messages: Vec<MessageRecord> = Vec::new();
         let mut done: HashMap<String, HashSet<u32>> = HashMap::new();
+        let mut held: HashMap<String, bool> = HashMap::new();
         let mut pos = 0usize;
         while pos < bytes.len() {
             let rest = bytes.get(pos..).unwrap_or_default();
@@ -473,6 +484,9 @@ pub fn recover(dir: &Path) -> io::Result<Recovery> {
                     match p {
                         Parsed::Message(m) => messages.push(m),
                         Parsed::Done(d) => done.entry(d.queue_id).or_default().extend(d.rcpts),
+                        Parsed::Hold(id, h) => {
+                            held.insert(id, h);
+                        }
                         Parsed::Other => {}
                     }
                     pos += n;
@@ -506,6 +520,7 @@ pub fn recover(dir: &Path) -> io::Result<Recovery> {
         let seg = Segment::open_existing(dir, id, bytes.len() as u64, live.len())?;
         for (record, pending) in live {
             out.messages.push(Recovered {
+                held: held.get(&record.env.queue_id).copied().unwrap_or(false),
                 record,
                 pending,
                 seg: seg.clone(),

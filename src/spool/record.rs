@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! 0..4   magic "RMXR"
-//! 4      kind: 1 = message, 2 = done (recipients finished: delivered, bounced or abandoned)
+//! 4      kind: 1 = message, 2 = done (recipients finished: delivered, bounced or abandoned),
+//!        3 = held / released by the operator
 //! 5..8   zero
 //! 8..12  payload length, u32 little endian
 //! 12..16 CRC-32 of bytes 4..12 and the payload
@@ -23,6 +24,7 @@ pub const MAGIC: &[u8; 4] = b"RMXR";
 pub const HEADER: usize = 16;
 pub const KIND_MESSAGE: u8 = 1;
 pub const KIND_DONE: u8 = 2;
+pub const KIND_HOLD: u8 = 3;
 
 /// A decoded message record, with where its content sits in the segment.
 #[derive(Debug, Clone)]
@@ -112,11 +114,21 @@ pub fn encode_done(queue_id: &str, rcpts: &[u32]) -> Vec<u8> {
     finish(r, &[])
 }
 
+/// An operator's hold (`true`) or release (`false`) of a message; the last one found wins.
+pub fn encode_hold(queue_id: &str, held: bool) -> Vec<u8> {
+    let mut r = start(KIND_HOLD);
+    put_str(&mut r, queue_id);
+    r.push(u8::from(held));
+    finish(r, &[])
+}
+
 /// What one position of a segment holds.
 #[derive(Debug)]
 pub enum Parsed {
     Message(MessageRecord),
     Done(DoneRecord),
+    /// `(queue_id, held)`.
+    Hold(String, bool),
     /// A valid record of a kind this version does not know (skipped).
     Other,
 }
@@ -161,6 +173,10 @@ pub fn parse(buf: &[u8], offset: u64) -> Result<(Parsed, usize), Invalid> {
                 rcpts.push(rd.u32()?);
             }
             Parsed::Done(DoneRecord { queue_id, rcpts })
+        }
+        KIND_HOLD => {
+            let queue_id = rd.str()?;
+            Parsed::Hold(queue_id, rd.u8()? != 0)
         }
         _ => Parsed::Other,
     };
@@ -298,5 +314,10 @@ mod tests {
         };
         assert_eq!(n, rec.len());
         assert_eq!(d.rcpts, vec![0, 2]);
+        let rec = encode_hold("Q1", true);
+        let (Parsed::Hold(id, held), _) = parse(&rec, 0).unwrap() else {
+            panic!()
+        };
+        assert_eq!((id.as_str(), held), ("Q1", true));
     }
 }
