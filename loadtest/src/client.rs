@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use monoio::net::TcpStream;
-use ringmx::relay::reply::{self, Reply};
+use ringmx::relay::reply::Reply;
 use ringmx::runtime::transport::Transport;
 
 use crate::stats::Stats;
@@ -87,24 +87,15 @@ struct Conn {
 
 impl Conn {
     async fn reply(&mut self) -> io::Result<Reply> {
-        loop {
-            match reply::parse(&self.buf) {
-                Ok(Some((r, n))) => {
-                    self.buf.drain(..n);
-                    return Ok(r);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}")));
-                }
-            }
-            let buf = std::mem::take(&mut self.buf);
-            let (res, b) = self.transport.read(&mut self.stream, buf, 8192).await;
-            self.buf = b;
-            if res? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-        }
+        self.transport
+            .read_reply(&mut self.stream, &mut self.buf)
+            .await
+    }
+
+    /// RSET after a refused transaction; the message counts as failed.
+    async fn reset(&mut self, st: &mut Stats) -> io::Result<bool> {
+        self.cmd("RSET\r\n".into(), st).await?;
+        Ok(false)
     }
 
     async fn send(&mut self, data: Vec<u8>) -> io::Result<()> {
@@ -121,8 +112,7 @@ impl Conn {
         st: &mut Stats,
     ) -> io::Result<bool> {
         if r.code != 354 {
-            self.cmd("RSET\r\n".into(), st).await?;
-            return Ok(false);
+            return self.reset(st).await;
         }
         body.extend_from_slice(b".\r\n");
         self.send(body).await?;
@@ -328,16 +318,14 @@ async fn send_message(
         st.reply(r.code);
         st.record(6, micros(scheduled));
         if !(mail_ok && accepted > 0 && r.is_positive()) {
-            c.cmd("RSET\r\n".into(), st).await?;
-            return Ok(false);
+            return c.reset(st).await;
         }
         return Ok(true);
     }
     let r = c.cmd(mail, st).await?;
     st.record(3, micros(t));
     if !r.is_positive() {
-        c.cmd("RSET\r\n".into(), st).await?;
-        return Ok(false);
+        return c.reset(st).await;
     }
     for rc in rcpts {
         let t = Instant::now();
@@ -346,8 +334,7 @@ async fn send_message(
         accepted += usize::from(r.is_positive());
     }
     if accepted == 0 {
-        c.cmd("RSET\r\n".into(), st).await?;
-        return Ok(false);
+        return c.reset(st).await;
     }
     let r = if opts.bdat {
         let mut out = format!("BDAT {} LAST\r\n", body.len()).into_bytes();

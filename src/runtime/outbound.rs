@@ -16,7 +16,7 @@ use monoio::net::TcpStream;
 use super::transport::Transport;
 use crate::config::{RelayTls, RouteSection};
 use crate::relay::client::{Action, Client, ClientOptions};
-use crate::relay::reply::{self, Reply};
+use crate::relay::reply::Reply;
 
 /// Which pooled connections can carry a message: same next hop, source address and route
 /// settings (the configuration generation stands for the latter).
@@ -378,46 +378,23 @@ impl OutConn {
     }
 
     async fn read_reply(&mut self, timeout: Duration) -> Result<Reply, Reply> {
-        loop {
-            match reply::parse(&self.buf) {
-                Ok(Some((r, n))) => {
-                    self.buf.drain(..n);
-                    return Ok(r);
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    return Err(Reply::local(
-                        451,
-                        (4, 5, 0),
-                        &format!("{}: malformed reply ({e:?})", self.host),
-                    ));
-                }
+        let read = self.transport.read_reply(&mut self.stream, &mut self.buf);
+        match monoio::time::timeout(timeout, read).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
+                Err(Reply::local(451, (4, 5, 0), &format!("{}: {e}", self.host)))
             }
-            let buf = std::mem::take(&mut self.buf);
-            let read =
-                monoio::time::timeout(timeout, self.transport.read(&mut self.stream, buf, 4096));
-            match read.await {
-                Ok((Ok(0), b)) => {
-                    self.buf = b;
-                    return Err(Reply::local(
-                        451,
-                        (4, 4, 2),
-                        &format!("{}: connection closed by the next hop", self.host),
-                    ));
-                }
-                Ok((Ok(_), b)) => self.buf = b,
-                Ok((Err(e), b)) => {
-                    self.buf = b;
-                    return Err(hop_error(&self.host, "read", &e));
-                }
-                Err(_) => {
-                    return Err(Reply::local(
-                        451,
-                        (4, 4, 2),
-                        &format!("{}: no reply within {}s", self.host, timeout.as_secs()),
-                    ));
-                }
-            }
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Err(Reply::local(
+                451,
+                (4, 4, 2),
+                &format!("{}: connection closed by the next hop", self.host),
+            )),
+            Ok(Err(e)) => Err(hop_error(&self.host, "read", &e)),
+            Err(_) => Err(Reply::local(
+                451,
+                (4, 4, 2),
+                &format!("{}: no reply within {}s", self.host, timeout.as_secs()),
+            )),
         }
     }
 }

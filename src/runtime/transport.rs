@@ -104,6 +104,35 @@ impl Transport {
         }
     }
 
+    /// Read until `buf` holds one complete SMTP reply and take it out (the client side: relay
+    /// and load generator). Malformed replies are `InvalidData`, a closed peer `UnexpectedEof`.
+    pub async fn read_reply(
+        &mut self,
+        stream: &mut TcpStream,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<crate::relay::reply::Reply> {
+        loop {
+            match crate::relay::reply::parse(buf) {
+                Ok(Some((r, n))) => {
+                    buf.drain(..n);
+                    return Ok(r);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("malformed reply ({e:?})"),
+                    ));
+                }
+            }
+            let (res, b) = self.read(stream, std::mem::take(buf), 4096).await;
+            *buf = b;
+            if res? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
     /// Run the TLS handshake to completion (no-op for plain).
     pub async fn handshake(&mut self, stream: &mut TcpStream) -> io::Result<()> {
         let Transport::Tls(t) = self else {
