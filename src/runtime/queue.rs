@@ -88,6 +88,7 @@ pub(crate) struct CoreQueue {
 }
 
 /// What happened to one recipient in an attempt.
+#[derive(Clone)]
 enum Result_ {
     Delivered,
     Failed(Reply, Option<String>),
@@ -303,7 +304,7 @@ impl CoreQueue {
                     .iter()
                     .map(|&i| (i, Result_::Deferred(r.clone())))
                     .collect();
-                self.conclude(e, results, &[]).await;
+                self.conclude(&cfg, e, results, &[]).await;
                 return;
             }
         };
@@ -394,13 +395,13 @@ impl CoreQueue {
                         tracing::warn!(queue_id = %env.queue_id, error = %r.one_line(), "drop folder write failed");
                     }
                     for &i in &idx {
-                        results.push((i, clone_result(&outcome)));
+                        results.push((i, outcome.clone()));
                     }
                 }
                 RouteAction::Relay => {
                     let replies = self
                         .relay(
-                            &live_generation(&self.shared),
+                            live.generation,
                             ri,
                             route,
                             &cfg,
@@ -424,7 +425,7 @@ impl CoreQueue {
                 }
             }
         }
-        self.conclude(e, results, &message).await;
+        self.conclude(&cfg, e, results, &message).await;
     }
 
     /// The message content: in memory after acceptance, else read back from the spool.
@@ -460,7 +461,7 @@ impl CoreQueue {
     #[allow(clippy::too_many_arguments)]
     async fn relay(
         &self,
-        generation: &u64,
+        generation: u64,
         ri: usize,
         route: &RouteSection,
         cfg: &Config,
@@ -471,7 +472,7 @@ impl CoreQueue {
         attempts: u32,
     ) -> Vec<(Reply, Option<String>)> {
         let all = |r: Reply, h: Option<String>| vec![(r, h); rcpts.len()];
-        let s = match self.settings(*generation, ri, route, cfg) {
+        let s = match self.settings(generation, ri, route, cfg) {
             Ok(s) => s,
             Err(e) => {
                 return all(
@@ -501,7 +502,7 @@ impl CoreQueue {
                 addr: *addr,
                 source,
                 route: ri,
-                generation: *generation,
+                generation,
             };
             match self
                 .pool
@@ -590,11 +591,11 @@ impl CoreQueue {
     /// Record an attempt's results: finished recipients in the spool, bounces, the next try.
     async fn conclude(
         self: &Rc<Self>,
+        cfg: &Config,
         e: &Rc<RefCell<Entry>>,
         results: Vec<(u32, Result_)>,
         message: &[&[u8]],
     ) {
-        let cfg = self.shared.live().config.clone();
         let env = e.borrow().env.clone();
         let now = SystemTime::now();
         let age = now.duration_since(env.received_at).unwrap_or_default();
@@ -943,17 +944,5 @@ impl CoreQueue {
                 None => String::new(),
             },
         }
-    }
-}
-
-fn live_generation(shared: &Shared) -> u64 {
-    shared.live().generation
-}
-
-fn clone_result(r: &Result_) -> Result_ {
-    match r {
-        Result_::Delivered => Result_::Delivered,
-        Result_::Failed(a, b) => Result_::Failed(a.clone(), b.clone()),
-        Result_::Deferred(a) => Result_::Deferred(a.clone()),
     }
 }
