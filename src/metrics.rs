@@ -31,6 +31,12 @@ const REASONS: [(Reason, &str); 8] = [
 /// Upper bounds (seconds) of the session duration histogram.
 const DURATION_BUCKETS: [f64; 9] = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0];
 
+/// The `# HELP` and `# TYPE` lines of a metric family.
+fn describe(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}");
+    let _ = writeln!(o, "# TYPE {name} {kind}");
+}
+
 /// All counters.
 #[derive(Debug)]
 pub struct Metrics {
@@ -203,11 +209,12 @@ impl Metrics {
     pub fn render(&self) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut o = String::new();
-        let _ = writeln!(
-            o,
-            "# HELP ringmx_connections_total Connections accepted, by binding and core."
+        describe(
+            &mut o,
+            "ringmx_connections_total",
+            "counter",
+            "Connections accepted, by binding and core.",
         );
-        let _ = writeln!(o, "# TYPE ringmx_connections_total counter");
         for (b, name) in self.bindings.iter().enumerate() {
             for core in 0..self.cores {
                 let v = self.connections.get(b * self.cores + core).map_or(0, get);
@@ -217,18 +224,23 @@ impl Metrics {
                 );
             }
         }
-        let _ = writeln!(o, "# HELP ringmx_connections_open Connections open now.");
-        let _ = writeln!(o, "# TYPE ringmx_connections_open gauge");
+        describe(
+            &mut o,
+            "ringmx_connections_open",
+            "gauge",
+            "Connections open now.",
+        );
         let _ = writeln!(
             o,
             "ringmx_connections_open {}",
             self.open.load(Ordering::Relaxed)
         );
-        let _ = writeln!(
-            o,
-            "# HELP ringmx_messages_accepted_total Messages made durable and answered 250."
+        describe(
+            &mut o,
+            "ringmx_messages_accepted_total",
+            "counter",
+            "Messages made durable and answered 250.",
         );
-        let _ = writeln!(o, "# TYPE ringmx_messages_accepted_total counter");
         for (b, name) in self.bindings.iter().enumerate() {
             let _ = writeln!(
                 o,
@@ -236,21 +248,23 @@ impl Metrics {
                 self.accepted.get(b).map_or(0, get)
             );
         }
-        let _ = writeln!(
-            o,
-            "# HELP ringmx_message_bytes_total Bytes of accepted messages."
+        describe(
+            &mut o,
+            "ringmx_message_bytes_total",
+            "counter",
+            "Bytes of accepted messages.",
         );
-        let _ = writeln!(o, "# TYPE ringmx_message_bytes_total counter");
         let _ = writeln!(
             o,
             "ringmx_message_bytes_total {}",
             get(&self.accepted_bytes)
         );
-        let _ = writeln!(
-            o,
-            "# HELP ringmx_rejected_total Refusals (recipients, messages, connections) by reason."
+        describe(
+            &mut o,
+            "ringmx_rejected_total",
+            "counter",
+            "Refusals (recipients, messages, connections) by reason.",
         );
-        let _ = writeln!(o, "# TYPE ringmx_rejected_total counter");
         for (i, (_, name)) in REASONS.iter().enumerate() {
             let _ = writeln!(
                 o,
@@ -258,11 +272,12 @@ impl Metrics {
                 self.rejected.get(i).map_or(0, get)
             );
         }
-        let _ = writeln!(
-            o,
-            "# HELP ringmx_tls_handshakes_total TLS handshakes by result."
+        describe(
+            &mut o,
+            "ringmx_tls_handshakes_total",
+            "counter",
+            "TLS handshakes by result.",
         );
-        let _ = writeln!(o, "# TYPE ringmx_tls_handshakes_total counter");
         let _ = writeln!(
             o,
             "ringmx_tls_handshakes_total{{result=\"ok\"}} {}",
@@ -273,8 +288,12 @@ impl Metrics {
             "ringmx_tls_handshakes_total{{result=\"failed\"}} {}",
             get(&self.tls_failures)
         );
-        let _ = writeln!(o, "# HELP ringmx_auth_total SMTP AUTH attempts by result.");
-        let _ = writeln!(o, "# TYPE ringmx_auth_total counter");
+        describe(
+            &mut o,
+            "ringmx_auth_total",
+            "counter",
+            "SMTP AUTH attempts by result.",
+        );
         let _ = writeln!(
             o,
             "ringmx_auth_total{{result=\"ok\"}} {}",
@@ -285,11 +304,12 @@ impl Metrics {
             "ringmx_auth_total{{result=\"failed\"}} {}",
             get(&self.auth_failures)
         );
-        let _ = writeln!(
-            o,
-            "# HELP ringmx_session_duration_seconds Connection durations."
+        describe(
+            &mut o,
+            "ringmx_session_duration_seconds",
+            "histogram",
+            "Connection durations.",
         );
-        let _ = writeln!(o, "# TYPE ringmx_session_duration_seconds histogram");
         for (i, b) in DURATION_BUCKETS.iter().enumerate() {
             let _ = writeln!(
                 o,
@@ -314,11 +334,12 @@ impl Metrics {
 
     fn render_queue(&self, o: &mut String) {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let _ = writeln!(
+        describe(
             o,
-            "# HELP ringmx_queue_messages Messages in the queue by state."
+            "ringmx_queue_messages",
+            "gauge",
+            "Messages in the queue by state.",
         );
-        let _ = writeln!(o, "# TYPE ringmx_queue_messages gauge");
         for (i, state) in ["active", "deferred", "held"].iter().enumerate() {
             let v: i64 = self
                 .queue
@@ -327,11 +348,12 @@ impl Metrics {
                 .sum();
             let _ = writeln!(o, "ringmx_queue_messages{{state=\"{state}\"}} {v}");
         }
-        let _ = writeln!(
+        describe(
             o,
-            "# HELP ringmx_deliveries_total Recipients by delivery attempt result."
+            "ringmx_deliveries_total",
+            "counter",
+            "Recipients by delivery attempt result.",
         );
-        let _ = writeln!(o, "# TYPE ringmx_deliveries_total counter");
         for (i, r) in DELIVERY_RESULTS.iter().enumerate() {
             let _ = writeln!(
                 o,
@@ -339,11 +361,12 @@ impl Metrics {
                 self.deliveries.get(i).map_or(0, get)
             );
         }
-        let _ = writeln!(
+        describe(
             o,
-            "# HELP ringmx_queue_time_seconds Time messages spent in the queue."
+            "ringmx_queue_time_seconds",
+            "summary",
+            "Time messages spent in the queue.",
         );
-        let _ = writeln!(o, "# TYPE ringmx_queue_time_seconds summary");
         let _ = writeln!(
             o,
             "ringmx_queue_time_seconds_sum {}",
@@ -354,11 +377,12 @@ impl Metrics {
             "ringmx_queue_time_seconds_count {}",
             get(&self.queue_time_count)
         );
-        let _ = writeln!(
+        describe(
             o,
-            "# HELP ringmx_relay_connections_total Connections to next hops opened, and reuses of idle ones."
+            "ringmx_relay_connections_total",
+            "counter",
+            "Connections to next hops opened, and reuses of idle ones.",
         );
-        let _ = writeln!(o, "# TYPE ringmx_relay_connections_total counter");
         let _ = writeln!(
             o,
             "ringmx_relay_connections_total{{event=\"opened\"}} {}",
@@ -370,36 +394,44 @@ impl Metrics {
             get(&self.relay_reused)
         );
         let c = &self.commit;
-        let _ = writeln!(o, "# HELP ringmx_spool_commits_total fdatasync batches.");
-        let _ = writeln!(o, "# TYPE ringmx_spool_commits_total counter");
+        describe(
+            o,
+            "ringmx_spool_commits_total",
+            "counter",
+            "fdatasync batches.",
+        );
         let _ = writeln!(o, "ringmx_spool_commits_total {}", get(&c.commits));
-        let _ = writeln!(
+        describe(
             o,
-            "# HELP ringmx_spool_committed_total Appends made durable (sum of batch sizes)."
+            "ringmx_spool_committed_total",
+            "counter",
+            "Appends made durable (sum of batch sizes).",
         );
-        let _ = writeln!(o, "# TYPE ringmx_spool_committed_total counter");
         let _ = writeln!(o, "ringmx_spool_committed_total {}", get(&c.committed));
-        let _ = writeln!(
+        describe(
             o,
-            "# HELP ringmx_spool_commit_seconds_total Time spent in fdatasync."
+            "ringmx_spool_commit_seconds_total",
+            "counter",
+            "Time spent in fdatasync.",
         );
-        let _ = writeln!(o, "# TYPE ringmx_spool_commit_seconds_total counter");
         let _ = writeln!(
             o,
             "ringmx_spool_commit_seconds_total {}",
             get(&c.latency_us) as f64 / 1e6
         );
-        let _ = writeln!(
+        describe(
             o,
-            "# HELP ringmx_spool_commit_batch_max Largest batch so far."
+            "ringmx_spool_commit_batch_max",
+            "gauge",
+            "Largest batch so far.",
         );
-        let _ = writeln!(o, "# TYPE ringmx_spool_commit_batch_max gauge");
         let _ = writeln!(o, "ringmx_spool_commit_batch_max {}", get(&c.max_batch));
-        let _ = writeln!(
+        describe(
             o,
-            "# HELP ringmx_spool_errors_total Failed commits (answered 451)."
+            "ringmx_spool_errors_total",
+            "counter",
+            "Failed commits (answered 451).",
         );
-        let _ = writeln!(o, "# TYPE ringmx_spool_errors_total counter");
         let _ = writeln!(o, "ringmx_spool_errors_total {}", get(&c.errors));
     }
 }
