@@ -252,14 +252,7 @@ fn hop_down_then_up_and_fallback_to_the_next_hop() {
 
 /// A CA and a leaf certificate for 127.0.0.1 / mx.test signed by it.
 fn ca_and_leaf(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
-    };
+    let run = |args: &[&str]| support::openssl(dir, args);
     run(&[
         "req",
         "-x509",

@@ -345,14 +345,7 @@ pub struct Certs {
 impl Certs {
     pub fn new() -> Certs {
         let dir = temp_dir("certs");
-        let run = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(&dir)
-                .output()
-                .expect("openssl is installed");
-            assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
-        };
+        let run = |args: &[&str]| openssl(&dir, args);
         run(&[
             "req",
             "-x509",
@@ -413,6 +406,16 @@ impl Drop for Certs {
 }
 
 /// Run `cmd` with `input` on its standard input; returns its output.
+/// Run `openssl ARGS` in `dir`; panics with its error output when it fails.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is installed");
+    assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+}
+
 pub fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
     let mut child = cmd
         .stdin(Stdio::piped())
