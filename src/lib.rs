@@ -3,6 +3,7 @@
 //! See `README.md` for the layout. [`proto`] is the sans-IO SMTP core.
 
 pub mod admin;
+pub mod aswl;
 pub mod auth;
 pub mod config;
 pub mod delivery;

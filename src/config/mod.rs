@@ -389,9 +389,19 @@ pub struct RouteSection {
     /// Connections per next hop on each core. Default 16.
     #[serde(default = "default_hop_connections")]
     pub max_connections_per_hop: usize,
+    /// Only mail with this whitelist verdict (`pass` or `none`; inbound mail only).
+    pub aswl: Option<AswlMatch>,
     /// Password read from `auth_password_file` at load time.
     #[serde(skip)]
     pub auth_password: Option<String>,
+}
+
+/// A route's condition on the whitelist verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AswlMatch {
+    Pass,
+    None,
 }
 
 fn default_mx_port() -> u16 {
@@ -406,8 +416,19 @@ fn default_hop_connections() -> usize {
 
 impl RouteSection {
     /// Whether this route takes a recipient in `domain` from `sender_domain`.
-    pub fn matches(&self, domain: &str, sender_domain: &str, direction: Direction) -> bool {
+    pub fn matches(
+        &self,
+        domain: &str,
+        sender_domain: &str,
+        direction: Direction,
+        aswl: Option<bool>,
+    ) -> bool {
         self.direction.is_none_or(|d| d == direction)
+            && self.aswl.is_none_or(|m| match (m, aswl) {
+                (AswlMatch::Pass, Some(pass)) => pass,
+                (AswlMatch::None, Some(pass)) => !pass,
+                (_, None) => false,
+            })
             && self.domains.iter().any(|p| {
                 p.get_ref() == "*" || domain_matches(std::slice::from_ref(p.get_ref()), domain)
             })
@@ -490,6 +511,79 @@ impl Default for QueueSection {
     }
 }
 
+/// `[aswl]`: the Auto Sender Whitelist (see `src/aswl`). Present = on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AswlSection {
+    pub enabled: bool,
+    /// Which view a check uses: `global`, `per-domain` or `per-recipient`.
+    pub mode: crate::aswl::Mode,
+    /// `"off"` (records kept forever, the default) or a duration such as `"30d"`.
+    pub lifetime: String,
+    /// How often expired records are removed.
+    pub sweep_interval: Secs,
+    /// How often a snapshot is written (the change logs it covers are then deleted).
+    pub snapshot_interval: Secs,
+    /// Default `{data_dir}/aswl`.
+    pub dir: Option<PathBuf>,
+    /// Outbound clients whose mail is not collected (CIDRs).
+    pub ip_exceptions: Vec<crate::config::units::Cidr>,
+    /// Subject masks whose mail is not collected (besides the shipped out-of-office list).
+    pub subject_exceptions: Vec<String>,
+    /// A file of subject masks replacing the shipped out-of-office list.
+    pub subject_exceptions_file: Option<PathBuf>,
+    /// Use the shipped out-of-office list (when no file is given).
+    pub default_subject_exceptions: bool,
+    /// An outbound message to R this soon after an inbound one from R is an auto-response
+    /// (0 = off).
+    pub auto_response_window: Secs,
+    pub detect_auto_submitted: bool,
+    pub detect_precedence: bool,
+    pub detect_list_headers: bool,
+    pub detect_reports: bool,
+    /// Senders (address or domain masks) never whitelisted.
+    pub check_exceptions: Vec<String>,
+    /// Senders in `[domains] local` are never whitelisted (forged "internal" mail).
+    pub except_local_domains: bool,
+    pub log_additions: bool,
+    /// The header carrying the verdict on inbound mail.
+    pub header: String,
+    /// Sub-address delimiters of local addresses (each character is one; empty = off).
+    pub local_delimiters: String,
+    pub case_sensitive_local_part: bool,
+    /// Also fold `+tag` on external addresses.
+    pub external_plus_fold: bool,
+}
+
+impl Default for AswlSection {
+    fn default() -> Self {
+        AswlSection {
+            enabled: true,
+            mode: crate::aswl::Mode::PerRecipient,
+            lifetime: "off".into(),
+            sweep_interval: Secs(Duration::from_secs(3600)),
+            snapshot_interval: Secs(Duration::from_secs(900)),
+            dir: None,
+            ip_exceptions: Vec::new(),
+            subject_exceptions: Vec::new(),
+            subject_exceptions_file: None,
+            default_subject_exceptions: true,
+            auto_response_window: Secs(Duration::from_secs(30)),
+            detect_auto_submitted: true,
+            detect_precedence: true,
+            detect_list_headers: true,
+            detect_reports: true,
+            check_exceptions: Vec::new(),
+            except_local_domains: true,
+            log_additions: false,
+            header: "X-ASWL".into(),
+            local_delimiters: "+".into(),
+            case_sensitive_local_part: false,
+            external_plus_fold: false,
+        }
+    }
+}
+
 /// `[dns]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -523,6 +617,7 @@ struct RawConfig {
     queue: QueueSection,
     #[serde(default)]
     dns: DnsSection,
+    aswl: Option<AswlSection>,
 }
 
 /// A binding ready to serve: its section plus the SMTP settings derived from it.
@@ -561,6 +656,8 @@ pub struct Config {
     pub spool: SpoolSection,
     pub queue: QueueSection,
     pub dns: DnsSection,
+    /// The whitelist settings, compiled; `None` when `[aswl]` is absent or disabled.
+    pub aswl: Option<Arc<crate::aswl::Settings>>,
 }
 
 fn line_of(src: &str, offset: usize) -> usize {
@@ -902,8 +999,21 @@ impl Config {
                 "list at least one wait, e.g. [\"1m\", \"5m\"]".into(),
             ));
         }
+        let aswl = match raw.aswl {
+            Some(a) if a.enabled => {
+                let dir = a
+                    .dir
+                    .clone()
+                    .unwrap_or_else(|| server.data_dir.join("aswl"));
+                let s = crate::aswl::Settings::compile(&a, dir, &domains)
+                    .map_err(|(k, m)| err(key_line(source, k, 0), &format!("aswl.{k}"), m))?;
+                Some(Arc::new(s))
+            }
+            _ => None,
+        };
         Ok(Config {
             source: source.to_string(),
+            aswl,
             server,
             bindings,
             domains,
@@ -929,11 +1039,12 @@ impl Config {
         domain: &str,
         sender_domain: &str,
         direction: Direction,
+        aswl: Option<bool>,
     ) -> Option<(usize, &RouteSection)> {
         self.routes
             .iter()
             .enumerate()
-            .find(|(_, r)| r.matches(domain, sender_domain, direction))
+            .find(|(_, r)| r.matches(domain, sender_domain, direction, aswl))
     }
 }
 

@@ -195,7 +195,7 @@ ehlo = "edge.test"
 fn relay_routes_match_by_recipient_and_sender_domain() {
     let c = parse(&format!("{RELAY}{MINIMAL}")).unwrap();
     let (i, r) = c
-        .route_for("Remote.Test", "example.test", Direction::Inbound)
+        .route_for("Remote.Test", "example.test", Direction::Inbound, None)
         .unwrap();
     assert_eq!(
         (i, r.action, r.tls),
@@ -211,7 +211,7 @@ fn relay_routes_match_by_recipient_and_sender_domain() {
     );
     // Another sender domain falls through to the catch-all drop route.
     let (i, r) = c
-        .route_for("remote.test", "other.test", Direction::Inbound)
+        .route_for("remote.test", "other.test", Direction::Inbound, None)
         .unwrap();
     assert_eq!((i, r.action), (1, RouteAction::Drop));
     assert_eq!(c.spool.dir, Some(PathBuf::from("./ringmx-data/spool")));

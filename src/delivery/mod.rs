@@ -25,6 +25,8 @@ pub struct Envelope {
     /// The direction of the binding it arrived on (bounces: the opposite of their message's).
     pub direction: crate::config::Direction,
     pub received_at: SystemTime,
+    /// The whitelist verdict of inbound mail (`Some(true)` = pass); `None` = not checked.
+    pub aswl: Option<bool>,
 }
 
 /// A unique, sortable queue id: microseconds since the epoch, core and a per-core counter.
@@ -52,6 +54,7 @@ impl Envelope {
             is_bounce: false,
             direction: crate::config::Direction::Inbound,
             received_at: SystemTime::UNIX_EPOCH,
+            aswl: None,
         }
     }
 }

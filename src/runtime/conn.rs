@@ -17,8 +17,9 @@ use monoio::net::TcpStream;
 use super::queue::CoreQueue;
 use super::transport::Transport;
 use super::{BindingRt, Shared};
+use crate::aswl;
 use crate::config::units::any_contains;
-use crate::config::{RouteAction, TlsMode};
+use crate::config::{Direction, RouteAction, TlsMode};
 use crate::delivery::{Envelope, drop_folder, trace};
 use crate::metrics::Reason;
 use crate::policy::{self, Client};
@@ -29,6 +30,9 @@ use crate::proto::{Credentials, Event, Session, Stop, proxy};
 /// Read size; also the buffer's initial capacity (it grows only if a client pipelines more
 /// than this in one go).
 const READ_CHUNK: usize = 4096;
+
+/// A change-log file and the record to append to it with the message.
+type AswlLog = (Arc<crate::spool::Segment>, Vec<u8>);
 
 /// Per-core state shared by the core's connection tasks (no locks: one thread).
 pub(crate) struct CoreCtx {
@@ -85,6 +89,8 @@ impl Drop for OpenGuard {
 struct Txn {
     mail_from: String,
     rcpts: Vec<String>,
+    /// The whitelist verdict of each recipient (inbound bindings with `[aswl]`).
+    verdicts: Vec<Option<bool>>,
     content: Vec<u8>,
 }
 
@@ -92,6 +98,7 @@ impl Txn {
     fn clear(&mut self) {
         self.mail_from.clear();
         self.rcpts.clear();
+        self.verdicts.clear();
         self.content.clear();
         // Do not keep a large message's buffer around on an idle connection.
         if self.content.capacity() > 64 * 1024 {
@@ -499,7 +506,9 @@ impl Conn {
                         to.domain(),
                     ) {
                         Ok(()) => {
+                            let verdict = self.check_aswl(to.as_str());
                             self.txn.rcpts.push(to.as_str().to_string());
+                            self.txn.verdicts.push(verdict);
                             feed.accept();
                         }
                         Err(r) => {
@@ -535,8 +544,46 @@ impl Conn {
         }
     }
 
+    /// The whitelist verdict for one recipient of inbound mail (at RCPT time; lock-free).
+    fn check_aswl(&self, rcpt: &str) -> Option<bool> {
+        if self.binding.b.section.direction != Direction::Inbound {
+            return None;
+        }
+        let (Some(s), Some(a)) = (&self.binding.config.aswl, &self.ctx.shared.aswl) else {
+            return None;
+        };
+        let v = a.check(s, &self.txn.mail_from, rcpt, aswl::unix_now());
+        Some(v.pass())
+    }
+
+    /// Outbound mail with `[aswl]`: apply what the message teaches and return the change-log
+    /// record to commit with it. `Err` when the log cannot be written (the message is refused).
+    fn collect_aswl(&self, env: &Envelope, content: &[u8]) -> std::io::Result<Option<AswlLog>> {
+        if env.direction != Direction::Outbound {
+            return Ok(None);
+        }
+        let (Some(s), Some(a)) = (&self.binding.config.aswl, &self.ctx.shared.aswl) else {
+            return Ok(None);
+        };
+        let now = aswl::unix_now();
+        match a.plan(s, env.client_ip, &env.mail_from, &env.rcpts, content, now) {
+            Ok(pairs) if !pairs.is_empty() => {
+                a.apply(s, &pairs, now);
+                let seg = a.disk.core_log(self.ctx.core)?;
+                Ok(Some((seg, aswl::persist::encode_log(false, now, &pairs))))
+            }
+            Ok(_) => Ok(None),
+            Err(why) => {
+                tracing::info!(queue_id = %env.queue_id, from = %env.mail_from, reason = %why, "aswl: not collected");
+                Ok(None)
+            }
+        }
+    }
+
     /// Make the message durable, then answer: 250 only once it is on disk (messages whose
-    /// every recipient goes to a `discard` route are not spooled).
+    /// every recipient goes to a `discard` route are not spooled). Inbound mail whose
+    /// recipients got different whitelist verdicts is stored as one copy per verdict, each with
+    /// a true verdict header.
     async fn deliver(&mut self, session: &mut Session) {
         let queue_id = self.ctx.queue.next_queue_id();
         let env = Envelope {
@@ -552,15 +599,18 @@ impl Conn {
             is_bounce: false,
             direction: self.binding.b.section.direction,
             received_at: SystemTime::now(),
+            aswl: None,
         };
+        let verdicts = std::mem::take(&mut self.txn.verdicts);
+        let verdict = |i: usize| verdicts.get(i).copied().flatten();
         let sender_domain = env.mail_from.rsplit_once('@').map_or("", |(_, d)| d);
         let mut all_discard = true;
-        for r in &env.rcpts {
+        for (i, r) in env.rcpts.iter().enumerate() {
             let domain = r.rsplit_once('@').map_or("", |(_, d)| d);
             match self
                 .binding
                 .config
-                .route_for(domain, sender_domain, env.direction)
+                .route_for(domain, sender_domain, env.direction, verdict(i))
             {
                 Some((_, route)) => all_discard &= route.action == RouteAction::Discard,
                 None => {
@@ -571,30 +621,98 @@ impl Conn {
                 }
             }
         }
-        let content = std::mem::take(&mut self.txn.content);
+        let mut content = std::mem::take(&mut self.txn.content);
         let size = content.len();
+        let mut log = match self.collect_aswl(&env, &content) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(queue_id = %queue_id, error = %e, "aswl: cannot write the change log; message refused");
+                self.ctx.shared.metrics.rejected(Reason::Storage);
+                session.reject(&reply::STORAGE_ERROR);
+                self.txn.clear();
+                return;
+            }
+        };
+        let verdict_header = match (&self.binding.config.aswl, &self.ctx.shared.aswl) {
+            (Some(s), Some(a)) if env.direction == Direction::Inbound => {
+                a.saw_inbound(s, &env.mail_from, &env.rcpts, aswl::unix_now());
+                // A verdict header sent by the client is never passed on.
+                if let Some(stripped) = aswl::detect::strip_header(&content, &s.header) {
+                    content = stripped;
+                }
+                Some((s.header.clone(), s.mode))
+            }
+            _ => None,
+        };
         let result = if all_discard {
             self.ctx
                 .shared
                 .metrics
                 .delivery("discarded", env.rcpts.len() as u64);
-            Ok("discarded")
-        } else {
-            let received = trace::received(&env, &self.binding.config.server.hostname);
-            match self.ctx.queue.spool.store(&env, &received, &content).await {
-                Ok(spooled) => {
-                    let n = env.rcpts.len();
-                    self.ctx.queue.enqueue(
-                        env.clone(),
-                        received,
-                        Some(Arc::new(content)),
-                        spooled,
-                        crate::spool::all_indexes(n),
-                    );
-                    Ok("queued")
-                }
-                Err(e) => Err(e),
+            match log.take() {
+                Some((seg, bytes)) => self
+                    .ctx
+                    .queue
+                    .spool
+                    .append_durable(&seg, &bytes)
+                    .await
+                    .map(|()| "discarded"),
+                None => Ok("discarded"),
             }
+        } else {
+            // One copy per verdict (in recipient order of first appearance).
+            let mut groups: Vec<(Option<bool>, Vec<String>)> = Vec::new();
+            for (i, r) in env.rcpts.iter().enumerate() {
+                let v = if verdict_header.is_some() {
+                    verdict(i)
+                } else {
+                    None
+                };
+                match groups.iter_mut().find(|(g, _)| *g == v) {
+                    Some((_, rs)) => rs.push(r.clone()),
+                    None => groups.push((v, vec![r.clone()])),
+                }
+            }
+            let content = Arc::new(content);
+            let mut result = Ok("queued");
+            for (n, (v, rcpts)) in groups.into_iter().enumerate() {
+                let mut e = env.clone();
+                if n > 0 {
+                    e.queue_id = self.ctx.queue.next_queue_id();
+                }
+                e.rcpts = rcpts;
+                e.aswl = v;
+                let mut received = trace::received(&e, &self.binding.config.server.hostname);
+                if let Some((name, mode)) = &verdict_header {
+                    let word = if v == Some(true) { "pass" } else { "none" };
+                    received.push_str(&format!("{name}: {word} mode={}\r\n", mode.as_str()));
+                }
+                let extra = log.as_ref().map(|(seg, b)| (seg, b.as_slice()));
+                match self
+                    .ctx
+                    .queue
+                    .spool
+                    .store(&e, &received, &content, extra)
+                    .await
+                {
+                    Ok(spooled) => {
+                        log = None;
+                        let k = e.rcpts.len();
+                        self.ctx.queue.enqueue(
+                            e,
+                            received,
+                            Some(content.clone()),
+                            spooled,
+                            crate::spool::all_indexes(k),
+                        );
+                    }
+                    Err(err) => {
+                        result = Err(err);
+                        break;
+                    }
+                }
+            }
+            result
         };
         match result {
             Ok(how) => {

@@ -70,6 +70,8 @@ pub struct Shared {
     /// Messages found by the startup recovery, per core.
     recovered: Vec<Mutex<Vec<crate::spool::Recovered>>>,
     spool_ids: Arc<AtomicU64>,
+    /// The whitelist, when `[aswl]` was on at startup.
+    pub aswl: Option<Arc<crate::aswl::Aswl>>,
 }
 
 impl Shared {
@@ -316,8 +318,15 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
             v.push(m);
         }
     }
+    let aswl = match &config.aswl {
+        Some(s) => Some(Arc::new(crate::aswl::Aswl::open(s, cpus.len()).map_err(
+            |e| RunError::Io(format!("aswl.dir {}", s.dir.display()), e),
+        )?)),
+        None => None,
+    };
     let (control_tx, control_rx) = mpsc::channel();
     let shared = Arc::new(Shared {
+        aswl,
         queue_commands: cpus.iter().map(|_| Mutex::new(Vec::new())).collect(),
         recovered: recovered.into_iter().map(Mutex::new).collect(),
         spool_ids,
@@ -343,6 +352,18 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
         control: Mutex::new(control_tx.clone()),
     });
     let signals = signals::block()?;
+    let maintenance = match &shared.aswl {
+        Some(_) => Some(
+            std::thread::Builder::new()
+                .name("ringmx-aswl".into())
+                .spawn({
+                    let shared = shared.clone();
+                    move || aswl_maintenance(&shared)
+                })
+                .map_err(|e| RunError::Io("spawning the whitelist thread".into(), e))?,
+        ),
+        None => None,
+    };
     if let Some(addr) = config.admin.listen {
         crate::admin::start(addr, shared.clone())
             .map_err(|e| RunError::Io(format!("admin.listen {addr}"), e))?;
@@ -406,9 +427,48 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
             let _ = t.join();
         }
     }
+    if let Some(t) = maintenance {
+        let _ = t.join();
+    }
+    if let (Some(a), Some(_)) = (&shared.aswl, &shared.live().config.aswl) {
+        // A clean stop leaves a snapshot, so the next start replays no logs.
+        if let Err(e) = a.disk.snapshot(&a.store) {
+            tracing::error!(error = %e, "aswl: final snapshot failed (the change logs still hold everything)");
+        }
+    }
     drop(spool_lock);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The whitelist's sweep and snapshots, on their own thread (never on a core).
+fn aswl_maintenance(shared: &Shared) {
+    let Some(a) = &shared.aswl else {
+        return;
+    };
+    let mut last_sweep = std::time::Instant::now();
+    let mut last_prune = std::time::Instant::now();
+    let mut last_snapshot = std::time::Instant::now();
+    while !shared.shutdown.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+        let Some(s) = shared.live().config.aswl.clone() else {
+            continue;
+        };
+        if last_sweep.elapsed() >= s.sweep_interval {
+            a.sweep(&s, crate::aswl::unix_now());
+            last_sweep = std::time::Instant::now();
+            last_prune = last_sweep;
+        } else if last_prune.elapsed() >= Duration::from_secs(10) {
+            a.prune_recent(&s, crate::aswl::unix_now());
+            last_prune = std::time::Instant::now();
+        }
+        if last_snapshot.elapsed() >= s.snapshot_interval {
+            if let Err(e) = a.disk.snapshot(&a.store) {
+                tracing::error!(error = %e, "aswl: snapshot failed (the change logs are kept)");
+            }
+            last_snapshot = std::time::Instant::now();
+        }
+    }
 }
 
 /// Hold an exclusive lock on the spool directory: two servers must never share one.

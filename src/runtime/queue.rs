@@ -324,7 +324,7 @@ impl CoreQueue {
                 .rsplit_once('@')
                 .map_or("", |(_, d)| d)
                 .to_ascii_lowercase();
-            match cfg.route_for(&domain, &sender_domain, env.direction) {
+            match cfg.route_for(&domain, &sender_domain, env.direction, env.aswl) {
                 Some((ri, r)) => {
                     let key = if r.next_hops.iter().any(|h| h.get_ref() == "mx") {
                         domain
@@ -754,9 +754,10 @@ impl CoreQueue {
                 Direction::Outbound => Direction::Inbound,
             },
             received_at: SystemTime::now(),
+            aswl: None,
         };
         let t = trace::received(&benv, &hostname);
-        let spooled = self.spool.store(&benv, &t, &content).await?;
+        let spooled = self.spool.store(&benv, &t, &content, None).await?;
         tracing::info!(queue_id = %benv.queue_id, original = %env.queue_id, to = %env.mail_from, kind = ?kind, "bounce");
         self.shared.metrics.delivery("bounces_sent", 1);
         self.enqueue(benv, t, Some(Arc::new(content)), spooled, vec![0]);
@@ -804,7 +805,7 @@ impl CoreQueue {
                 .filter_map(|&i| env.rcpts.get(i as usize).cloned())
                 .collect();
             env.rcpts = kept;
-            match self.spool.store(&env, &trace, &content).await {
+            match self.spool.store(&env, &trace, &content, None).await {
                 Ok(sp) => {
                     if e.borrow().state == State::Held {
                         sp.seg.set_held(&env.queue_id, true);

@@ -83,8 +83,41 @@ impl Segment {
         }))
     }
 
+    /// A standalone append-only file committed like a segment (the whitelist's change log).
+    pub fn create_log(path: &Path) -> io::Result<Arc<Segment>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .append(false)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Ok(Arc::new(Segment {
+            id: u64::MAX,
+            path: path.to_path_buf(),
+            file,
+            end: AtomicU64::new(len),
+            live: AtomicUsize::new(0),
+            current: AtomicBool::new(true),
+            new: AtomicBool::new(true),
+            dir,
+            opened: Instant::now(),
+        }))
+    }
+
+    /// `fdatasync` now (and the directory if the file is new), for writers outside a core.
+    pub fn sync_now(&self) -> io::Result<()> {
+        self.file.sync_data()?;
+        if self.new.swap(false, Ordering::AcqRel) {
+            File::open(&self.dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
     /// Append `parts` as one contiguous range; returns its start.
-    fn append(&self, parts: &[&[u8]]) -> io::Result<u64> {
+    pub fn append(&self, parts: &[&[u8]]) -> io::Result<u64> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let start = self.end.fetch_add(total as u64, Ordering::AcqRel);
         let mut at = start;
@@ -275,9 +308,10 @@ fn commit_loop(s: &CommitShared, batch: usize, delay: Duration, stats: &CommitSt
         let pending = std::mem::take(&mut q.pending);
         drop(q);
         let started = Instant::now();
-        let mut synced: HashMap<u64, bool> = HashMap::new();
+        // Keyed by the segment's address: whitelist logs share the committer.
+        let mut synced: HashMap<usize, bool> = HashMap::new();
         for p in &pending {
-            if synced.contains_key(&p.seg.id) {
+            if synced.contains_key(&(Arc::as_ptr(&p.seg) as usize)) {
                 continue;
             }
             let mut ok = p.seg.file.sync_data().is_ok();
@@ -287,7 +321,7 @@ fn commit_loop(s: &CommitShared, batch: usize, delay: Duration, stats: &CommitSt
                     p.seg.new.store(true, Ordering::Release);
                 }
             }
-            synced.insert(p.seg.id, ok);
+            synced.insert(Arc::as_ptr(&p.seg) as usize, ok);
         }
         let n = pending.len() as u64;
         stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -297,7 +331,10 @@ fn commit_loop(s: &CommitShared, batch: usize, delay: Duration, stats: &CommitSt
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         stats.max_batch.fetch_max(n, Ordering::Relaxed);
         for p in pending {
-            let ok = synced.get(&p.seg.id).copied().unwrap_or(false);
+            let ok = synced
+                .get(&(Arc::as_ptr(&p.seg) as usize))
+                .copied()
+                .unwrap_or(false);
             if !ok {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
             }
@@ -396,8 +433,21 @@ impl CoreSpool {
         }
     }
 
-    /// Append a message and wait until it is durable.
-    pub async fn store(&self, env: &Envelope, trace: &str, content: &[u8]) -> io::Result<Spooled> {
+    /// Append `bytes` to a log file and wait until it is durable (same group commit).
+    pub async fn append_durable(&self, log: &Arc<Segment>, bytes: &[u8]) -> io::Result<()> {
+        log.append(&[bytes])?;
+        self.committer.commit(log.clone()).await
+    }
+
+    /// Append a message (and `extra` bytes to a log file, committed in the same batch) and
+    /// wait until both are durable.
+    pub async fn store(
+        &self,
+        env: &Envelope,
+        trace: &str,
+        content: &[u8],
+        extra: Option<(&Arc<Segment>, &[u8])>,
+    ) -> io::Result<Spooled> {
         let head = record::encode_message(env, trace, content);
         let seg = self.segment()?;
         seg.live.fetch_add(1, Ordering::AcqRel);
@@ -410,7 +460,24 @@ impl CoreSpool {
                 return Err(e);
             }
         };
-        if let Err(e) = self.committer.commit(seg.clone()).await {
+        let log = match extra {
+            Some((log, bytes)) => match log.append(&[bytes]) {
+                Ok(_) => Some(self.committer.commit(log.clone())),
+                Err(e) => {
+                    // Not acknowledged: the message record must not be delivered.
+                    seg.finish(&env.queue_id, &all_indexes(env.rcpts.len()), true);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        let mut committed = self.committer.commit(seg.clone()).await;
+        if let Some(log) = log
+            && let Err(e) = log.await
+        {
+            committed = committed.and(Err(e));
+        }
+        if let Err(e) = committed {
             // Never acknowledged: mark it finished so recovery does not deliver it.
             seg.finish(&env.queue_id, &all_indexes(env.rcpts.len()), true);
             self.retire();

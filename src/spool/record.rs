@@ -86,7 +86,12 @@ pub fn encode_message(env: &Envelope, trace: &str, content: &[u8]) -> Vec<u8> {
         Direction::Inbound => 0,
         Direction::Outbound => 1,
     });
-    r.push(u8::from(env.esmtp) | (u8::from(env.is_bounce) << 1));
+    r.push(
+        u8::from(env.esmtp)
+            | (u8::from(env.is_bounce) << 1)
+            | (u8::from(env.aswl.is_some()) << 2)
+            | (u8::from(env.aswl == Some(true)) << 3),
+    );
     put_str(&mut r, &env.mail_from);
     put_str(&mut r, &env.client_ip.to_string());
     put_str(&mut r, &env.helo);
@@ -257,6 +262,7 @@ fn decode_message(rd: &mut Reader<'_>, payload_at: u64) -> Result<MessageRecord,
             is_bounce: flags & 2 != 0,
             direction,
             received_at: SystemTime::UNIX_EPOCH + Duration::from_micros(micros),
+            aswl: (flags & 4 != 0).then_some(flags & 8 != 0),
         },
         trace,
         content_at,
@@ -274,6 +280,7 @@ mod tests {
             tls: Some("TLSv1.3".into()),
             direction: Direction::Outbound,
             received_at: SystemTime::UNIX_EPOCH + Duration::from_micros(1_234_567),
+            aswl: Some(true),
             ..Envelope::example("Q1", &["x@d.test", "y@d.test"])
         }
     }

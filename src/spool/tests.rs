@@ -13,6 +13,7 @@ fn env(id: &str, rcpts: usize) -> Envelope {
     let rcpts: Vec<&str> = rcpts.iter().map(String::as_str).collect();
     Envelope {
         received_at: SystemTime::now(),
+        aswl: None,
         ..Envelope::example(id, &rcpts)
     }
 }
@@ -41,11 +42,11 @@ fn stored_messages_are_recovered_until_finished() {
     let s = spool(&d, 1 << 20);
     let (a, b) = block_on(async {
         let a = s
-            .store(&env("A", 2), "T: a\r\n", b"body a\r\n")
+            .store(&env("A", 2), "T: a\r\n", b"body a\r\n", None)
             .await
             .unwrap();
         let b = s
-            .store(&env("B", 1), "T: b\r\n", b"body b\r\n")
+            .store(&env("B", 1), "T: b\r\n", b"body b\r\n", None)
             .await
             .unwrap();
         (a, b)
@@ -82,7 +83,7 @@ fn torn_tail_and_corrupt_ranges_are_skipped() {
     let s = spool(&d, 1 << 20);
     let seg = block_on(async {
         for i in 0..3 {
-            s.store(&env(&format!("M{i}"), 1), "", b"x\r\n")
+            s.store(&env(&format!("M{i}"), 1), "", b"x\r\n", None)
                 .await
                 .unwrap();
         }
@@ -114,7 +115,7 @@ fn segments_roll_over_and_finished_ones_are_deleted() {
         let mut v = Vec::new();
         for i in 0..4 {
             v.push(
-                s.store(&env(&format!("M{i}"), 1), "", b"xx\r\n")
+                s.store(&env(&format!("M{i}"), 1), "", b"xx\r\n", None)
                     .await
                     .unwrap(),
             );

@@ -1,0 +1,259 @@
+//! Address keys: the normalised form the whitelist matches on (the original is kept for display).
+//!
+//! Rules (reference notes, ASWL §6):
+//! - Domain: UTS #46 ToASCII (A-labels), lower case, one trailing dot removed. Address literals
+//!   (`[192.0.2.1]`) are kept verbatim apart from case and never merged with names.
+//! - Local part: a quoted local part whose content is a valid dot-atom is unquoted
+//!   (`"john.doe"@x` = `john.doe@x`); otherwise it stays quoted with only `\"` and `\\` escaped.
+//!   UTF-8 local parts are put in NFC (never NFKC), then case-folded unless
+//!   `case_sensitive_local_part` is set.
+//! - Local (our) side: the sub-address after any of the delimiter characters is removed
+//!   (`john+news@x` = `john@x`), so per-recipient mode keys on the mailbox.
+//! - External side: the exact address, except a BATV `prvs=` tag, which is removed (it changes
+//!   daily). Plus-folding of external addresses is an opt-in (`external_plus_fold`).
+//! - SRS addresses are not decoded: the forwarder is the sender.
+
+use unicode_normalization::UnicodeNormalization;
+
+/// How addresses are normalised (from `[aswl]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Normalize {
+    pub case_sensitive_local_part: bool,
+    /// Sub-address delimiters for local addresses; each character is one delimiter. Empty: off.
+    pub local_delimiters: String,
+    /// Also remove `+tag` from external addresses.
+    pub external_plus_fold: bool,
+}
+
+impl Default for Normalize {
+    fn default() -> Self {
+        Normalize {
+            case_sensitive_local_part: false,
+            local_delimiters: "+".into(),
+            external_plus_fold: false,
+        }
+    }
+}
+
+/// `(local, domain)` split at the last `@`; `None` without one.
+pub fn split(addr: &str) -> Option<(&str, &str)> {
+    let (l, d) = addr.rsplit_once('@')?;
+    (!l.is_empty() && !d.is_empty()).then_some((l, d))
+}
+
+/// The domain key: A-labels, lower case, no trailing dot. `None` for a domain IDNA rejects.
+pub fn domain_key(domain: &str) -> Option<String> {
+    let d = domain.strip_suffix('.').unwrap_or(domain);
+    if d.is_empty() {
+        return None;
+    }
+    if d.starts_with('[') {
+        return Some(d.to_ascii_lowercase());
+    }
+    if d.is_ascii() {
+        let lower = d.to_ascii_lowercase();
+        if !lower.contains("xn--") {
+            return valid_labels(&lower).then_some(lower);
+        }
+    }
+    let ascii = idna::domain_to_ascii(d).ok()?;
+    valid_labels(&ascii).then_some(ascii)
+}
+
+fn valid_labels(d: &str) -> bool {
+    d.len() <= 253 && d.split('.').all(|l| !l.is_empty() && l.len() <= 63)
+}
+
+fn is_atext(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii()
+}
+
+fn is_dot_atom(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.')
+            .all(|a| !a.is_empty() && a.chars().all(is_atext))
+}
+
+/// The content of a quoted string with its escapes resolved, or `None` if `s` is not quoted.
+fn unquote(s: &str) -> Option<String> {
+    let inner = s.strip_prefix('"')?.strip_suffix('"')?;
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            out.push(chars.next()?);
+        } else {
+            out.push(c);
+        }
+    }
+    Some(out)
+}
+
+/// The local-part key (before sub-address handling).
+pub fn local_key(local: &str, case_sensitive: bool) -> String {
+    let (content, quoted) = match unquote(local) {
+        Some(c) => (c, true),
+        None => (local.to_string(), false),
+    };
+    let mut s: String = if content.is_ascii() {
+        content
+    } else {
+        content.nfc().collect()
+    };
+    if !case_sensitive {
+        s = if s.is_ascii() {
+            s.to_ascii_lowercase()
+        } else {
+            s.to_lowercase()
+        };
+    }
+    if quoted && !is_dot_atom(&s) {
+        let mut q = String::with_capacity(s.len() + 2);
+        q.push('"');
+        for c in s.chars() {
+            if c == '"' || c == '\\' {
+                q.push('\\');
+            }
+            q.push(c);
+        }
+        q.push('"');
+        return q;
+    }
+    s
+}
+
+/// Remove a BATV tag: `prvs=NDDDHHHHHH=local` → `local`.
+fn strip_batv(local: &str) -> &str {
+    let b = local.as_bytes();
+    if b.len() > 16 && b.get(..5).is_some_and(|p| p.eq_ignore_ascii_case(b"prvs=")) {
+        let tag = b.get(5..15).unwrap_or_default();
+        let ok = tag.iter().take(4).all(u8::is_ascii_digit)
+            && tag.iter().skip(4).all(u8::is_ascii_hexdigit)
+            && b.get(15) == Some(&b'=');
+        if ok {
+            return local.get(16..).unwrap_or(local);
+        }
+    }
+    local
+}
+
+fn strip_detail<'a>(local: &'a str, delimiters: &str) -> &'a str {
+    if local.starts_with('"') || delimiters.is_empty() {
+        return local;
+    }
+    match local.find(|c| delimiters.contains(c)) {
+        Some(0) | None => local,
+        Some(i) => local.get(..i).unwrap_or(local),
+    }
+}
+
+impl Normalize {
+    /// The key of one of our own addresses (sender of outbound mail, recipient of inbound).
+    pub fn local(&self, addr: &str) -> Option<String> {
+        let (l, d) = split(addr)?;
+        let d = domain_key(d)?;
+        let l = local_key(l, self.case_sensitive_local_part);
+        let l = strip_detail(&l, &self.local_delimiters);
+        Some(format!("{l}@{d}"))
+    }
+
+    /// The key of an external address (recipient of outbound mail, sender of inbound).
+    pub fn external(&self, addr: &str) -> Option<String> {
+        let (l, d) = split(addr)?;
+        let d = domain_key(d)?;
+        let l = local_key(strip_batv(l), self.case_sensitive_local_part);
+        let l = if self.external_plus_fold {
+            strip_detail(&l, "+")
+        } else {
+            &l
+        };
+        Some(format!("{l}@{d}"))
+    }
+}
+
+/// The domain of a key.
+pub fn key_domain(key: &str) -> &str {
+    key.rsplit_once('@').map_or("", |(_, d)| d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n() -> Normalize {
+        Normalize::default()
+    }
+
+    #[test]
+    fn case_quotes_and_domains() {
+        let n = n();
+        assert_eq!(
+            n.external("John.Doe@Example.COM.").unwrap(),
+            "john.doe@example.com"
+        );
+        assert_eq!(
+            n.external("\"john.doe\"@x.test").unwrap(),
+            "john.doe@x.test"
+        );
+        assert_eq!(
+            n.external("\"John Doe\"@x.test").unwrap(),
+            "\"john doe\"@x.test"
+        );
+        assert_eq!(
+            n.external("\"a\\\"b\"@x.test").unwrap(),
+            "\"a\\\"b\"@x.test"
+        );
+        assert_eq!(
+            n.external("jane@bücher.example").unwrap(),
+            n.external("jane@xn--bcher-kva.example").unwrap()
+        );
+        assert_eq!(
+            n.external("jane@BÜCHER.example").unwrap(),
+            "jane@xn--bcher-kva.example"
+        );
+        assert_eq!(n.external("u@[192.0.2.1]").unwrap(), "u@[192.0.2.1]");
+        assert_ne!(n.external("u@[192.0.2.1]"), n.external("u@192.0.2.1"));
+        assert!(n.external("nodomain").is_none());
+        assert!(n.external("a@b..c").is_none());
+    }
+
+    #[test]
+    fn utf8_local_parts_nfc_and_fold() {
+        let n = n();
+        let nfc = "jos\u{e9}@x.test";
+        let nfd = "jose\u{301}@x.test";
+        assert_eq!(n.external(nfc), n.external(nfd));
+        assert_eq!(n.external("JOS\u{c9}@x.test").unwrap(), nfc);
+        let cs = Normalize {
+            case_sensitive_local_part: true,
+            ..n.clone()
+        };
+        assert_eq!(cs.external("John@X.test").unwrap(), "John@x.test");
+    }
+
+    #[test]
+    fn subaddress_and_batv() {
+        let n = n();
+        assert_eq!(n.local("Mary+News@corp.test").unwrap(), "mary@corp.test");
+        assert_eq!(n.local("+only@corp.test").unwrap(), "+only@corp.test");
+        assert_eq!(n.external("jane+x@ext.test").unwrap(), "jane+x@ext.test");
+        let fold = Normalize {
+            external_plus_fold: true,
+            local_delimiters: "+-".into(),
+            ..n.clone()
+        };
+        assert_eq!(fold.external("jane+x@ext.test").unwrap(), "jane@ext.test");
+        assert_eq!(fold.local("john-list@corp.test").unwrap(), "john@corp.test");
+        assert_eq!(
+            n.external("prvs=1234abcdef=Jane@ext.test").unwrap(),
+            "jane@ext.test"
+        );
+        assert_eq!(
+            n.external("prvs=12x4abcdef=jane@ext.test").unwrap(),
+            "prvs=12x4abcdef=jane@ext.test"
+        );
+        // SRS is not decoded.
+        let srs = "SRS0=HHHH=TT=orig.test=user@fwd.test";
+        assert_eq!(n.external(srs).unwrap(), srs.to_ascii_lowercase());
+    }
+}

@@ -1,0 +1,541 @@
+//! What makes an outbound message not count: automatic replies, bulk mail, reports, and the
+//! operator's masks. Pure functions over the message bytes (bounded header scan, no
+//! allocation beyond the decoded subject).
+
+use regex::{Regex, RegexSet, RegexSetBuilder};
+
+/// The default out-of-office subject masks shipped with ringmx (overridable by file).
+pub const DEFAULT_SUBJECTS: &str = include_str!("ooo-subjects.txt");
+
+/// Headers are looked for in the first this many bytes.
+const HEADER_SCAN: usize = 64 * 1024;
+
+/// A list of ORF-style masks: `*` any characters, `?` zero or one character, `/…/` a regular
+/// expression; all case-insensitive and matched against the whole text.
+#[derive(Debug, Clone)]
+pub struct Masks {
+    set: RegexSet,
+    sources: Vec<String>,
+}
+
+/// A mask list entry that does not compile (the message names it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadMask(pub String);
+
+fn wildcard_regex(mask: &str) -> String {
+    let mut r = String::from("^");
+    for c in mask.chars() {
+        match c {
+            '*' => r.push_str(".*"),
+            '?' => r.push_str(".?"),
+            c => r.push_str(&regex::escape(c.encode_utf8(&mut [0; 4]))),
+        }
+    }
+    r.push('$');
+    r
+}
+
+impl Masks {
+    /// Compile masks; with `domain_shorthand`, an entry without `@` (and not a regex) means
+    /// every address at that domain (`example.com` = `*@example.com`).
+    pub fn new<S: AsRef<str>>(entries: &[S], domain_shorthand: bool) -> Result<Masks, BadMask> {
+        let mut pats = Vec::new();
+        let mut sources = Vec::new();
+        for e in entries {
+            let e = e.as_ref().trim();
+            if e.is_empty() || e.starts_with('#') {
+                continue;
+            }
+            let pat = if e.len() >= 2 && e.starts_with('/') && e.ends_with('/') {
+                let re = e.get(1..e.len() - 1).unwrap_or("");
+                Regex::new(re).map_err(|err| BadMask(format!("{e}: {err}")))?;
+                re.to_string()
+            } else if domain_shorthand && !e.contains('@') {
+                wildcard_regex(&format!("*@{e}"))
+            } else {
+                wildcard_regex(e)
+            };
+            pats.push(pat);
+            sources.push(e.to_string());
+        }
+        let set = RegexSetBuilder::new(&pats)
+            .case_insensitive(true)
+            .size_limit(64 << 20)
+            .build()
+            .map_err(|err| BadMask(err.to_string()))?;
+        Ok(Masks { set, sources })
+    }
+
+    /// The first mask matching `text`, as written.
+    pub fn matching(&self, text: &str) -> Option<&str> {
+        let i = self.set.matches(text).into_iter().next()?;
+        self.sources.get(i).map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.sources.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty()
+    }
+}
+
+/// The header section (up to the empty line), bounded.
+fn header_block(content: &[u8]) -> &[u8] {
+    let scan = content.get(..HEADER_SCAN).unwrap_or(content);
+    match memchr::memmem::find(scan, b"\r\n\r\n") {
+        Some(i) => scan.get(..i + 2).unwrap_or(scan),
+        None => scan,
+    }
+}
+
+/// Every header field as `(name, unfolded raw value)`.
+pub fn headers(content: &[u8]) -> Vec<(&str, String)> {
+    let block = header_block(content);
+    let mut out: Vec<(&str, String)> = Vec::new();
+    for line in block.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        let text = String::from_utf8_lossy(line);
+        if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
+            if let Some((_, v)) = out.last_mut() {
+                v.push_str(&text);
+            }
+            continue;
+        }
+        let Some(colon) = memchr::memchr(b':', line) else {
+            continue;
+        };
+        let (Some(name), Some(value)) = (line.get(..colon), line.get(colon + 1..)) else {
+            continue;
+        };
+        let Ok(name) = std::str::from_utf8(name) else {
+            continue;
+        };
+        out.push((
+            name.trim(),
+            String::from_utf8_lossy(value).trim().to_string(),
+        ));
+    }
+    out
+}
+
+/// `content` without any `name:` header field (and its continuation lines), or `None` when
+/// the header section has none.
+pub fn strip_header(content: &[u8], name: &str) -> Option<Vec<u8>> {
+    let block = header_block(content);
+    let is_field = |line: &[u8]| {
+        line.get(..name.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(name.as_bytes()))
+            && line
+                .get(name.len()..)
+                .is_some_and(|r| r.iter().find(|b| **b != b' ' && **b != b'\t') == Some(&b':'))
+    };
+    if !block.split(|&b| b == b'\n').any(is_field) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(content.len());
+    let mut dropping = false;
+    let mut at = 0;
+    for line in block.split_inclusive(|&b| b == b'\n') {
+        at += line.len();
+        let cont = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
+        if !cont {
+            dropping = is_field(line);
+        }
+        if !dropping {
+            out.extend_from_slice(line);
+        }
+    }
+    out.extend_from_slice(content.get(at..).unwrap_or_default());
+    Some(out)
+}
+
+fn decode_b(s: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD
+        .decode(s.trim_end_matches('='))
+        .or_else(|_| {
+            base64::engine::general_purpose::STANDARD_NO_PAD.decode(s.trim_end_matches('='))
+        })
+        .ok()
+}
+
+fn decode_q(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'_' => out.push(b' '),
+            b'=' => {
+                let hex = b
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    None => out.push(b'='),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    out
+}
+
+fn charset_decode(charset: &str, bytes: &[u8]) -> String {
+    let cs = charset.split('*').next().unwrap_or("").to_ascii_lowercase();
+    match cs.as_str() {
+        "iso-8859-1" | "latin1" | "windows-1252" | "cp1252" | "us-ascii" => {
+            bytes.iter().map(|&b| char::from(b)).collect()
+        }
+        _ => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
+/// RFC 2047 decoding of an unstructured header value (UTF-8, Latin-1 and Windows-1252
+/// charsets; others are read as UTF-8). Whitespace between adjacent encoded words is dropped.
+pub fn decode_words(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    let mut pending_ws = String::new();
+    let mut last_was_word = false;
+    while !rest.is_empty() {
+        if let Some(start) = rest.find("=?") {
+            let (before, after) = rest.split_at(start);
+            if let Some((word, tail)) = encoded_word(after) {
+                if !before.trim().is_empty() || !last_was_word {
+                    out.push_str(&pending_ws);
+                    out.push_str(before);
+                }
+                pending_ws.clear();
+                out.push_str(&word);
+                last_was_word = true;
+                let ws_len = tail.len() - tail.trim_start().len();
+                pending_ws.push_str(tail.get(..ws_len).unwrap_or(""));
+                rest = tail.get(ws_len..).unwrap_or("");
+                continue;
+            }
+            out.push_str(&pending_ws);
+            pending_ws.clear();
+            out.push_str(before);
+            out.push_str("=?");
+            rest = after.get(2..).unwrap_or("");
+            last_was_word = false;
+        } else {
+            out.push_str(&pending_ws);
+            pending_ws.clear();
+            out.push_str(rest);
+            break;
+        }
+    }
+    out.push_str(&pending_ws);
+    out
+}
+
+/// `=?charset?X?text?=` at the start of `s`: the decoded text and what follows.
+fn encoded_word(s: &str) -> Option<(String, &str)> {
+    let inner = s.strip_prefix("=?")?;
+    let (charset, r) = inner.split_once('?')?;
+    let (enc, r) = r.split_once('?')?;
+    let end = r.find("?=")?;
+    let text = r.get(..end)?;
+    if text.contains(' ') || charset.is_empty() {
+        return None;
+    }
+    let bytes = match enc {
+        "B" | "b" => decode_b(text)?,
+        "Q" | "q" => decode_q(text),
+        _ => return None,
+    };
+    Some((charset_decode(charset, &bytes), r.get(end + 2..)?))
+}
+
+/// Which automatic-mail signals count (from `[aswl]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signals {
+    pub auto_submitted: bool,
+    pub precedence: bool,
+    pub list_headers: bool,
+    pub reports: bool,
+}
+
+/// Why an outbound message is not collected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skip {
+    AutoSubmitted(String),
+    Precedence(String),
+    ListHeader(&'static str),
+    Report,
+    ExchangeOof,
+    AutoReplyHeader(&'static str),
+    Subject(String),
+}
+
+impl std::fmt::Display for Skip {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Skip::AutoSubmitted(v) => write!(f, "Auto-Submitted: {v}"),
+            Skip::Precedence(v) => write!(f, "Precedence: {v}"),
+            Skip::ListHeader(h) => write!(f, "{h} header (list or bulk mail)"),
+            Skip::Report => f.write_str("delivery or disposition report (multipart/report)"),
+            Skip::ExchangeOof => f.write_str("Exchange out-of-office signature"),
+            Skip::AutoReplyHeader(h) => write!(f, "{h} header"),
+            Skip::Subject(m) => write!(f, "subject matches \"{m}\""),
+        }
+    }
+}
+
+const LIST_HEADERS: [&str; 9] = [
+    "List-Id",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+    "List-Help",
+    "List-Subscribe",
+    "List-Post",
+    "List-Owner",
+    "List-Archive",
+    "Feedback-ID",
+];
+
+const AUTOREPLY_HEADERS: [&str; 4] = [
+    "X-Autoreply",
+    "X-Autorespond",
+    "X-Autoresponder",
+    "X-Autogenerated",
+];
+
+/// The first reason the message is automatic or bulk, if any. `X-Auto-Response-Suppress` on
+/// its own is a request not to auto-reply, not a marker of one, and is ignored.
+pub fn classify(content: &[u8], signals: Signals, subjects: Option<&Masks>) -> Option<Skip> {
+    let hs = headers(content);
+    let get = |n: &str| {
+        hs.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(n))
+            .map(|(_, v)| v)
+    };
+    if signals.auto_submitted
+        && let Some(v) = get("Auto-Submitted")
+    {
+        let token = v
+            .split(|c: char| c == ';' || c == '(' || c.is_whitespace())
+            .next()
+            .unwrap_or("");
+        if !token.eq_ignore_ascii_case("no") {
+            return Some(Skip::AutoSubmitted(v.clone()));
+        }
+    }
+    if signals.auto_submitted {
+        for h in AUTOREPLY_HEADERS {
+            if get(h).is_some() {
+                return Some(Skip::AutoReplyHeader(h));
+            }
+        }
+        if get("X-Auto-Response-Suppress").is_some_and(|v| v.trim().eq_ignore_ascii_case("all"))
+            && get("X-MS-Exchange-Inbox-Rules-Loop").is_some()
+        {
+            return Some(Skip::ExchangeOof);
+        }
+    }
+    if signals.precedence {
+        for h in ["Precedence", "X-Precedence"] {
+            if let Some(v) = get(h) {
+                let t = v.trim().to_ascii_lowercase();
+                if matches!(t.as_str(), "bulk" | "junk" | "list" | "auto_reply") {
+                    return Some(Skip::Precedence(v.clone()));
+                }
+            }
+        }
+    }
+    if signals.list_headers {
+        for h in LIST_HEADERS {
+            if get(h).is_some() {
+                return Some(Skip::ListHeader(h));
+            }
+        }
+    }
+    if signals.reports
+        && let Some(ct) = get("Content-Type")
+    {
+        let ct = ct.to_ascii_lowercase();
+        if ct.trim_start().starts_with("multipart/report") {
+            return Some(Skip::Report);
+        }
+    }
+    if let Some(masks) = subjects {
+        let subject = get("Subject").map(|s| decode_words(s)).unwrap_or_default();
+        if let Some(m) = masks.matching(subject.trim()) {
+            return Some(Skip::Subject(m.to_string()));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: Signals = Signals {
+        auto_submitted: true,
+        precedence: true,
+        list_headers: true,
+        reports: true,
+    };
+
+    fn msg(headers: &str) -> Vec<u8> {
+        format!("{headers}\r\n\r\nbody\r\n").into_bytes()
+    }
+
+    fn defaults() -> Masks {
+        Masks::new(&DEFAULT_SUBJECTS.lines().collect::<Vec<_>>(), false).unwrap()
+    }
+
+    #[test]
+    fn masks_wildcards_regexes_domains() {
+        let m = Masks::new(&["*@Corp.test", "/^spam[0-9]+@/", "b?b@x.test"], true).unwrap();
+        assert_eq!(m.matching("JOHN@corp.TEST"), Some("*@Corp.test"));
+        assert_eq!(m.matching("spam12@any.test"), Some("/^spam[0-9]+@/"));
+        assert!(m.matching("bb@x.test").is_some() && m.matching("bob@x.test").is_some());
+        assert!(m.matching("boob@x.test").is_none());
+        assert!(m.matching("john@corp.test.evil").is_none());
+        let d = Masks::new(&["corp.test"], true).unwrap();
+        assert!(d.matching("a@corp.test").is_some() && d.matching("a@x.corp.test").is_none());
+        assert!(Masks::new(&["/([/"], false).is_err());
+    }
+
+    #[test]
+    fn verdict_headers_from_the_client_are_removed() {
+        let m = b"X-ASWL: pass mode=global\r\n\tfolded\r\nSubject: hi\r\nx-aswl : pass\r\n\r\nX-ASWL: body stays\r\n";
+        let out = strip_header(m, "X-ASWL").unwrap();
+        assert_eq!(out, b"Subject: hi\r\n\r\nX-ASWL: body stays\r\n");
+        assert_eq!(
+            strip_header(b"Subject: x\r\n\r\nX-ASWL: b\r\n", "X-ASWL"),
+            None
+        );
+        assert_eq!(strip_header(b"X-ASWLX: 1\r\n\r\n", "X-ASWL"), None);
+    }
+
+    #[test]
+    fn rfc2047_subjects() {
+        assert_eq!(
+            decode_words("=?UTF-8?B?QXV0b21hdGlzY2hlIEFudHdvcnQ6IEhhbGxv?="),
+            "Automatische Antwort: Hallo"
+        );
+        assert_eq!(
+            decode_words("=?iso-8859-1?Q?R=E9ponse_automatique:?= test"),
+            "Réponse automatique: test"
+        );
+        assert_eq!(decode_words("=?utf-8?q?a?= =?utf-8?q?b?="), "ab");
+        assert_eq!(decode_words("plain =?x"), "plain =?x");
+        assert_eq!(decode_words("=?utf-8?B?!!!?="), "=?utf-8?B?!!!?=");
+    }
+
+    #[test]
+    fn every_default_language_matches_encoded() {
+        use base64::Engine;
+        let m = defaults();
+        let mut n = 0;
+        for line in DEFAULT_SUBJECTS.lines() {
+            let l = line.trim();
+            if l.is_empty() || l.starts_with('#') {
+                continue;
+            }
+            let prefix = l.trim_end_matches('*');
+            let subject = format!("{prefix} Meeting");
+            let b = base64::engine::general_purpose::STANDARD.encode(subject.as_bytes());
+            let folded = format!("Subject: =?UTF-8?B?{b}?=");
+            let q: String = subject
+                .bytes()
+                .map(|c| {
+                    if c == b' ' {
+                        "_".to_string()
+                    } else {
+                        format!("={c:02X}")
+                    }
+                })
+                .collect();
+            let mut forms = vec![folded, format!("Subject: =?utf-8?q?{q}?=")];
+            if subject.is_ascii() {
+                forms.push(format!("Subject: {}", subject.to_uppercase()));
+            }
+            for h in forms {
+                assert!(
+                    matches!(classify(&msg(&h), ALL, Some(&m)), Some(Skip::Subject(_))),
+                    "{h}"
+                );
+            }
+            n += 1;
+        }
+        assert!(n >= 60, "{n} patterns");
+        for human in [
+            "Re: our office is moving",
+            "RE: Automatic reply: lunch",
+            "Automobile offer",
+        ] {
+            assert_eq!(
+                classify(&msg(&format!("Subject: {human}")), ALL, Some(&m)),
+                None,
+                "{human}"
+            );
+        }
+    }
+
+    #[test]
+    fn auto_response_headers() {
+        let cases: &[(&str, bool)] = &[
+            ("Auto-Submitted: auto-replied (vacation)", true),
+            ("Auto-Submitted: auto-generated", true),
+            ("Auto-Submitted: No", false),
+            ("Precedence: bulk", true),
+            ("Precedence: junk", true),
+            ("Precedence: list", true),
+            ("Precedence: first-class", false),
+            ("List-Id: <news.example>", true),
+            ("List-Unsubscribe: <mailto:u@x>", true),
+            ("Feedback-ID: 1:2:3", true),
+            (
+                "Content-Type: multipart/report; report-type=delivery-status; boundary=x",
+                true,
+            ),
+            (
+                "Content-Type: Multipart/Report; report-type=disposition-notification",
+                true,
+            ),
+            ("X-Auto-Response-Suppress: DR, RN, NRN, OOF", false),
+            ("X-Auto-Response-Suppress: All", false),
+            (
+                "X-Auto-Response-Suppress: All\r\nX-MS-Exchange-Inbox-Rules-Loop: a@b",
+                true,
+            ),
+            ("X-Autoreply: yes", true),
+            ("Subject: hello\r\n  world", false),
+        ];
+        for (h, auto) in cases {
+            assert_eq!(classify(&msg(h), ALL, None).is_some(), *auto, "{h}");
+        }
+        let off = Signals {
+            auto_submitted: false,
+            precedence: false,
+            list_headers: false,
+            reports: false,
+        };
+        assert_eq!(
+            classify(&msg("Precedence: bulk\r\nList-Id: x"), off, None),
+            None
+        );
+        // Folded header values are unfolded.
+        assert!(classify(&msg("Auto-Submitted:\r\n auto-replied"), ALL, None).is_some());
+        // Headers only: the same words in the body do not count.
+        assert_eq!(
+            classify(b"Subject: x\r\n\r\nPrecedence: bulk\r\n", ALL, None),
+            None
+        );
+    }
+}

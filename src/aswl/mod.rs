@@ -1,0 +1,436 @@
+//! The Auto Sender Whitelist: learned from outbound mail, checked on inbound mail.
+//!
+//! - **Collection** (outbound bindings, once the message is accepted): every (local sender,
+//!   external recipient) pair is recorded with `last_sent = now`, unless the sender is `<>`, the
+//!   recipient is in a local domain, the client is in `ip_exceptions`, the message is automatic
+//!   or bulk ([`detect`]: `Auto-Submitted`, `Precedence`, list headers, reports, out-of-office
+//!   subjects), or it goes to R within `auto_response_window` after mail from R came in.
+//! - **Check** (inbound bindings, at RCPT, per recipient): by `mode`, is there an unexpired
+//!   record — from anyone local (`global`), from the recipient's domain (`per-domain`), from
+//!   this recipient (`per-recipient`)? `check_exceptions`, local-domain senders and `<>` never
+//!   pass. All three views are kept ([`store`]), so `mode` changes on reload at once.
+//! - **Storage**: [`store`] in memory, [`persist`] on disk (change log committed with the spool's
+//!   group commit, periodic snapshots).
+
+pub mod addr;
+pub mod admin;
+pub mod detect;
+pub mod persist;
+pub mod store;
+pub mod table;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+pub use store::Mode;
+
+use crate::config::AswlSection;
+use detect::{Masks, Signals, Skip};
+
+/// The compiled `[aswl]` settings (part of the configuration; replaced on reload).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub mode: Mode,
+    /// `None` = records never expire.
+    pub lifetime: Option<Duration>,
+    pub sweep_interval: Duration,
+    pub snapshot_interval: Duration,
+    pub dir: PathBuf,
+    pub ip_exceptions: Vec<crate::config::units::Cidr>,
+    pub subjects: Option<Masks>,
+    pub auto_response_window: Duration,
+    pub signals: Signals,
+    pub check_exceptions: Option<Masks>,
+    pub except_local_domains: bool,
+    pub local_domains: Vec<String>,
+    pub log_additions: bool,
+    pub header: String,
+    pub normalize: addr::Normalize,
+}
+
+impl Settings {
+    /// Compile `[aswl]`; errors name the key (without the `aswl.` prefix).
+    pub fn compile(
+        a: &AswlSection,
+        dir: PathBuf,
+        local_domains: &[String],
+    ) -> Result<Settings, (&'static str, String)> {
+        let lifetime = match a.lifetime.trim() {
+            "off" | "" => None,
+            s => {
+                let d = crate::config::units::Secs::parse(s)
+                    .map_err(|e| ("lifetime", format!("\"off\" or a duration: {e}")))?
+                    .0;
+                if d < Duration::from_secs(1) {
+                    return Err(("lifetime", "must be at least 1s (or \"off\")".into()));
+                }
+                Some(d)
+            }
+        };
+        let mut subject_list: Vec<String> = match &a.subject_exceptions_file {
+            Some(f) => std::fs::read_to_string(f)
+                .map_err(|e| ("subject_exceptions_file", format!("{}: {e}", f.display())))?
+                .lines()
+                .map(str::to_string)
+                .collect(),
+            None if a.default_subject_exceptions => detect::DEFAULT_SUBJECTS
+                .lines()
+                .map(str::to_string)
+                .collect(),
+            None => Vec::new(),
+        };
+        subject_list.extend(a.subject_exceptions.iter().cloned());
+        let subjects = Masks::new(&subject_list, false).map_err(|e| ("subject_exceptions", e.0))?;
+        let check = Masks::new(&a.check_exceptions, true).map_err(|e| ("check_exceptions", e.0))?;
+        if a.header.is_empty() || !a.header.bytes().all(|b| b.is_ascii_graphic() && b != b':') {
+            return Err(("header", "must be a header field name".into()));
+        }
+        for (k, v) in [
+            ("sweep_interval", a.sweep_interval.0),
+            ("snapshot_interval", a.snapshot_interval.0),
+        ] {
+            if v < Duration::from_millis(100) {
+                return Err((k, "must be at least 100ms".into()));
+            }
+        }
+        Ok(Settings {
+            mode: a.mode,
+            lifetime,
+            sweep_interval: a.sweep_interval.0,
+            snapshot_interval: a.snapshot_interval.0,
+            dir,
+            ip_exceptions: a.ip_exceptions.clone(),
+            subjects: (!subjects.is_empty()).then_some(subjects),
+            auto_response_window: a.auto_response_window.0,
+            signals: Signals {
+                auto_submitted: a.detect_auto_submitted,
+                precedence: a.detect_precedence,
+                list_headers: a.detect_list_headers,
+                reports: a.detect_reports,
+            },
+            check_exceptions: (!check.is_empty()).then_some(check),
+            except_local_domains: a.except_local_domains,
+            local_domains: local_domains.to_vec(),
+            log_additions: a.log_additions,
+            header: a.header.clone(),
+            normalize: addr::Normalize {
+                case_sensitive_local_part: a.case_sensitive_local_part,
+                local_delimiters: a.local_delimiters.clone(),
+                external_plus_fold: a.external_plus_fold,
+            },
+        })
+    }
+
+    /// The oldest `last_sent` still valid at `now`.
+    pub fn cutoff(&self, now: u32) -> u32 {
+        match self.lifetime {
+            None => 0,
+            Some(l) => now.saturating_sub(l.as_secs().min(u64::from(u32::MAX)) as u32),
+        }
+    }
+
+    fn is_local(&self, domain: &str) -> bool {
+        crate::config::domain_matches(&self.local_domains, domain)
+    }
+}
+
+/// Seconds since the epoch, as stored.
+pub fn unix_now() -> u32 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs().min(u64::from(u32::MAX)) as u32)
+}
+
+/// The result of checking one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Pass {
+        last_sent: u32,
+    },
+    None,
+    /// Never whitelisted, whatever the records say.
+    Excepted(String),
+}
+
+impl Verdict {
+    pub fn pass(&self) -> bool {
+        matches!(self, Verdict::Pass { .. })
+    }
+}
+
+/// Counters (exported as metrics).
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Hits and misses per mode (global, per-domain, per-recipient).
+    pub hits: [AtomicU64; 3],
+    pub misses: [AtomicU64; 3],
+    pub excepted: AtomicU64,
+    pub added: AtomicU64,
+    pub refreshed: AtomicU64,
+    /// Skipped collections: ip, subject/headers, auto-response window, null sender.
+    pub skipped_ip: AtomicU64,
+    pub skipped_auto: AtomicU64,
+    pub skipped_window: AtomicU64,
+    pub swept: AtomicU64,
+}
+
+fn mode_index(m: Mode) -> usize {
+    match m {
+        Mode::Global => 0,
+        Mode::PerDomain => 1,
+        Mode::PerRecipient => 2,
+    }
+}
+
+/// One pair to record (keys and originals).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pair {
+    pub local: String,
+    pub local_original: String,
+    pub external: String,
+    pub external_original: String,
+}
+
+/// The whitelist: the store, the recent-inbound table for auto-response detection, the disk.
+#[derive(Debug)]
+pub struct Aswl {
+    pub store: store::Store,
+    /// fingerprint(external sender, local recipient) → time of the last inbound message.
+    recent: table::Table,
+    hasher: std::hash::RandomState,
+    pub counters: Counters,
+    pub disk: persist::Disk,
+}
+
+impl Aswl {
+    /// Open the data directory, load the snapshot and replay the change logs.
+    pub fn open(settings: &Settings, writers: usize) -> std::io::Result<Aswl> {
+        let store = store::Store::new();
+        let disk = persist::Disk::open(&settings.dir, writers, &store)?;
+        let a = Aswl {
+            store,
+            recent: table::Table::new(4),
+            hasher: std::hash::RandomState::new(),
+            counters: Counters::default(),
+            disk,
+        };
+        a.sweep(settings, unix_now());
+        Ok(a)
+    }
+
+    fn pair_fp(&self, external: &str, local: &str) -> u64 {
+        use std::hash::BuildHasher;
+        table::key(self.hasher.hash_one((external, local)))
+    }
+
+    /// Check one recipient of inbound mail (`sender` and `rcpt` as received). Lock-free.
+    pub fn check(&self, s: &Settings, sender: &str, rcpt: &str, now: u32) -> Verdict {
+        let v = self.explain(s, sender, rcpt, now).0;
+        let i = mode_index(s.mode);
+        match &v {
+            Verdict::Pass { .. } => self.counters.hits[i].fetch_add(1, Ordering::Relaxed),
+            Verdict::None => self.counters.misses[i].fetch_add(1, Ordering::Relaxed),
+            Verdict::Excepted(_) => self.counters.excepted.fetch_add(1, Ordering::Relaxed),
+        };
+        v
+    }
+
+    /// The verdict and how it was reached (for `ringmx aswl check`).
+    pub fn explain(&self, s: &Settings, sender: &str, rcpt: &str, now: u32) -> (Verdict, String) {
+        if sender.is_empty() {
+            return (
+                Verdict::Excepted("null sender".into()),
+                "the null sender is never whitelisted".into(),
+            );
+        }
+        let Some(ext) = s.normalize.external(sender) else {
+            return (
+                Verdict::None,
+                format!("sender {sender:?} has no usable address key"),
+            );
+        };
+        let Some(local) = s.normalize.local(rcpt) else {
+            return (
+                Verdict::None,
+                format!("recipient {rcpt:?} has no usable address key"),
+            );
+        };
+        if s.except_local_domains && s.is_local(addr::key_domain(&ext)) {
+            return (
+                Verdict::Excepted("local domain".into()),
+                format!("sender {ext} is in a local domain (except_local_domains)"),
+            );
+        }
+        if let Some(m) = s.check_exceptions.as_ref().and_then(|m| m.matching(&ext)) {
+            return (
+                Verdict::Excepted(format!("check exception {m}")),
+                format!("sender {ext} matches check exception \"{m}\""),
+            );
+        }
+        let cutoff = s.cutoff(now);
+        let mode = s.mode.as_str();
+        match self.store.last_sent(s.mode, &local, &ext) {
+            Some(t) if t >= cutoff => (
+                Verdict::Pass { last_sent: t },
+                format!(
+                    "mode {mode}: {ext} was last mailed {} s ago (record for {}); lifetime {}",
+                    now.saturating_sub(t),
+                    scope(s.mode, &local),
+                    s.lifetime
+                        .map_or("off".to_string(), |l| format!("{} s", l.as_secs())),
+                ),
+            ),
+            Some(t) => (
+                Verdict::None,
+                format!(
+                    "mode {mode}: the record for {} and {ext} expired (last mailed {} s ago)",
+                    scope(s.mode, &local),
+                    now.saturating_sub(t)
+                ),
+            ),
+            None => (
+                Verdict::None,
+                format!(
+                    "mode {mode}: no record of {} mailing {ext}",
+                    scope(s.mode, &local)
+                ),
+            ),
+        }
+    }
+
+    /// Note inbound mail from `sender` to `rcpts` (for auto-response detection).
+    pub fn saw_inbound(&self, s: &Settings, sender: &str, rcpts: &[String], now: u32) {
+        if s.auto_response_window.is_zero() || sender.is_empty() {
+            return;
+        }
+        let Some(ext) = s.normalize.external(sender) else {
+            return;
+        };
+        for r in rcpts {
+            if let Some(local) = s.normalize.local(r) {
+                self.recent
+                    .upsert(self.pair_fp(&ext, &local), |_| u64::from(now));
+            }
+        }
+    }
+
+    /// The pairs an outbound message teaches, or why it teaches none. Called before the
+    /// message is spooled; `client` is the submitting client.
+    pub fn plan(
+        &self,
+        s: &Settings,
+        client: IpAddr,
+        sender: &str,
+        rcpts: &[String],
+        content: &[u8],
+        now: u32,
+    ) -> Result<Vec<Pair>, String> {
+        if sender.is_empty() {
+            return Err("null sender".into());
+        }
+        let Some(local) = s.normalize.local(sender) else {
+            return Err(format!("sender {sender:?} has no usable address key"));
+        };
+        if crate::config::units::any_contains(&s.ip_exceptions, client) {
+            self.counters.skipped_ip.fetch_add(1, Ordering::Relaxed);
+            return Err(format!("client {client} is in ip_exceptions"));
+        }
+        if let Some(skip) = detect::classify(content, s.signals, s.subjects.as_ref()) {
+            self.counters.skipped_auto.fetch_add(1, Ordering::Relaxed);
+            return Err(skip_reason(&skip));
+        }
+        let window = s.auto_response_window.as_secs() as u32;
+        let mut pairs = Vec::new();
+        for r in rcpts {
+            let Some(ext) = s.normalize.external(r) else {
+                continue;
+            };
+            if s.is_local(addr::key_domain(&ext)) {
+                continue;
+            }
+            if window > 0
+                && let Some(t) = self.recent.get(self.pair_fp(&ext, &local))
+                && now.saturating_sub(t as u32) < window
+            {
+                self.counters.skipped_window.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(local = %local, external = %ext, "aswl: not collected: auto-response (within auto_response_window of mail from the recipient)");
+                continue;
+            }
+            pairs.push(Pair {
+                local: local.clone(),
+                local_original: sender.to_string(),
+                external: ext,
+                external_original: r.clone(),
+            });
+        }
+        Ok(pairs)
+    }
+
+    /// Apply collected pairs to memory (before their log record is written: see [`persist`]).
+    pub fn apply(&self, s: &Settings, pairs: &[Pair], now: u32) {
+        for p in pairs {
+            let w = self.store.record(
+                (&p.local, &p.local_original),
+                (&p.external, &p.external_original),
+                now,
+            );
+            match w {
+                store::Write::Added => {
+                    self.counters.added.fetch_add(1, Ordering::Relaxed);
+                    if s.log_additions {
+                        tracing::info!(local = %p.local, external = %p.external, "aswl: added");
+                    }
+                }
+                store::Write::Refreshed | store::Write::Unchanged => {
+                    self.counters.refreshed.fetch_add(1, Ordering::Relaxed);
+                    if s.log_additions {
+                        tracing::info!(local = %p.local, external = %p.external, "aswl: refreshed");
+                    }
+                }
+            }
+        }
+        persist::publish_fence();
+    }
+
+    /// Forget inbound messages older than the auto-response window.
+    pub fn prune_recent(&self, s: &Settings, now: u32) {
+        let window = s.auto_response_window.as_secs();
+        self.recent
+            .retain(|_, t| u64::from(now).saturating_sub(t) <= window);
+    }
+
+    /// Remove expired records (and stale auto-response entries).
+    pub fn sweep(&self, s: &Settings, now: u32) -> usize {
+        self.prune_recent(s, now);
+        let n = match s.lifetime {
+            Some(_) => self.store.sweep(s.cutoff(now)),
+            None => 0,
+        };
+        self.counters.swept.fetch_add(n as u64, Ordering::Relaxed);
+        if n > 0 {
+            tracing::info!(
+                removed = n,
+                left = self.store.len(),
+                "aswl: sweep removed expired records"
+            );
+        }
+        n
+    }
+}
+
+fn scope(mode: Mode, local: &str) -> String {
+    match mode {
+        Mode::Global => "anyone local".into(),
+        Mode::PerDomain => format!("domain {}", addr::key_domain(local)),
+        Mode::PerRecipient => local.to_string(),
+    }
+}
+
+fn skip_reason(s: &Skip) -> String {
+    format!("automatic or bulk mail: {s}")
+}
+
+#[cfg(test)]
+mod tests;
