@@ -1,7 +1,8 @@
 //! The local admin endpoint: a deliberately small HTTP/1.1 server on its own thread (it never
 //! runs on a core). `GET /metrics` (Prometheus text), `GET /healthz`, `POST /reload`, and the
 //! queue API behind `ringmx queue`: `GET /queue`, `GET /queue/ID`, `POST /queue/flush[/ID]`,
-//! `POST /queue/ID/delete|hold|release`.
+//! `POST /queue/ID/delete|hold|release`, and the whitelist API behind `ringmx aswl`
+//! (`/aswl/stats|check|list|export|add|remove|import`, see [`crate::aswl::admin`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -37,21 +38,36 @@ fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request = String::new();
     reader.read_line(&mut request)?;
-    // Skip the headers; no request here has a body we need.
+    // Headers: only Content-Length matters (the whitelist import has a body).
+    let mut length = 0usize;
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
             break;
         }
+        if let Some((k, v)) = line.split_once(':')
+            && k.trim().eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    const MAX_BODY: usize = 512 << 20;
+    let mut body = Vec::new();
+    if length > 0 && length <= MAX_BODY {
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        body.resize(length, 0);
+        std::io::Read::read_exact(&mut reader, &mut body)?;
     }
     let mut parts = request.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, ctype, body) = match (method, path) {
-        ("GET", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4",
-            shared.metrics.render(),
-        ),
+        ("GET", "/metrics") => {
+            let mut m = shared.metrics.render();
+            if let Some(a) = &shared.aswl {
+                crate::aswl::admin::metrics(a, &mut m);
+            }
+            ("200 OK", "text/plain; version=0.0.4", m)
+        }
         ("GET", "/healthz") => {
             if shared.shutdown.load(Ordering::SeqCst) {
                 (
@@ -72,6 +88,7 @@ fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
             Err(e) => ("400 Bad Request", "text/plain", format!("{e}\n")),
         },
         (m, p) if p.starts_with("/queue") => queue(shared, m, p),
+        (m, p) if p.starts_with("/aswl") => aswl(shared, m, p, &body),
         (_, "/metrics" | "/healthz" | "/reload") => (
             "405 Method Not Allowed",
             "text/plain",
@@ -89,6 +106,30 @@ fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
 }
 
 type Response = (&'static str, &'static str, String);
+
+fn aswl(shared: &Shared, method: &str, path: &str, body: &[u8]) -> Response {
+    use crate::aswl::admin;
+    let (Some(a), Some(s)) = (&shared.aswl, shared.live().config.aswl.clone()) else {
+        return (
+            "404 Not Found",
+            "text/plain",
+            "the whitelist is not enabled ([aswl])\n".into(),
+        );
+    };
+    let result = admin::parse_request(method, path).and_then(|op| admin::run(a, &s, &op, body));
+    match result {
+        Ok(text) => ("200 OK", "text/plain; charset=utf-8", text),
+        Err((code, msg)) => (
+            match code {
+                400 => "400 Bad Request",
+                404 => "404 Not Found",
+                _ => "500 Internal Server Error",
+            },
+            "text/plain; charset=utf-8",
+            format!("{msg}\n"),
+        ),
+    }
+}
 
 fn queue(shared: &Shared, method: &str, path: &str) -> Response {
     use crate::runtime::queue::Op;

@@ -25,6 +25,13 @@ USAGE:
         The delivery queue of the running server: list (id, state, age, attempts, sender,
         pending recipients, last error), one message's details, retry now, delete without a
         bounce, hold, release.
+    ringmx aswl [stats | check SENDER RECIPIENT | list [--local MASK] [--external MASK] |
+                add LOCAL EXTERNAL | remove EXTERNAL [LOCAL] | import FILE|- |
+                export [--format csv|jsonl]] [--admin ADDR] [--config FILE] [--offline]
+        The Auto Sender Whitelist: counters; why a sender passes or not for a recipient (mode,
+        record, exception); records (masks as in check_exceptions); add, remove, import and
+        export (CSV or JSON lines). Through the running server's admin endpoint; when none
+        answers (or with --offline), directly on the data directory of --config.
     ringmx print-default-config
         Print the embedded default configuration.
     ringmx hash-password < PASSWORD
@@ -83,6 +90,7 @@ fn main() -> ExitCode {
         }
         Some("reload") => reload(&args[1..]),
         Some("queue") => queue(&args[1..]),
+        Some("aswl") => aswl(&args[1..]),
         Some("print-default-config") => {
             print!("{}", ringmx::config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
@@ -107,36 +115,162 @@ fn admin_addr(args: &[String]) -> (String, &[String]) {
     }
 }
 
+/// One request to the admin endpoint: (status line is 200, body).
+fn admin_call(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(bool, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: ringmx\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut all = String::new();
+    s.read_to_string(&mut all)?;
+    let (head, body) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
+    Ok((head.starts_with("HTTP/1.1 200"), body.to_string()))
+}
+
 /// One request to the admin endpoint; prints the body, fails on a non-200 answer.
 fn admin_request(addr: &str, method: &str, path: &str, failure: &str) -> ExitCode {
-    use std::io::{Read, Write};
-    let result = (|| -> std::io::Result<String> {
-        let mut s = std::net::TcpStream::connect(addr)?;
-        s.set_read_timeout(Some(std::time::Duration::from_secs(70)))?;
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: ringmx\r\nContent-Length: 0\r\n\r\n"
-        )?;
-        let mut all = String::new();
-        s.read_to_string(&mut all)?;
-        Ok(all)
-    })();
-    match result {
-        Ok(all) => {
-            let (head, body) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
-            if head.starts_with("HTTP/1.1 200") {
-                print!("{body}");
-                ExitCode::SUCCESS
-            } else {
-                eprint!("ringmx: {failure}: {body}");
-                ExitCode::FAILURE
-            }
-        }
+    match admin_call(addr, method, path, &[]) {
+        Ok(answer) => print_answer(answer, failure),
         Err(e) => {
             eprintln!("ringmx: cannot reach the admin endpoint at {addr}: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn print_answer((ok, body): (bool, String), failure: &str) -> ExitCode {
+    if ok {
+        print!("{body}");
+        ExitCode::SUCCESS
+    } else {
+        eprint!("ringmx: {failure}: {body}");
+        ExitCode::FAILURE
+    }
+}
+
+/// `ringmx aswl …`: through the running server's admin endpoint, or offline against the data
+/// directory when no server answers (or with `--offline`).
+fn aswl(args: &[String]) -> ExitCode {
+    use ringmx::aswl::admin::{Op, request_path, run};
+    let mut admin: Option<String> = None;
+    let mut config_file: Option<PathBuf> = None;
+    let mut offline = false;
+    let mut jsonl = false;
+    let mut local = None;
+    let mut external = None;
+    let mut words: Vec<String> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--admin" => admin = it.next().cloned(),
+            "--config" | "-c" => config_file = it.next().map(PathBuf::from),
+            "--offline" => offline = true,
+            "--format" => jsonl = it.next().map(String::as_str) == Some("jsonl"),
+            "--local" => local = it.next().cloned(),
+            "--external" => external = it.next().cloned(),
+            w => words.push(w.to_string()),
+        }
+    }
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    let mut body = Vec::new();
+    let op = match w.as_slice() {
+        ["stats"] | [] => Op::Stats,
+        ["check", sender, rcpt] => Op::Check {
+            sender: sender.to_string(),
+            rcpt: rcpt.to_string(),
+        },
+        ["list"] => Op::List { local, external },
+        ["add", l, x] => Op::Add {
+            local: l.to_string(),
+            external: x.to_string(),
+        },
+        ["remove", x] => Op::Remove {
+            external: x.to_string(),
+            local,
+        },
+        ["remove", x, l] => Op::Remove {
+            external: x.to_string(),
+            local: Some(l.to_string()),
+        },
+        ["import", file] => {
+            let read = if *file == "-" {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut b).map(|_| b)
+            } else {
+                std::fs::read(file)
+            };
+            match read {
+                Ok(b) => body = b,
+                Err(e) => {
+                    eprintln!("ringmx: {file}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            Op::Import
+        }
+        ["export"] => Op::Export { jsonl },
+        _ => {
+            return usage_error(
+                "aswl takes stats | check SENDER RECIPIENT | list [--local MASK] [--external MASK] | add LOCAL EXTERNAL | remove EXTERNAL [LOCAL] | import FILE|- | export [--format csv|jsonl]",
+            );
+        }
+    };
+    let config = match &config_file {
+        Some(f) => Config::load(f),
+        None => Config::embedded_default(),
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("ringmx: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !offline {
+        let addr = admin
+            .clone()
+            .or_else(|| config.admin.listen.map(|a| a.to_string()))
+            .unwrap_or_else(|| "127.0.0.1:8025".into());
+        let (method, path) = request_path(&op);
+        match admin_call(&addr, method, &path, &body) {
+            Ok(answer) => return print_answer(answer, "whitelist request failed"),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && admin.is_none() => {
+                eprintln!("ringmx: no server at {addr}; working offline on the data directory");
+            }
+            Err(e) => {
+                eprintln!("ringmx: cannot reach the admin endpoint at {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let Some(settings) = config.aswl.clone() else {
+        eprintln!("ringmx: the whitelist is not enabled in this configuration ([aswl])");
+        return ExitCode::FAILURE;
+    };
+    let a = match ringmx::aswl::Aswl::open(&settings, 0) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("ringmx: {}: {e}", settings.dir.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    print_answer(
+        match run(&a, &settings, &op, &body) {
+            Ok(t) => (true, t),
+            Err((_, m)) => (false, format!("{m}\n")),
+        },
+        "whitelist request failed",
+    )
 }
 
 fn reload(args: &[String]) -> ExitCode {

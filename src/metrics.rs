@@ -32,7 +32,7 @@ const REASONS: [(Reason, &str); 8] = [
 const DURATION_BUCKETS: [f64; 9] = [0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0];
 
 /// The `# HELP` and `# TYPE` lines of a metric family.
-fn describe(o: &mut String, name: &str, kind: &str, help: &str) {
+pub(crate) fn describe(o: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(o, "# HELP {name} {help}");
     let _ = writeln!(o, "# TYPE {name} {kind}");
 }

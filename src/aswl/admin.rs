@@ -1,1 +1,602 @@
-//! Placeholder replaced below.
+//! `ringmx aswl …`: the operations behind the admin endpoint's `/aswl/…` and the offline CLI.
+//!
+//! Both call [`run`] with an open [`Aswl`]: the server with its own, the CLI with the data
+//! directory opened while the server is stopped (the directory lock keeps the two apart).
+//! Changes (add, remove, import) are applied to memory and written to the admin change log with
+//! an `fdatasync` before the answer.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+use super::detect::Masks;
+use super::persist::encode_log;
+use super::store::Record;
+use super::{Aswl, Pair, Settings, Verdict, unix_now};
+use crate::delivery::trace::rfc5322_date;
+
+/// An operation and its arguments (from the query string or the command line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Stats,
+    Check {
+        sender: String,
+        rcpt: String,
+    },
+    List {
+        local: Option<String>,
+        external: Option<String>,
+    },
+    Add {
+        local: String,
+        external: String,
+    },
+    Remove {
+        external: String,
+        local: Option<String>,
+    },
+    Import,
+    Export {
+        jsonl: bool,
+    },
+}
+
+/// A failed operation: HTTP-like status and message.
+pub type Failure = (u16, String);
+
+fn when(t: u32) -> String {
+    rfc5322_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::from(t)))
+}
+
+/// Run `op`; `body` is the import data.
+pub fn run(a: &Aswl, s: &Settings, op: &Op, body: &[u8]) -> Result<String, Failure> {
+    match op {
+        Op::Stats => Ok(stats(a, s)),
+        Op::Check { sender, rcpt } => {
+            let (v, why) = a.explain(s, sender, rcpt, unix_now());
+            let word = match v {
+                Verdict::Pass { .. } => "pass",
+                Verdict::None => "none",
+                Verdict::Excepted(_) => "none (exception)",
+            };
+            Ok(format!(
+                "verdict: {word}\nmode: {}\n{why}\n",
+                s.mode.as_str()
+            ))
+        }
+        Op::List { local, external } => {
+            let lm = local.as_deref().map(masks).transpose()?;
+            let xm = external.as_deref().map(masks).transpose()?;
+            let mut recs: Vec<Record> = a
+                .store
+                .records()
+                .into_iter()
+                .filter(|r| lm.as_ref().is_none_or(|m| m.matching(&r.local).is_some()))
+                .filter(|r| {
+                    xm.as_ref()
+                        .is_none_or(|m| m.matching(&r.external).is_some())
+                })
+                .collect();
+            recs.sort_by(|x, y| (&x.local, &x.external).cmp(&(&y.local, &y.external)));
+            let cutoff = s.cutoff(unix_now());
+            let mut out = String::new();
+            for r in &recs {
+                let state = if r.last_sent >= cutoff {
+                    ""
+                } else {
+                    " (expired)"
+                };
+                let _ = writeln!(
+                    out,
+                    "{}\t{}\t{}{state}",
+                    r.local_original,
+                    r.external_original,
+                    when(r.last_sent)
+                );
+            }
+            let _ = writeln!(out, "{} record(s)", recs.len());
+            Ok(out)
+        }
+        Op::Add { local, external } => {
+            let p = pair(s, local, external)?;
+            let now = unix_now();
+            a.apply(s, std::slice::from_ref(&p), now);
+            a.disk
+                .write_admin(&encode_log(false, now, std::slice::from_ref(&p)))
+                .map_err(io_failure)?;
+            Ok(format!("added {} -> {}\n", p.local, p.external))
+        }
+        Op::Remove { external, local } => {
+            let ext = s
+                .normalize
+                .external(external)
+                .ok_or((400, format!("{external:?} is not an address")))?;
+            let loc = match local {
+                Some(l) => Some(
+                    s.normalize
+                        .local(l)
+                        .ok_or((400, format!("{l:?} is not an address")))?,
+                ),
+                None => None,
+            };
+            let now = unix_now();
+            let n = a.store.remove(loc.as_deref(), &ext, now);
+            let p = Pair {
+                local: loc.unwrap_or_default(),
+                local_original: String::new(),
+                external: ext,
+                external_original: String::new(),
+            };
+            a.disk
+                .write_admin(&encode_log(true, now, &[p]))
+                .map_err(io_failure)?;
+            Ok(format!("removed {n} record(s)\n"))
+        }
+        Op::Import => import(a, s, body),
+        Op::Export { jsonl } => {
+            let mut recs = a.store.records();
+            recs.sort_by(|x, y| (&x.local, &x.external).cmp(&(&y.local, &y.external)));
+            let mut out = String::new();
+            if !jsonl {
+                out.push_str("local,external,last_sent,local_original,external_original\n");
+            }
+            for r in &recs {
+                if *jsonl {
+                    let v = serde_json::json!({
+                        "local": r.local, "external": r.external, "last_sent": r.last_sent,
+                        "local_original": r.local_original, "external_original": r.external_original,
+                    });
+                    let _ = writeln!(out, "{v}");
+                } else {
+                    let _ = writeln!(
+                        out,
+                        "{},{},{},{},{}",
+                        csv(&r.local),
+                        csv(&r.external),
+                        r.last_sent,
+                        csv(&r.local_original),
+                        csv(&r.external_original)
+                    );
+                }
+            }
+            Ok(out)
+        }
+    }
+}
+
+fn io_failure(e: std::io::Error) -> Failure {
+    (500, format!("cannot write the change log: {e}"))
+}
+
+fn masks(m: &str) -> Result<Masks, Failure> {
+    Masks::new(&[m], true).map_err(|e| (400, format!("bad mask: {}", e.0)))
+}
+
+fn pair(s: &Settings, local: &str, external: &str) -> Result<Pair, Failure> {
+    Ok(Pair {
+        local: s
+            .normalize
+            .local(local)
+            .ok_or((400, format!("{local:?} is not an address")))?,
+        local_original: local.to_string(),
+        external: s
+            .normalize
+            .external(external)
+            .ok_or((400, format!("{external:?} is not an address")))?,
+        external_original: external.to_string(),
+    })
+}
+
+fn csv(v: &str) -> String {
+    if v.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", v.replace('"', "\"\""))
+    } else {
+        v.to_string()
+    }
+}
+
+/// Split one CSV line (quotes with doubled `""`).
+fn csv_fields(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, quoted) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                cur.push('"');
+                chars.next();
+            }
+            ('"', _) => quoted = !quoted,
+            (',', false) => out.push(std::mem::take(&mut cur)),
+            (c, _) => cur.push(c),
+        }
+    }
+    out.push(cur);
+    out
+}
+
+/// CSV (`local,external[,last_sent[,…]]`, header optional) or JSON lines (`{"local": …,
+/// "external": …, "last_sent": …}`), as written by export. Originals are taken from the
+/// `*_original` columns when present. Every line is checked before anything is applied.
+fn import(a: &Aswl, s: &Settings, body: &[u8]) -> Result<String, Failure> {
+    let text =
+        std::str::from_utf8(body).map_err(|_| (400, "import data is not UTF-8".to_string()))?;
+    let now = unix_now();
+    let mut rows: Vec<(u32, Pair)> = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with("local,") {
+            continue;
+        }
+        let bad = |m: String| (400, format!("line {}: {m}", i + 1));
+        let (local, external, t, lo, xo) = if line.starts_with('{') {
+            let v: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
+            let get = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+            (
+                get("local").ok_or_else(|| bad("no \"local\"".into()))?,
+                get("external").ok_or_else(|| bad("no \"external\"".into()))?,
+                v.get("last_sent")
+                    .and_then(|x| x.as_u64())
+                    .map(|t| t as u32),
+                get("local_original"),
+                get("external_original"),
+            )
+        } else {
+            let f = csv_fields(line);
+            let (Some(l), Some(x)) = (f.first(), f.get(1)) else {
+                return Err(bad("expected local,external[,last_sent]".into()));
+            };
+            let t = match f.get(2).map(|t| t.trim()).filter(|t| !t.is_empty()) {
+                Some(t) => Some(
+                    t.parse::<u32>()
+                        .map_err(|_| bad(format!("last_sent {t:?} is not a Unix time")))?,
+                ),
+                None => None,
+            };
+            (
+                l.clone(),
+                x.clone(),
+                t,
+                f.get(3).cloned(),
+                f.get(4).cloned(),
+            )
+        };
+        let mut p = pair(s, &local, &external).map_err(|(_, m)| bad(m))?;
+        if let Some(o) = lo.filter(|o| !o.is_empty()) {
+            p.local_original = o;
+        }
+        if let Some(o) = xo.filter(|o| !o.is_empty()) {
+            p.external_original = o;
+        }
+        rows.push((t.unwrap_or(now).min(now), p));
+    }
+    let mut added = 0;
+    for chunk in rows.chunk_by(|x, y| x.0 == y.0) {
+        let t = chunk.first().map_or(now, |c| c.0);
+        let pairs: Vec<Pair> = chunk.iter().map(|(_, p)| p.clone()).collect();
+        for part in pairs.chunks(4096) {
+            a.apply(s, part, t);
+            a.disk
+                .write_admin(&encode_log(false, t, part))
+                .map_err(io_failure)?;
+            added += part.len();
+        }
+    }
+    Ok(format!("imported {added} record(s)\n"))
+}
+
+fn stats(a: &Aswl, s: &Settings) -> String {
+    let (locals, externals, per_domain) = a.store.counts();
+    let c = &a.counters;
+    let r = &a.disk.recovered;
+    let snap = &a.disk.snapshots;
+    let g = |x: &std::sync::atomic::AtomicU64| x.load(Ordering::Relaxed);
+    let mut o = String::new();
+    let _ = writeln!(o, "mode: {}", s.mode.as_str());
+    let _ = writeln!(
+        o,
+        "lifetime: {}",
+        s.lifetime
+            .map_or("off".into(), |l| format!("{} s", l.as_secs()))
+    );
+    let _ = writeln!(o, "records: {}", a.store.len());
+    let _ = writeln!(o, "local addresses: {locals}");
+    let _ = writeln!(o, "external addresses: {externals}");
+    let _ = writeln!(o, "per-domain entries: {per_domain}");
+    for (i, m) in ["global", "per-domain", "per-recipient"].iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "checks {m}: {} pass, {} none",
+            c.hits.get(i).map_or(0, g),
+            c.misses.get(i).map_or(0, g)
+        );
+    }
+    let _ = writeln!(o, "checks excepted: {}", g(&c.excepted));
+    let _ = writeln!(
+        o,
+        "collected: {} added, {} refreshed",
+        g(&c.added),
+        g(&c.refreshed)
+    );
+    let _ = writeln!(
+        o,
+        "not collected: {} ip exception, {} automatic/bulk/subject, {} auto-response window",
+        g(&c.skipped_ip),
+        g(&c.skipped_auto),
+        g(&c.skipped_window)
+    );
+    let _ = writeln!(o, "swept: {}", g(&c.swept));
+    let _ = writeln!(
+        o,
+        "snapshots: {} written, last {} records, {} bytes, {} ms",
+        g(&snap.count),
+        g(&snap.last_records),
+        g(&snap.last_bytes),
+        g(&snap.last_ms)
+    );
+    let _ = writeln!(
+        o,
+        "startup: {} records from snapshot, {} log records, {} damaged snapshot blocks, {} damaged log ranges, fell back to previous snapshot: {}, {} ms",
+        r.snapshot_records,
+        r.log_records,
+        r.bad_snapshot_blocks,
+        r.bad_log_ranges,
+        r.fell_back_to_previous,
+        r.load_ms
+    );
+    o
+}
+
+/// Prometheus lines for the whitelist.
+pub fn metrics(a: &Aswl, o: &mut String) {
+    use crate::metrics::describe;
+    let c = &a.counters;
+    let g = |x: &std::sync::atomic::AtomicU64| x.load(Ordering::Relaxed);
+    describe(
+        o,
+        "ringmx_aswl_records",
+        "gauge",
+        "Whitelist records (local sender, external address).",
+    );
+    let _ = writeln!(o, "ringmx_aswl_records {}", a.store.len());
+    describe(
+        o,
+        "ringmx_aswl_checks_total",
+        "counter",
+        "Inbound recipient checks by mode and verdict.",
+    );
+    for (i, m) in ["global", "per-domain", "per-recipient"].iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "ringmx_aswl_checks_total{{mode=\"{m}\",verdict=\"pass\"}} {}",
+            c.hits.get(i).map_or(0, g)
+        );
+        let _ = writeln!(
+            o,
+            "ringmx_aswl_checks_total{{mode=\"{m}\",verdict=\"none\"}} {}",
+            c.misses.get(i).map_or(0, g)
+        );
+    }
+    describe(
+        o,
+        "ringmx_aswl_excepted_total",
+        "counter",
+        "Checks decided by an exception (null sender, local domain, check_exceptions).",
+    );
+    let _ = writeln!(o, "ringmx_aswl_excepted_total {}", g(&c.excepted));
+    describe(
+        o,
+        "ringmx_aswl_collected_total",
+        "counter",
+        "Records written by outbound mail.",
+    );
+    let _ = writeln!(
+        o,
+        "ringmx_aswl_collected_total{{result=\"added\"}} {}",
+        g(&c.added)
+    );
+    let _ = writeln!(
+        o,
+        "ringmx_aswl_collected_total{{result=\"refreshed\"}} {}",
+        g(&c.refreshed)
+    );
+    describe(
+        o,
+        "ringmx_aswl_not_collected_total",
+        "counter",
+        "Outbound mail or recipients not collected, by reason.",
+    );
+    let _ = writeln!(
+        o,
+        "ringmx_aswl_not_collected_total{{reason=\"ip\"}} {}",
+        g(&c.skipped_ip)
+    );
+    let _ = writeln!(
+        o,
+        "ringmx_aswl_not_collected_total{{reason=\"automatic\"}} {}",
+        g(&c.skipped_auto)
+    );
+    let _ = writeln!(
+        o,
+        "ringmx_aswl_not_collected_total{{reason=\"auto_response_window\"}} {}",
+        g(&c.skipped_window)
+    );
+    describe(
+        o,
+        "ringmx_aswl_swept_total",
+        "counter",
+        "Expired records removed by the sweep.",
+    );
+    let _ = writeln!(o, "ringmx_aswl_swept_total {}", g(&c.swept));
+    describe(
+        o,
+        "ringmx_aswl_snapshots_total",
+        "counter",
+        "Snapshots written.",
+    );
+    let _ = writeln!(
+        o,
+        "ringmx_aswl_snapshots_total {}",
+        g(&a.disk.snapshots.count)
+    );
+}
+
+/// Percent-decoding of a query-string value (`+` is a space).
+pub fn url_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        match c {
+            b'+' => out.push(b' '),
+            b'%' => match b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                Some(v) => {
+                    out.push(v);
+                    i += 2;
+                }
+                None => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Percent-encoding for a query-string value.
+pub fn url_encode(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~@".contains(&b) {
+            o.push(b as char);
+        } else {
+            let _ = write!(o, "%{b:02X}");
+        }
+    }
+    o
+}
+
+/// The operation named by an admin path and query (`/aswl/check?sender=…&rcpt=…`).
+pub fn parse_request(method: &str, path: &str) -> Result<Op, Failure> {
+    let (p, q) = path.split_once('?').unwrap_or((path, ""));
+    let params: Vec<(String, String)> = q
+        .split('&')
+        .filter(|x| !x.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (url_decode(k), url_decode(v))
+        })
+        .collect();
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let need = |k: &str| get(k).ok_or((400, format!("missing parameter {k}")));
+    match (method, p.trim_end_matches('/')) {
+        ("GET", "/aswl" | "/aswl/stats") => Ok(Op::Stats),
+        ("GET", "/aswl/check") => Ok(Op::Check {
+            sender: need("sender")?,
+            rcpt: need("rcpt")?,
+        }),
+        ("GET", "/aswl/list") => Ok(Op::List {
+            local: get("local"),
+            external: get("external"),
+        }),
+        ("GET", "/aswl/export") => Ok(Op::Export {
+            jsonl: get("format").as_deref() == Some("jsonl"),
+        }),
+        ("POST", "/aswl/add") => Ok(Op::Add {
+            local: need("local")?,
+            external: need("external")?,
+        }),
+        ("POST", "/aswl/remove") => Ok(Op::Remove {
+            external: need("external")?,
+            local: get("local"),
+        }),
+        ("POST", "/aswl/import") => Ok(Op::Import),
+        _ => Err((404, "no such whitelist request".into())),
+    }
+}
+
+/// The admin path and method for `op` (the inverse of [`parse_request`]).
+pub fn request_path(op: &Op) -> (&'static str, String) {
+    let e = |s: &str| url_encode(s);
+    match op {
+        Op::Stats => ("GET", "/aswl/stats".into()),
+        Op::Check { sender, rcpt } => (
+            "GET",
+            format!("/aswl/check?sender={}&rcpt={}", e(sender), e(rcpt)),
+        ),
+        Op::List { local, external } => {
+            let mut q = Vec::new();
+            if let Some(l) = local {
+                q.push(format!("local={}", e(l)));
+            }
+            if let Some(x) = external {
+                q.push(format!("external={}", e(x)));
+            }
+            ("GET", format!("/aswl/list?{}", q.join("&")))
+        }
+        Op::Export { jsonl } => (
+            "GET",
+            format!(
+                "/aswl/export?format={}",
+                if *jsonl { "jsonl" } else { "csv" }
+            ),
+        ),
+        Op::Add { local, external } => (
+            "POST",
+            format!("/aswl/add?local={}&external={}", e(local), e(external)),
+        ),
+        Op::Remove { external, local } => (
+            "POST",
+            match local {
+                Some(l) => format!("/aswl/remove?external={}&local={}", e(external), e(l)),
+                None => format!("/aswl/remove?external={}", e(external)),
+            },
+        ),
+        Op::Import => ("POST", "/aswl/import".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        for op in [
+            Op::Stats,
+            Op::Check {
+                sender: "a b+c@x.test".into(),
+                rcpt: "é@y.test".into(),
+            },
+            Op::List {
+                local: Some("*@a.test".into()),
+                external: None,
+            },
+            Op::Export { jsonl: true },
+            Op::Add {
+                local: "l@a.test".into(),
+                external: "x&y@e.test".into(),
+            },
+            Op::Remove {
+                external: "x@e.test".into(),
+                local: Some("l@a.test".into()),
+            },
+            Op::Import,
+        ] {
+            let (m, p) = request_path(&op);
+            assert_eq!(parse_request(m, &p), Ok(op));
+        }
+        assert!(parse_request("GET", "/aswl/check?sender=x").is_err());
+    }
+
+    #[test]
+    fn csv_fields_with_quotes() {
+        assert_eq!(csv_fields("a,\"b,\"\"c\"\"\",3"), vec!["a", "b,\"c\"", "3"]);
+        assert_eq!(csv("x,\"y\""), "\"x,\"\"y\"\"\"");
+    }
+}

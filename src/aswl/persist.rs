@@ -217,13 +217,16 @@ pub struct SnapshotStats {
     pub last_bytes: AtomicU64,
 }
 
+/// A writer's current log file and its generation.
+type LogSlot = Mutex<Option<(u64, Arc<Segment>)>>;
+
 /// The data directory of a running whitelist.
 #[derive(Debug)]
 pub struct Disk {
     pub dir: PathBuf,
     generation: AtomicU64,
-    writers: Vec<Mutex<Option<(u64, Arc<Segment>)>>>,
-    admin: Mutex<Option<(u64, Arc<Segment>)>>,
+    writers: Vec<LogSlot>,
+    admin: LogSlot,
     snapshotting: Mutex<()>,
     _lock: File,
     pub recovered: Recovered,
@@ -353,11 +356,7 @@ impl Disk {
         })
     }
 
-    fn log_for(
-        &self,
-        slot: &Mutex<Option<(u64, Arc<Segment>)>>,
-        who: &str,
-    ) -> io::Result<Arc<Segment>> {
+    fn log_for(&self, slot: &LogSlot, who: &str) -> io::Result<Arc<Segment>> {
         let g = self.generation.load(Ordering::SeqCst);
         let mut cur = slot.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((cg, seg)) = cur.as_ref()

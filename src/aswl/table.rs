@@ -116,15 +116,17 @@ impl Table {
         }
     }
 
+    #[expect(
+        clippy::indexing_slicing,
+        reason = "the shift leaves shard_bits bits: i < 2^shard_bits = shards.len()"
+    )]
     fn shard(&self, h: u64) -> &Shard {
         let i = if self.shift >= 64 {
             0
         } else {
             (h >> self.shift) as usize
         };
-        // The shift leaves exactly shard_bits bits, so the index is in range.
-        let last = self.shards.len() - 1;
-        self.shards.get(i).unwrap_or_else(|| &self.shards[last])
+        &self.shards[i]
     }
 
     /// The value of `k` (a key from [`key`]); lock-free.

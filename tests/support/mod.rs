@@ -77,7 +77,7 @@ direction = "outbound"
 allowed_clients = ["127.0.0.0/8"]
 
 [domains]
-local = ["example.test"]
+local = ["example.test", "example.org"]
 
 [admin]
 listen = "127.0.0.1:{admin}"
