@@ -66,6 +66,53 @@ pub fn record(data: &[u8]) {
     }
 }
 
+/// The whitelist's readers of untrusted bytes, chosen by the first byte: message headers
+/// (classification, RFC 2047, header removal), address keys, change-log records, snapshots.
+pub fn aswl(data: &[u8]) {
+    use crate::aswl::{addr, detect, persist, store};
+    let (Some(&sel), Some(rest)) = (data.first(), data.get(1..)) else {
+        return;
+    };
+    match sel % 4 {
+        0 => {
+            let signals = detect::Signals {
+                auto_submitted: true,
+                precedence: true,
+                list_headers: true,
+                reports: true,
+            };
+            let _ = detect::classify(rest, signals, None);
+            if let Some(out) = detect::strip_header(rest, "X-ASWL") {
+                assert!(out.len() < rest.len());
+                assert!(detect::strip_header(&out, "X-ASWL").is_none());
+            }
+            let _ = detect::decode_words(&String::from_utf8_lossy(rest));
+        }
+        1 => {
+            let s = String::from_utf8_lossy(rest);
+            let n = addr::Normalize::default();
+            if let Some(k) = n.external(&s) {
+                // Normalising is idempotent: a key is its own key.
+                assert_eq!(n.external(&k).as_deref(), Some(k.as_str()), "{s:?}");
+            }
+            let _ = n.local(&s);
+        }
+        2 => {
+            let (records, _) = persist::decode_log(rest);
+            for r in records {
+                let again = persist::encode_log(r.remove, r.t, &r.pairs);
+                assert_eq!(persist::decode_log(&again).0, vec![r]);
+            }
+        }
+        _ => {
+            let st = store::Store::new();
+            if let Ok(r) = persist::read_snapshot_from(rest, &st) {
+                assert!(r.records as usize >= st.len());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -75,13 +122,14 @@ mod tests {
     fn replay_fuzz_corpus_and_artifacts() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
         type Target = fn(&[u8]);
-        let targets: [(&str, Target); 6] = [
+        let targets: [(&str, Target); 7] = [
             ("command", crate::proto::fuzz_targets::command),
             ("address", crate::proto::fuzz_targets::address),
             ("data", crate::proto::fuzz_targets::data),
             ("session", crate::proto::fuzz_targets::session),
             ("reply", super::reply),
             ("record", super::record),
+            ("aswl", super::aswl),
         ];
         for (name, f) in targets {
             let mut replayed = 0;

@@ -573,7 +573,11 @@ fn parse_header(h: &[u8; 32]) -> io::Result<u64> {
 /// Load a snapshot into `store`; damaged blocks are skipped and counted.
 pub fn read_snapshot(path: &Path, store: &Store) -> io::Result<SnapshotRead> {
     let f = File::open(path)?;
-    let mut r = BufReader::with_capacity(1 << 20, f);
+    read_snapshot_from(BufReader::with_capacity(1 << 20, f), store)
+}
+
+/// [`read_snapshot`] from any reader (the fuzz target reads bytes).
+pub fn read_snapshot_from(mut r: impl Read, store: &Store) -> io::Result<SnapshotRead> {
     let mut h = [0u8; 32];
     r.read_exact(&mut h)?;
     let generation = parse_header(&h)?;
