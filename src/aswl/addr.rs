@@ -147,10 +147,35 @@ fn strip_detail<'a>(local: &'a str, delimiters: &str) -> &'a str {
     }
 }
 
+/// The common case in one allocation: an ASCII, unquoted address whose domain has no
+/// A-labels. `None` sends the caller down the general path.
+fn fast_key(l: &str, d: &str, case_sensitive: bool) -> Option<String> {
+    let d = d.strip_suffix('.').unwrap_or(d);
+    if !l.is_ascii() || !d.is_ascii() || l.starts_with('"') || d.starts_with('[') {
+        return None;
+    }
+    let a_label = d.as_bytes().windows(4).any(|w| w.eq_ignore_ascii_case(b"xn--"));
+    if a_label || !valid_labels(d) {
+        return None;
+    }
+    let mut k = String::with_capacity(l.len() + 1 + d.len());
+    if case_sensitive {
+        k.push_str(l);
+    } else {
+        k.extend(l.chars().map(|c| c.to_ascii_lowercase()));
+    }
+    k.push('@');
+    k.extend(d.chars().map(|c| c.to_ascii_lowercase()));
+    Some(k)
+}
+
 impl Normalize {
     /// The key of one of our own addresses (sender of outbound mail, recipient of inbound).
     pub fn local(&self, addr: &str) -> Option<String> {
         let (l, d) = split(addr)?;
+        if let Some(k) = fast_key(strip_detail(l, &self.local_delimiters), d, self.case_sensitive_local_part) {
+            return Some(k);
+        }
         let d = domain_key(d)?;
         let l = local_key(l, self.case_sensitive_local_part);
         let l = strip_detail(&l, &self.local_delimiters);
@@ -160,6 +185,15 @@ impl Normalize {
     /// The key of an external address (recipient of outbound mail, sender of inbound).
     pub fn external(&self, addr: &str) -> Option<String> {
         let (l, d) = split(addr)?;
+        let tagless = strip_batv(l);
+        let plain = if self.external_plus_fold {
+            strip_detail(tagless, "+")
+        } else {
+            tagless
+        };
+        if let Some(k) = fast_key(plain, d, self.case_sensitive_local_part) {
+            return Some(k);
+        }
         let d = domain_key(d)?;
         let l = local_key(strip_batv(l), self.case_sensitive_local_part);
         let l = if self.external_plus_fold {

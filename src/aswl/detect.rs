@@ -81,18 +81,23 @@ impl Masks {
     }
 }
 
-/// The header section (up to the empty line), bounded.
-fn header_block(content: &[u8]) -> &[u8] {
-    let scan = content.get(..HEADER_SCAN).unwrap_or(content);
-    match memchr::memmem::find(scan, b"\r\n\r\n") {
-        Some(i) => scan.get(..i + 2).unwrap_or(scan),
-        None => scan,
+/// The header section: every line before the first empty one (`\r\n` or `\n`), within the
+/// first `limit` bytes.
+fn header_block(content: &[u8], limit: usize) -> &[u8] {
+    let scan = content.get(..limit).unwrap_or(content);
+    let mut at = 0;
+    for line in scan.split_inclusive(|&b| b == b'\n') {
+        if line == b"\r\n" || line == b"\n" {
+            return scan.get(..at).unwrap_or(scan);
+        }
+        at += line.len();
     }
+    scan
 }
 
 /// Every header field as `(name, unfolded raw value)`.
 pub fn headers(content: &[u8]) -> Vec<(&str, String)> {
-    let block = header_block(content);
+    let block = header_block(content, HEADER_SCAN);
     let mut out: Vec<(&str, String)> = Vec::new();
     for line in block.split(|&b| b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -126,7 +131,7 @@ pub fn headers(content: &[u8]) -> Vec<(&str, String)> {
 /// `content` without any `name:` header field (and its continuation lines), or `None` when
 /// the header section has none.
 pub fn strip_header(content: &[u8], name: &str) -> Option<Vec<u8>> {
-    let block = header_block(content);
+    let block = header_block(content, usize::MAX);
     let is_field = |line: &[u8]| {
         line.get(..name.len())
             .is_some_and(|p| p.eq_ignore_ascii_case(name.as_bytes()))

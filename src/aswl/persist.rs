@@ -472,6 +472,11 @@ fn write_snapshot(path: &Path, store: &Store, g: u64) -> io::Result<(u64, u64)> 
     head.extend_from_slice(&VERSION.to_le_bytes());
     head.extend_from_slice(&g.to_le_bytes());
     head.extend_from_slice(&u64::from(super::unix_now()).to_le_bytes());
+    // Sizes (taken before the walk; hints for the loader to size its tables).
+    let (locals, externals, _) = store.counts();
+    for v in [locals, externals, store.len()] {
+        head.extend_from_slice(&(v as u64).to_le_bytes());
+    }
     let crc = crc32fast::hash(&head);
     head.extend_from_slice(&crc.to_le_bytes());
     w.write_all(&head)?;
@@ -538,36 +543,45 @@ pub struct SnapshotRead {
     pub complete: bool,
 }
 
+const HEAD: usize = 56;
+
 fn read_header(path: &Path) -> io::Result<u64> {
     let mut f = File::open(path)?;
-    let mut h = [0u8; 32];
+    let mut h = [0u8; HEAD];
     f.read_exact(&mut h)?;
-    parse_header(&h)
+    parse_header(&h).map(|h| h.generation)
 }
 
-fn parse_header(h: &[u8; 32]) -> io::Result<u64> {
+struct Header {
+    generation: u64,
+    locals: u64,
+    externals: u64,
+    records: u64,
+}
+
+fn parse_header(h: &[u8; HEAD]) -> io::Result<Header> {
     let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_string());
     if h.get(..8) != Some(SNAP_MAGIC.as_slice()) {
         return Err(bad("not a ringmx whitelist snapshot (bad magic)"));
     }
     let word = |a: usize| -> u32 {
-        u32::from_le_bytes(
-            h.get(a..a + 4)
-                .and_then(|s| s.try_into().ok())
-                .unwrap_or([0; 4]),
-        )
+        u32::from_le_bytes(h.get(a..a + 4).and_then(|s| s.try_into().ok()).unwrap_or([0; 4]))
     };
-    if crc32fast::hash(h.get(..28).unwrap_or_default()) != word(28) {
+    let long = |a: usize| -> u64 {
+        u64::from_le_bytes(h.get(a..a + 8).and_then(|s| s.try_into().ok()).unwrap_or([0; 8]))
+    };
+    if crc32fast::hash(h.get(..HEAD - 4).unwrap_or_default()) != word(HEAD - 4) {
         return Err(bad("snapshot header checksum mismatch"));
     }
     if word(8) != VERSION {
         return Err(bad(&format!("unsupported snapshot version {}", word(8))));
     }
-    let g = h
-        .get(12..20)
-        .and_then(|s| s.try_into().ok())
-        .map_or(0, u64::from_le_bytes);
-    Ok(g)
+    Ok(Header {
+        generation: long(12),
+        locals: long(28),
+        externals: long(36),
+        records: long(44),
+    })
 }
 
 /// Load a snapshot into `store`; damaged blocks are skipped and counted.
@@ -576,97 +590,151 @@ pub fn read_snapshot(path: &Path, store: &Store) -> io::Result<SnapshotRead> {
     read_snapshot_from(BufReader::with_capacity(1 << 20, f), store)
 }
 
-/// [`read_snapshot`] from any reader (the fuzz target reads bytes).
+/// One record ready for the store: local id, its domain id, external id and fingerprint, time.
+type Loaded = (u32, u32, u32, u64, u32);
+
+/// [`read_snapshot`] from any reader (the fuzz target reads bytes). Records are inserted by
+/// this thread and a helper thread, a block each in turn (the tables' shards take both).
 pub fn read_snapshot_from(mut r: impl Read, store: &Store) -> io::Result<SnapshotRead> {
-    let mut h = [0u8; 32];
+    let mut h = [0u8; HEAD];
     r.read_exact(&mut h)?;
-    let generation = parse_header(&h)?;
+    let head = parse_header(&h)?;
+    // Size the tables once (the hints are bounded: a damaged-but-checksummed header cannot
+    // make us allocate more than a sane maximum).
+    const MAX_HINT: u64 = 1 << 31;
+    store.reserve(
+        head.externals.min(MAX_HINT) as usize,
+        head.records.min(MAX_HINT) as usize,
+    );
+    let _ = head.locals;
     let mut out = SnapshotRead {
-        generation,
+        generation: head.generation,
         ..Default::default()
     };
-    let mut locals: Vec<Option<u32>> = Vec::new();
-    let mut externals: Vec<Option<u32>> = Vec::new();
+    let mut locals: Vec<Option<(u32, u32)>> = Vec::new();
+    let mut externals: Vec<Option<(u32, u64)>> = Vec::new();
     let mut payload = Vec::with_capacity(BLOCK_BYTES + 4096);
-    let set = |v: &mut Vec<Option<u32>>, i: u32, id: u32| {
+    fn set<T: Copy>(v: &mut Vec<Option<T>>, i: u32, x: T) {
         let i = i as usize;
         if i < (1 << 31) {
             if v.len() <= i {
                 v.resize(i + 1, None);
             }
             if let Some(s) = v.get_mut(i) {
-                *s = Some(id);
+                *s = Some(x);
             }
-        }
-    };
-    loop {
-        let mut bh = [0u8; 13];
-        match r.read_exact(&mut bh) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(e),
-        }
-        let kind = bh[0];
-        let count = u32::from_le_bytes([bh[1], bh[2], bh[3], bh[4]]);
-        let len = u32::from_le_bytes([bh[5], bh[6], bh[7], bh[8]]) as usize;
-        let crc = u32::from_le_bytes([bh[9], bh[10], bh[11], bh[12]]);
-        if len > MAX_BLOCK {
-            out.bad_blocks += 1;
-            break;
-        }
-        payload.resize(len, 0);
-        if r.read_exact(&mut payload).is_err() {
-            out.bad_blocks += 1;
-            break;
-        }
-        let mut c = crc32fast::Hasher::new();
-        c.update(bh.get(..9).unwrap_or_default());
-        c.update(&payload);
-        if c.finalize() != crc {
-            out.bad_blocks += 1;
-            continue;
-        }
-        let mut rd = Rd {
-            buf: &payload,
-            pos: 0,
-        };
-        match kind {
-            BLOCK_LOCALS | BLOCK_EXTERNALS => {
-                for _ in 0..count {
-                    let (Some(i), Some(name)) = (rd.u32(), rd.str()) else {
-                        break;
-                    };
-                    let (key, orig) = unpack_name(name);
-                    if kind == BLOCK_LOCALS {
-                        set(&mut locals, i, store.intern_local(key, orig));
-                    } else {
-                        set(&mut externals, i, store.intern_external(key, orig));
-                    }
-                }
-            }
-            BLOCK_PAIRS => {
-                for _ in 0..count {
-                    let (Some(l), Some(x), Some(t)) = (rd.u32(), rd.u32(), rd.u32()) else {
-                        break;
-                    };
-                    let l = locals.get(l as usize).copied().flatten();
-                    let x = externals.get(x as usize).copied().flatten();
-                    if let (Some(l), Some(x)) = (l, x) {
-                        store.put(l, x, t);
-                        out.records += 1;
-                    }
-                }
-            }
-            BLOCK_END => {
-                let _ = rd.u64();
-                let _ = rd.u64();
-                let total = rd.u64().unwrap_or(0);
-                out.complete = out.bad_blocks == 0 && total == out.records;
-                break;
-            }
-            _ => out.bad_blocks += 1,
         }
     }
+    let insert = |batch: &[Loaded]| {
+        for &(l, d, x, f, t) in batch {
+            store.put_ids(l, d, x, f, t);
+        }
+    };
+    std::thread::scope(|scope| -> io::Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Loaded>>(4);
+        let helper = scope.spawn(move || {
+            for batch in rx {
+                insert(&batch);
+            }
+        });
+        let mut turn = false;
+        let result = (|| -> io::Result<()> {
+            loop {
+                let mut bh = [0u8; 13];
+                match r.read_exact(&mut bh) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+                let kind = bh[0];
+                let count = u32::from_le_bytes([bh[1], bh[2], bh[3], bh[4]]);
+                let len = u32::from_le_bytes([bh[5], bh[6], bh[7], bh[8]]) as usize;
+                let crc = u32::from_le_bytes([bh[9], bh[10], bh[11], bh[12]]);
+                if len > MAX_BLOCK {
+                    out.bad_blocks += 1;
+                    return Ok(());
+                }
+                payload.resize(len, 0);
+                if r.read_exact(&mut payload).is_err() {
+                    out.bad_blocks += 1;
+                    return Ok(());
+                }
+                let mut c = crc32fast::Hasher::new();
+                c.update(bh.get(..9).unwrap_or_default());
+                c.update(&payload);
+                if c.finalize() != crc {
+                    out.bad_blocks += 1;
+                    continue;
+                }
+                let mut rd = Rd {
+                    buf: &payload,
+                    pos: 0,
+                };
+                match kind {
+                    BLOCK_LOCALS => {
+                        for _ in 0..count {
+                            let (Some(i), Some(name)) = (rd.u32(), rd.str()) else {
+                                break;
+                            };
+                            let (key, orig) = unpack_name(name);
+                            if let Some(id) = store.intern_local(key, orig)
+                                && let Some(d) = store.domain_of(id)
+                            {
+                                set(&mut locals, i, (id, d));
+                            }
+                        }
+                    }
+                    BLOCK_EXTERNALS => {
+                        let mut names = Vec::with_capacity(count.min(1 << 20) as usize);
+                        for _ in 0..count {
+                            let (Some(i), Some(name)) = (rd.u32(), rd.str()) else {
+                                break;
+                            };
+                            names.push((i, name));
+                        }
+                        for (i, idf) in store.intern_externals(&names) {
+                            set(&mut externals, i, idf);
+                        }
+                    }
+                    BLOCK_PAIRS => {
+                        let mut batch = Vec::with_capacity(count.min(1 << 20) as usize);
+                        for _ in 0..count {
+                            let (Some(l), Some(x), Some(t)) = (rd.u32(), rd.u32(), rd.u32())
+                            else {
+                                break;
+                            };
+                            let l = locals.get(l as usize).copied().flatten();
+                            let x = externals.get(x as usize).copied().flatten();
+                            if let (Some((l, d)), Some((x, f))) = (l, x) {
+                                batch.push((l, d, x, f, t));
+                            }
+                        }
+                        out.records += batch.len() as u64;
+                        turn = !turn;
+                        if turn {
+                            // The helper is gone only if it panicked; then insert here.
+                            if let Err(e) = tx.send(batch) {
+                                insert(&e.0);
+                            }
+                        } else {
+                            insert(&batch);
+                        }
+                    }
+                    BLOCK_END => {
+                        let _ = rd.u64();
+                        let _ = rd.u64();
+                        let total = rd.u64().unwrap_or(0);
+                        out.complete = out.bad_blocks == 0 && total == out.records;
+                        return Ok(());
+                    }
+                    _ => out.bad_blocks += 1,
+                }
+            }
+        })();
+        drop(tx);
+        let _ = helper.join();
+        result
+    })?;
     Ok(out)
 }
 

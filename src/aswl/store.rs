@@ -97,7 +97,7 @@ pub enum Write {
 
 /// The store. See the module documentation.
 pub struct Store {
-    hasher: std::hash::RandomState,
+    hasher: foldhash::quality::RandomState,
     ext: Table,
     locals: Table,
     domains: Table,
@@ -120,18 +120,34 @@ impl Default for Store {
     }
 }
 
-fn pack(hi: u32, lo: u32) -> u64 {
-    key(((u64::from(hi) + 1) << 32) | u64::from(lo))
+/// Local addresses and local domains are numbered below this (24 bits in a view key).
+const MAX_OWNERS: usize = (1 << 24) - 2;
+const TIME: u64 = 0xffff_ffff;
+
+/// A view key: the owner (local address id or local domain id) and the top 40 bits of the
+/// external address's fingerprint, so a lookup needs no external id first — its probe and the
+/// probe of `ext` (which confirms the external id stored in the value) go out together.
+fn view_key(owner: u32, efp: u64) -> u64 {
+    key(((u64::from(owner) + 1) << 40) | (efp >> 24))
 }
 
-fn unpack(k: u64) -> (u32, u32) {
-    (((k >> 32) as u32).wrapping_sub(1), k as u32)
+fn view_owner(k: u64) -> u32 {
+    ((k >> 40) as u32).wrapping_sub(1)
+}
+
+/// A view value: the external id and a `last_sent`.
+fn view_value(ext_id: u32, t: u64) -> u64 {
+    (u64::from(ext_id) << 32) | (t & TIME)
+}
+
+fn value_ext(v: u64) -> u32 {
+    (v >> 32) as u32
 }
 
 impl Store {
     pub fn new() -> Store {
         Store {
-            hasher: std::hash::RandomState::new(),
+            hasher: foldhash::quality::RandomState::default(),
             ext: Table::new(6),
             locals: Table::new(4),
             domains: Table::new(0),
@@ -151,34 +167,46 @@ impl Store {
 
     /// The newest `last_sent` that whitelists `external` for `local` in `mode`. Lock-free.
     pub fn last_sent(&self, mode: Mode, local: &str, external: &str) -> Option<u32> {
-        let e = self.ext.get(self.fp(external))?;
-        let ext_id = (e >> 32) as u32;
+        let efp = self.fp(external);
         match mode {
-            Mode::Global => Some(e as u32),
+            Mode::Global => self.ext.get(efp).map(|e| e as u32),
             Mode::PerDomain => {
                 let d = self.domains.get(self.fp(super::addr::key_domain(local)))? as u32;
-                self.by_domain.get(pack(d, ext_id)).map(|v| v as u32)
+                self.verified(&self.by_domain, view_key(d, efp), efp)
             }
             Mode::PerRecipient => {
                 let l = self.locals.get(self.fp(local))? as u32;
-                self.pairs.get(pack(l, ext_id)).map(|v| v as u32)
+                self.verified(&self.pairs, view_key(l, efp), efp)
             }
         }
     }
 
+    /// A view entry, if the external address it names is the one asked for.
+    fn verified(&self, view: &Table, k: u64, efp: u64) -> Option<u32> {
+        view.prefetch(k);
+        self.ext.prefetch(efp);
+        let v = view.get(k)?;
+        let e = self.ext.get(efp)?;
+        (value_ext(v) == (e >> 32) as u32).then_some(v as u32)
+    }
+
     /// The id of a local address, interned if new (with its domain).
-    pub fn intern_local(&self, key: &str, original: &str) -> u32 {
+    pub fn intern_local(&self, key: &str, original: &str) -> Option<u32> {
         let fp = self.fp(key);
         match self.locals.get(fp) {
-            Some(id) => id as u32,
+            Some(id) => Some(id as u32),
             None => self.intern_local_locked(&mut self.names(), key, original),
         }
     }
 
-    fn intern_local_locked(&self, n: &mut Names, key: &str, original: &str) -> u32 {
+    fn intern_local_locked(&self, n: &mut Names, key: &str, original: &str) -> Option<u32> {
         let fp = self.fp(key);
         if let Some(id) = self.locals.get(fp) {
-            return id as u32;
+            return Some(id as u32);
+        }
+        if n.local.len() >= MAX_OWNERS || n.domains.len() >= MAX_OWNERS {
+            tracing::error!("aswl: too many local addresses; {key} is not recorded");
+            return None;
         }
         let domain = super::addr::key_domain(key);
         let dfp = self.fp(domain);
@@ -195,18 +223,18 @@ impl Store {
         n.local.push(pack_name(key, original));
         n.local_domain.push(d);
         self.locals.upsert(fp, |_| u64::from(id));
-        id
+        Some(id)
     }
 
-    /// The id of an external address, interned if new.
-    pub fn intern_external(&self, key: &str, original: &str) -> u32 {
+    /// The id and fingerprint of an external address, interned if new.
+    pub fn intern_external(&self, key: &str, original: &str) -> (u32, u64) {
         self.intern_external_locked(&mut self.names(), key, original)
     }
 
-    fn intern_external_locked(&self, n: &mut Names, key: &str, original: &str) -> u32 {
+    fn intern_external_locked(&self, n: &mut Names, key: &str, original: &str) -> (u32, u64) {
         let fp = self.fp(key);
         if let Some(e) = self.ext.get(fp) {
-            return (e >> 32) as u32;
+            return ((e >> 32) as u32, fp);
         }
         let name = pack_name(key, original);
         let id = match n.ext_free.pop() {
@@ -222,34 +250,66 @@ impl Store {
             }
         };
         self.ext.upsert(fp, |_| u64::from(id) << 32);
-        id
+        (id, fp)
     }
 
-    /// Set the record of interned ids `local`, `external` to at least `t`.
-    pub fn put(&self, local: u32, external: u32, t: u32) -> Write {
-        self.put_locked(&self.names(), local, external, t)
+    /// Intern many external addresses (stored names, `key\noriginal`) under one lock: for each
+    /// `(tag, name)`, `(tag, (id, fingerprint))`.
+    pub fn intern_externals(&self, names: &[(u32, &str)]) -> Vec<(u32, (u32, u64))> {
+        let mut n = self.names();
+        n.ext.reserve(names.len());
+        names
+            .iter()
+            .map(|&(tag, name)| {
+                let (k, o) = unpack_name(name);
+                (tag, self.intern_external_locked(&mut n, k, o))
+            })
+            .collect()
     }
 
-    fn put_locked(&self, n: &Names, local: u32, external: u32, t: u32) -> Write {
-        let d = n.local_domain.get(local as usize).copied();
-        let x = n.ext.get(external as usize).and_then(|x| x.as_deref());
-        let (Some(domain_id), Some(x)) = (d, x) else {
-            return Write::Unchanged;
-        };
-        let efp = self.fp(unpack_name(x).0);
+    /// Size the tables for this many external addresses and records (a bulk load).
+    pub fn reserve(&self, externals: usize, records: usize) {
+        self.ext.reserve(externals);
+        self.pairs.reserve(records);
+        self.by_domain.reserve(records);
+    }
+
+    /// Set the record of interned ids `local`, `external` (whose fingerprint is `efp`) to at
+    /// least `t`.
+    pub fn put(&self, local: u32, external: u32, efp: u64, t: u32) -> Write {
+        let domain = self.names().local_domain.get(local as usize).copied();
+        match domain {
+            Some(d) => self.put_ids(local, d, external, efp, t),
+            None => Write::Unchanged,
+        }
+    }
+
+    /// The local domain id of a local address id (for bulk loads).
+    pub fn domain_of(&self, local: u32) -> Option<u32> {
+        self.names().local_domain.get(local as usize).copied()
+    }
+
+    /// [`Store::put`] with the local domain known; takes no lock besides the tables' shards.
+    pub fn put_ids(&self, local: u32, domain: u32, external: u32, efp: u64, t: u32) -> Write {
         let t64 = u64::from(t);
         self.ext.upsert(efp, |old| {
             let old = old.unwrap_or(u64::from(external) << 32);
-            (old & !0xffff_ffff) | (old & 0xffff_ffff).max(t64)
+            (old & !TIME) | (old & TIME).max(t64)
         });
-        self.by_domain
-            .upsert(pack(domain_id, external), |old| old.unwrap_or(0).max(t64));
-        match self
-            .pairs
-            .upsert(pack(local, external), |old| old.unwrap_or(0).max(t64))
-        {
+        let merge = |old: Option<u64>| match old {
+            Some(o) if value_ext(o) == external => view_value(external, (o & TIME).max(t64)),
+            // New, or (40-bit fingerprint collision for one owner) another address's: the
+            // newer record takes the slot.
+            _ => view_value(external, t64),
+        };
+        self.by_domain.upsert(view_key(domain, efp), merge);
+        match self.pairs.upsert(view_key(local, efp), merge) {
             None => Write::Added,
-            Some(old) if old < t64 => Write::Refreshed,
+            Some(old) if value_ext(old) != external => {
+                tracing::warn!("aswl: fingerprint collision between two records of one local address; the older is replaced");
+                Write::Added
+            }
+            Some(old) if (old & TIME) < t64 => Write::Refreshed,
             Some(_) => Write::Unchanged,
         }
     }
@@ -259,9 +319,12 @@ impl Store {
     /// address in between.
     pub fn record(&self, local: (&str, &str), external: (&str, &str), t: u32) -> Write {
         let mut names = self.names();
-        let l = self.intern_local_locked(&mut names, local.0, local.1);
-        let x = self.intern_external_locked(&mut names, external.0, external.1);
-        self.put_locked(&names, l, x, t)
+        let Some(l) = self.intern_local_locked(&mut names, local.0, local.1) else {
+            return Write::Unchanged;
+        };
+        let (x, efp) = self.intern_external_locked(&mut names, external.0, external.1);
+        let d = names.local_domain.get(l as usize).copied().unwrap_or(0);
+        self.put_ids(l, d, x, efp, t)
     }
 
     /// Remove records of `external` (every local sender's, or only `local`'s) whose
@@ -281,21 +344,22 @@ impl Store {
         let mut removed = 0;
         let mut left: Vec<(u32, u64)> = Vec::new();
         let mut doomed = Vec::new();
+        let before = u64::from(before);
         self.pairs.for_each(|k, v| {
-            let (l, x) = unpack(k);
-            if x != ext_id {
+            if value_ext(v) != ext_id {
                 return;
             }
-            if v <= u64::from(before) && only.is_none_or(|o| o == Some(l)) {
+            let l = view_owner(k);
+            if (v & TIME) <= before && only.is_none_or(|o| o == Some(l)) {
                 doomed.push(k);
             } else {
-                left.push((l, v));
+                left.push((l, v & TIME));
             }
         });
         for k in doomed {
             if self
                 .pairs
-                .remove_if(k, |v| v <= u64::from(before))
+                .remove_if(k, |v| value_ext(v) == ext_id && (v & TIME) <= before)
                 .is_some()
             {
                 removed += 1;
@@ -320,10 +384,12 @@ impl Store {
         for d in 0..names.domains.len() as u32 {
             match per_domain.get(&d) {
                 Some(&v) => {
-                    self.by_domain.upsert(pack(d, ext_id), |_| v);
+                    self.by_domain
+                        .upsert(view_key(d, efp), |_| view_value(ext_id, v));
                 }
                 None => {
-                    self.by_domain.remove_if(pack(d, ext_id), |_| true);
+                    self.by_domain
+                        .remove_if(view_key(d, efp), |v| value_ext(v) == ext_id);
                 }
             }
         }
@@ -333,8 +399,8 @@ impl Store {
     /// Remove every record whose `last_sent` is before `cutoff`; returns how many records.
     pub fn sweep(&self, cutoff: u32) -> usize {
         let c = u64::from(cutoff);
-        let removed = self.pairs.retain(|_, v| v >= c);
-        self.by_domain.retain(|_, v| v >= c);
+        let removed = self.pairs.retain(|_, v| (v & TIME) >= c);
+        self.by_domain.retain(|_, v| (v & TIME) >= c);
         // External addresses whose newest record expired: forget the address. Under the names
         // lock so a collection of the same address either comes before (and keeps it) or after
         // (and interns it again).
@@ -344,7 +410,7 @@ impl Store {
         n.ext_free.extend(freed);
         let mut freed = Vec::new();
         self.ext.retain(|_, v| {
-            if (v & 0xffff_ffff) >= c {
+            if (v & TIME) >= c {
                 return true;
             }
             freed.push((v >> 32) as u32);
@@ -362,7 +428,8 @@ impl Store {
     /// Every record, with its addresses (names resolved in chunks under the lock).
     pub fn records(&self) -> Vec<Record> {
         let mut raw = Vec::with_capacity(self.pairs.len());
-        self.pairs.for_each(|k, v| raw.push((unpack(k), v as u32)));
+        self.pairs
+            .for_each(|k, v| raw.push(((view_owner(k), value_ext(v)), v as u32)));
         let names = self.names();
         raw.into_iter()
             .filter_map(|((l, x), t)| {
@@ -404,7 +471,7 @@ impl Store {
             start += CHUNK;
         }
         self.pairs.for_each(|k, v| {
-            let (l, x) = unpack(k);
+            let (l, x) = (view_owner(k), value_ext(v));
             if (l as usize) < n_local && (x as usize) < n_ext {
                 f(Item::Pair(l, x, v as u32));
             }

@@ -319,9 +319,12 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
         }
     }
     let aswl = match &config.aswl {
-        Some(s) => Some(Arc::new(crate::aswl::Aswl::open(s, cpus.len()).map_err(
-            |e| RunError::Io(format!("aswl.dir {}", s.dir.display()), e),
-        )?)),
+        Some(s) => Some({
+            crate::aswl::keep_freed_memory();
+            Arc::new(crate::aswl::Aswl::open(s, cpus.len()).map_err(|e| {
+                RunError::Io(format!("aswl.dir {}", s.dir.display()), e)
+            })?)
+        }),
         None => None,
     };
     let (control_tx, control_rx) = mpsc::channel();
