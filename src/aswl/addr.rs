@@ -37,7 +37,8 @@ impl Default for Normalize {
 
 /// `(local, domain)` split at the last `@`; `None` without one.
 pub fn split(addr: &str) -> Option<(&str, &str)> {
-    let (l, d) = addr.rsplit_once('@')?;
+    let at = memchr::memrchr(b'@', addr.as_bytes())?;
+    let (l, d) = (addr.get(..at)?, addr.get(at + 1..)?);
     (!l.is_empty() && !d.is_empty()).then_some((l, d))
 }
 
@@ -61,7 +62,10 @@ pub fn domain_key(domain: &str) -> Option<String> {
 }
 
 fn valid_labels(d: &str) -> bool {
-    d.len() <= 253 && d.split('.').all(|l| !l.is_empty() && l.len() <= 63)
+    d.len() <= 253
+        && d.as_bytes()
+            .split(|&b| b == b'.')
+            .all(|l| !l.is_empty() && l.len() <= 63)
 }
 
 fn is_atext(c: char) -> bool {
@@ -147,35 +151,64 @@ fn strip_detail<'a>(local: &'a str, delimiters: &str) -> &'a str {
     }
 }
 
-/// The common case in one allocation: an ASCII, unquoted address whose domain has no
-/// A-labels. `None` sends the caller down the general path.
-fn fast_key(l: &str, d: &str, case_sensitive: bool) -> Option<String> {
+/// The common case, written into `k` without another allocation: an ASCII, unquoted
+/// address whose domain has no A-labels. `false` sends the caller down the general path.
+fn fast_key(l: &str, d: &str, case_sensitive: bool, k: &mut String) -> bool {
     let d = d.strip_suffix('.').unwrap_or(d);
     if !l.is_ascii() || !d.is_ascii() || l.starts_with('"') || d.starts_with('[') {
-        return None;
+        return false;
     }
-    let a_label = d.as_bytes().windows(4).any(|w| w.eq_ignore_ascii_case(b"xn--"));
+    let a_label = d
+        .as_bytes()
+        .windows(4)
+        .any(|w| w.eq_ignore_ascii_case(b"xn--"));
     if a_label || !valid_labels(d) {
-        return None;
+        return false;
     }
-    let mut k = String::with_capacity(l.len() + 1 + d.len());
-    if case_sensitive {
-        k.push_str(l);
-    } else {
-        k.extend(l.chars().map(|c| c.to_ascii_lowercase()));
+    k.clear();
+    k.push_str(l);
+    if !case_sensitive {
+        k.make_ascii_lowercase();
     }
     k.push('@');
-    k.extend(d.chars().map(|c| c.to_ascii_lowercase()));
-    Some(k)
+    k.push_str(d);
+    if let Some(dom) = k.get_mut(l.len() + 1..) {
+        dom.make_ascii_lowercase();
+    }
+    true
 }
 
 impl Normalize {
     /// The key of one of our own addresses (sender of outbound mail, recipient of inbound).
     pub fn local(&self, addr: &str) -> Option<String> {
-        let (l, d) = split(addr)?;
-        if let Some(k) = fast_key(strip_detail(l, &self.local_delimiters), d, self.case_sensitive_local_part) {
-            return Some(k);
+        let mut k = String::new();
+        self.local_into(addr, &mut k).then_some(k)
+    }
+
+    /// [`Normalize::local`] into a reused buffer; `false` when the address has no key.
+    pub fn local_into(&self, addr: &str, out: &mut String) -> bool {
+        let Some((l, d)) = split(addr) else {
+            return false;
+        };
+        if fast_key(
+            strip_detail(l, &self.local_delimiters),
+            d,
+            self.case_sensitive_local_part,
+            out,
+        ) {
+            return true;
         }
+        match self.local_slow(l, d) {
+            Some(k) => {
+                out.clear();
+                out.push_str(&k);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn local_slow(&self, l: &str, d: &str) -> Option<String> {
         let d = domain_key(d)?;
         let l = local_key(l, self.case_sensitive_local_part);
         let l = strip_detail(&l, &self.local_delimiters);
@@ -184,16 +217,35 @@ impl Normalize {
 
     /// The key of an external address (recipient of outbound mail, sender of inbound).
     pub fn external(&self, addr: &str) -> Option<String> {
-        let (l, d) = split(addr)?;
+        let mut k = String::new();
+        self.external_into(addr, &mut k).then_some(k)
+    }
+
+    /// [`Normalize::external`] into a reused buffer; `false` when the address has no key.
+    pub fn external_into(&self, addr: &str, out: &mut String) -> bool {
+        let Some((l, d)) = split(addr) else {
+            return false;
+        };
         let tagless = strip_batv(l);
         let plain = if self.external_plus_fold {
             strip_detail(tagless, "+")
         } else {
             tagless
         };
-        if let Some(k) = fast_key(plain, d, self.case_sensitive_local_part) {
-            return Some(k);
+        if fast_key(plain, d, self.case_sensitive_local_part, out) {
+            return true;
         }
+        match self.external_slow(l, d) {
+            Some(k) => {
+                out.clear();
+                out.push_str(&k);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn external_slow(&self, l: &str, d: &str) -> Option<String> {
         let d = domain_key(d)?;
         let l = local_key(strip_batv(l), self.case_sensitive_local_part);
         let l = if self.external_plus_fold {
@@ -207,7 +259,9 @@ impl Normalize {
 
 /// The domain of a key.
 pub fn key_domain(key: &str) -> &str {
-    key.rsplit_once('@').map_or("", |(_, d)| d)
+    memchr::memrchr(b'@', key.as_bytes())
+        .and_then(|at| key.get(at + 1..))
+        .unwrap_or("")
 }
 
 #[cfg(test)]

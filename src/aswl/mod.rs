@@ -195,14 +195,14 @@ impl Verdict {
 }
 
 /// See [`Aswl::decide`].
-enum Decision<'s> {
+enum Decision<'a> {
     NullSender,
-    Unusable(String),
-    LocalDomain(String),
-    Exception(String, &'s str),
+    Unusable(&'a str),
+    LocalDomain(&'a str),
+    Exception(&'a str, &'a str),
     Looked {
-        ext: String,
-        local: String,
+        ext: &'a str,
+        local: &'a str,
         t: Option<u32>,
     },
 }
@@ -273,30 +273,58 @@ impl Aswl {
     }
 
     /// How a check came out, with what an explanation needs (no text is built on the hot path).
-    fn decide<'s>(&self, s: &'s Settings, sender: &str, rcpt: &str) -> Decision<'s> {
+    /// The address keys are built in `keys` (reused buffers: no allocation per check).
+    fn decide<'a>(
+        &self,
+        s: &'a Settings,
+        sender: &'a str,
+        rcpt: &'a str,
+        keys: &'a mut (String, String),
+    ) -> Decision<'a> {
         if sender.is_empty() {
             return Decision::NullSender;
         }
-        let Some(ext) = s.normalize.external(sender) else {
-            return Decision::Unusable(sender.to_string());
-        };
-        let Some(local) = s.normalize.local(rcpt) else {
-            return Decision::Unusable(rcpt.to_string());
-        };
-        if s.except_local_domains && s.is_local(addr::key_domain(&ext)) {
+        let (ext, local) = keys;
+        if !s.normalize.external_into(sender, ext) {
+            return Decision::Unusable(sender);
+        }
+        if !s.normalize.local_into(rcpt, local) {
+            return Decision::Unusable(rcpt);
+        }
+        if s.except_local_domains && s.is_local(addr::key_domain(ext)) {
             return Decision::LocalDomain(ext);
         }
-        if let Some(m) = s.check_exceptions.as_ref().and_then(|m| m.matching(&ext)) {
+        if let Some(m) = s.check_exceptions.as_ref().and_then(|m| m.matching(ext)) {
             return Decision::Exception(ext, m);
         }
-        let t = self.store.last_sent(s.mode, &local, &ext);
+        let t = self.store.last_sent(s.mode, local, ext);
         Decision::Looked { ext, local, t }
     }
 
     /// Check one recipient of inbound mail (`sender` and `rcpt` as received). Lock-free.
     pub fn check(&self, s: &Settings, sender: &str, rcpt: &str, now: u32) -> Verdict {
-        let v = match self.decide(s, sender, rcpt) {
-            Decision::Looked { t: Some(t), .. } if t >= s.cutoff(now) => Verdict::Pass { last_sent: t },
+        thread_local! {
+            static KEYS: std::cell::RefCell<(String, String)> =
+                const { std::cell::RefCell::new((String::new(), String::new())) };
+        }
+        KEYS.with(|k| match k.try_borrow_mut() {
+            Ok(mut keys) => self.check_with(s, sender, rcpt, now, &mut keys),
+            Err(_) => self.check_with(s, sender, rcpt, now, &mut Default::default()),
+        })
+    }
+
+    fn check_with(
+        &self,
+        s: &Settings,
+        sender: &str,
+        rcpt: &str,
+        now: u32,
+        keys: &mut (String, String),
+    ) -> Verdict {
+        let v = match self.decide(s, sender, rcpt, keys) {
+            Decision::Looked { t: Some(t), .. } if t >= s.cutoff(now) => {
+                Verdict::Pass { last_sent: t }
+            }
             Decision::Looked { .. } | Decision::Unusable(_) => Verdict::None,
             Decision::NullSender => Verdict::Excepted("null sender".into()),
             Decision::LocalDomain(_) => Verdict::Excepted("local domain".into()),
@@ -317,7 +345,8 @@ impl Aswl {
     /// The verdict and how it was reached (for `ringmx aswl check`).
     pub fn explain(&self, s: &Settings, sender: &str, rcpt: &str, now: u32) -> (Verdict, String) {
         let mode = s.mode.as_str();
-        match self.decide(s, sender, rcpt) {
+        let mut keys = Default::default();
+        match self.decide(s, sender, rcpt, &mut keys) {
             Decision::NullSender => (
                 Verdict::Excepted("null sender".into()),
                 "the null sender is never whitelisted".into(),
@@ -331,26 +360,42 @@ impl Aswl {
                 Verdict::Excepted(format!("check exception {m}")),
                 format!("sender {ext} matches check exception \"{m}\""),
             ),
-            Decision::Looked { ext, local, t: Some(t) } if t >= s.cutoff(now) => (
+            Decision::Looked {
+                ext,
+                local,
+                t: Some(t),
+            } if t >= s.cutoff(now) => (
                 Verdict::Pass { last_sent: t },
                 format!(
                     "mode {mode}: {ext} was last mailed {} s ago (record for {}); lifetime {}",
                     now.saturating_sub(t),
-                    scope(s.mode, &local),
-                    s.lifetime.map_or("off".to_string(), |l| format!("{} s", l.as_secs())),
+                    scope(s.mode, local),
+                    s.lifetime
+                        .map_or("off".to_string(), |l| format!("{} s", l.as_secs())),
                 ),
             ),
-            Decision::Looked { ext, local, t: Some(t) } => (
+            Decision::Looked {
+                ext,
+                local,
+                t: Some(t),
+            } => (
                 Verdict::None,
                 format!(
                     "mode {mode}: the record for {} and {ext} expired (last mailed {} s ago)",
-                    scope(s.mode, &local),
+                    scope(s.mode, local),
                     now.saturating_sub(t)
                 ),
             ),
-            Decision::Looked { ext, local, t: None } => (
+            Decision::Looked {
+                ext,
+                local,
+                t: None,
+            } => (
                 Verdict::None,
-                format!("mode {mode}: no record of {} mailing {ext}", scope(s.mode, &local)),
+                format!(
+                    "mode {mode}: no record of {} mailing {ext}",
+                    scope(s.mode, local)
+                ),
             ),
         }
     }

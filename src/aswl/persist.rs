@@ -565,10 +565,18 @@ fn parse_header(h: &[u8; HEAD]) -> io::Result<Header> {
         return Err(bad("not a ringmx whitelist snapshot (bad magic)"));
     }
     let word = |a: usize| -> u32 {
-        u32::from_le_bytes(h.get(a..a + 4).and_then(|s| s.try_into().ok()).unwrap_or([0; 4]))
+        u32::from_le_bytes(
+            h.get(a..a + 4)
+                .and_then(|s| s.try_into().ok())
+                .unwrap_or([0; 4]),
+        )
     };
     let long = |a: usize| -> u64 {
-        u64::from_le_bytes(h.get(a..a + 8).and_then(|s| s.try_into().ok()).unwrap_or([0; 8]))
+        u64::from_le_bytes(
+            h.get(a..a + 8)
+                .and_then(|s| s.try_into().ok())
+                .unwrap_or([0; 8]),
+        )
     };
     if crc32fast::hash(h.get(..HEAD - 4).unwrap_or_default()) != word(HEAD - 4) {
         return Err(bad("snapshot header checksum mismatch"));
@@ -625,9 +633,17 @@ pub fn read_snapshot_from(mut r: impl Read, store: &Store) -> io::Result<Snapsho
             }
         }
     }
+    // The newest time per external address (by snapshot index), for the global view, which
+    // is then written once per address instead of once per record.
+    let mut newest: Vec<u32> = Vec::new();
     let insert = |batch: &[Loaded]| {
-        for &(l, d, x, f, t) in batch {
-            store.put_ids(l, d, x, f, t);
+        // Random inserts wait on memory: start each one's cache lines a few records ahead.
+        const AHEAD: usize = 8;
+        for (i, &(l, d, x, f, t)) in batch.iter().enumerate() {
+            if let Some(&(l, d, _, f, _)) = batch.get(i + AHEAD) {
+                store.prefetch_views(l, d, f);
+            }
+            store.put_views(l, d, x, f, t);
         }
     };
     std::thread::scope(|scope| -> io::Result<()> {
@@ -699,14 +715,20 @@ pub fn read_snapshot_from(mut r: impl Read, store: &Store) -> io::Result<Snapsho
                     BLOCK_PAIRS => {
                         let mut batch = Vec::with_capacity(count.min(1 << 20) as usize);
                         for _ in 0..count {
-                            let (Some(l), Some(x), Some(t)) = (rd.u32(), rd.u32(), rd.u32())
-                            else {
+                            let (Some(l), Some(x), Some(t)) = (rd.u32(), rd.u32(), rd.u32()) else {
                                 break;
                             };
                             let l = locals.get(l as usize).copied().flatten();
-                            let x = externals.get(x as usize).copied().flatten();
+                            let xi = x as usize;
+                            let x = externals.get(xi).copied().flatten();
                             if let (Some((l, d)), Some((x, f))) = (l, x) {
                                 batch.push((l, d, x, f, t));
+                                if newest.len() <= xi {
+                                    newest.resize(externals.len().max(xi + 1), 0);
+                                }
+                                if let Some(n) = newest.get_mut(xi) {
+                                    *n = (*n).max(t);
+                                }
                             }
                         }
                         out.records += batch.len() as u64;
@@ -735,6 +757,13 @@ pub fn read_snapshot_from(mut r: impl Read, store: &Store) -> io::Result<Snapsho
         let _ = helper.join();
         result
     })?;
+    for (i, t) in newest.iter().enumerate() {
+        if *t > 0
+            && let Some(Some((x, f))) = externals.get(i)
+        {
+            store.raise_global(*x, *f, *t);
+        }
+    }
     Ok(out)
 }
 

@@ -183,10 +183,9 @@ impl Store {
 
     /// A view entry, if the external address it names is the one asked for.
     fn verified(&self, view: &Table, k: u64, efp: u64) -> Option<u32> {
-        view.prefetch(k);
-        self.ext.prefetch(efp);
-        let v = view.get(k)?;
-        let e = self.ext.get(efp)?;
+        let (v, e) = (view.pin(k), self.ext.pin(efp));
+        let v = v.get()?;
+        let e = e.get()?;
         (value_ext(v) == (e >> 32) as u32).then_some(v as u32)
     }
 
@@ -233,23 +232,27 @@ impl Store {
 
     fn intern_external_locked(&self, n: &mut Names, key: &str, original: &str) -> (u32, u64) {
         let fp = self.fp(key);
-        if let Some(e) = self.ext.get(fp) {
-            return ((e >> 32) as u32, fp);
+        // The id a new address gets; one probe finds or inserts.
+        let id = n.ext_free.last().copied().unwrap_or(n.ext.len() as u32);
+        let mut existing = None;
+        self.ext.upsert(fp, |old| match old {
+            Some(o) => {
+                existing = Some((o >> 32) as u32);
+                o
+            }
+            None => u64::from(id) << 32,
+        });
+        if let Some(e) = existing {
+            return (e, fp);
         }
         let name = pack_name(key, original);
-        let id = match n.ext_free.pop() {
-            Some(id) => {
-                if let Some(slot) = n.ext.get_mut(id as usize) {
-                    *slot = Some(name);
-                }
-                id
+        if n.ext_free.pop().is_some() {
+            if let Some(slot) = n.ext.get_mut(id as usize) {
+                *slot = Some(name);
             }
-            None => {
-                n.ext.push(Some(name));
-                (n.ext.len() - 1) as u32
-            }
-        };
-        self.ext.upsert(fp, |_| u64::from(id) << 32);
+        } else {
+            n.ext.push(Some(name));
+        }
         (id, fp)
     }
 
@@ -291,11 +294,29 @@ impl Store {
 
     /// [`Store::put`] with the local domain known; takes no lock besides the tables' shards.
     pub fn put_ids(&self, local: u32, domain: u32, external: u32, efp: u64, t: u32) -> Write {
+        self.raise_global(external, efp, t);
+        self.put_views(local, domain, external, efp, t)
+    }
+
+    /// Raise the global view of an external address to `t`.
+    pub fn raise_global(&self, external: u32, efp: u64, t: u32) {
         let t64 = u64::from(t);
         self.ext.upsert(efp, |old| {
             let old = old.unwrap_or(u64::from(external) << 32);
             (old & !TIME) | (old & TIME).max(t64)
         });
+    }
+
+    /// Start loading what [`Store::put_views`] of these ids will touch.
+    pub fn prefetch_views(&self, local: u32, domain: u32, efp: u64) {
+        self.pairs.prefetch(view_key(local, efp));
+        self.by_domain.prefetch(view_key(domain, efp));
+    }
+
+    /// The per-domain and per-recipient views of one record (a bulk load raises the global
+    /// view once per external address instead, with [`Store::raise_global`]).
+    pub fn put_views(&self, local: u32, domain: u32, external: u32, efp: u64, t: u32) -> Write {
+        let t64 = u64::from(t);
         let merge = |old: Option<u64>| match old {
             Some(o) if value_ext(o) == external => view_value(external, (o & TIME).max(t64)),
             // New, or (40-bit fingerprint collision for one owner) another address's: the
@@ -306,7 +327,9 @@ impl Store {
         match self.pairs.upsert(view_key(local, efp), merge) {
             None => Write::Added,
             Some(old) if value_ext(old) != external => {
-                tracing::warn!("aswl: fingerprint collision between two records of one local address; the older is replaced");
+                tracing::warn!(
+                    "aswl: fingerprint collision between two records of one local address; the older is replaced"
+                );
                 Write::Added
             }
             Some(old) if (old & TIME) < t64 => Write::Refreshed,

@@ -42,53 +42,105 @@ struct Slot {
     val: AtomicU64,
 }
 
+/// A slot array. Large ones are mapped directly, 2 MiB-aligned, with `MADV_HUGEPAGE` (the
+/// kernel supplies zero pages lazily and backs them with huge pages: a lookup in a table of
+/// millions of slots is a TLB miss as much as a cache miss, more so in a VM). Through malloc
+/// the pages would be zeroed — touched — before the advice could apply.
 struct Slots {
-    slots: Box<[Slot]>,
+    ptr: std::ptr::NonNull<Slot>,
     mask: usize,
+    /// How it was allocated: `Ok(layout)` from the allocator, `Err((base, len))` mapped.
+    origin: Result<std::alloc::Layout, (usize, usize)>,
 }
 
-/// Ask for transparent huge pages on a large array: a lookup in a table of millions of slots
-/// is a TLB miss as much as a cache miss.
-fn huge_pages(slots: &[Slot]) {
-    const HUGE: usize = 2 << 20;
-    let bytes = std::mem::size_of_val(slots);
-    if bytes < 2 * HUGE || std::env::var_os("NO_THP").is_some() {
-        return;
-    }
-    let start = slots.as_ptr() as usize;
-    let aligned = start.div_ceil(HUGE) * HUGE;
-    let len = (start + bytes).saturating_sub(aligned) / HUGE * HUGE;
-    if len > 0 {
-        // SAFETY: the range lies inside the live allocation `slots`; MADV_HUGEPAGE is advice
-        // only and changes neither its contents nor its validity.
-        unsafe {
-            libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+// SAFETY: `Slots` owns its allocation exclusively (like a `Box<[Slot]>`), and `Slot` holds only
+// atomics, which are safe to share and send between threads.
+unsafe impl Send for Slots {}
+// SAFETY: as above: shared access only ever goes through the atomics.
+unsafe impl Sync for Slots {}
+
+const HUGE: usize = 2 << 20;
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        match self.origin {
+            // SAFETY: `ptr` was returned by `alloc_zeroed(layout)` and is freed only here.
+            Ok(layout) => unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), layout) },
+            // SAFETY: `base, len` is the mapping made in `Slots::new`, unmapped only here.
+            Err((base, len)) => unsafe {
+                libc::munmap(base as *mut libc::c_void, len);
+            },
         }
     }
+}
+
+/// An anonymous mapping of at least `bytes`, 2 MiB-aligned and advised for huge pages:
+/// (aligned start, (mapping base, mapping length)).
+fn map_huge(bytes: usize) -> Option<(*mut u8, (usize, usize))> {
+    let len = bytes.checked_add(HUGE)?;
+    // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return None;
+    }
+    let start = (base as usize).div_ceil(HUGE) * HUGE;
+    // SAFETY: [start, start + bytes) lies inside the mapping just made; the advice changes
+    // neither contents nor validity.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE);
+    }
+    Some((start as *mut u8, (base as usize, len)))
 }
 
 impl Slots {
     fn new(cap: usize) -> Slots {
         let cap = cap.next_power_of_two().max(MIN_CAP);
-        let slots: Box<[Slot]> = (0..cap)
-            .map(|_| Slot {
-                key: AtomicU64::new(EMPTY),
-                val: AtomicU64::new(0),
-            })
-            .collect();
-        huge_pages(&slots);
+        let bytes = cap * std::mem::size_of::<Slot>();
+        if bytes >= 2 * HUGE
+            && let Some((start, mapping)) = map_huge(bytes)
+            && let Some(ptr) = std::ptr::NonNull::new(start.cast::<Slot>())
+        {
+            return Slots {
+                ptr,
+                mask: cap - 1,
+                origin: Err(mapping),
+            };
+        }
+        let layout = std::alloc::Layout::array::<Slot>(cap)
+            .unwrap_or_else(|_| std::alloc::handle_alloc_error(std::alloc::Layout::new::<Slot>()));
+        // SAFETY: the layout has a non-zero size (cap >= MIN_CAP slots of 16 bytes).
+        let raw = unsafe { std::alloc::alloc_zeroed(layout) };
+        let Some(ptr) = std::ptr::NonNull::new(raw.cast::<Slot>()) else {
+            std::alloc::handle_alloc_error(layout)
+        };
         Slots {
-            slots,
+            ptr,
             mask: cap - 1,
+            origin: Ok(layout),
         }
     }
 
+    fn slots(&self) -> &[Slot] {
+        // SAFETY: `ptr` points to `mask + 1` slots, zero-initialised (all-zero bytes are valid
+        // atomics: an empty slot) and alive as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.mask + 1) }
+    }
+
     fn key(&self, i: usize) -> Option<&AtomicU64> {
-        self.slots.get(i).map(|s| &s.key)
+        self.slots().get(i).map(|s| &s.key)
     }
 
     fn val(&self, i: usize) -> Option<&AtomicU64> {
-        self.slots.get(i).map(|s| &s.val)
+        self.slots().get(i).map(|s| &s.val)
     }
 
     fn cap(&self) -> usize {
@@ -123,6 +175,27 @@ fn cap_for(n: usize, num: usize, den: usize) -> usize {
         cap *= 2;
     }
     cap
+}
+
+/// A lookup in flight (see [`Table::pin`]).
+pub struct Pinned {
+    slots: arc_swap::Guard<Arc<Slots>>,
+    k: u64,
+    h: u64,
+}
+
+impl std::fmt::Debug for Pinned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pinned").field("k", &self.k).finish()
+    }
+}
+
+impl Pinned {
+    /// The value, as [`Table::get`] would give it.
+    pub fn get(&self) -> Option<u64> {
+        let i = self.slots.find(self.k, self.h).ok()?;
+        self.slots.val(i).map(|v| v.load(Ordering::Acquire))
+    }
 }
 
 struct Shard {
@@ -182,11 +255,17 @@ impl Table {
         slots.val(i).map(|v| v.load(Ordering::Acquire))
     }
 
-    /// Start loading the cache line `k` would be probed at (a hint; no effect on results).
+    /// Start loading the cache line a lookup or insert of `k` begins at (a hint).
     pub fn prefetch(&self, k: u64) {
+        drop(self.pin(k));
+    }
+
+    /// Look `k` up in two steps: this one pins the shard's array and starts loading the cache
+    /// line the probe begins at, so two lookups can wait on memory together.
+    pub fn pin(&self, k: u64) -> Pinned {
         let h = mix(k);
         let slots = self.shard(h).slots.load();
-        if let Some(s) = slots.slots.get((h as usize) & slots.mask) {
+        if let Some(s) = slots.slots().get((h as usize) & slots.mask) {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: a prefetch of a valid address (a live slot) never faults or writes.
             unsafe {
@@ -197,6 +276,7 @@ impl Table {
             #[cfg(not(target_arch = "x86_64"))]
             let _ = s;
         }
+        Pinned { slots, k, h }
     }
 
     /// Insert or update: `f(old)` gives the new value (`old` is `None` for a new key).
@@ -205,9 +285,12 @@ impl Table {
         let h = mix(k);
         let shard = self.shard(h);
         let _w = shard.write.lock().unwrap_or_else(|p| p.into_inner());
-        let mut slots = shard.slots.load_full();
-        match slots.find(k, h) {
+        // Holding the shard's write lock, nobody else replaces the array: a guard will do (no
+        // reference-count traffic on the hot path of a bulk load).
+        let current = shard.slots.load();
+        match current.find(k, h) {
             Ok(i) => {
+                let slots: &Slots = &current;
                 let v = slots.val(i)?;
                 let old = v.load(Ordering::Acquire);
                 v.store(f(Some(old)), Ordering::Release);
@@ -216,20 +299,23 @@ impl Table {
             Err(free) => {
                 let used = shard.used.load(Ordering::Relaxed);
                 let reuse = free.is_some_and(|i| {
-                    slots.key(i).map(|s| s.load(Ordering::Relaxed)) == Some(TOMB)
+                    current.key(i).map(|s| s.load(Ordering::Relaxed)) == Some(TOMB)
                 });
                 // Linear probing stays short below 3/4 full (a miss — most inbound senders —
                 // probes until an empty slot).
-                if !reuse && (used + 1) * 4 > slots.cap() * 3 {
-                    slots = Arc::new(Self::rebuilt(
-                        &slots,
+                let mut grown = None;
+                if !reuse && (used + 1) * 4 > current.cap() * 3 {
+                    let new = Arc::new(Self::rebuilt(
+                        &current,
                         shard.live.load(Ordering::Relaxed) + 1,
                     ));
                     shard
                         .used
                         .store(shard.live.load(Ordering::Relaxed), Ordering::Relaxed);
-                    shard.slots.store(slots.clone());
+                    shard.slots.store(new.clone());
+                    grown = Some(new);
                 }
+                let slots: &Slots = grown.as_deref().unwrap_or(&current);
                 let i = match slots.find(k, h) {
                     Err(Some(i)) => i,
                     _ => return None,
@@ -253,15 +339,16 @@ impl Table {
 
     fn rebuilt_at(old: &Slots, cap: usize) -> Slots {
         let new = Slots::new(cap);
-        for s in old.slots.iter() {
+        for s in old.slots().iter() {
             let k = s.key.load(Ordering::Acquire);
             if k == EMPTY || k == TOMB {
                 continue;
             }
             if let Err(Some(i)) = new.find(k, mix(k))
-                && let Some(n) = new.slots.get(i)
+                && let Some(n) = new.slots().get(i)
             {
-                n.val.store(s.val.load(Ordering::Acquire), Ordering::Relaxed);
+                n.val
+                    .store(s.val.load(Ordering::Acquire), Ordering::Relaxed);
                 n.key.store(k, Ordering::Relaxed);
             }
         }
@@ -309,7 +396,7 @@ impl Table {
             let _w = shard.write.lock().unwrap_or_else(|p| p.into_inner());
             let slots = shard.slots.load_full();
             let mut n = 0;
-            for s in slots.slots.iter() {
+            for s in slots.slots().iter() {
                 let key = s.key.load(Ordering::Acquire);
                 if key != EMPTY && key != TOMB && !keep(key, s.val.load(Ordering::Acquire)) {
                     s.key.store(TOMB, Ordering::Release);
@@ -333,7 +420,7 @@ impl Table {
     pub fn for_each(&self, mut f: impl FnMut(u64, u64)) {
         for shard in self.shards.iter() {
             let slots = shard.slots.load_full();
-            for s in slots.slots.iter() {
+            for s in slots.slots().iter() {
                 let key = s.key.load(Ordering::Acquire);
                 if key != EMPTY && key != TOMB {
                     f(key, s.val.load(Ordering::Acquire));

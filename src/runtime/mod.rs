@@ -321,9 +321,10 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
     let aswl = match &config.aswl {
         Some(s) => Some({
             crate::aswl::keep_freed_memory();
-            Arc::new(crate::aswl::Aswl::open(s, cpus.len()).map_err(|e| {
-                RunError::Io(format!("aswl.dir {}", s.dir.display()), e)
-            })?)
+            Arc::new(
+                crate::aswl::Aswl::open(s, cpus.len())
+                    .map_err(|e| RunError::Io(format!("aswl.dir {}", s.dir.display()), e))?,
+            )
         }),
         None => None,
     };
