@@ -110,7 +110,7 @@ fn main() {
         let t = now - (rng.next() % (86_400 * 60)) as u32;
         if a.store.record((&lk, &lk), (&xk, &xk), t) == ringmx::aswl::store::Write::Added {
             n += 1;
-            if n % (records / 100_000).max(1) == 0 {
+            if n.is_multiple_of((records / 100_000).max(1)) {
                 pairs_sample.push((l, x));
             }
         }
