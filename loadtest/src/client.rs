@@ -37,6 +37,8 @@ pub struct Opts {
     pub threads: usize,
     pub json: bool,
     pub from: String,
+    /// `{k}` in `from` is replaced by the message number modulo this.
+    pub senders: u64,
     pub to_domain: String,
     pub run_id: String,
 }
@@ -128,12 +130,24 @@ impl Conn {
     }
 }
 
+/// The sender of message `k` (`{k}` in `--from` varies it over `--senders` addresses).
+fn sender(opts: &Opts, k: u64) -> String {
+    if opts.from.contains("{k}") {
+        opts.from
+            .replace("{k}", &(k % opts.senders.max(1)).to_string())
+    } else {
+        opts.from.clone()
+    }
+}
+
 /// A message body of `size` bytes (at least the headers), unique Message-ID, no line starts
 /// with a dot.
 fn message(opts: &Opts, k: u64, size: usize) -> Vec<u8> {
     let mut m = format!(
         "From: <{}>\r\nTo: <rcpt0@{}>\r\nSubject: ringmx-loadtest {k}\r\nMessage-ID: <{}.{k}@loadtest.ringmx>\r\n\r\n",
-        opts.from, opts.to_domain, opts.run_id
+        sender(opts, k),
+        opts.to_domain,
+        opts.run_id
     )
     .into_bytes();
     while m.len() + 2 < size {
@@ -278,7 +292,7 @@ async fn send_message(
     let size = size_of(opts, k);
     let body = message(opts, k, size);
     st.bytes += body.len() as u64;
-    let mail = format!("MAIL FROM:<{}> SIZE={}\r\n", opts.from, body.len());
+    let mail = format!("MAIL FROM:<{}> SIZE={}\r\n", sender(opts, k), body.len());
     let rcpts: Vec<String> = (0..opts.recipients.max(1))
         .map(|i| format!("RCPT TO:<rcpt{i}@{}>\r\n", opts.to_domain))
         .collect();

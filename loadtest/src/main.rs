@@ -31,7 +31,9 @@ USAGE: ringmx-loadtest [OPTIONS] HOST:PORT
       --tls                implicit TLS (port 465 style; certificate not verified)
       --rate MSGS_PER_SEC  open loop at this rate; latency counts from the scheduled send time
   -t, --threads N          threads (default: one per CPU)
-      --from ADDR          reverse-path (default loadtest@loadtest.ringmx)
+      --from ADDR          reverse-path (default loadtest@loadtest.ringmx); {k} in it is
+                           replaced by the message number modulo --senders
+      --senders N          distinct senders for {k} (default 1000000)
       --to-domain DOMAIN   recipients are rcptN@DOMAIN (default example.test)
       --json               one JSON object on stdout instead of the text report
       --allow-remote       allow a target that is not a loopback address
@@ -61,6 +63,7 @@ fn parse_args() -> Opts {
         threads,
         json: false,
         from: "loadtest@loadtest.ringmx".into(),
+        senders: 1_000_000,
         to_domain: "example.test".into(),
         run_id: format!(
             "{:x}",
@@ -111,6 +114,7 @@ fn parse_args() -> Opts {
                     .next()
                     .unwrap_or_else(|| fail("--from needs an address"))
             }
+            "--senders" => o.senders = num(args.next(), &a).max(1),
             "--to-domain" => {
                 o.to_domain = args
                     .next()

@@ -61,6 +61,30 @@ pub fn domain_key(domain: &str) -> Option<String> {
     valid_labels(&ascii).then_some(ascii)
 }
 
+/// One pass over an ASCII domain: labels of 1 to 63 bytes, at most 253 in all, and no label
+/// starting with the A-label prefix `xn--` (those go through IDNA).
+fn plain_ascii_domain(d: &[u8]) -> bool {
+    if d.is_empty() || d.len() > 253 {
+        return false;
+    }
+    let mut start = 0;
+    for (i, &b) in d.iter().enumerate() {
+        if b == b'.' {
+            if i == start || i - start > 63 {
+                return false;
+            }
+            start = i + 1;
+        } else if i == start
+            && (b == b'x' || b == b'X')
+            && d.get(i..i + 4)
+                .is_some_and(|p| p.eq_ignore_ascii_case(b"xn--"))
+        {
+            return false;
+        }
+    }
+    d.len() > start && d.len() - start <= 63
+}
+
 fn valid_labels(d: &str) -> bool {
     d.len() <= 253
         && d.as_bytes()

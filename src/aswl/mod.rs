@@ -63,7 +63,9 @@ pub struct Settings {
     pub signals: Signals,
     pub check_exceptions: Option<Masks>,
     pub except_local_domains: bool,
-    pub local_domains: Vec<String>,
+    /// `[domains] local`: exact names (lower case) in a set, `*.suffix` patterns in a list.
+    pub local_exact: std::collections::HashSet<String, foldhash::fast::RandomState>,
+    pub local_patterns: Vec<String>,
     pub log_additions: bool,
     pub header: String,
     pub normalize: addr::Normalize,
@@ -131,7 +133,16 @@ impl Settings {
             },
             check_exceptions: (!check.is_empty()).then_some(check),
             except_local_domains: a.except_local_domains,
-            local_domains: local_domains.to_vec(),
+            local_exact: local_domains
+                .iter()
+                .filter(|d| !d.starts_with("*."))
+                .map(|d| d.to_ascii_lowercase())
+                .collect(),
+            local_patterns: local_domains
+                .iter()
+                .filter(|d| d.starts_with("*."))
+                .cloned()
+                .collect(),
             log_additions: a.log_additions,
             header: a.header.clone(),
             normalize: addr::Normalize {
@@ -151,7 +162,10 @@ impl Settings {
     }
 
     fn is_local(&self, domain: &str) -> bool {
-        crate::config::domain_matches(&self.local_domains, domain)
+        // Keys are lower case already; the configuration's names were lowered above.
+        self.local_exact.contains(domain)
+            || (!self.local_patterns.is_empty()
+                && crate::config::domain_matches(&self.local_patterns, domain))
     }
 }
 
@@ -246,7 +260,7 @@ pub struct Aswl {
     pub store: store::Store,
     /// fingerprint(external sender, local recipient) → time of the last inbound message.
     recent: table::Table,
-    hasher: foldhash::quality::RandomState,
+    hasher: foldhash::fast::RandomState,
     pub counters: Counters,
     pub disk: persist::Disk,
 }
@@ -259,7 +273,7 @@ impl Aswl {
         let a = Aswl {
             store,
             recent: table::Table::new(4),
-            hasher: foldhash::quality::RandomState::default(),
+            hasher: foldhash::fast::RandomState::default(),
             counters: Counters::default(),
             disk,
         };

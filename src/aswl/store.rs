@@ -97,7 +97,7 @@ pub enum Write {
 
 /// The store. See the module documentation.
 pub struct Store {
-    hasher: foldhash::quality::RandomState,
+    hasher: foldhash::fast::RandomState,
     ext: Table,
     locals: Table,
     domains: Table,
@@ -147,7 +147,7 @@ fn value_ext(v: u64) -> u32 {
 impl Store {
     pub fn new() -> Store {
         Store {
-            hasher: foldhash::quality::RandomState::default(),
+            hasher: foldhash::fast::RandomState::default(),
             ext: Table::new(6),
             locals: Table::new(4),
             domains: Table::new(0),
