@@ -182,11 +182,7 @@ fn fast_key(l: &str, d: &str, case_sensitive: bool, k: &mut String) -> bool {
     if !l.is_ascii() || !d.is_ascii() || l.starts_with('"') || d.starts_with('[') {
         return false;
     }
-    let a_label = d
-        .as_bytes()
-        .windows(4)
-        .any(|w| w.eq_ignore_ascii_case(b"xn--"));
-    if a_label || !valid_labels(d) {
+    if !plain_ascii_domain(d.as_bytes()) {
         return false;
     }
     k.clear();
