@@ -49,7 +49,13 @@ pub fn domain_key(domain: &str) -> Option<String> {
         return None;
     }
     if d.starts_with('[') {
-        return Some(d.to_ascii_lowercase());
+        // An address literal: exactly `[…]`, kept as it is apart from case.
+        let ok = d.len() >= 3
+            && d.ends_with(']')
+            && d.get(1..d.len() - 1)
+                .is_some_and(|inner| !inner.contains(['[', ']']))
+            && d.bytes().all(|b| b.is_ascii_graphic());
+        return ok.then(|| d.to_ascii_lowercase());
     }
     if d.is_ascii() {
         let lower = d.to_ascii_lowercase();

@@ -516,6 +516,15 @@ fn reload(
     .map_err(|e| e.to_string())?;
     let old = shared.live();
     config.server.driver = old.config.server.driver;
+    match (&config.aswl, &shared.aswl) {
+        (Some(_), None) => {
+            tracing::warn!("aswl: [aswl] was turned on; it starts working after a restart")
+        }
+        (Some(s), Some(a)) if s.dir != a.disk.dir => {
+            tracing::warn!(dir = %s.dir.display(), using = %a.disk.dir.display(), "aswl: a new dir takes effect after a restart")
+        }
+        _ => {}
+    }
     let tls = load_tls(&config).map_err(|e| e.to_string())?;
     let users = Arc::new(load_users(&config).map_err(|e| e.to_string())?);
     make_folders(&config).map_err(|e| e.to_string())?;
