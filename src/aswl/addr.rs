@@ -75,6 +75,9 @@ fn plain_ascii_domain(d: &[u8]) -> bool {
     }
     let mut start = 0;
     for (i, &b) in d.iter().enumerate() {
+        if !is_ldh(b) && b != b'.' {
+            return false;
+        }
         if b == b'.' {
             if i == start || i - start > 63 {
                 return false;
@@ -91,11 +94,17 @@ fn plain_ascii_domain(d: &[u8]) -> bool {
     d.len() > start && d.len() - start <= 63
 }
 
+/// Labels of 1 to 63 letters, digits, hyphens (and underscores, seen in real host names), 253
+/// bytes in all.
 fn valid_labels(d: &str) -> bool {
     d.len() <= 253
         && d.as_bytes()
             .split(|&b| b == b'.')
-            .all(|l| !l.is_empty() && l.len() <= 63)
+            .all(|l| !l.is_empty() && l.len() <= 63 && l.iter().all(|&b| is_ldh(b)))
+}
+
+fn is_ldh(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
 }
 
 fn is_atext(c: char) -> bool {
@@ -156,8 +165,18 @@ pub fn local_key(local: &str, case_sensitive: bool) -> String {
     s
 }
 
-/// Remove a BATV tag: `prvs=NDDDHHHHHH=local` → `local`.
-fn strip_batv(local: &str) -> &str {
+/// Remove BATV tags: `prvs=NDDDHHHHHH=local` → `local` (repeatedly, so a key is its own key).
+fn strip_batv(mut local: &str) -> &str {
+    loop {
+        let rest = strip_one_batv(local);
+        if rest.len() == local.len() {
+            return local;
+        }
+        local = rest;
+    }
+}
+
+fn strip_one_batv(local: &str) -> &str {
     let b = local.as_bytes();
     if b.len() > 16 && b.get(..5).is_some_and(|p| p.eq_ignore_ascii_case(b"prvs=")) {
         let tag = b.get(5..15).unwrap_or_default();
@@ -362,6 +381,11 @@ mod tests {
             n.external("prvs=1234abcdef=Jane@ext.test").unwrap(),
             "jane@ext.test"
         );
+        assert_eq!(
+            n.external("prvs=1234abcdef=PRVS=5678abcdef=jane@ext.test").unwrap(),
+            "jane@ext.test"
+        );
+        assert!(n.external("jane@ext\u{0}.test").is_none());
         assert_eq!(
             n.external("prvs=12x4abcdef=jane@ext.test").unwrap(),
             "prvs=12x4abcdef=jane@ext.test"

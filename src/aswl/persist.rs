@@ -609,7 +609,7 @@ pub fn read_snapshot_from(mut r: impl Read, store: &Store) -> io::Result<Snapsho
     let head = parse_header(&h)?;
     // Size the tables once (the hints are bounded: a damaged-but-checksummed header cannot
     // make us allocate more than a sane maximum).
-    const MAX_HINT: u64 = 1 << 31;
+    const MAX_HINT: u64 = 1 << 28;
     store.reserve(
         head.externals.min(MAX_HINT) as usize,
         head.records.min(MAX_HINT) as usize,
