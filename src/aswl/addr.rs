@@ -147,7 +147,8 @@ pub fn local_key(local: &str, case_sensitive: bool) -> String {
         s = if s.is_ascii() {
             s.to_ascii_lowercase()
         } else {
-            s.to_lowercase()
+            // Lower-casing can undo composition (J + caron → j + caron = ǰ): NFC again.
+            s.to_lowercase().nfc().collect()
         };
     }
     if quoted && !is_dot_atom(&s) {
@@ -357,6 +358,10 @@ mod tests {
         let nfd = "jose\u{301}@x.test";
         assert_eq!(n.external(nfc), n.external(nfd));
         assert_eq!(n.external("JOS\u{c9}@x.test").unwrap(), nfc);
+        // Folding then composing: J + caron lower-cases to the precomposed ǰ.
+        let k = n.external("J\u{30c}@x.test").unwrap();
+        assert_eq!(k, "\u{1f0}@x.test");
+        assert_eq!(n.external(&k).unwrap(), k);
         let cs = Normalize {
             case_sensitive_local_part: true,
             ..n.clone()
