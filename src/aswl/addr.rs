@@ -387,7 +387,8 @@ mod tests {
             "jane@ext.test"
         );
         assert_eq!(
-            n.external("prvs=1234abcdef=PRVS=5678abcdef=jane@ext.test").unwrap(),
+            n.external("prvs=1234abcdef=PRVS=5678abcdef=jane@ext.test")
+                .unwrap(),
             "jane@ext.test"
         );
         assert!(n.external("jane@ext\u{0}.test").is_none());

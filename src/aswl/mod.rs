@@ -447,6 +447,11 @@ impl Aswl {
         let Some(local) = s.normalize.local(sender) else {
             return Err(format!("sender {sender:?} has no usable address key"));
         };
+        // Only our own senders teach the whitelist (a relay client sending as someone else's
+        // address must not make that address's correspondents trusted).
+        if !s.is_local(addr::key_domain(&local)) {
+            return Err(format!("sender {local} is not in a local domain"));
+        }
         if crate::config::units::any_contains(&s.ip_exceptions, client) {
             self.counters.skipped_ip.fetch_add(1, Ordering::Relaxed);
             return Err(format!("client {client} is in ip_exceptions"));

@@ -88,6 +88,12 @@ fn mode_matrix() {
         );
         assert!(!a.check(&s, "other@ext.test", rcpt, 1001).pass());
     }
+    // A sender outside the local domains teaches nothing.
+    assert!(
+        teach(&a, &s, "someone@gmail.test", &["x@ext.test"], PLAIN, 1000)
+            .unwrap_err()
+            .contains("not in a local domain")
+    );
     // Internal mail taught nothing; the null sender never passes.
     s.mode = Mode::Global;
     assert!(!a.check(&s, "colleague@b.test", "john@a.test", 1001).pass());
