@@ -61,6 +61,11 @@ fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
     let mut parts = request.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let (status, ctype, body) = match (method, path) {
+        _ if length > MAX_BODY => (
+            "413 Payload Too Large",
+            "text/plain",
+            format!("request bodies are limited to {MAX_BODY} bytes\n"),
+        ),
         ("GET", "/metrics") => {
             let mut m = shared.metrics.render();
             if let Some(a) = &shared.aswl {

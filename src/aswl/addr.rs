@@ -224,6 +224,30 @@ fn fast_key(l: &str, d: &str, case_sensitive: bool, k: &mut String) -> bool {
     true
 }
 
+/// A key into `out`: the fast path on the trimmed local part, else the general path.
+fn key_into<'a>(
+    addr: &'a str,
+    out: &mut String,
+    trim: impl FnOnce(&'a str) -> &'a str,
+    case_sensitive: bool,
+    slow: impl FnOnce(&str, &str) -> Option<String>,
+) -> bool {
+    let Some((l, d)) = split(addr) else {
+        return false;
+    };
+    if fast_key(trim(l), d, case_sensitive, out) {
+        return true;
+    }
+    match slow(l, d) {
+        Some(k) => {
+            out.clear();
+            out.push_str(&k);
+            true
+        }
+        None => false,
+    }
+}
+
 impl Normalize {
     /// The key of one of our own addresses (sender of outbound mail, recipient of inbound).
     pub fn local(&self, addr: &str) -> Option<String> {
@@ -233,25 +257,13 @@ impl Normalize {
 
     /// [`Normalize::local`] into a reused buffer; `false` when the address has no key.
     pub fn local_into(&self, addr: &str, out: &mut String) -> bool {
-        let Some((l, d)) = split(addr) else {
-            return false;
-        };
-        if fast_key(
-            strip_detail(l, &self.local_delimiters),
-            d,
-            self.case_sensitive_local_part,
+        key_into(
+            addr,
             out,
-        ) {
-            return true;
-        }
-        match self.local_slow(l, d) {
-            Some(k) => {
-                out.clear();
-                out.push_str(&k);
-                true
-            }
-            None => false,
-        }
+            |l| strip_detail(l, &self.local_delimiters),
+            self.case_sensitive_local_part,
+            |l, d| self.local_slow(l, d),
+        )
     }
 
     fn local_slow(&self, l: &str, d: &str) -> Option<String> {
@@ -269,26 +281,20 @@ impl Normalize {
 
     /// [`Normalize::external`] into a reused buffer; `false` when the address has no key.
     pub fn external_into(&self, addr: &str, out: &mut String) -> bool {
-        let Some((l, d)) = split(addr) else {
-            return false;
-        };
-        let tagless = strip_batv(l);
-        let plain = if self.external_plus_fold {
-            strip_detail(tagless, "+")
-        } else {
-            tagless
-        };
-        if fast_key(plain, d, self.case_sensitive_local_part, out) {
-            return true;
-        }
-        match self.external_slow(l, d) {
-            Some(k) => {
-                out.clear();
-                out.push_str(&k);
-                true
-            }
-            None => false,
-        }
+        key_into(
+            addr,
+            out,
+            |l| {
+                let tagless = strip_batv(l);
+                if self.external_plus_fold {
+                    strip_detail(tagless, "+")
+                } else {
+                    tagless
+                }
+            },
+            self.case_sensitive_local_part,
+            |l, d| self.external_slow(l, d),
+        )
     }
 
     fn external_slow(&self, l: &str, d: &str) -> Option<String> {

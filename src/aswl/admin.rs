@@ -348,124 +348,86 @@ fn stats(a: &Aswl, s: &Settings) -> String {
     o
 }
 
+/// A metric family: name, type, help, (labels, value) samples.
+type Family = (&'static str, &'static str, &'static str, Vec<(String, u64)>);
+
 /// Prometheus lines for the whitelist.
 pub fn metrics(a: &Aswl, o: &mut String) {
-    use crate::metrics::describe;
     let c = &a.counters;
     let g = |x: &std::sync::atomic::AtomicU64| x.load(Ordering::Relaxed);
-    describe(
-        o,
-        "ringmx_aswl_records",
-        "gauge",
-        "Whitelist records (local sender, external address).",
-    );
-    let _ = writeln!(o, "ringmx_aswl_records {}", a.store.len());
-    describe(
-        o,
-        "ringmx_aswl_checks_total",
-        "counter",
-        "Inbound recipient checks by mode and verdict.",
-    );
+    let mut checks = Vec::new();
     for (i, m) in ["global", "per-domain", "per-recipient"].iter().enumerate() {
-        let _ = writeln!(
-            o,
-            "ringmx_aswl_checks_total{{mode=\"{m}\",verdict=\"pass\"}} {}",
-            c.hits.get(i).map_or(0, g)
-        );
-        let _ = writeln!(
-            o,
-            "ringmx_aswl_checks_total{{mode=\"{m}\",verdict=\"none\"}} {}",
-            c.misses.get(i).map_or(0, g)
-        );
+        for (verdict, set) in [("pass", &c.hits), ("none", &c.misses)] {
+            let n = set.get(i).map_or(0, g);
+            checks.push((format!("{{mode=\"{m}\",verdict=\"{verdict}\"}}"), n));
+        }
     }
-    describe(
-        o,
-        "ringmx_aswl_excepted_total",
-        "counter",
-        "Checks decided by an exception (null sender, local domain, check_exceptions).",
-    );
-    let _ = writeln!(o, "ringmx_aswl_excepted_total {}", g(&c.excepted));
-    describe(
-        o,
-        "ringmx_aswl_collected_total",
-        "counter",
-        "Records written by outbound mail.",
-    );
-    let _ = writeln!(
-        o,
-        "ringmx_aswl_collected_total{{result=\"added\"}} {}",
-        g(&c.added)
-    );
-    let _ = writeln!(
-        o,
-        "ringmx_aswl_collected_total{{result=\"refreshed\"}} {}",
-        g(&c.refreshed)
-    );
-    describe(
-        o,
-        "ringmx_aswl_not_collected_total",
-        "counter",
-        "Outbound mail or recipients not collected, by reason.",
-    );
-    let _ = writeln!(
-        o,
-        "ringmx_aswl_not_collected_total{{reason=\"ip\"}} {}",
-        g(&c.skipped_ip)
-    );
-    let _ = writeln!(
-        o,
-        "ringmx_aswl_not_collected_total{{reason=\"automatic\"}} {}",
-        g(&c.skipped_auto)
-    );
-    let _ = writeln!(
-        o,
-        "ringmx_aswl_not_collected_total{{reason=\"auto_response_window\"}} {}",
-        g(&c.skipped_window)
-    );
-    describe(
-        o,
-        "ringmx_aswl_swept_total",
-        "counter",
-        "Expired records removed by the sweep.",
-    );
-    let _ = writeln!(o, "ringmx_aswl_swept_total {}", g(&c.swept));
-    describe(
-        o,
-        "ringmx_aswl_snapshots_total",
-        "counter",
-        "Snapshots written.",
-    );
-    let _ = writeln!(
-        o,
-        "ringmx_aswl_snapshots_total {}",
-        g(&a.disk.snapshots.count)
-    );
+    let one = |v: u64| vec![(String::new(), v)];
+    let families: [Family; 7] = [
+        (
+            "ringmx_aswl_records",
+            "gauge",
+            "Whitelist records (local sender, external address).",
+            one(a.store.len() as u64),
+        ),
+        (
+            "ringmx_aswl_checks_total",
+            "counter",
+            "Inbound recipient checks by mode and verdict.",
+            checks,
+        ),
+        (
+            "ringmx_aswl_excepted_total",
+            "counter",
+            "Checks decided by an exception (null sender, local domain, check_exceptions).",
+            one(g(&c.excepted)),
+        ),
+        (
+            "ringmx_aswl_collected_total",
+            "counter",
+            "Records written by outbound mail.",
+            vec![
+                ("{result=\"added\"}".into(), g(&c.added)),
+                ("{result=\"refreshed\"}".into(), g(&c.refreshed)),
+            ],
+        ),
+        (
+            "ringmx_aswl_not_collected_total",
+            "counter",
+            "Outbound mail or recipients not collected, by reason.",
+            vec![
+                ("{reason=\"ip\"}".into(), g(&c.skipped_ip)),
+                ("{reason=\"automatic\"}".into(), g(&c.skipped_auto)),
+                (
+                    "{reason=\"auto_response_window\"}".into(),
+                    g(&c.skipped_window),
+                ),
+            ],
+        ),
+        (
+            "ringmx_aswl_swept_total",
+            "counter",
+            "Expired records removed by the sweep.",
+            one(g(&c.swept)),
+        ),
+        (
+            "ringmx_aswl_snapshots_total",
+            "counter",
+            "Snapshots written.",
+            one(g(&a.disk.snapshots.count)),
+        ),
+    ];
+    for (name, kind, help, values) in families {
+        crate::metrics::describe(o, name, kind, help);
+        for (labels, v) in values {
+            let _ = writeln!(o, "{name}{labels} {v}");
+        }
+    }
 }
 
 /// Percent-decoding of a query-string value (`+` is a space).
 pub fn url_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while let Some(&c) = b.get(i) {
-        match c {
-            b'+' => out.push(b' '),
-            b'%' => match b
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-            {
-                Some(v) => {
-                    out.push(v);
-                    i += 2;
-                }
-                None => out.push(b'%'),
-            },
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8_lossy(&super::detect::unescape_hex(s.as_bytes(), b'%', b'+')).into_owned()
 }
 
 /// Percent-encoding for a query-string value.

@@ -170,25 +170,30 @@ fn decode_b(s: &str) -> Option<Vec<u8>> {
 }
 
 fn decode_q(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
+    unescape_hex(s.as_bytes(), b'=', b'_')
+}
+
+/// `escape` followed by two hex digits is that byte, `space` is a space, anything else stays
+/// (RFC 2047 Q: `=`, `_`; URL query strings: `%`, `+`).
+pub(crate) fn unescape_hex(b: &[u8], escape: u8, space: u8) -> Vec<u8> {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while let Some(&c) = b.get(i) {
-        match c {
-            b'_' => out.push(b' '),
-            b'=' => {
-                let hex = b
-                    .get(i + 1..i + 3)
-                    .and_then(|h| std::str::from_utf8(h).ok());
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    None => out.push(b'='),
+        if c == space {
+            out.push(b' ');
+        } else if c == escape {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok());
+            match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                Some(v) => {
+                    out.push(v);
+                    i += 2;
                 }
+                None => out.push(c),
             }
-            c => out.push(c),
+        } else {
+            out.push(c);
         }
         i += 1;
     }
