@@ -168,23 +168,22 @@ impl Store {
     /// The newest `last_sent` that whitelists `external` for `local` in `mode`. Lock-free.
     pub fn last_sent(&self, mode: Mode, local: &str, external: &str) -> Option<u32> {
         let efp = self.fp(external);
-        match mode {
-            Mode::Global => self.ext.get(efp).map(|e| e as u32),
+        // The external address's probe goes out first, so its memory latency overlaps the
+        // owner lookup's; the view's probe then overlaps it too.
+        let e = self.ext.pin(efp);
+        let owner = match mode {
+            Mode::Global => return e.get().map(|e| e as u32),
             Mode::PerDomain => {
-                let d = self.domains.get(self.fp(super::addr::key_domain(local)))? as u32;
-                self.verified(&self.by_domain, view_key(d, efp), efp)
+                let d = self.domains.get(self.fp(super::addr::key_domain(local)))?;
+                self.by_domain.pin(view_key(d as u32, efp))
             }
             Mode::PerRecipient => {
-                let l = self.locals.get(self.fp(local))? as u32;
-                self.verified(&self.pairs, view_key(l, efp), efp)
+                let l = self.locals.get(self.fp(local))?;
+                self.pairs.pin(view_key(l as u32, efp))
             }
-        }
-    }
-
-    /// A view entry, if the external address it names is the one asked for.
-    fn verified(&self, view: &Table, k: u64, efp: u64) -> Option<u32> {
-        let (v, e) = (view.pin(k), self.ext.pin(efp));
-        let v = v.get()?;
+        };
+        // A view entry counts only if the external address it names is the one asked for.
+        let v = owner.get()?;
         let e = e.get()?;
         (value_ext(v) == (e >> 32) as u32).then_some(v as u32)
     }
