@@ -124,6 +124,11 @@ impl Conn {
     /// Send a command and read its reply.
     async fn cmd(&mut self, line: String, st: &mut Stats) -> io::Result<Reply> {
         self.send(line.into_bytes()).await?;
+        self.counted_reply(st).await
+    }
+
+    /// Read one reply and count its code.
+    async fn counted_reply(&mut self, st: &mut Stats) -> io::Result<Reply> {
         let r = self.reply().await?;
         st.reply(r.code);
         Ok(r)
@@ -242,8 +247,7 @@ async fn connect(opts: &Opts, tls: &Arc<rustls::ClientConfig>, st: &mut Stats) -
         c.transport = Transport::tls_client(tls.clone(), &opts.tls_name)?;
         c.transport.handshake(&mut c.stream).await?;
     }
-    let g = c.reply().await?;
-    st.reply(g.code);
+    let g = c.counted_reply(st).await?;
     st.record(1, micros(t));
     if g.code != 220 {
         return Err(io::Error::other(format!("greeting {}", g.code)));
@@ -310,26 +314,22 @@ async fn send_message(
             out.extend_from_slice(b"DATA\r\n");
         }
         c.send(out).await?;
-        let r = c.reply().await?;
-        st.reply(r.code);
+        let r = c.counted_reply(st).await?;
         st.record(3, micros(t));
         let mail_ok = r.is_positive();
         for _ in &rcpts {
-            let r = c.reply().await?;
-            st.reply(r.code);
+            let r = c.counted_reply(st).await?;
             st.record(4, micros(t));
             accepted += usize::from(r.is_positive());
         }
         if !opts.bdat {
-            let r = c.reply().await?;
-            st.reply(r.code);
+            let r = c.counted_reply(st).await?;
             st.record(5, micros(t));
             if !c.content_after(&r, body, st).await? {
                 return Ok(false);
             }
         }
-        let r = c.reply().await?;
-        st.reply(r.code);
+        let r = c.counted_reply(st).await?;
         st.record(6, micros(scheduled));
         if !(mail_ok && accepted > 0 && r.is_positive()) {
             return c.reset(st).await;
@@ -354,9 +354,7 @@ async fn send_message(
         let mut out = format!("BDAT {} LAST\r\n", body.len()).into_bytes();
         out.extend_from_slice(&body);
         c.send(out).await?;
-        let r = c.reply().await?;
-        st.reply(r.code);
-        r
+        c.counted_reply(st).await?
     } else {
         let t = Instant::now();
         let r = c.cmd("DATA\r\n".into(), st).await?;
@@ -364,9 +362,7 @@ async fn send_message(
         if !c.content_after(&r, body, st).await? {
             return Ok(false);
         }
-        let r = c.reply().await?;
-        st.reply(r.code);
-        r
+        c.counted_reply(st).await?
     };
     st.record(6, micros(scheduled));
     Ok(r.is_positive())

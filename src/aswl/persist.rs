@@ -611,10 +611,10 @@ pub fn read_snapshot_from(mut r: impl Read, store: &Store) -> io::Result<Snapsho
     // make us allocate more than a sane maximum).
     const MAX_HINT: u64 = 1 << 28;
     store.reserve(
+        head.locals.min(MAX_HINT) as usize,
         head.externals.min(MAX_HINT) as usize,
         head.records.min(MAX_HINT) as usize,
     );
-    let _ = head.locals;
     let mut out = SnapshotRead {
         generation: head.generation,
         ..Default::default()

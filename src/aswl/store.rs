@@ -224,11 +224,6 @@ impl Store {
         Some(id)
     }
 
-    /// The id and fingerprint of an external address, interned if new.
-    pub fn intern_external(&self, key: &str, original: &str) -> (u32, u64) {
-        self.intern_external_locked(&mut self.names(), key, original)
-    }
-
     fn intern_external_locked(&self, n: &mut Names, key: &str, original: &str) -> (u32, u64) {
         let fp = self.fp(key);
         // The id a new address gets; one probe finds or inserts.
@@ -269,21 +264,12 @@ impl Store {
             .collect()
     }
 
-    /// Size the tables for this many external addresses and records (a bulk load).
-    pub fn reserve(&self, externals: usize, records: usize) {
+    /// Size the tables for this many local and external addresses and records (a bulk load).
+    pub fn reserve(&self, locals: usize, externals: usize, records: usize) {
+        self.locals.reserve(locals);
         self.ext.reserve(externals);
         self.pairs.reserve(records);
         self.by_domain.reserve(records);
-    }
-
-    /// Set the record of interned ids `local`, `external` (whose fingerprint is `efp`) to at
-    /// least `t`.
-    pub fn put(&self, local: u32, external: u32, efp: u64, t: u32) -> Write {
-        let domain = self.names().local_domain.get(local as usize).copied();
-        match domain {
-            Some(d) => self.put_ids(local, d, external, efp, t),
-            None => Write::Unchanged,
-        }
     }
 
     /// The local domain id of a local address id (for bulk loads).
@@ -291,8 +277,9 @@ impl Store {
         self.names().local_domain.get(local as usize).copied()
     }
 
-    /// [`Store::put`] with the local domain known; takes no lock besides the tables' shards.
-    pub fn put_ids(&self, local: u32, domain: u32, external: u32, efp: u64, t: u32) -> Write {
+    /// Raise the record of interned ids to at least `t` in all three views (only the tables'
+    /// shard locks).
+    fn put_ids(&self, local: u32, domain: u32, external: u32, efp: u64, t: u32) -> Write {
         self.raise_global(external, efp, t);
         self.put_views(local, domain, external, efp, t)
     }

@@ -439,11 +439,6 @@ impl Table {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// Bytes held by the slot arrays.
-    pub fn bytes(&self) -> usize {
-        self.shards.iter().map(|s| s.slots.load().cap() * 16).sum()
-    }
 }
 
 #[cfg(test)]

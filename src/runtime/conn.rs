@@ -640,7 +640,7 @@ impl Conn {
                 if let Some(stripped) = aswl::detect::strip_header(&content, &s.header) {
                     content = stripped;
                 }
-                Some((s.header.clone(), s.mode))
+                Some(s.clone())
             }
             _ => None,
         };
@@ -660,32 +660,37 @@ impl Conn {
                 None => Ok("discarded"),
             }
         } else {
-            // One copy per verdict (in recipient order of first appearance).
-            let mut groups: Vec<(Option<bool>, Vec<String>)> = Vec::new();
-            for (i, r) in env.rcpts.iter().enumerate() {
-                let v = if verdict_header.is_some() {
-                    verdict(i)
-                } else {
-                    None
-                };
-                match groups.iter_mut().find(|(g, _)| *g == v) {
-                    Some((_, rs)) => rs.push(r.clone()),
-                    None => groups.push((v, vec![r.clone()])),
+            // One copy per verdict (in recipient order of first appearance); a message whose
+            // recipients all got the same one is stored as it came.
+            let verdict_of = |i: usize| verdict_header.as_ref().and_then(|_| verdict(i));
+            let mut kinds: Vec<Option<bool>> = Vec::with_capacity(2);
+            for i in 0..env.rcpts.len() {
+                if !kinds.contains(&verdict_of(i)) {
+                    kinds.push(verdict_of(i));
                 }
             }
             let content = Arc::new(content);
             let mut result = Ok("queued");
-            for (n, (v, rcpts)) in groups.into_iter().enumerate() {
+            for (n, &v) in kinds.iter().enumerate() {
                 let mut e = env.clone();
                 if n > 0 {
                     e.queue_id = self.ctx.queue.next_queue_id();
                 }
-                e.rcpts = rcpts;
+                if kinds.len() > 1 {
+                    e.rcpts = (0..env.rcpts.len())
+                        .filter(|&i| verdict_of(i) == v)
+                        .filter_map(|i| env.rcpts.get(i).cloned())
+                        .collect();
+                }
                 e.aswl = v;
                 let mut received = trace::received(&e, &self.binding.config.server.hostname);
-                if let Some((name, mode)) = &verdict_header {
+                if let Some(s) = &verdict_header {
                     let word = if v == Some(true) { "pass" } else { "none" };
-                    received.push_str(&format!("{name}: {word} mode={}\r\n", mode.as_str()));
+                    received.push_str(&format!(
+                        "{}: {word} mode={}\r\n",
+                        s.header,
+                        s.mode.as_str()
+                    ));
                 }
                 let extra = log.as_ref().map(|(seg, b)| (seg, b.as_slice()));
                 match self
