@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proto;
 pub mod relay;
+pub mod replication;
 pub mod runtime;
 pub mod spool;
 pub mod tls;

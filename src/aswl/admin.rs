@@ -100,8 +100,7 @@ pub fn run(a: &Aswl, s: &Settings, op: &Op, body: &[u8]) -> Result<String, Failu
             let p = pair(s, local, external)?;
             let now = unix_now();
             a.apply(s, std::slice::from_ref(&p), now);
-            a.disk
-                .write_admin(&encode_log(false, now, std::slice::from_ref(&p)))
+            a.log_admin(&encode_log(false, now, std::slice::from_ref(&p)))
                 .map_err(io_failure)?;
             Ok(format!("added {} -> {}\n", p.local, p.external))
         }
@@ -126,8 +125,7 @@ pub fn run(a: &Aswl, s: &Settings, op: &Op, body: &[u8]) -> Result<String, Failu
                 external: ext,
                 external_original: String::new(),
             };
-            a.disk
-                .write_admin(&encode_log(true, now, &[p]))
+            a.log_admin(&encode_log(true, now, &[p]))
                 .map_err(io_failure)?;
             Ok(format!("removed {n} record(s)\n"))
         }
@@ -277,8 +275,7 @@ fn import(a: &Aswl, s: &Settings, body: &[u8]) -> Result<String, Failure> {
         let pairs: Vec<Pair> = chunk.iter().map(|(_, p)| p.clone()).collect();
         for part in pairs.chunks(4096) {
             a.apply(s, part, t);
-            a.disk
-                .write_admin(&encode_log(false, t, part))
+            a.log_admin(&encode_log(false, t, part))
                 .map_err(io_failure)?;
             added += part.len();
         }
@@ -345,7 +342,152 @@ fn stats(a: &Aswl, s: &Settings) -> String {
         r.fell_back_to_previous,
         r.load_ms
     );
+    replication_stats(a, &mut o);
     o
+}
+
+fn replication_stats(a: &Aswl, o: &mut String) {
+    let r = &a.replica;
+    if !r.enabled() {
+        let _ = writeln!(o, "replication: off (single host)");
+        return;
+    }
+    let g = |x: &std::sync::atomic::AtomicU64| x.load(Ordering::Relaxed);
+    let lock = |m: &std::sync::Mutex<String>| m.lock().map(|s| s.clone()).unwrap_or_default();
+    let _ = writeln!(
+        o,
+        "replication: node {}, Redis {}, stream position {}",
+        r.node.get().map_or("?", String::as_str),
+        if r.connected.load(Ordering::Relaxed) {
+            "connected"
+        } else {
+            "unreachable"
+        },
+        lock(&r.position)
+    );
+    let _ = writeln!(
+        o,
+        "replication records: {} published, {} applied, {} ignored (expired or removed), {} republished",
+        g(&r.published),
+        g(&r.applied),
+        g(&r.ignored),
+        g(&r.republished)
+    );
+    let _ = writeln!(
+        o,
+        "replication outbox: {} records waiting, {} dropped when full (republished)",
+        g(&r.outbox),
+        g(&r.overflowed)
+    );
+    let _ = writeln!(
+        o,
+        "replication bootstraps: {} ({} records)",
+        g(&r.bootstraps),
+        g(&r.bootstrap_records)
+    );
+    let newest = g(&r.newest_applied);
+    let _ = writeln!(
+        o,
+        "replication lag: {}; {}",
+        if newest == 0 {
+            "nothing applied yet".to_string()
+        } else {
+            format!(
+                "newest applied record last sent {} s ago",
+                u64::from(unix_now()).saturating_sub(newest)
+            )
+        },
+        match r.delay_percentiles() {
+            Some((p50, p99, max, n)) => format!(
+                "publish to apply p50 {p50} ms, p99 {p99} ms, max {max} ms (last {n} entries)"
+            ),
+            None => "no entries from other nodes yet".into(),
+        }
+    );
+    let _ = writeln!(
+        o,
+        "replication errors: {}{}",
+        g(&r.errors),
+        match lock(&r.last_error) {
+            e if e.is_empty() => String::new(),
+            e => format!(" (last: {e})"),
+        }
+    );
+}
+
+fn replication_metrics(a: &Aswl) -> Vec<Family> {
+    let r = &a.replica;
+    if !r.enabled() {
+        return Vec::new();
+    }
+    let g = |x: &std::sync::atomic::AtomicU64| x.load(Ordering::Relaxed);
+    let one = |v: u64| vec![(String::new(), v)];
+    let newest = g(&r.newest_applied);
+    let lag = if newest == 0 {
+        0
+    } else {
+        u64::from(unix_now()).saturating_sub(newest)
+    };
+    let (p50, p99) = r.delay_percentiles().map_or((0, 0), |(a, b, _, _)| (a, b));
+    vec![
+        (
+            "ringmx_aswl_replication_connected",
+            "gauge",
+            "1 when the last Redis operation succeeded.",
+            one(u64::from(r.connected.load(Ordering::Relaxed))),
+        ),
+        (
+            "ringmx_aswl_replication_published_total",
+            "counter",
+            "Records sent to Redis (adds and removals, republished ones included).",
+            one(g(&r.published)),
+        ),
+        (
+            "ringmx_aswl_replication_applied_total",
+            "counter",
+            "Records from other nodes applied here.",
+            one(g(&r.applied)),
+        ),
+        (
+            "ringmx_aswl_replication_ignored_total",
+            "counter",
+            "Records from other nodes not applied (expired, or covered by a removal).",
+            one(g(&r.ignored)),
+        ),
+        (
+            "ringmx_aswl_replication_outbox_records",
+            "gauge",
+            "Local records waiting for Redis.",
+            one(g(&r.outbox)),
+        ),
+        (
+            "ringmx_aswl_replication_errors_total",
+            "counter",
+            "Redis and outbox errors.",
+            one(g(&r.errors)),
+        ),
+        (
+            "ringmx_aswl_replication_lag_seconds",
+            "gauge",
+            "Now minus last_sent of the newest record applied from another node.",
+            one(lag),
+        ),
+        (
+            "ringmx_aswl_replication_apply_delay_milliseconds",
+            "gauge",
+            "From a change reaching the publishing node's replication thread to its application here (recent entries).",
+            vec![
+                ("{quantile=\"0.5\"}".into(), u64::from(p50)),
+                ("{quantile=\"0.99\"}".into(), u64::from(p99)),
+            ],
+        ),
+        (
+            "ringmx_aswl_replication_bootstraps_total",
+            "counter",
+            "Loads of the whole record set from Redis.",
+            one(g(&r.bootstraps)),
+        ),
+    ]
 }
 
 /// A metric family: name, type, help, (labels, value) samples.
@@ -417,7 +559,7 @@ pub fn metrics(a: &Aswl, o: &mut String) {
             one(g(&a.disk.snapshots.count)),
         ),
     ];
-    for (name, kind, help, values) in families {
+    for (name, kind, help, values) in families.into_iter().chain(replication_metrics(a)) {
         crate::metrics::describe(o, name, kind, help);
         for (labels, v) in values {
             let _ = writeln!(o, "{name}{labels} {v}");

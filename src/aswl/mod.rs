@@ -35,6 +35,7 @@ pub mod addr;
 pub mod admin;
 pub mod detect;
 pub mod persist;
+pub mod replica;
 pub mod store;
 pub mod table;
 
@@ -69,6 +70,8 @@ pub struct Settings {
     pub log_additions: bool,
     pub header: String,
     pub normalize: addr::Normalize,
+    /// `[aswl.replication]` (read at startup only).
+    pub replication: Option<std::sync::Arc<crate::replication::Settings>>,
 }
 
 impl Settings {
@@ -149,6 +152,12 @@ impl Settings {
                 case_sensitive_local_part: a.case_sensitive_local_part,
                 local_delimiters: a.local_delimiters.clone(),
                 external_plus_fold: a.external_plus_fold,
+            },
+            replication: match &a.replication {
+                Some(r) => Some(std::sync::Arc::new(crate::replication::Settings::compile(
+                    r,
+                )?)),
+                None => None,
             },
         })
     }
@@ -263,6 +272,8 @@ pub struct Aswl {
     hasher: foldhash::fast::RandomState,
     pub counters: Counters,
     pub disk: persist::Disk,
+    /// Replication's tap and counters (idle on a single host).
+    pub replica: replica::Replica,
 }
 
 impl Aswl {
@@ -276,6 +287,7 @@ impl Aswl {
             hasher: foldhash::fast::RandomState::default(),
             counters: Counters::default(),
             disk,
+            replica: replica::Replica::default(),
         };
         a.sweep(settings, unix_now());
         Ok(a)
@@ -511,6 +523,41 @@ impl Aswl {
             }
         }
         persist::publish_fence();
+    }
+
+    /// An operator's change (add, import, remove): logged with its own fdatasync, then handed
+    /// to replication.
+    pub fn log_admin(&self, record: &[u8]) -> std::io::Result<()> {
+        self.disk.write_admin(record)?;
+        self.replica.publish(record);
+        Ok(())
+    }
+
+    /// Apply records from another node (replication): adds merged by newest `last_sent`
+    /// (expired ones skipped), removals remove what was last sent at or before their time.
+    /// Nothing here is handed back to replication. Returns the records applied.
+    pub fn apply_remote(&self, s: &Settings, recs: &[persist::LogRecord], now: u32) -> usize {
+        let cutoff = s.cutoff(now);
+        let mut n = 0;
+        for r in recs {
+            for p in &r.pairs {
+                if r.remove {
+                    let local = (!p.local.is_empty()).then_some(p.local.as_str());
+                    self.store.remove(local, &p.external, r.t);
+                    n += 1;
+                } else if r.t >= cutoff {
+                    self.store.record(
+                        (&p.local, &p.local_original),
+                        (&p.external, &p.external_original),
+                        r.t,
+                    );
+                    n += 1;
+                }
+            }
+        }
+        // The records are in memory before the change log is written (see `persist`).
+        persist::publish_fence();
+        n
     }
 
     /// Forget inbound messages older than the auto-response window.

@@ -553,6 +553,54 @@ pub struct AswlSection {
     pub case_sensitive_local_part: bool,
     /// Also fold `+tag` on external addresses.
     pub external_plus_fold: bool,
+    /// `[aswl.replication]`: share the whitelist with other nodes through Redis.
+    pub replication: Option<ReplicationSection>,
+}
+
+/// `[aswl.replication]`: the whitelist shared across edge hosts through Redis (or Valkey).
+/// Read at startup (a change takes effect after a restart).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationSection {
+    /// `redis://host:port[/db]` or `rediss://…` (TLS); several = seed nodes of a cluster.
+    pub urls: Vec<String>,
+    /// Redis Cluster (`urls` are seed nodes) rather than one server.
+    pub cluster: bool,
+    /// ACL user (`AUTH user password`); with `password_file`.
+    pub username: Option<String>,
+    /// A file holding the password (first line).
+    pub password_file: Option<PathBuf>,
+    /// PEM CA bundle for `rediss://` (default: the system's roots).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Prefix of every Redis key (no `{` or `}`: keys carry their own hash tags).
+    pub prefix: String,
+    /// This node's name in the stream (default: host name + a random suffix, kept in the
+    /// data directory).
+    pub node_id: Option<String>,
+    /// Most records per stream entry.
+    pub batch: usize,
+    /// Most records kept for Redis while it is unreachable; beyond that the oldest are
+    /// dropped from the outbox and republished from the whitelist itself when Redis returns.
+    pub outbox_limit: usize,
+    /// Stream entries kept (approximately; `XADD MAXLEN ~`).
+    pub stream_max_len: usize,
+}
+
+impl Default for ReplicationSection {
+    fn default() -> Self {
+        ReplicationSection {
+            urls: Vec::new(),
+            cluster: false,
+            username: None,
+            password_file: None,
+            tls_ca_file: None,
+            prefix: "ringmx:aswl:".into(),
+            node_id: None,
+            batch: 1000,
+            outbox_limit: 1_000_000,
+            stream_max_len: 100_000,
+        }
+    }
 }
 
 impl Default for AswlSection {
@@ -580,6 +628,7 @@ impl Default for AswlSection {
             local_delimiters: "+".into(),
             case_sensitive_local_part: false,
             external_plus_fold: false,
+            replication: None,
         }
     }
 }
@@ -1005,8 +1054,16 @@ impl Config {
                     .dir
                     .clone()
                     .unwrap_or_else(|| server.data_dir.join("aswl"));
-                let s = crate::aswl::Settings::compile(&a, dir, &domains)
-                    .map_err(|(k, m)| err(key_line(source, k, 0), &format!("aswl.{k}"), m))?;
+                let s = crate::aswl::Settings::compile(&a, dir, &domains).map_err(|(k, m)| {
+                    // `replication.urls` → the key `urls` after the `[aswl.replication]` header.
+                    let line = match k.strip_prefix("replication.") {
+                        Some(sub) => source
+                            .find("[aswl.replication]")
+                            .and_then(|at| key_line(source, sub, at).or(Some(line_of(source, at)))),
+                        None => key_line(source, k, 0),
+                    };
+                    err(line, &format!("aswl.{k}"), m)
+                })?;
                 Some(Arc::new(s))
             }
             _ => None,

@@ -570,7 +570,10 @@ impl Conn {
             Ok(pairs) if !pairs.is_empty() => {
                 a.apply(s, &pairs, now);
                 let seg = a.disk.core_log(self.ctx.core)?;
-                Ok(Some((seg, aswl::persist::encode_log(false, now, &pairs))))
+                let record = aswl::persist::encode_log(false, now, &pairs);
+                // To Redis from the replication thread; the 250 never waits for it.
+                a.replica.publish(&record);
+                Ok(Some((seg, record)))
             }
             Ok(_) => Ok(None),
             Err(why) => {

@@ -368,6 +368,26 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
         ),
         None => None,
     };
+    let replication = match (
+        &shared.aswl,
+        config.aswl.as_ref().and_then(|s| s.replication.clone()),
+    ) {
+        (Some(a), Some(r)) => {
+            let live: crate::replication::LiveSettings = {
+                let shared = shared.clone();
+                Arc::new(move || shared.live().config.aswl.clone())
+            };
+            let h = crate::replication::start(a.clone(), r.clone(), live).map_err(|e| {
+                RunError::Io(
+                    format!("aswl.replication state in {}", a.disk.dir.display()),
+                    e,
+                )
+            })?;
+            tracing::info!(urls = ?r.urls, cluster = r.cluster, node = a.replica.node.get().map_or("", String::as_str), "aswl replication started");
+            Some(h)
+        }
+        _ => None,
+    };
     if let Some(addr) = config.admin.listen {
         crate::admin::start(addr, shared.clone())
             .map_err(|e| RunError::Io(format!("admin.listen {addr}"), e))?;
@@ -433,6 +453,10 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
     }
     if let Some(t) = maintenance {
         let _ = t.join();
+    }
+    // After the cores: what they collected is in the outbox before the state says "clean".
+    if let Some(r) = replication {
+        r.stop();
     }
     if let (Some(a), Some(_)) = (&shared.aswl, &shared.live().config.aswl) {
         // A clean stop leaves a snapshot, so the next start replays no logs.

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod aswl;
+
 pub const DRIVERS: [&str; 2] = ["auto", "legacy"];
 
 /// A free loopback port (bound and released; the kernel does not hand it out again at once).

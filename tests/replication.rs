@@ -1,0 +1,373 @@
+//! The whitelist shared through Redis, end to end: a real `redis-server` (Debian's) on a
+//! loopback port and several ringmx processes, each with its own data directory. Mail is sent
+//! with Python's smtplib; verdicts are read from delivered copies and from the admin endpoint.
+
+mod support;
+
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::aswl::*;
+use support::*;
+
+/// A `redis-server` with an append-only file, so a restart keeps what it had.
+struct Redis {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Redis {
+    fn start(name: &str) -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            dir: temp_dir(name),
+            child: None,
+        };
+        std::fs::create_dir_all(&r.dir).unwrap();
+        r.launch();
+        r
+    }
+
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("redis.log"))
+            .unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(log)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install redis-server)");
+        self.child = Some(child);
+        wait_until(Duration::from_secs(10), "redis-server answers", || {
+            self.cli(&["PING"]).trim() == "PONG"
+        });
+    }
+
+    fn cli(&self, args: &[&str]) -> String {
+        let o = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Until the port refuses connections.
+        wait_until(Duration::from_secs(10), "redis-server gone", || {
+            TcpStream::connect(("127.0.0.1", self.port)).is_err()
+        });
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A ringmx node in replication group `prefix` on `redis`.
+fn node(name: &str, redis: &Redis, prefix: &str, mode: &str) -> Server {
+    let extra = format!(
+        "[aswl]\nmode = \"{mode}\"\nauto_response_window = \"0s\"\n\
+         [aswl.replication]\nurls = [\"{}\"]\nprefix = \"{prefix}\"\nnode_id = \"{name}\"\n",
+        redis.url()
+    );
+    Server::start_with(name, "auto", "", &extra)
+}
+
+/// The admin endpoint's verdict for `sender` writing to `rcpt` on `s`.
+fn verdict(s: &Server, sender: &str, rcpt: &str) -> String {
+    let (status, body) = s.admin_get(&format!(
+        "/aswl/check?sender={}&rcpt={}",
+        sender.replace('+', "%2B"),
+        rcpt.replace('+', "%2B")
+    ));
+    assert!(status.contains("200"), "{status} {body}");
+    if body.contains("verdict: pass") {
+        "pass".into()
+    } else {
+        "none".into()
+    }
+}
+
+fn wait_verdict(s: &Server, sender: &str, rcpt: &str, want: &str) {
+    wait_until(
+        Duration::from_secs(30),
+        &format!("{sender} -> {rcpt} {want} on {}", s.dir.display()),
+        || verdict(s, sender, rcpt) == want,
+    );
+}
+
+fn stats(s: &Server) -> String {
+    s.admin_get("/aswl/stats").1
+}
+
+/// A gauge or counter from `/metrics`.
+fn metric(s: &Server, name: &str) -> u64 {
+    let (_, m) = s.admin_get("/metrics");
+    m.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics:\n{m}"))
+}
+
+fn records(s: &Server) -> u64 {
+    metric(s, "ringmx_aswl_records")
+}
+
+#[test]
+fn a_reply_through_another_node_passes_in_every_mode() {
+    let redis = Redis::start("repl-modes-redis");
+    for mode in ["global", "per-domain", "per-recipient"] {
+        let prefix = format!("modes-{mode}:");
+        let a = node(&format!("repl-{mode}-a"), &redis, &prefix, mode);
+        let b = node(&format!("repl-{mode}-b"), &redis, &prefix, mode);
+        let c = node(&format!("repl-{mode}-c"), &redis, &prefix, mode);
+        outbound(
+            &a,
+            "alice@example.test",
+            &["bob@remote.test"],
+            "{'Subject': 'hi'}",
+        );
+        for n in [&b, &c] {
+            wait_verdict(n, "bob@remote.test", "alice@example.test", "pass");
+            inbound(
+                n,
+                "bob@remote.test",
+                &[
+                    "alice@example.test",
+                    "carol@example.test",
+                    "dave@example.org",
+                ],
+            );
+            inbound(n, "eve@remote.test", &["alice@example.test"]);
+            n.wait_queue_empty();
+            let want = |pass: bool| {
+                vec![format!(
+                    "X-ASWL: {} mode={mode}",
+                    if pass { "pass" } else { "none" }
+                )]
+            };
+            assert_eq!(
+                verdicts(n, "bob@remote.test", "alice@example.test"),
+                want(true)
+            );
+            assert_eq!(
+                verdicts(n, "bob@remote.test", "carol@example.test"),
+                want(mode != "per-recipient")
+            );
+            assert_eq!(
+                verdicts(n, "bob@remote.test", "dave@example.org"),
+                want(mode == "global")
+            );
+            assert_eq!(
+                verdicts(n, "eve@remote.test", "alice@example.test"),
+                want(false)
+            );
+        }
+        // A learned it itself and does not apply its own records twice.
+        assert_eq!(verdict(&a, "bob@remote.test", "alice@example.test"), "pass");
+        assert_eq!(metric(&a, "ringmx_aswl_replication_applied_total"), 0);
+        assert!(metric(&b, "ringmx_aswl_replication_applied_total") >= 1);
+        assert!(
+            stats(&b).contains("replication: node repl-"),
+            "{}",
+            stats(&b)
+        );
+    }
+}
+
+/// Redis stopped while mail flows, then back; a node joining later; `kill -9`; removal.
+#[test]
+fn every_record_reaches_every_node_through_outage_join_crash_and_removal() {
+    let mut redis = Redis::start("repl-life-redis");
+    let p = "life:";
+    let mut a = node("repl-life-a", &redis, p, "per-recipient");
+    let mut b = node("repl-life-b", &redis, p, "per-recipient");
+    let c = node("repl-life-c", &redis, p, "per-recipient");
+
+    // Redis goes away; both A and B keep answering 250 and keep what they learn.
+    redis.stop();
+    for i in 0..20 {
+        outbound(
+            &a,
+            "alice@example.test",
+            &[&format!("r{i}@remote.test")],
+            "{'Subject': 'x'}",
+        );
+    }
+    for i in 0..5 {
+        outbound(
+            &b,
+            "bob@example.org",
+            &[&format!("s{i}@remote.test")],
+            "{'Subject': 'x'}",
+        );
+    }
+    wait_until(Duration::from_secs(10), "A's outbox holds 20", || {
+        metric(&a, "ringmx_aswl_replication_outbox_records") == 20
+    });
+    assert_eq!(metric(&a, "ringmx_aswl_replication_connected"), 0);
+    assert!(stats(&a).contains("Redis unreachable"), "{}", stats(&a));
+
+    redis.launch();
+    for n in [&b, &c] {
+        for i in 0..20 {
+            wait_verdict(
+                n,
+                &format!("r{i}@remote.test"),
+                "alice@example.test",
+                "pass",
+            );
+        }
+    }
+    for n in [&a, &c] {
+        for i in 0..5 {
+            wait_verdict(n, &format!("s{i}@remote.test"), "bob@example.org", "pass");
+        }
+    }
+    wait_until(Duration::from_secs(10), "A's outbox empty", || {
+        metric(&a, "ringmx_aswl_replication_outbox_records") == 0
+    });
+
+    // A fourth node, started empty, bootstraps every record.
+    let d = node("repl-life-d", &redis, p, "per-recipient");
+    wait_until(Duration::from_secs(30), "D holds all 25 records", || {
+        records(&d) == 25
+    });
+    assert_eq!(metric(&d, "ringmx_aswl_replication_bootstraps_total"), 1);
+    for i in 0..20 {
+        assert_eq!(
+            verdict(&d, &format!("r{i}@remote.test"), "alice@example.test"),
+            "pass"
+        );
+    }
+    inbound(&d, "r7@remote.test", &["alice@example.test"]);
+    d.wait_queue_empty();
+    assert_eq!(
+        verdicts(&d, "r7@remote.test", "alice@example.test"),
+        ["X-ASWL: pass mode=per-recipient"]
+    );
+
+    // B killed while A keeps learning; restarted, it resumes from its position.
+    b.kill9();
+    for i in 20..30 {
+        outbound(
+            &a,
+            "alice@example.test",
+            &[&format!("r{i}@remote.test")],
+            "{'Subject': 'x'}",
+        );
+    }
+    b.restart();
+    for i in 20..30 {
+        wait_verdict(
+            &b,
+            &format!("r{i}@remote.test"),
+            "alice@example.test",
+            "pass",
+        );
+    }
+    assert_eq!(records(&b), 35, "no gaps, no extra records");
+    assert_eq!(
+        metric(&b, "ringmx_aswl_replication_bootstraps_total"),
+        0,
+        "resumed, not bootstrapped again"
+    );
+
+    // A killed right after the 250s: what it learned still reaches the others.
+    for i in 30..35 {
+        outbound(
+            &a,
+            "alice@example.test",
+            &[&format!("r{i}@remote.test")],
+            "{'Subject': 'x'}",
+        );
+    }
+    a.kill9();
+    a.restart();
+    for n in [&b, &c, &d] {
+        for i in 30..35 {
+            wait_verdict(
+                n,
+                &format!("r{i}@remote.test"),
+                "alice@example.test",
+                "pass",
+            );
+        }
+    }
+    for n in [&a, &b, &c, &d] {
+        wait_until(Duration::from_secs(10), "40 records everywhere", || {
+            records(n) == 40
+        });
+    }
+
+    // Removal on C removes everywhere; the rest stays.
+    let (ok, out) = aswl_cli(
+        &c,
+        &["remove", "r3@remote.test", "--local", "alice@example.test"],
+    );
+    assert!(ok && out.contains("removed 1"), "{out}");
+    let (ok, out) = aswl_cli(&c, &["remove", "s1@remote.test"]);
+    assert!(ok && out.contains("removed 1"), "{out}");
+    for n in [&a, &b, &d] {
+        wait_verdict(n, "r3@remote.test", "alice@example.test", "none");
+        wait_verdict(n, "s1@remote.test", "bob@example.org", "none");
+        assert_eq!(verdict(n, "r4@remote.test", "alice@example.test"), "pass");
+        assert_eq!(records(n), 38);
+    }
+    // A node joining now does not get the removed records back from Redis.
+    let e = node("repl-life-e", &redis, p, "per-recipient");
+    wait_until(Duration::from_secs(30), "E holds 38 records", || {
+        records(&e) == 38
+    });
+    assert_eq!(verdict(&e, "r3@remote.test", "alice@example.test"), "none");
+    // Mail after a removal whitelists again, everywhere. (Times are in seconds: a removal
+    // covers what was last sent in its own second, so the new mail comes a second later.)
+    std::thread::sleep(Duration::from_millis(1100));
+    outbound(
+        &b,
+        "alice@example.test",
+        &["r3@remote.test"],
+        "{'Subject': 'again'}",
+    );
+    for n in [&a, &c, &d, &e] {
+        wait_verdict(n, "r3@remote.test", "alice@example.test", "pass");
+    }
+}
