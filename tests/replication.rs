@@ -17,14 +17,24 @@ struct Redis {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Extra arguments (TLS, ACL users, cluster mode, stream node size).
+    args: Vec<String>,
+    tls: bool,
 }
 
 impl Redis {
     fn start(name: &str) -> Redis {
+        Redis::start_with(name, &[], false)
+    }
+
+    /// `tls`: the port is a TLS port (`args` name the certificates).
+    fn start_with(name: &str, args: &[&str], tls: bool) -> Redis {
         let mut r = Redis {
             port: free_port(),
             dir: temp_dir(name),
             child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            tls,
         };
         std::fs::create_dir_all(&r.dir).unwrap();
         r.launch();
@@ -37,8 +47,14 @@ impl Redis {
             .append(true)
             .open(self.dir.join("redis.log"))
             .unwrap();
+        let port = self.port.to_string();
+        let ports: [&str; 4] = if self.tls {
+            ["--port", "0", "--tls-port", &port]
+        } else {
+            ["--port", &port, "--bind", "127.0.0.1"]
+        };
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(ports)
             .args([
                 "--save",
                 "",
@@ -49,13 +65,18 @@ impl Redis {
             ])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.args)
             .stdout(log)
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server (apt-get install redis-server)");
         self.child = Some(child);
         wait_until(Duration::from_secs(10), "redis-server answers", || {
-            self.cli(&["PING"]).trim() == "PONG"
+            if self.tls {
+                TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            } else {
+                self.cli(&["PING"]).trim() == "PONG"
+            }
         });
     }
 
@@ -80,7 +101,8 @@ impl Redis {
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 }
 
@@ -104,10 +126,18 @@ fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
 
 /// A ringmx node in replication group `prefix` on `redis`.
 fn node(name: &str, redis: &Redis, prefix: &str, mode: &str) -> Server {
+    node_with(
+        name,
+        &format!("urls = [\"{}\"]\nprefix = \"{prefix}\"", redis.url()),
+        mode,
+    )
+}
+
+/// A ringmx node with `repl` as the body of `[aswl.replication]`.
+fn node_with(name: &str, repl: &str, mode: &str) -> Server {
     let extra = format!(
         "[aswl]\nmode = \"{mode}\"\nauto_response_window = \"0s\"\n\
-         [aswl.replication]\nurls = [\"{}\"]\nprefix = \"{prefix}\"\nnode_id = \"{name}\"\n",
-        redis.url()
+         [aswl.replication]\nnode_id = \"{name}\"\n{repl}\n"
     );
     Server::start_with(name, "auto", "", &extra)
 }
@@ -370,4 +400,294 @@ fn every_record_reaches_every_node_through_outage_join_crash_and_removal() {
     for n in [&a, &c, &d, &e] {
         wait_verdict(n, "r3@remote.test", "alice@example.test", "pass");
     }
+}
+
+/// A node that was down while the stream was trimmed past its position bootstraps again; a
+/// full outbox (Redis down too long) is made good by republishing from the whitelist.
+#[test]
+fn trimmed_stream_and_full_outbox_lose_nothing() {
+    // Small stream nodes so `MAXLEN ~` trims at this scale.
+    let mut redis = Redis::start_with(
+        "repl-trim-redis",
+        &["--stream-node-max-entries", "2"],
+        false,
+    );
+    let repl = format!(
+        "urls = [\"{}\"]\nprefix = \"trim:\"\nstream_max_len = 4\noutbox_limit = 5",
+        redis.url()
+    );
+    let a = node_with("repl-trim-a", &repl, "per-recipient");
+    let mut b = node_with("repl-trim-b", &repl, "per-recipient");
+    outbound(
+        &a,
+        "alice@example.test",
+        &["first@remote.test"],
+        "{'Subject': 'x'}",
+    );
+    wait_verdict(&b, "first@remote.test", "alice@example.test", "pass");
+    b.kill9();
+
+    redis.stop();
+    for i in 0..12 {
+        outbound(
+            &a,
+            "alice@example.test",
+            &[&format!("o{i}@remote.test")],
+            "{'Subject': 'x'}",
+        );
+    }
+    wait_until(Duration::from_secs(10), "A's outbox overflowed", || {
+        stats(&a).contains("dropped when full")
+            && metric(&a, "ringmx_aswl_replication_outbox_records") <= 5
+    });
+    redis.launch();
+    // One entry per message from here on: the stream is trimmed well past B's position.
+    for i in 0..12 {
+        outbound(
+            &a,
+            "alice@example.test",
+            &[&format!("t{i}@remote.test")],
+            "{'Subject': 'x'}",
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    wait_until(Duration::from_secs(10), "A's outbox empty", || {
+        metric(&a, "ringmx_aswl_replication_outbox_records") == 0
+    });
+    let len: u64 = redis
+        .cli(&["XLEN", "trim:{stream}"])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(len < 12, "the stream is trimmed ({len} entries)");
+
+    b.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while records(&b) != 25 {
+        assert!(
+            Instant::now() < deadline,
+            "B holds all 25 records:\n{}",
+            stats(&b)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        metric(&b, "ringmx_aswl_replication_bootstraps_total"),
+        1,
+        "{}",
+        stats(&b)
+    );
+    for i in 0..12 {
+        assert_eq!(
+            verdict(&b, &format!("o{i}@remote.test"), "alice@example.test"),
+            "pass"
+        );
+        assert_eq!(
+            verdict(&b, &format!("t{i}@remote.test"), "alice@example.test"),
+            "pass"
+        );
+    }
+    assert!(metric(&a, "ringmx_aswl_replication_published_total") >= 25);
+}
+
+/// `rediss://` with a private CA, an ACL user with a password file; a wrong password is an
+/// error in the stats, not a stop.
+#[test]
+fn tls_and_acl_user() {
+    let certs = temp_dir("repl-tls-certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let run = |args: &[&str]| openssl(&certs, args);
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=test-ca",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "r.key",
+            "-out",
+            "r.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        certs.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "r.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "r.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let p = |f: &str| certs.join(f).display().to_string();
+    let redis = Redis::start_with(
+        "repl-tls-redis",
+        &[
+            "--tls-cert-file",
+            &p("r.pem"),
+            "--tls-key-file",
+            &p("r.key"),
+            "--tls-ca-cert-file",
+            &p("ca.pem"),
+            "--tls-auth-clients",
+            "no",
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "ringmx",
+            "on",
+            ">s3cret-pw",
+            "~*",
+            "&*",
+            "+@all",
+        ],
+        true,
+    );
+    std::fs::write(certs.join("pw"), "s3cret-pw\n").unwrap();
+    std::fs::write(certs.join("bad-pw"), "wrong\n").unwrap();
+    let repl = |pw: &str| {
+        format!(
+            "urls = [\"{}\"]\nprefix = \"tls:\"\nusername = \"ringmx\"\npassword_file = \"{}\"\ntls_ca_file = \"{}\"",
+            redis.url(),
+            p(pw),
+            p("ca.pem")
+        )
+    };
+    let a = node_with("repl-tls-a", &repl("pw"), "per-recipient");
+    let b = node_with("repl-tls-b", &repl("pw"), "per-recipient");
+    let bad = node_with("repl-tls-bad", &repl("bad-pw"), "per-recipient");
+    outbound(
+        &a,
+        "alice@example.test",
+        &["bob@remote.test"],
+        "{'Subject': 'x'}",
+    );
+    wait_verdict(&b, "bob@remote.test", "alice@example.test", "pass");
+    assert_eq!(metric(&b, "ringmx_aswl_replication_connected"), 1);
+    wait_until(
+        Duration::from_secs(10),
+        "the bad password is reported",
+        || {
+            let s = stats(&bad);
+            s.contains("Redis unreachable") && s.contains("last: connecting to Redis")
+        },
+    );
+    // Still serving mail, still learning locally.
+    outbound(
+        &bad,
+        "carol@example.test",
+        &["dan@remote.test"],
+        "{'Subject': 'x'}",
+    );
+    assert_eq!(
+        verdict(&bad, "dan@remote.test", "carol@example.test"),
+        "pass"
+    );
+    assert_eq!(
+        verdict(&bad, "bob@remote.test", "alice@example.test"),
+        "none"
+    );
+    let _ = std::fs::remove_dir_all(&certs);
+}
+
+/// Redis Cluster: three masters on loopback; every command names one hash slot.
+#[test]
+fn redis_cluster() {
+    let shards: Vec<Redis> = (0..3)
+        .map(|i| {
+            Redis::start_with(
+                &format!("repl-cluster-{i}"),
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ],
+                false,
+            )
+        })
+        .collect();
+    let addrs: Vec<String> = shards
+        .iter()
+        .map(|r| format!("127.0.0.1:{}", r.port))
+        .collect();
+    let o = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    for r in &shards {
+        wait_until(Duration::from_secs(20), "cluster_state:ok", || {
+            r.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+        });
+    }
+    let urls: Vec<String> = shards.iter().map(|r| format!("\"{}\"", r.url())).collect();
+    let repl = format!(
+        "urls = [{}]\ncluster = true\nprefix = \"cl:\"",
+        urls.join(", ")
+    );
+    let a = node_with("repl-cluster-a", &repl, "per-domain");
+    let b = node_with("repl-cluster-b", &repl, "per-domain");
+    for i in 0..10 {
+        outbound(
+            &a,
+            "alice@example.test",
+            &[&format!("c{i}@remote.test")],
+            "{'Subject': 'x'}",
+        );
+    }
+    for i in 0..10 {
+        wait_verdict(&b, &format!("c{i}@remote.test"), "zed@example.test", "pass");
+    }
+    let (ok, out) = aswl_cli(&b, &["remove", "c4@remote.test"]);
+    assert!(ok && out.contains("removed 1"), "{out}");
+    wait_verdict(&a, "c4@remote.test", "alice@example.test", "none");
+    let c = node_with("repl-cluster-c", &repl, "per-domain");
+    wait_until(Duration::from_secs(30), "C bootstraps 9 records", || {
+        records(&c) == 9
+    });
+    // The per-record sets are spread over the shards.
+    let holding = shards
+        .iter()
+        .filter(|r| r.cli(&["DBSIZE"]).trim().parse::<u64>().unwrap_or(0) > 0)
+        .count();
+    assert!(holding >= 2, "keys on {holding} shard(s)");
 }

@@ -642,7 +642,7 @@ async fn consumer(ctx: &Ctx) {
                             st.republish_since = Some(0);
                             true
                         }
-                        Some(info) => redis_io::id_lt(p, &info.max_deleted),
+                        Some(info) => info.gap_after(p),
                     },
                 };
                 if need {

@@ -91,8 +91,18 @@ pub(super) struct Entry {
 /// What `XINFO STREAM` tells us.
 #[derive(Debug)]
 pub(super) struct StreamInfo {
-    /// The newest id trimmed away ("0-0" when none).
-    pub(super) max_deleted: String,
+    /// The oldest entry left.
+    first: Option<String>,
+    /// The newest id deleted by `XDEL` ("0-0" when none).
+    max_deleted: String,
+}
+
+impl StreamInfo {
+    /// Were entries after `pos` removed before we read them? (Conservative: when the entry
+    /// at `pos` itself is gone, yes.)
+    pub(super) fn gap_after(&self, pos: &str) -> bool {
+        id_lt(pos, &self.max_deleted) || self.first.as_deref().is_some_and(|f| id_lt(pos, f))
+    }
 }
 
 fn parse_id(id: &str) -> (u64, u64) {
@@ -316,25 +326,16 @@ impl Conn {
             _ => Vec::new(),
         };
         let get = |k: &str| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v);
-        let max_deleted = match get("max-deleted-entry-id").and_then(text_of) {
-            Some(id) => id,
-            // Before Redis 7: if the oldest entry is newer than ours, assume a gap.
-            None => match get("first-entry") {
-                Some(Value::Array(e)) => e
-                    .first()
-                    .and_then(text_of)
-                    .map(|id| {
-                        let (ms, seq) = parse_id(&id);
-                        match seq {
-                            0 => format!("{}-{}", ms.saturating_sub(1), u64::MAX),
-                            _ => format!("{ms}-{}", seq - 1),
-                        }
-                    })
-                    .unwrap_or_else(|| "0-0".into()),
-                _ => "0-0".into(),
-            },
+        // Trimming does not move `max-deleted-entry-id` (only XDEL does): the oldest entry
+        // left tells whether a position was trimmed away.
+        let first = match get("first-entry") {
+            Some(Value::Array(e)) => e.first().and_then(text_of),
+            _ => None,
         };
-        Ok(Some(StreamInfo { max_deleted }))
+        let max_deleted = get("max-deleted-entry-id")
+            .and_then(text_of)
+            .unwrap_or_else(|| "0-0".into());
+        Ok(Some(StreamInfo { first, max_deleted }))
     }
 
     /// Every tombstone: (external, local or "") → time.
