@@ -264,13 +264,26 @@ fn aswl(args: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    print_answer(
-        match run(&a, &settings, &op, &body) {
-            Ok(t) => (true, t),
-            Err((_, m)) => (false, format!("{m}\n")),
-        },
-        "whitelist request failed",
-    )
+    // With replication on, offline changes wait in its outbox for the next start.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    if settings.replication.is_some() {
+        a.replica.connect_tap(tx);
+    }
+    let answer = match run(&a, &settings, &op, &body) {
+        Ok(t) => (true, t),
+        Err((_, m)) => (false, format!("{m}\n")),
+    };
+    let mut changes = Vec::new();
+    while let Ok(c) = rx.try_recv() {
+        changes.push(c);
+    }
+    if let Some(r) = &settings.replication
+        && let Err(e) = ringmx::replication::queue_offline(&settings.dir, r, &changes)
+    {
+        eprintln!("ringmx: the replication outbox: {e} (the change is made here only)");
+        return ExitCode::FAILURE;
+    }
+    print_answer(answer, "whitelist request failed")
 }
 
 fn reload(args: &[String]) -> ExitCode {

@@ -250,7 +250,7 @@ fn every_record_reaches_every_node_through_outage_join_crash_and_removal() {
     let p = "life:";
     let mut a = node("repl-life-a", &redis, p, "per-recipient");
     let mut b = node("repl-life-b", &redis, p, "per-recipient");
-    let c = node("repl-life-c", &redis, p, "per-recipient");
+    let mut c = node("repl-life-c", &redis, p, "per-recipient");
 
     // Redis goes away; both A and B keep answering 250 and keep what they learn.
     redis.stop();
@@ -399,6 +399,24 @@ fn every_record_reaches_every_node_through_outage_join_crash_and_removal() {
     );
     for n in [&a, &c, &d, &e] {
         wait_verdict(n, "r3@remote.test", "alice@example.test", "pass");
+    }
+
+    // A change made offline on a stopped node goes out when it starts again.
+    c.stop();
+    let (ok, out) = aswl_cli(
+        &c,
+        &[
+            "remove",
+            "r5@remote.test",
+            "--local",
+            "alice@example.test",
+            "--offline",
+        ],
+    );
+    assert!(ok && out.contains("removed 1"), "{out}");
+    c.restart();
+    for n in [&a, &b, &d, &e] {
+        wait_verdict(n, "r5@remote.test", "alice@example.test", "none");
     }
 }
 

@@ -79,6 +79,22 @@ impl Replica {
         Some((at(0.5), at(0.99), v.last().copied().unwrap_or(0), v.len()))
     }
 
+    /// Record whether Redis answers; a change is logged once (not every retry).
+    pub fn set_connected(&self, up: bool) {
+        if self.connected.swap(up, Ordering::Relaxed) != up {
+            if up {
+                tracing::info!("aswl replication: Redis reachable");
+            } else {
+                let last = self
+                    .last_error
+                    .lock()
+                    .map(|e| e.clone())
+                    .unwrap_or_default();
+                tracing::warn!(error = %last, "aswl replication: Redis unreachable; changes wait in the outbox, SMTP goes on");
+            }
+        }
+    }
+
     pub fn error(&self, what: &str, e: &dyn std::fmt::Display) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         let msg = format!("{what}: {e}");

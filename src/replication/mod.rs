@@ -398,7 +398,7 @@ impl Ctx {
                 Ok(c) => return Some(c),
                 Err(e) => {
                     self.aswl.replica.error("connecting to Redis", &e);
-                    self.aswl.replica.connected.store(false, Ordering::Relaxed);
+                    self.aswl.replica.set_connected(false);
                 }
             }
             self.pause(wait).await;
@@ -484,7 +484,7 @@ async fn publisher(ctx: &Ctx, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u
             if ok {
                 wait = Duration::from_millis(100);
             } else {
-                r.connected.store(false, Ordering::Relaxed);
+                r.set_connected(false);
                 retry_at = Instant::now() + wait;
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
@@ -530,7 +530,7 @@ async fn drain(ctx: &Ctx, c: &mut Conn) -> bool {
             Ok(Ok(())) => {
                 let n = batch.records.iter().map(|x| x.pairs.len()).sum::<usize>();
                 r.published.fetch_add(n as u64, Ordering::Relaxed);
-                r.connected.store(true, Ordering::Relaxed);
+                r.set_connected(true);
                 if let Err(e) = ctx.outbox().mark_sent(batch.entries) {
                     r.error("truncating the outbox", &e);
                 }
@@ -649,7 +649,7 @@ async fn consumer(ctx: &Ctx) {
                     bootstrap(ctx, c).await?;
                 }
                 checked = true;
-                r.connected.store(true, Ordering::Relaxed);
+                r.set_connected(true);
             }
             if housekeeping.elapsed() >= sweep_interval(ctx) {
                 housekeeping = Instant::now();
@@ -672,7 +672,7 @@ async fn consumer(ctx: &Ctx) {
         .await;
         if let Err(e) = result {
             r.error("reading the stream", &e);
-            r.connected.store(false, Ordering::Relaxed);
+            r.set_connected(false);
             conn = None;
             ctx.pause(Duration::from_millis(500)).await;
         }
@@ -839,6 +839,26 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Put changes made offline (`ringmx aswl … --offline`) in the outbox; the next start sends
+/// them.
+pub fn queue_offline(aswl_dir: &Path, s: &Settings, changes: &[Vec<u8>]) -> std::io::Result<()> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let dir = dir_of(aswl_dir);
+    std::fs::create_dir_all(&dir)?;
+    let (mut state, _) = State::load(&dir)?;
+    let mut o = Outbox::open(&dir, state.epoch, state.sent, s.outbox_limit)?;
+    let a = o.append(changes, now_ms())?;
+    state.epoch = o.epoch();
+    state.sent = 0;
+    state.high_water = state.high_water.max(a.high_water);
+    if let Some(since) = a.overflow_since {
+        state.republish_since = Some(state.republish_since.map_or(since, |x| x.min(since)));
+    }
+    state.save(&dir)
 }
 
 /// The replication directory of an `[aswl] dir`.
