@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// Apply delays kept for the percentiles (the most recent ones).
-const DELAYS_KEPT: usize = 4096;
+const DELAYS_KEPT: usize = 1 << 16;
 
 #[derive(Debug, Default)]
 pub struct Replica {

@@ -694,8 +694,8 @@ fn apply_entries(ctx: &Ctx, entries: &[redis_io::Entry]) -> redis::RedisResult<(
         return Ok(());
     };
     let now = unix_now();
-    let now_ms = now_ms();
     let mut apply = Vec::new();
+    let mut published_at = Vec::new();
     for e in entries {
         let (recs, bad) = decode_log(&e.data);
         if bad > 0 {
@@ -713,7 +713,7 @@ fn apply_entries(ctx: &Ctx, entries: &[redis_io::Entry]) -> redis::RedisResult<(
         if e.node == ctx.node {
             continue;
         }
-        r.note_delay(now_ms.saturating_sub(e.at_ms));
+        published_at.push(e.at_ms);
         for mut x in recs {
             if !x.remove {
                 let before = x.pairs.len();
@@ -726,7 +726,13 @@ fn apply_entries(ctx: &Ctx, entries: &[redis_io::Entry]) -> redis::RedisResult<(
             }
         }
     }
-    apply_durably(ctx, &s, &apply, now)
+    apply_durably(ctx, &s, &apply, now)?;
+    // Applied and on disk here.
+    let done = now_ms();
+    for at in published_at {
+        r.note_delay(done.saturating_sub(at));
+    }
+    Ok(())
 }
 
 /// Apply records to memory and write them to the admin log (fdatasync).

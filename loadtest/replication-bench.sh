@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# Whitelist replication through one Redis, three ringmx nodes on this machine (loopback only).
+#
+#   loadtest/replication-bench.sh        (RATE=1000 SECS=30 RUNS=3 N=200000 by default)
+#
+# 1. Lag: node A takes outbound mail at RATE msg/s for SECS, a new local sender per message,
+#    so RATE new records/s; nodes B and C report the delay from a change reaching A's
+#    replication thread to its application (every stream entry of the run: p50, p99, max).
+# 2. Record rate: A takes outbound mail flat out, 20 recipients per message (20 new records
+#    per message), for SECS; records/s published by A and applied by B and C, and how long B
+#    and C need to catch up after the load stops.
+# 3. Inbound: node B's inbound throughput (1 KiB, pipelined, 50 connections, a stranger per
+#    message, as aswl-compare.sh) with replication off and on, each while A takes RATE msg/s
+#    outbound (so B applies RATE records/s while it is measured); median of RUNS.
+# Every node has its own data directory; routes discard (the disk is not what is measured).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RATE=${RATE:-1000}
+SECS=${SECS:-30}
+RUNS=${RUNS:-3}
+N=${N:-200000}
+work=$(mktemp -d /tmp/ringmx-repl-bench.XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+cargo build --release -q --bin ringmx -p ringmx -p ringmx-loadtest
+base=$((20000 + RANDOM % 20000))
+redis_port=$base
+redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly yes \
+    --appendfsync everysec --dir "$work" >"$work/redis.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+
+# node NAME INDEX PREFIX REPLICATION(on|off) → starts it; ports base+10*INDEX+{1,2,3}
+node() {
+    local name=$1 i=$2 prefix=$3 repl=$4
+    local dir="$work/$prefix-$name-$repl"
+    mkdir -p "$dir"
+    local p=$((base + 10 * i))
+    cat >"$dir/ringmx.toml" <<EOF
+[server]
+data_dir = "$dir"
+cores = 2
+[[binding]]
+name = "in"
+listen = "127.0.0.1:$((p + 1))"
+direction = "inbound"
+[[binding]]
+name = "out"
+listen = "127.0.0.1:$((p + 2))"
+direction = "outbound"
+allowed_clients = ["127.0.0.0/8"]
+[domains]
+local = ["example.test"]
+[admin]
+listen = "127.0.0.1:$((p + 3))"
+[[route]]
+domains = ["*"]
+action = "discard"
+[aswl]
+mode = "per-domain"
+snapshot_interval = "1h"
+EOF
+    if [ "$repl" = on ]; then
+        printf '[aswl.replication]\nurls = ["redis://127.0.0.1:%s"]\nprefix = "%s:"\nnode_id = "%s"\n' \
+            "$redis_port" "$prefix" "$name" >>"$dir/ringmx.toml"
+    fi
+    target/release/ringmx run --config "$dir/ringmx.toml" 2>"$dir/ringmx.log" &
+    pids+=($!)
+    eval "pid_$name=$!"
+    for _ in $(seq 1 300); do
+        curl -sf "http://127.0.0.1:$((p + 3))/healthz" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    echo "node $name did not start" >&2
+    exit 1
+}
+stop() { local v="pid_$1"; kill "${!v}"; wait "${!v}" 2>/dev/null || true; }
+port() { echo $((base + 10 * $1 + $2)); } # INDEX KIND(1 in, 2 out, 3 admin)
+metric() { curl -s "http://127.0.0.1:$(port "$1" 3)/metrics" | awk -v m="$2" '$1 == m { print $2 }'; }
+delays() { curl -s "http://127.0.0.1:$(port "$1" 3)/aswl/stats" | grep -o 'publish to apply.*'; }
+outbound() { # INDEX ARGS… (outbound mail from a new local sender per message)
+    local i=$1
+    shift
+    target/release/ringmx-loadtest -c 20 --from 'user{k}@example.test' --senders 100000000 \
+        --to-domain remote.example --json "$@" "127.0.0.1:$(port "$i" 2)"
+}
+wait_applied() { # INDEX COUNT → seconds until applied_total ≥ COUNT
+    local start
+    start=$(date +%s.%N)
+    for _ in $(seq 1 1200); do
+        [ "$(metric "$1" ringmx_aswl_replication_applied_total)" -ge "$2" ] && break
+        sleep 0.05
+    done
+    python3 -c "import time; print(f'{time.time() - $start:.2f}')"
+}
+
+echo "== 1. lag at $RATE new records/s for $SECS s (3 nodes, one Redis)"
+node a 1 lag on; node b 2 lag on; node c 3 lag on
+outbound 1 --rate "$RATE" -d "$SECS" >"$work/lag.json"
+sent=$(metric 1 ringmx_aswl_replication_published_total)
+wait_applied 2 "$sent" >/dev/null; wait_applied 3 "$sent" >/dev/null
+echo "  A published $sent records ($(python3 -c "import json; print(round(json.load(open('$work/lag.json'))['msgs_per_sec']))") msg/s)"
+echo "  B: $(delays 2)"
+echo "  C: $(delays 3)"
+stop a; stop b; stop c
+
+echo "== 2. records/s through one Redis: A outbound flat out, 20 recipients per message, $SECS s"
+node a 1 rate on; node b 2 rate on; node c 3 rate on
+t0=$(date +%s.%N)
+outbound 1 -r 20 -d "$SECS" >"$work/rate.json"
+t1=$(date +%s.%N)
+sent=$(metric 1 ringmx_aswl_replication_published_total)
+applied_b=$(metric 2 ringmx_aswl_replication_applied_total)
+applied_c=$(metric 3 ringmx_aswl_replication_applied_total)
+catch_b=$(wait_applied 2 "$sent"); catch_c=$(wait_applied 3 "$sent")
+python3 - "$t0" "$t1" "$sent" "$applied_b" "$applied_c" "$catch_b" "$catch_c" "$work/rate.json" <<'EOF'
+import json, sys
+t0, t1, sent, ab, ac, cb, cc = (float(x) for x in sys.argv[1:8])
+r = json.load(open(sys.argv[8]))
+d = t1 - t0
+print(f"  A: {r['msgs_per_sec']:.0f} msg/s x 20 = {sent / d:.0f} records/s published ({sent:.0f} in {d:.1f} s)")
+print(f"  applied during the load: B {ab / d:.0f}/s, C {ac / d:.0f}/s; caught up {cb:.2f} s / {cc:.2f} s after it")
+EOF
+echo "  B: $(delays 2)"
+stop a; stop b; stop c
+
+echo "== 3. node B inbound msg/s, replication off vs on, while A takes $RATE msg/s outbound"
+node a 1 inbound on
+inbound_run() { # REPL → median msg/s
+    node b 2 inbound "$1"
+    local rates=()
+    for _ in $(seq 1 "$RUNS"); do
+        outbound 1 --rate "$RATE" -d 60 >/dev/null &
+        local bg=$!
+        sleep 1
+        rates+=("$(timeout 300 target/release/ringmx-loadtest -c 50 -n "$N" \
+            --from 'sender{k}@stranger{k}.example' --senders 1000000 \
+            --to-domain example.test --json "127.0.0.1:$(port 2 1)" |
+            python3 -c 'import json,sys; print(round(json.load(sys.stdin)["msgs_per_sec"]))')")
+        kill "$bg" 2>/dev/null || true
+        wait "$bg" 2>/dev/null || true
+    done
+    [ "$1" = on ] && echo "  (B applied $(metric 2 ringmx_aswl_replication_applied_total) records while measured)" >&2
+    stop b
+    printf '%s\n' "${rates[@]}" | sort -n | sed -n "$(((RUNS + 1) / 2))p"
+}
+off=$(inbound_run off)
+on=$(inbound_run on)
+echo "  replication off: $off msg/s"
+echo "  replication on:  $on msg/s ($(python3 -c "print(f'{$on/$off*100:.1f}')") % of off)"
