@@ -215,6 +215,19 @@ impl Stop {
     fn is_set(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
     }
+
+    /// Resolves once stopping (no lost wake-up: registered before the flag is read).
+    async fn stopped(&self) {
+        loop {
+            let n = self.notify.notified();
+            tokio::pin!(n);
+            n.as_mut().enable();
+            if self.is_set() {
+                return;
+            }
+            n.await;
+        }
+    }
 }
 
 impl Handle {
@@ -378,12 +391,9 @@ impl Ctx {
 
     /// Sleep up to `d`, waking early when stopping.
     async fn pause(&self, d: Duration) {
-        if self.stop.is_set() {
-            return;
-        }
         tokio::select! {
             _ = tokio::time::sleep(d) => {}
-            _ = self.stop.notify.notified() => {}
+            _ = self.stop.stopped() => {}
         }
     }
 
@@ -438,7 +448,7 @@ async fn publisher(ctx: &Ctx, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u
             tokio::select! {
                 _ = rx.recv_many(&mut buf, 4096) => {}
                 _ = tokio::time::sleep(sleep) => {}
-                _ = ctx.stop.notify.notified() => {}
+                _ = ctx.stop.stopped() => {}
             }
         }
         while let Ok(x) = rx.try_recv() {
@@ -447,7 +457,6 @@ async fn publisher(ctx: &Ctx, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u
         if !buf.is_empty() {
             let now_ms = now_ms();
             let appended = ctx.outbox().append(&buf, now_ms);
-            buf.clear();
             match appended {
                 Ok(a) => {
                     let mut st = ctx.state();
@@ -465,12 +474,29 @@ async fn publisher(ctx: &Ctx, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u
                         ctx.save_state();
                     }
                 }
-                Err(e) => r.error("writing the outbox", &e),
+                Err(e) => {
+                    // Not durable here: the whitelist holds them; republish from it.
+                    r.error("writing the outbox", &e);
+                    let since = buf
+                        .iter()
+                        .flat_map(|b| decode_log(b).0)
+                        .map(|x| x.t)
+                        .min()
+                        .unwrap_or(0);
+                    let mut st = ctx.state();
+                    st.republish_since = Some(st.republish_since.map_or(since, |s| s.min(since)));
+                }
             }
+            buf.clear();
             r.outbox
                 .store(ctx.outbox().records() as u64, Ordering::Relaxed);
         }
-        if Instant::now() >= retry_at || stopping {
+        if stopping {
+            // A last send if Redis is there; the outbox keeps the rest for the next start.
+            if let Some(c) = conn.as_mut() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), drain(ctx, c)).await;
+            }
+        } else if Instant::now() >= retry_at {
             if conn.is_none() {
                 match Conn::open(&ctx.s, Duration::from_secs(5)).await {
                     Ok(c) => conn = Some(c),
@@ -511,7 +537,8 @@ async fn publisher(ctx: &Ctx, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u
 /// Send the outbox, then any republishing owed. `false` on a Redis error.
 async fn drain(ctx: &Ctx, c: &mut Conn) -> bool {
     let r = &ctx.aswl.replica;
-    loop {
+    // A bounded number of batches per call, so new changes keep reaching the outbox.
+    for _ in 0..64 {
         let batch = ctx.outbox().peek(ctx.s.batch);
         if batch.records.is_empty() {
             break;
@@ -553,6 +580,7 @@ async fn drain(ctx: &Ctx, c: &mut Conn) -> bool {
     let since = ctx.state().republish_since;
     if let Some(since) = since
         && !ctx.stop.is_set()
+        && ctx.outbox().is_empty()
     {
         if let Err(e) = republish(ctx, c, since).await {
             r.error("republishing", &e);
@@ -658,7 +686,7 @@ async fn consumer(ctx: &Ctx) {
             let pos = ctx.state().stream.clone().unwrap_or_else(|| "0-0".into());
             let entries = tokio::select! {
                 e = c.read(&ctx.s, &pos, READ_COUNT, BLOCK) => e?,
-                _ = ctx.stop.notify.notified() => return Ok(()),
+                _ = ctx.stop.stopped() => return Ok(()),
             };
             if let Some(last) = entries.last() {
                 apply_entries(ctx, &entries)?;
