@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Whitelist replication through one Redis, three ringmx nodes on this machine (loopback only).
 #
-#   loadtest/replication-bench.sh        (RATE=1000 SECS=30 RUNS=3 N=200000 by default)
+#   loadtest/replication-bench.sh     (RATE=1000 RCPTS=1 SECS=30 RUNS=3 N=200000 PHASES=123)
 #
-# 1. Lag: node A takes outbound mail at RATE msg/s for SECS, a new local sender per message,
-#    so RATE new records/s; nodes B and C report the delay from a change reaching A's
-#    replication thread to its application (every stream entry of the run: p50, p99, max).
+# 1. Lag: node A takes outbound mail at RATE msg/s for SECS, a new local sender per message
+#    and RCPTS recipients, so RATE x RCPTS new records/s; nodes B and C report the delay from a
+#    change reaching A's replication thread to its application on disk there (every stream
+#    entry of the run: p50, p99, max).
 # 2. Record rate: A takes outbound mail flat out, 20 recipients per message (20 new records
-#    per message), for SECS; records/s published by A and applied by B and C, and how long B
-#    and C need to catch up after the load stops.
+#    per message), for SECS; then until A's outbox is empty and B and C have applied it all:
+#    records/s through one Redis end to end.
 # 3. Inbound: node B's inbound throughput (1 KiB, pipelined, 50 connections, a stranger per
 #    message, as aswl-compare.sh) with replication off and on, each while A takes RATE msg/s
-#    outbound (so B applies RATE records/s while it is measured); median of RUNS.
+#    outbound (so B applies RATE records/s while it is measured); a fresh B per run, off and on
+#    alternating; median of RUNS each.
 # Every node has its own data directory; routes discard (the disk is not what is measured).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +21,8 @@ RATE=${RATE:-1000}
 SECS=${SECS:-30}
 RUNS=${RUNS:-3}
 N=${N:-200000}
+PHASES=${PHASES:-123}
+RCPTS=${RCPTS:-1}
 work=$(mktemp -d /tmp/ringmx-repl-bench.XXXXXX)
 pids=()
 cleanup() {
@@ -90,6 +94,13 @@ outbound() { # INDEX ARGS… (outbound mail from a new local sender per message)
     target/release/ringmx-loadtest -c 20 --from 'user{k}@example.test' --senders 100000000 \
         --to-domain remote.example --json "$@" "127.0.0.1:$(port "$i" 2)"
 }
+outbound_bg() { # like outbound, in the background; its pid in $bg
+    local i=$1
+    shift
+    target/release/ringmx-loadtest -c 20 --from 'user{k}@example.test' --senders 100000000 \
+        --to-domain remote.example --json "$@" "127.0.0.1:$(port "$i" 2)" >/dev/null &
+    bg=$!
+}
 wait_applied() { # INDEX COUNT → seconds until applied_total ≥ COUNT
     local start
     start=$(date +%s.%N)
@@ -100,57 +111,69 @@ wait_applied() { # INDEX COUNT → seconds until applied_total ≥ COUNT
     python3 -c "import time; print(f'{time.time() - $start:.2f}')"
 }
 
-echo "== 1. lag at $RATE new records/s for $SECS s (3 nodes, one Redis)"
+if [[ $PHASES == *1* ]]; then
+echo "== 1. lag at $((RATE * RCPTS)) new records/s for $SECS s (3 nodes, one Redis)"
 node a 1 lag on; node b 2 lag on; node c 3 lag on
-outbound 1 --rate "$RATE" -d "$SECS" >"$work/lag.json"
+outbound 1 --rate "$RATE" -r "$RCPTS" -d "$SECS" >"$work/lag.json"
 sent=$(metric 1 ringmx_aswl_replication_published_total)
 wait_applied 2 "$sent" >/dev/null; wait_applied 3 "$sent" >/dev/null
 echo "  A published $sent records ($(python3 -c "import json; print(round(json.load(open('$work/lag.json'))['msgs_per_sec']))") msg/s)"
 echo "  B: $(delays 2)"
 echo "  C: $(delays 3)"
 stop a; stop b; stop c
+fi
 
+if [[ $PHASES == *2* ]]; then
 echo "== 2. records/s through one Redis: A outbound flat out, 20 recipients per message, $SECS s"
 node a 1 rate on; node b 2 rate on; node c 3 rate on
 t0=$(date +%s.%N)
 outbound 1 -r 20 -d "$SECS" >"$work/rate.json"
 t1=$(date +%s.%N)
+backlog=$(metric 1 ringmx_aswl_replication_outbox_records)
+for _ in $(seq 1 6000); do
+    [ "$(metric 1 ringmx_aswl_replication_outbox_records)" = 0 ] && break
+    sleep 0.05
+done
 sent=$(metric 1 ringmx_aswl_replication_published_total)
-applied_b=$(metric 2 ringmx_aswl_replication_applied_total)
-applied_c=$(metric 3 ringmx_aswl_replication_applied_total)
-catch_b=$(wait_applied 2 "$sent"); catch_c=$(wait_applied 3 "$sent")
-python3 - "$t0" "$t1" "$sent" "$applied_b" "$applied_c" "$catch_b" "$catch_c" "$work/rate.json" <<'EOF'
+wait_applied 2 "$sent" >/dev/null; wait_applied 3 "$sent" >/dev/null
+t2=$(date +%s.%N)
+python3 - "$t0" "$t1" "$t2" "$sent" "$backlog" "$work/rate.json" <<'EOF'
 import json, sys
-t0, t1, sent, ab, ac, cb, cc = (float(x) for x in sys.argv[1:8])
-r = json.load(open(sys.argv[8]))
-d = t1 - t0
-print(f"  A: {r['msgs_per_sec']:.0f} msg/s x 20 = {sent / d:.0f} records/s published ({sent:.0f} in {d:.1f} s)")
-print(f"  applied during the load: B {ab / d:.0f}/s, C {ac / d:.0f}/s; caught up {cb:.2f} s / {cc:.2f} s after it")
+t0, t1, t2, sent, backlog = (float(x) for x in sys.argv[1:6])
+r = json.load(open(sys.argv[6]))
+print(f"  A took {r['msgs_per_sec']:.0f} msg/s x 20 = {r['msgs_per_sec'] * 20:.0f} records/s for {t1 - t0:.1f} s ({backlog:.0f} in its outbox at the end)")
+print(f"  {sent:.0f} records published by A and applied by B and C in {t2 - t0:.1f} s: {sent / (t2 - t0):.0f} records/s")
 EOF
 echo "  B: $(delays 2)"
 stop a; stop b; stop c
+fi
 
+[[ $PHASES == *3* ]] || exit 0
 echo "== 3. node B inbound msg/s, replication off vs on, while A takes $RATE msg/s outbound"
 node a 1 inbound on
-inbound_run() { # REPL → median msg/s
+measure_b() { # REPL → msg/s of one run on a fresh node B
     node b 2 inbound "$1"
-    local rates=()
-    for _ in $(seq 1 "$RUNS"); do
-        outbound 1 --rate "$RATE" -d 60 >/dev/null &
-        local bg=$!
-        sleep 1
-        rates+=("$(timeout 300 target/release/ringmx-loadtest -c 50 -n "$N" \
-            --from 'sender{k}@stranger{k}.example' --senders 1000000 \
-            --to-domain example.test --json "127.0.0.1:$(port 2 1)" |
-            python3 -c 'import json,sys; print(round(json.load(sys.stdin)["msgs_per_sec"]))')")
-        kill "$bg" 2>/dev/null || true
-        wait "$bg" 2>/dev/null || true
-    done
+    local bg
+    outbound_bg 1 --rate "$RATE" -d 60
+    sleep 1
+    timeout 300 target/release/ringmx-loadtest -c 50 -n "$N" \
+        --from 'sender{k}@stranger{k}.example' --senders 1000000 \
+        --to-domain example.test --json "127.0.0.1:$(port 2 1)" |
+        python3 -c 'import json,sys; print(round(json.load(sys.stdin)["msgs_per_sec"]))'
     [ "$1" = on ] && echo "  (B applied $(metric 2 ringmx_aswl_replication_applied_total) records while measured)" >&2
+    kill "$bg" 2>/dev/null || true
+    wait "$bg" 2>/dev/null || true
     stop b
-    printf '%s\n' "${rates[@]}" | sort -n | sed -n "$(((RUNS + 1) / 2))p"
 }
-off=$(inbound_run off)
-on=$(inbound_run on)
-echo "  replication off: $off msg/s"
-echo "  replication on:  $on msg/s ($(python3 -c "print(f'{$on/$off*100:.1f}')") % of off)"
+# Alternating (off, on, off, on, …) so drift on a shared machine hits both alike.
+offs=()
+ons=()
+for _ in $(seq 1 "$RUNS"); do
+    offs+=("$(measure_b off)")
+    ons+=("$(measure_b on)")
+done
+median() { printf '%s\n' "$@" | sort -n | sed -n "$((($# + 1) / 2))p"; }
+off=$(median "${offs[@]}")
+on=$(median "${ons[@]}")
+echo "  replication off: $off msg/s (runs: ${offs[*]})"
+echo "  replication on:  $on msg/s (runs: ${ons[*]}; $(python3 -c "print(f'{$on/$off*100:.1f}')") % of off)"

@@ -379,10 +379,22 @@ impl Disk {
 
     /// Append a record to the admin log and `fdatasync` it (operator changes, imports).
     pub fn write_admin(&self, bytes: &[u8]) -> io::Result<()> {
+        self.append_admin(bytes)?;
+        self.sync_admin()
+    }
+
+    /// Append to the admin log without syncing (records that can be fetched again, from
+    /// replication); [`Disk::sync_admin`] makes them durable.
+    pub fn append_admin(&self, bytes: &[u8]) -> io::Result<()> {
         publish_fence();
-        let seg = self.log_for(&self.admin, "admin")?;
-        seg.append(&[bytes])?;
-        seg.sync_now()
+        self.log_for(&self.admin, "admin")?.append(&[bytes])?;
+        Ok(())
+    }
+
+    /// `fdatasync` the current admin log. (Records appended to an older generation's log are
+    /// in the snapshot that moved past it: they were in memory before they were appended.)
+    pub fn sync_admin(&self) -> io::Result<()> {
+        self.log_for(&self.admin, "admin")?.sync_now()
     }
 
     /// Write a snapshot of `store` and delete the logs it makes unnecessary.

@@ -57,6 +57,9 @@ const CRASH_MARGIN: u32 = 5;
 /// Records per `XREAD`.
 const READ_COUNT: usize = 200;
 const BLOCK: Duration = Duration::from_millis(500);
+/// How often the state (stream position, outbox offset) is saved when it changed; after a
+/// crash at most this much is read or sent again (harmlessly).
+const STATE_EVERY: Duration = Duration::from_secs(2);
 
 /// The compiled `[aswl.replication]`.
 #[derive(Debug, Clone)]
@@ -69,6 +72,7 @@ pub struct Settings {
     pub prefix: String,
     pub node_id: Option<String>,
     pub batch: usize,
+    pub batch_interval: Duration,
     pub outbox_limit: usize,
     pub stream_max_len: usize,
 }
@@ -134,6 +138,12 @@ impl Settings {
                 "printable ASCII without spaces".into(),
             ));
         }
+        if r.batch_interval.0 > Duration::from_secs(1) {
+            return Err((
+                "replication.batch_interval",
+                "at most 1s (it adds to the replication lag)".into(),
+            ));
+        }
         for (k, v) in [
             ("replication.batch", r.batch),
             ("replication.outbox_limit", r.outbox_limit),
@@ -152,6 +162,7 @@ impl Settings {
             prefix: r.prefix.clone(),
             node_id: r.node_id.clone(),
             batch: r.batch,
+            batch_interval: r.batch_interval.0,
             outbox_limit: r.outbox_limit,
             stream_max_len: r.stream_max_len,
         })
@@ -298,6 +309,8 @@ pub fn start(
         state: Mutex::new(state),
         outbox: Mutex::new(outbox),
         tombs: Mutex::new(HashMap::new()),
+        unsynced: AtomicBool::new(false),
+        saved: Mutex::new(None),
     };
     let thread = std::thread::Builder::new()
         .name("ringmx-replication".into())
@@ -349,6 +362,10 @@ struct Ctx {
     outbox: Mutex<Outbox>,
     /// Removals seen: (external, local or "") → newest removal time.
     tombs: Mutex<HashMap<(String, String), u32>>,
+    /// Applied records appended to the admin log and not yet synced.
+    unsynced: AtomicBool,
+    /// The state as last written.
+    saved: Mutex<Option<State>>,
 }
 
 impl Ctx {
@@ -364,10 +381,24 @@ impl Ctx {
         self.tombs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Save the state if it changed; applied records first reach the disk, so the saved
+    /// stream position is never ahead of what is durable here.
     fn save_state(&self) {
+        if self.unsynced.swap(false, Ordering::Relaxed)
+            && let Err(e) = self.aswl.disk.sync_admin()
+        {
+            self.unsynced.store(true, Ordering::Relaxed);
+            self.aswl.replica.error("syncing the admin log", &e);
+            return;
+        }
         let st = self.state().clone();
-        if let Err(e) = st.save(&self.dir) {
-            self.aswl.replica.error("saving the replication state", &e);
+        let mut saved = self.saved.lock().unwrap_or_else(|p| p.into_inner());
+        if saved.as_ref() == Some(&st) {
+            return;
+        }
+        match st.save(&self.dir) {
+            Ok(()) => *saved = Some(st),
+            Err(e) => self.aswl.replica.error("saving the replication state", &e),
         }
     }
 
@@ -419,12 +450,8 @@ impl Ctx {
 
 async fn run(ctx: &Ctx, rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>) {
     tokio::join!(publisher(ctx, rx), consumer(ctx));
-    let mut st = ctx.state();
-    st.clean = true;
-    let st = st.clone();
-    if let Err(e) = st.save(&ctx.dir) {
-        tracing::error!(error = %e, "aswl replication: saving the state at stop");
-    }
+    ctx.state().clean = true;
+    ctx.save_state();
     tracing::info!("aswl replication stopped");
 }
 
@@ -438,6 +465,8 @@ async fn publisher(ctx: &Ctx, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u
     let mut saved = Instant::now();
     loop {
         let stopping = ctx.stop.is_set();
+        // When the first change of this batch arrived (the lag is measured from here).
+        let mut first_at = now_ms();
         if !stopping {
             let idle = ctx.outbox().is_empty() && ctx.state().republish_since.is_none();
             let sleep = if idle {
@@ -450,13 +479,17 @@ async fn publisher(ctx: &Ctx, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u
                 _ = tokio::time::sleep(sleep) => {}
                 _ = ctx.stop.stopped() => {}
             }
+            first_at = now_ms();
+            if !buf.is_empty() && buf.len() < ctx.s.batch {
+                // Gather a batch: one outbox fsync and one stream entry for all of it.
+                ctx.pause(ctx.s.batch_interval).await;
+            }
         }
         while let Ok(x) = rx.try_recv() {
             buf.push(x);
         }
         if !buf.is_empty() {
-            let now_ms = now_ms();
-            let appended = ctx.outbox().append(&buf, now_ms);
+            let appended = ctx.outbox().append(&buf, first_at);
             match appended {
                 Ok(a) => {
                     let mut st = ctx.state();
@@ -515,7 +548,7 @@ async fn publisher(ctx: &Ctx, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
         }
-        if saved.elapsed() > Duration::from_secs(1) || stopping {
+        if saved.elapsed() > STATE_EVERY || stopping {
             let (epoch, sent) = {
                 let o = ctx.outbox();
                 (o.epoch(), o.sent_offset())
@@ -695,6 +728,10 @@ async fn consumer(ctx: &Ctx) {
                     p.clone_from(&last.id);
                 }
             }
+            if !entries.is_empty() && entries.len() < READ_COUNT {
+                // Not behind: let the next batch gather (one apply and one fsync for it).
+                ctx.pause(ctx.s.batch_interval).await;
+            }
             Ok::<(), redis::RedisError>(())
         }
         .await;
@@ -704,7 +741,7 @@ async fn consumer(ctx: &Ctx) {
             conn = None;
             ctx.pause(Duration::from_millis(500)).await;
         }
-        if saved.elapsed() > Duration::from_secs(1) {
+        if saved.elapsed() > STATE_EVERY {
             ctx.save_state();
             saved = Instant::now();
         }
@@ -792,11 +829,14 @@ fn apply_durably(
     }
     r.applied.fetch_add(n as u64, Ordering::Relaxed);
     if !bytes.is_empty() {
-        ctx.aswl.disk.write_admin(&bytes).map_err(|e| {
+        // Synced before the stream position that covers them is saved ([`Ctx::save_state`]):
+        // after a crash they are read from the stream again.
+        ctx.aswl.disk.append_admin(&bytes).map_err(|e| {
             redis::RedisError::from(std::io::Error::other(format!(
                 "writing applied records to the admin log: {e}"
             )))
         })?;
+        ctx.unsynced.store(true, Ordering::Relaxed);
     }
     Ok(())
 }

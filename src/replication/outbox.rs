@@ -25,7 +25,7 @@ const MAGIC: &[u8; 4] = b"RMXO";
 const HEADER: u64 = 12;
 const ROTATE_AT: u64 = 1 << 20;
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct State {
     pub node: Option<String>,
