@@ -709,3 +709,43 @@ fn redis_cluster() {
         .count();
     assert!(holding >= 2, "keys on {holding} shard(s)");
 }
+
+/// The per-record entries in Redis expire with the lifetime (every node's housekeeping), so a
+/// node joining later does not bootstrap expired records.
+#[test]
+fn redis_entries_expire_with_the_lifetime() {
+    let redis = Redis::start("repl-expiry-redis");
+    let extra = |name: &str| {
+        format!(
+            "[aswl]\nmode = \"per-recipient\"\nlifetime = \"3s\"\nsweep_interval = \"500ms\"\n\
+             [aswl.replication]\nnode_id = \"{name}\"\nurls = [\"{}\"]\nprefix = \"exp:\"\n",
+            redis.url()
+        )
+    };
+    let a = Server::start_with("repl-expiry-a", "auto", "", &extra("a"));
+    let b = Server::start_with("repl-expiry-b", "auto", "", &extra("b"));
+    outbound(
+        &a,
+        "alice@example.test",
+        &["bob@remote.test"],
+        "{'Subject': 'x'}",
+    );
+    wait_verdict(&b, "bob@remote.test", "alice@example.test", "pass");
+    let in_redis = || -> u64 {
+        redis
+            .cli(&["--scan", "--pattern", "exp:*set"])
+            .lines()
+            .map(|k| redis.cli(&["ZCARD", k]).trim().parse::<u64>().unwrap())
+            .sum()
+    };
+    assert_eq!(in_redis(), 1);
+    wait_until(Duration::from_secs(15), "expired in Redis", || {
+        in_redis() == 0
+    });
+    wait_verdict(&b, "bob@remote.test", "alice@example.test", "none");
+    let c = Server::start_with("repl-expiry-c", "auto", "", &extra("c"));
+    wait_until(Duration::from_secs(10), "C bootstrapped", || {
+        metric(&c, "ringmx_aswl_replication_bootstraps_total") == 1
+    });
+    assert_eq!(records(&c), 0);
+}
