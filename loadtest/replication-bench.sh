@@ -14,6 +14,10 @@
 #    message, as aswl-compare.sh) with replication off and on, each while A takes RATE msg/s
 #    outbound (so B applies RATE records/s while it is measured); a fresh B per run, off and on
 #    alternating; median of RUNS each.
+# 4. Bulk, without SMTP in the way (PHASES=4, not in the default run): node A imports RECORDS
+#    records offline, then starts with replication and publishes them all (a node joining a
+#    group publishes what it has); B, started with it, applies them from the stream; C, started
+#    after, bootstraps them from the sets. Rates, and Redis memory per record.
 # Every node has its own data directory; routes discard (the disk is not what is measured).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +26,7 @@ SECS=${SECS:-30}
 RUNS=${RUNS:-3}
 N=${N:-200000}
 PHASES=${PHASES:-123}
+RECORDS=${RECORDS:-1000000}
 RCPTS=${RCPTS:-1}
 work=$(mktemp -d /tmp/ringmx-repl-bench.XXXXXX)
 pids=()
@@ -44,9 +49,10 @@ for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && bre
 node() {
     local name=$1 i=$2 prefix=$3 repl=$4
     local dir="$work/$prefix-$name-$repl"
+    [ "$repl" = keep ] && dir="$work/$prefix-$name-off" # its configuration as it is now
     mkdir -p "$dir"
     local p=$((base + 10 * i))
-    cat >"$dir/ringmx.toml" <<EOF
+    [ "$repl" = keep ] || cat >"$dir/ringmx.toml" <<EOF
 [server]
 data_dir = "$dir"
 cores = 2
@@ -81,7 +87,8 @@ EOF
         curl -sf "http://127.0.0.1:$((p + 3))/healthz" >/dev/null 2>&1 && return 0
         sleep 0.1
     done
-    echo "node $name did not start" >&2
+    echo "node $name did not start:" >&2
+    tail -5 "$dir/ringmx.log" >&2
     exit 1
 }
 stop() { local v="pid_$1"; kill "${!v}"; wait "${!v}" 2>/dev/null || true; }
@@ -101,14 +108,18 @@ outbound_bg() { # like outbound, in the background; its pid in $bg
         --to-domain remote.example --json "$@" "127.0.0.1:$(port "$i" 2)" >/dev/null &
     bg=$!
 }
-wait_applied() { # INDEX COUNT → seconds until applied_total ≥ COUNT
+wait_applied() { # INDEX COUNT → seconds until applied_total ≥ COUNT (fails after 5 min)
     local start
     start=$(date +%s.%N)
-    for _ in $(seq 1 1200); do
-        [ "$(metric "$1" ringmx_aswl_replication_applied_total)" -ge "$2" ] && break
+    for _ in $(seq 1 6000); do
+        if [ "$(metric "$1" ringmx_aswl_replication_applied_total)" -ge "$2" ]; then
+            python3 -c "import time; print(f'{time.time() - $start:.2f}')"
+            return 0
+        fi
         sleep 0.05
     done
-    python3 -c "import time; print(f'{time.time() - $start:.2f}')"
+    echo "node $1 did not apply $2 records" >&2
+    exit 1
 }
 
 if [[ $PHASES == *1* ]]; then
@@ -129,21 +140,52 @@ node a 1 rate on; node b 2 rate on; node c 3 rate on
 t0=$(date +%s.%N)
 outbound 1 -r 20 -d "$SECS" >"$work/rate.json"
 t1=$(date +%s.%N)
-backlog=$(metric 1 ringmx_aswl_replication_outbox_records)
+collected=$(($(metric 1 'ringmx_aswl_collected_total{result="added"}') + $(metric 1 'ringmx_aswl_collected_total{result="refreshed"}')))
+backlog=$(($(metric 1 ringmx_aswl_replication_outbox_records) + $(metric 1 ringmx_aswl_replication_queued_changes)))
 for _ in $(seq 1 6000); do
-    [ "$(metric 1 ringmx_aswl_replication_outbox_records)" = 0 ] && break
+    [ "$(metric 1 ringmx_aswl_replication_published_total)" -ge "$collected" ] && break
     sleep 0.05
 done
-sent=$(metric 1 ringmx_aswl_replication_published_total)
-wait_applied 2 "$sent" >/dev/null; wait_applied 3 "$sent" >/dev/null
+wait_applied 2 "$collected" >/dev/null; wait_applied 3 "$collected" >/dev/null
 t2=$(date +%s.%N)
-python3 - "$t0" "$t1" "$t2" "$sent" "$backlog" <<'EOF'
+python3 - "$t0" "$t1" "$t2" "$collected" "$backlog" <<'EOF'
 import sys
-t0, t1, t2, sent, backlog = (float(x) for x in sys.argv[1:6])
-print(f"  A collected {sent:.0f} records in {t1 - t0:.1f} s ({sent / (t1 - t0):.0f}/s; {backlog:.0f} still in its outbox then)")
-print(f"  all of them published by A and applied by B and C {t2 - t0:.1f} s after the start: {sent / (t2 - t0):.0f} records/s")
+t0, t1, t2, n, backlog = (float(x) for x in sys.argv[1:6])
+print(f"  A collected {n:.0f} records in {t1 - t0:.1f} s ({n / (t1 - t0):.0f}/s)")
+print(f"  all of them published by A and applied by B and C {t2 - t0:.1f} s after the start: {n / (t2 - t0):.0f} records/s")
 EOF
 echo "  B: $(delays 2)"
+stop a; stop b; stop c
+fi
+
+if [[ $PHASES == *4* ]]; then
+echo "== 4. bulk: $RECORDS records published by one node, applied from the stream, bootstrapped"
+python3 - "$RECORDS" >"$work/records.csv" <<'EOF'
+import sys
+n = int(sys.argv[1])
+out = sys.stdout
+for i in range(n):
+    out.write(f"user{i % 20000}@example.test,ext{i}@remote{i % 1000}.example\n")
+EOF
+node a 1 bulk off
+stop a
+target/release/ringmx aswl import "$work/records.csv" --offline --config "$work/bulk-a-off/ringmx.toml" >/dev/null
+printf '[aswl.replication]\nurls = ["redis://127.0.0.1:%s"]\nprefix = "bulk:"\nnode_id = "a"\n' \
+    "$redis_port" >>"$work/bulk-a-off/ringmx.toml"
+used0=$(redis-cli -p "$redis_port" info memory | awk -F: '/^used_memory:/ { print $2 }' | tr -d '\r')
+node b 2 bulk on
+t0=$(date +%s.%N)
+node a 1 bulk keep # (its configuration now has replication)
+secs=$(wait_applied 2 "$RECORDS")
+python3 -c "print(f'  B applied {$RECORDS} records from the stream {$secs:.1f} s after A started: {$RECORDS / $secs:.0f} records/s')"
+grep -o 'republished records=[0-9]* since=[0-9]* ms=[0-9]*' "$work/bulk-a-off/ringmx.log" | tail -1 |
+    awk -F'[= ]' '{ printf "  A published %s records in %.1f s: %.0f records/s\n", $3, $7 / 1000, $3 / ($7 / 1000) }'
+used1=$(redis-cli -p "$redis_port" info memory | awk -F: '/^used_memory:/ { print $2 }' | tr -d '\r')
+echo "  Redis memory: $(((used1 - used0) / RECORDS)) bytes per record (sets, tombstones, $(redis-cli -p "$redis_port" xlen 'bulk:{stream}') stream entries)"
+node c 3 bulk on
+for _ in $(seq 1 1200); do grep -q 'bootstrapped from Redis' "$work/bulk-c-on/ringmx.log" && break; sleep 0.1; done
+grep -o 'bootstrapped from Redis records=[0-9]* from=[0-9-]* ms=[0-9]*' "$work/bulk-c-on/ringmx.log" |
+    awk -F'[= ]' '{ printf "  C bootstrapped %s records in %.1f s: %.0f records/s\n", $5, $9 / 1000, $5 / ($9 / 1000) }'
 stop a; stop b; stop c
 fi
 

@@ -375,9 +375,10 @@ fn replication_stats(a: &Aswl, o: &mut String) {
     );
     let _ = writeln!(
         o,
-        "replication outbox: {} records waiting, {} dropped when full (republished)",
+        "replication outbox: {} records waiting, {} dropped when full (republished); {} changes on their way to it",
         g(&r.outbox),
-        g(&r.overflowed)
+        g(&r.overflowed),
+        g(&r.queued)
     );
     let _ = writeln!(
         o,
@@ -459,6 +460,12 @@ fn replication_metrics(a: &Aswl) -> Vec<Family> {
             "gauge",
             "Local records waiting for Redis.",
             one(g(&r.outbox)),
+        ),
+        (
+            "ringmx_aswl_replication_queued_changes",
+            "gauge",
+            "Changes handed over by the cores, not yet in the outbox.",
+            one(g(&r.queued)),
         ),
         (
             "ringmx_aswl_replication_errors_total",

@@ -23,6 +23,8 @@ pub struct Replica {
     pub ignored: AtomicU64,
     /// Records waiting in the outbox.
     pub outbox: AtomicU64,
+    /// Changes handed over by the cores and not yet in the outbox.
+    pub queued: AtomicU64,
     /// Records dropped from a full outbox (republished from the whitelist when Redis returns).
     pub overflowed: AtomicU64,
     pub republished: AtomicU64,
@@ -48,7 +50,9 @@ impl Replica {
     pub fn publish(&self, record: &[u8]) {
         if let Some(tx) = self.tap.get() {
             // A closed channel means replication stopped with the server: nothing to do.
-            let _ = tx.send(record.to_vec());
+            if tx.send(record.to_vec()).is_ok() {
+                self.queued.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 

@@ -243,7 +243,7 @@ impl Stop {
 
 impl Handle {
     /// Stop after the cores have stopped: what they handed over is written to the outbox
-    /// (and sent, if Redis answers within a second), then the state is saved as clean.
+    /// (and sent, if Redis answers within two seconds), then the state is saved as clean.
     pub fn stop(mut self) {
         self.stop.flag.store(true, Ordering::SeqCst);
         self.stop.notify.notify_waiters();
@@ -489,6 +489,7 @@ async fn publisher(ctx: &Ctx, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u
             buf.push(x);
         }
         if !buf.is_empty() {
+            r.queued.fetch_sub(buf.len() as u64, Ordering::Relaxed);
             let appended = ctx.outbox().append(&buf, first_at);
             match appended {
                 Ok(a) => {
@@ -677,6 +678,11 @@ async fn consumer(ctx: &Ctx) {
         if ctx.stop.is_set() {
             return;
         }
+        if (ctx.live)().is_none() {
+            // `[aswl]` turned off by a reload: hold the position until it is back.
+            ctx.pause(Duration::from_secs(1)).await;
+            continue;
+        }
         let c = match conn.as_mut() {
             Some(c) => c,
             None => {
@@ -697,6 +703,8 @@ async fn consumer(ctx: &Ctx) {
                 let need = match &pos {
                     None => true,
                     Some(p) => match c.stream_info(&ctx.s).await? {
+                        // Nothing was ever published in this group yet.
+                        None if p == "0-0" => false,
                         None => {
                             tracing::warn!("aswl replication: the stream is gone from Redis (data lost?); republishing and bootstrapping");
                             let mut st = ctx.state();
