@@ -250,68 +250,10 @@ fn hop_down_then_up_and_fallback_to_the_next_hop() {
     s.wait_queue_empty();
 }
 
-/// A CA and a leaf certificate for 127.0.0.1 / mx.test signed by it.
-fn ca_and_leaf(dir: &std::path::Path) {
-    let run = |args: &[&str]| support::openssl(dir, args);
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=ringmx test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "leaf.key",
-        "-out",
-        "leaf.csr",
-        "-subj",
-        "/CN=mx.test",
-    ]);
-    std::fs::write(
-        dir.join("ext"),
-        "subjectAltName=DNS:mx.test,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "leaf.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "leaf.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext",
-    ]);
-}
-
 #[test]
 fn tls_to_the_next_hop_by_policy() {
     let dir = temp_dir("relay-tls");
-    ca_and_leaf(&dir);
+    support::ca_and_leaf(&dir);
     let (leaf, key, ca) = (
         dir.join("leaf.pem"),
         dir.join("leaf.key"),
@@ -373,7 +315,7 @@ fn tls_to_the_next_hop_by_policy() {
 #[test]
 fn tls_verification_failure_defers() {
     let dir = temp_dir("relay-tls-verify");
-    ca_and_leaf(&dir);
+    support::ca_and_leaf(&dir);
     let other = support::Certs::new();
     let (leaf, key) = (dir.join("leaf.pem"), dir.join("leaf.key"));
     let sink = Sink::start(
@@ -544,7 +486,7 @@ with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
 #[test]
 fn smart_host_auth_and_source_address_per_sender_domain() {
     let dir = temp_dir("relay-auth");
-    ca_and_leaf(&dir);
+    support::ca_and_leaf(&dir);
     let (leaf, key) = (dir.join("leaf.pem"), dir.join("leaf.key"));
     let sink = Sink::start(
         &dir,

@@ -165,6 +165,25 @@ fn wait_verdict(s: &Server, sender: &str, rcpt: &str, want: &str) {
     );
 }
 
+/// `local` mails `{tag}{i}@remote.test` for each i, one message each, through `s`.
+fn learn(s: &Server, local: &str, tag: &str, range: std::ops::Range<usize>) {
+    for i in range {
+        outbound(
+            s,
+            local,
+            &[&format!("{tag}{i}@remote.test")],
+            "{'Subject': 'x'}",
+        );
+    }
+}
+
+/// Wait until `s` says `pass` for every `{tag}{i}@remote.test` writing to `local`.
+fn wait_learned(s: &Server, local: &str, tag: &str, range: std::ops::Range<usize>) {
+    for i in range {
+        wait_verdict(s, &format!("{tag}{i}@remote.test"), local, "pass");
+    }
+}
+
 fn stats(s: &Server) -> String {
     s.admin_get("/aswl/stats").1
 }
@@ -254,22 +273,8 @@ fn every_record_reaches_every_node_through_outage_join_crash_and_removal() {
 
     // Redis goes away; both A and B keep answering 250 and keep what they learn.
     redis.stop();
-    for i in 0..20 {
-        outbound(
-            &a,
-            "alice@example.test",
-            &[&format!("r{i}@remote.test")],
-            "{'Subject': 'x'}",
-        );
-    }
-    for i in 0..5 {
-        outbound(
-            &b,
-            "bob@example.org",
-            &[&format!("s{i}@remote.test")],
-            "{'Subject': 'x'}",
-        );
-    }
+    learn(&a, "alice@example.test", "r", 0..20);
+    learn(&b, "bob@example.org", "s", 0..5);
     wait_until(Duration::from_secs(10), "A's outbox holds 20", || {
         metric(&a, "ringmx_aswl_replication_outbox_records") == 20
     });
@@ -278,19 +283,10 @@ fn every_record_reaches_every_node_through_outage_join_crash_and_removal() {
 
     redis.launch();
     for n in [&b, &c] {
-        for i in 0..20 {
-            wait_verdict(
-                n,
-                &format!("r{i}@remote.test"),
-                "alice@example.test",
-                "pass",
-            );
-        }
+        wait_learned(n, "alice@example.test", "r", 0..20);
     }
     for n in [&a, &c] {
-        for i in 0..5 {
-            wait_verdict(n, &format!("s{i}@remote.test"), "bob@example.org", "pass");
-        }
+        wait_learned(n, "bob@example.org", "s", 0..5);
     }
     wait_until(Duration::from_secs(10), "A's outbox empty", || {
         metric(&a, "ringmx_aswl_replication_outbox_records") == 0
@@ -302,12 +298,7 @@ fn every_record_reaches_every_node_through_outage_join_crash_and_removal() {
         records(&d) == 25
     });
     assert_eq!(metric(&d, "ringmx_aswl_replication_bootstraps_total"), 1);
-    for i in 0..20 {
-        assert_eq!(
-            verdict(&d, &format!("r{i}@remote.test"), "alice@example.test"),
-            "pass"
-        );
-    }
+    wait_learned(&d, "alice@example.test", "r", 0..20);
     inbound(&d, "r7@remote.test", &["alice@example.test"]);
     d.wait_queue_empty();
     assert_eq!(
@@ -317,23 +308,9 @@ fn every_record_reaches_every_node_through_outage_join_crash_and_removal() {
 
     // B killed while A keeps learning; restarted, it resumes from its position.
     b.kill9();
-    for i in 20..30 {
-        outbound(
-            &a,
-            "alice@example.test",
-            &[&format!("r{i}@remote.test")],
-            "{'Subject': 'x'}",
-        );
-    }
+    learn(&a, "alice@example.test", "r", 20..30);
     b.restart();
-    for i in 20..30 {
-        wait_verdict(
-            &b,
-            &format!("r{i}@remote.test"),
-            "alice@example.test",
-            "pass",
-        );
-    }
+    wait_learned(&b, "alice@example.test", "r", 20..30);
     assert_eq!(records(&b), 35, "no gaps, no extra records");
     assert_eq!(
         metric(&b, "ringmx_aswl_replication_bootstraps_total"),
@@ -342,25 +319,11 @@ fn every_record_reaches_every_node_through_outage_join_crash_and_removal() {
     );
 
     // A killed right after the 250s: what it learned still reaches the others.
-    for i in 30..35 {
-        outbound(
-            &a,
-            "alice@example.test",
-            &[&format!("r{i}@remote.test")],
-            "{'Subject': 'x'}",
-        );
-    }
+    learn(&a, "alice@example.test", "r", 30..35);
     a.kill9();
     a.restart();
     for n in [&b, &c, &d] {
-        for i in 30..35 {
-            wait_verdict(
-                n,
-                &format!("r{i}@remote.test"),
-                "alice@example.test",
-                "pass",
-            );
-        }
+        wait_learned(n, "alice@example.test", "r", 30..35);
     }
     for n in [&a, &b, &c, &d] {
         wait_until(Duration::from_secs(10), "40 records everywhere", || {
@@ -446,14 +409,7 @@ fn trimmed_stream_and_full_outbox_lose_nothing() {
     b.kill9();
 
     redis.stop();
-    for i in 0..12 {
-        outbound(
-            &a,
-            "alice@example.test",
-            &[&format!("o{i}@remote.test")],
-            "{'Subject': 'x'}",
-        );
-    }
+    learn(&a, "alice@example.test", "o", 0..12);
     wait_until(Duration::from_secs(10), "A's outbox overflowed", || {
         stats(&a).contains("dropped when full")
             && metric(&a, "ringmx_aswl_replication_outbox_records") <= 5
@@ -495,16 +451,8 @@ fn trimmed_stream_and_full_outbox_lose_nothing() {
         "{}",
         stats(&b)
     );
-    for i in 0..12 {
-        assert_eq!(
-            verdict(&b, &format!("o{i}@remote.test"), "alice@example.test"),
-            "pass"
-        );
-        assert_eq!(
-            verdict(&b, &format!("t{i}@remote.test"), "alice@example.test"),
-            "pass"
-        );
-    }
+    wait_learned(&b, "alice@example.test", "o", 0..12);
+    wait_learned(&b, "alice@example.test", "t", 0..12);
     assert!(metric(&a, "ringmx_aswl_replication_published_total") >= 25);
 }
 
@@ -514,72 +462,15 @@ fn trimmed_stream_and_full_outbox_lose_nothing() {
 fn tls_and_acl_user() {
     let certs = temp_dir("repl-tls-certs");
     std::fs::create_dir_all(&certs).unwrap();
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let run = |args: &[&str]| openssl(&certs, args);
-    run(&[
-        &["req", "-x509"][..],
-        &ec,
-        &[
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=test-ca",
-        ],
-    ]
-    .concat());
-    run(&[
-        &["req"][..],
-        &ec,
-        &[
-            "-keyout",
-            "r.key",
-            "-out",
-            "r.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ],
-    ]
-    .concat());
-    std::fs::write(
-        certs.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "r.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "r.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
+    ca_and_leaf(&certs);
     let p = |f: &str| certs.join(f).display().to_string();
     let redis = Redis::start_with(
         "repl-tls-redis",
         &[
             "--tls-cert-file",
-            &p("r.pem"),
+            &p("leaf.pem"),
             "--tls-key-file",
-            &p("r.key"),
+            &p("leaf.key"),
             "--tls-ca-cert-file",
             &p("ca.pem"),
             "--tls-auth-clients",
@@ -684,17 +575,8 @@ fn redis_cluster() {
     );
     let a = node_with("repl-cluster-a", &repl, "per-domain");
     let b = node_with("repl-cluster-b", &repl, "per-domain");
-    for i in 0..10 {
-        outbound(
-            &a,
-            "alice@example.test",
-            &[&format!("c{i}@remote.test")],
-            "{'Subject': 'x'}",
-        );
-    }
-    for i in 0..10 {
-        wait_verdict(&b, &format!("c{i}@remote.test"), "zed@example.test", "pass");
-    }
+    learn(&a, "alice@example.test", "c", 0..10);
+    wait_learned(&b, "zed@example.test", "c", 0..10);
     let (ok, out) = aswl_cli(&b, &["remove", "c4@remote.test"]);
     assert!(ok && out.contains("removed 1"), "{out}");
     wait_verdict(&a, "c4@remote.test", "alice@example.test", "none");

@@ -168,6 +168,25 @@ impl Settings {
         })
     }
 
+    /// Everything configured, for telling a changed section on reload (no password).
+    pub fn description(&self) -> String {
+        format!(
+            "{:?} cluster={} user={:?} password={} ca={} node={:?} batch={} {:?} outbox={} stream={}",
+            self.urls,
+            self.cluster,
+            self.username,
+            self.password
+                .as_ref()
+                .map_or(0, |p| crc32fast::hash(p.as_bytes())),
+            self.tls_ca.as_ref().map_or(0, |c| crc32fast::hash(c)),
+            self.node_id,
+            self.batch,
+            self.batch_interval,
+            self.outbox_limit,
+            self.stream_max_len
+        ) + &self.prefix
+    }
+
     /// What identifies the replication group: a change resets position and republishes.
     fn identity(&self) -> String {
         format!("{}|{}", self.urls.join(","), self.prefix)

@@ -547,6 +547,18 @@ fn reload(
         (Some(s), Some(a)) if s.dir != a.disk.dir => {
             tracing::warn!(dir = %s.dir.display(), using = %a.disk.dir.display(), "aswl: a new dir takes effect after a restart")
         }
+        (Some(s), Some(a))
+            if s.replication.as_ref().map(|r| r.description())
+                != old
+                    .config
+                    .aswl
+                    .as_ref()
+                    .and_then(|o| o.replication.as_ref())
+                    .map(|r| r.description())
+                || s.replication.is_some() != a.replica.enabled() =>
+        {
+            tracing::warn!("aswl: [aswl.replication] changes take effect after a restart")
+        }
         _ => {}
     }
     let tls = load_tls(&config).map_err(|e| e.to_string())?;

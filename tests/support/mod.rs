@@ -409,6 +409,65 @@ impl Drop for Certs {
 
 /// Run `cmd` with `input` on its standard input; returns its output.
 /// Run `openssl ARGS` in `dir`; panics with its error output when it fails.
+/// A CA (`ca.pem`) and a leaf certificate for 127.0.0.1 / mx.test signed by it (`leaf.pem`,
+/// `leaf.key`) in `dir`.
+pub fn ca_and_leaf(dir: &std::path::Path) {
+    let run = |args: &[&str]| openssl(dir, args);
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ringmx test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "leaf.key",
+        "-out",
+        "leaf.csr",
+        "-subj",
+        "/CN=mx.test",
+    ]);
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=DNS:mx.test,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    ]);
+}
+
 pub fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
