@@ -259,6 +259,21 @@ fn a_reply_through_another_node_passes_in_every_mode() {
             "{}",
             stats(&b)
         );
+        // The replication families parse with the Prometheus client library.
+        let parsed = run_with_stdin(
+            Command::new("python3").args(["-c", PARSE_METRICS]),
+            b.admin_get("/metrics").1.as_bytes(),
+        );
+        assert!(parsed.status.success(), "{}", stderr(&parsed));
+        let m = stdout(&parsed);
+        for want in [
+            "ringmx_aswl_replication_connected 1.0\n",
+            "ringmx_aswl_replication_applied_total 1.0\n",
+            "ringmx_aswl_replication_outbox_records 0.0\n",
+            "ringmx_aswl_replication_apply_delay_milliseconds,quantile=0.99 ",
+        ] {
+            assert!(m.contains(want), "{want} in {m}");
+        }
     }
 }
 
@@ -479,12 +494,19 @@ fn tls_and_acl_user() {
             "default",
             "off",
             "--user",
+            // Only its prefix and the commands replication needs (as the README says).
             "ringmx",
             "on",
             ">s3cret-pw",
-            "~*",
-            "&*",
-            "+@all",
+            "~tls:*",
+            "resetchannels",
+            "-@all",
+            "+@stream",
+            "+@sortedset",
+            "+@hash",
+            "+@scripting",
+            "+@connection",
+            "+exists",
         ],
         true,
     );
@@ -547,6 +569,22 @@ fn redis_cluster() {
                     "yes",
                     "--cluster-config-file",
                     "nodes.conf",
+                    // ringmx as a restricted ACL user (as the README says).
+                    "--user",
+                    "ringmx",
+                    "on",
+                    ">cl-pw",
+                    "~cl:*",
+                    "resetchannels",
+                    "-@all",
+                    "+@stream",
+                    "+@sortedset",
+                    "+@hash",
+                    "+@scripting",
+                    "+@connection",
+                    "+exists",
+                    "+cluster|slots",
+                    "+cluster|shards",
                 ],
                 false,
             )
@@ -569,9 +607,12 @@ fn redis_cluster() {
         });
     }
     let urls: Vec<String> = shards.iter().map(|r| format!("\"{}\"", r.url())).collect();
+    let pw = shards[0].dir.join("pw");
+    std::fs::write(&pw, "cl-pw\n").unwrap();
     let repl = format!(
-        "urls = [{}]\ncluster = true\nprefix = \"cl:\"",
-        urls.join(", ")
+        "urls = [{}]\ncluster = true\nprefix = \"cl:\"\nusername = \"ringmx\"\npassword_file = \"{}\"",
+        urls.join(", "),
+        pw.display()
     );
     let a = node_with("repl-cluster-a", &repl, "per-domain");
     let b = node_with("repl-cluster-b", &repl, "per-domain");

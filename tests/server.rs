@@ -294,18 +294,6 @@ fn sigterm_finishes_transactions_and_says_421_to_idle_sessions() {
     }
 }
 
-const PARSE_METRICS: &str = r#"
-import sys
-from prometheus_client.parser import text_string_to_metric_families
-seen = {}
-for fam in text_string_to_metric_families(sys.stdin.read()):
-    for s in fam.samples:
-        key = s.name + "".join(f",{k}={v}" for k, v in sorted(s.labels.items()))
-        seen[key] = s.value
-for k in sorted(seen):
-    print(k, float(seen[k]))
-"#;
-
 #[test]
 fn admin_metrics_and_health() {
     let s = Server::start("metrics", "auto");
@@ -331,7 +319,7 @@ fn admin_metrics_and_health() {
     assert_eq!(status, "HTTP/1.1 200 OK");
     // Parsed by the Prometheus client library's own parser.
     let parsed = support::run_with_stdin(
-        Command::new("python3").args(["-c", PARSE_METRICS]),
+        Command::new("python3").args(["-c", support::PARSE_METRICS]),
         body.as_bytes(),
     );
     assert!(parsed.status.success(), "{}", stderr(&parsed));

@@ -352,6 +352,13 @@ fn replication_stats(a: &Aswl, o: &mut String) {
         let _ = writeln!(o, "replication: off (single host)");
         return;
     }
+    if r.node.get().is_none() {
+        let _ = writeln!(
+            o,
+            "replication: on; offline view (changes made here wait in the outbox for the next start)"
+        );
+        return;
+    }
     let g = |x: &std::sync::atomic::AtomicU64| x.load(Ordering::Relaxed);
     let lock = |m: &std::sync::Mutex<String>| m.lock().map(|s| s.clone()).unwrap_or_default();
     let _ = writeln!(

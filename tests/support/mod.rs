@@ -468,6 +468,20 @@ pub fn ca_and_leaf(dir: &std::path::Path) {
     ]);
 }
 
+/// Reads Prometheus text on stdin with the Prometheus client library's parser and prints
+/// `name,label=value… value` per sample, sorted.
+pub const PARSE_METRICS: &str = r#"
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+seen = {}
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        key = s.name + "".join(f",{k}={v}" for k, v in sorted(s.labels.items()))
+        seen[key] = s.value
+for k in sorted(seen):
+    print(k, float(seen[k]))
+"#;
+
 pub fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
