@@ -116,6 +116,29 @@ impl Drop for Redis {
     }
 }
 
+/// `--user ringmx …`: only keys under `prefix` and the commands replication needs (what the
+/// README recommends).
+fn acl_user(password: &str, prefix: &str) -> Vec<String> {
+    [
+        "--user",
+        "ringmx",
+        "on",
+        &format!(">{password}"),
+        &format!("~{prefix}*"),
+        "resetchannels",
+        "-@all",
+        "+@stream",
+        "+@sortedset",
+        "+@hash",
+        "+@scripting",
+        "+@connection",
+        "+exists",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !f() {
@@ -479,37 +502,22 @@ fn tls_and_acl_user() {
     std::fs::create_dir_all(&certs).unwrap();
     ca_and_leaf(&certs);
     let p = |f: &str| certs.join(f).display().to_string();
-    let redis = Redis::start_with(
-        "repl-tls-redis",
-        &[
-            "--tls-cert-file",
-            &p("leaf.pem"),
-            "--tls-key-file",
-            &p("leaf.key"),
-            "--tls-ca-cert-file",
-            &p("ca.pem"),
-            "--tls-auth-clients",
-            "no",
-            "--user",
-            "default",
-            "off",
-            "--user",
-            // Only its prefix and the commands replication needs (as the README says).
-            "ringmx",
-            "on",
-            ">s3cret-pw",
-            "~tls:*",
-            "resetchannels",
-            "-@all",
-            "+@stream",
-            "+@sortedset",
-            "+@hash",
-            "+@scripting",
-            "+@connection",
-            "+exists",
-        ],
-        true,
-    );
+    let mut args = vec![
+        "--tls-cert-file".to_string(),
+        p("leaf.pem"),
+        "--tls-key-file".into(),
+        p("leaf.key"),
+        "--tls-ca-cert-file".into(),
+        p("ca.pem"),
+        "--tls-auth-clients".into(),
+        "no".into(),
+        "--user".into(),
+        "default".into(),
+        "off".into(),
+    ];
+    args.extend(acl_user("s3cret-pw", "tls:"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let redis = Redis::start_with("repl-tls-redis", &args, true);
     std::fs::write(certs.join("pw"), "s3cret-pw\n").unwrap();
     std::fs::write(certs.join("bad-pw"), "wrong\n").unwrap();
     let repl = |pw: &str| {
@@ -560,6 +568,7 @@ fn tls_and_acl_user() {
 /// Redis Cluster: three masters on loopback; every command names one hash slot.
 #[test]
 fn redis_cluster() {
+    let acl = acl_user("cl-pw", "cl:");
     let shards: Vec<Redis> = (0..3)
         .map(|i| {
             Redis::start_with(
@@ -569,23 +578,11 @@ fn redis_cluster() {
                     "yes",
                     "--cluster-config-file",
                     "nodes.conf",
-                    // ringmx as a restricted ACL user (as the README says).
-                    "--user",
-                    "ringmx",
-                    "on",
-                    ">cl-pw",
-                    "~cl:*",
-                    "resetchannels",
-                    "-@all",
-                    "+@stream",
-                    "+@sortedset",
-                    "+@hash",
-                    "+@scripting",
-                    "+@connection",
-                    "+exists",
-                    "+cluster|slots",
-                    "+cluster|shards",
-                ],
+                ]
+                .into_iter()
+                .chain(acl.iter().map(String::as_str))
+                .chain(["+cluster|slots", "+cluster|shards"])
+                .collect::<Vec<_>>(),
                 false,
             )
         })
