@@ -27,8 +27,13 @@
 //! **Consuming.** `XREAD BLOCK` from the last applied position (kept in the state file);
 //! entries of this node are skipped; records are applied by newest `last_sent`, removals by
 //! time, with remembered removals (tombstones) keeping older adds out, so replays and
-//! reordering converge. Applied records are written to the whitelist's admin log (durable,
-//! replayed at startup) before the position moves on.
+//! reordering converge. Applied records are appended to the whitelist's admin log (replayed at
+//! startup), which is synced before the position covering them is saved (every 2 s): after a
+//! crash, what was not yet synced is read from the stream again.
+//!
+//! **Batching.** Changes are gathered for `batch_interval` per outbox fsync and stream entry,
+//! and a follower that is not behind waits as long between reads: a few dozen fsyncs and
+//! round trips a second per node instead of one per record, for about twice that in lag.
 //!
 //! **Bootstrap** (no position yet, or the stream was trimmed past it): read the stream's last
 //! id, then load every set member and tombstone (`ZSCAN`, `HGETALL`), then follow the stream
