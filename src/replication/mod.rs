@@ -67,7 +67,7 @@ const BLOCK: Duration = Duration::from_millis(500);
 const STATE_EVERY: Duration = Duration::from_secs(2);
 
 /// The compiled `[aswl.replication]`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     pub urls: Vec<String>,
     pub cluster: bool,
@@ -171,25 +171,6 @@ impl Settings {
             outbox_limit: r.outbox_limit,
             stream_max_len: r.stream_max_len,
         })
-    }
-
-    /// Everything configured, for telling a changed section on reload (no password).
-    pub fn description(&self) -> String {
-        format!(
-            "{:?} cluster={} user={:?} password={} ca={} node={:?} batch={} {:?} outbox={} stream={}",
-            self.urls,
-            self.cluster,
-            self.username,
-            self.password
-                .as_ref()
-                .map_or(0, |p| crc32fast::hash(p.as_bytes())),
-            self.tls_ca.as_ref().map_or(0, |c| crc32fast::hash(c)),
-            self.node_id,
-            self.batch,
-            self.batch_interval,
-            self.outbox_limit,
-            self.stream_max_len
-        ) + &self.prefix
     }
 
     /// What identifies the replication group: a change resets position and republishes.
@@ -304,7 +285,7 @@ pub fn start(
         state.republish_since = Some(0);
     } else if !state.clean {
         let since = state.high_water.saturating_sub(CRASH_MARGIN);
-        state.republish_since = Some(state.republish_since.map_or(since, |s| s.min(since)));
+        state.owe_republish(since);
         tracing::info!(
             since,
             "aswl replication: unclean stop; republishing records since the newest outbox entry"
@@ -319,9 +300,6 @@ pub fn start(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     aswl.replica.connect_tap(tx);
     let _ = aswl.replica.node.set(node.clone());
-    aswl.replica
-        .outbox
-        .store(outbox.records() as u64, Ordering::Relaxed);
     let stop = Arc::new(Stop::default());
     let ctx = Ctx {
         aswl,
@@ -336,6 +314,7 @@ pub fn start(
         unsynced: AtomicBool::new(false),
         saved: Mutex::new(None),
     };
+    ctx.note_outbox();
     let thread = std::thread::Builder::new()
         .name("ringmx-replication".into())
         .spawn(move || {
@@ -415,7 +394,16 @@ impl Ctx {
             self.aswl.replica.error("syncing the admin log", &e);
             return;
         }
-        let st = self.state().clone();
+        let st = {
+            let (epoch, sent) = {
+                let o = self.outbox();
+                (o.epoch(), o.sent_offset())
+            };
+            let mut st = self.state();
+            st.epoch = epoch;
+            st.sent = sent;
+            st.clone()
+        };
         let mut saved = self.saved.lock().unwrap_or_else(|p| p.into_inner());
         if saved.as_ref() == Some(&st) {
             return;
@@ -426,9 +414,18 @@ impl Ctx {
         }
     }
 
+    /// Publish the outbox's record count as the gauge.
+    fn note_outbox(&self) {
+        let n = self.outbox().records() as u64;
+        self.aswl.replica.outbox.store(n, Ordering::Relaxed);
+    }
+
     /// Is an add of (external, local) at `t` covered by a removal?
     fn removed(&self, external: &str, local: &str, t: u32) -> bool {
         let tombs = self.tombs();
+        if tombs.is_empty() {
+            return false;
+        }
         [local, ""].iter().any(|l| {
             tombs
                 .get(&(external.to_string(), l.to_string()))
@@ -521,8 +518,7 @@ async fn publisher(ctx: &Ctx, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u
                     st.high_water = st.high_water.max(a.high_water);
                     if let Some(since) = a.overflow_since {
                         r.overflowed.fetch_add(a.dropped as u64, Ordering::Relaxed);
-                        st.republish_since =
-                            Some(st.republish_since.map_or(since, |s| s.min(since)));
+                        st.owe_republish(since);
                         drop(st);
                         tracing::warn!(
                             dropped = a.dropped,
@@ -541,13 +537,11 @@ async fn publisher(ctx: &Ctx, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u
                         .map(|x| x.t)
                         .min()
                         .unwrap_or(0);
-                    let mut st = ctx.state();
-                    st.republish_since = Some(st.republish_since.map_or(since, |s| s.min(since)));
+                    ctx.state().owe_republish(since);
                 }
             }
             buf.clear();
-            r.outbox
-                .store(ctx.outbox().records() as u64, Ordering::Relaxed);
+            ctx.note_outbox();
         }
         if stopping {
             // A last send if Redis is there; the outbox keeps the rest for the next start.
@@ -574,15 +568,6 @@ async fn publisher(ctx: &Ctx, mut rx: tokio::sync::mpsc::UnboundedReceiver<Vec<u
             }
         }
         if saved.elapsed() > STATE_EVERY || stopping {
-            let (epoch, sent) = {
-                let o = ctx.outbox();
-                (o.epoch(), o.sent_offset())
-            };
-            {
-                let mut st = ctx.state();
-                st.epoch = epoch;
-                st.sent = sent;
-            }
             ctx.save_state();
             saved = Instant::now();
         }
@@ -619,8 +604,7 @@ async fn drain(ctx: &Ctx, c: &mut Conn) -> bool {
                 if let Err(e) = ctx.outbox().mark_sent(batch.entries) {
                     r.error("truncating the outbox", &e);
                 }
-                r.outbox
-                    .store(ctx.outbox().records() as u64, Ordering::Relaxed);
+                ctx.note_outbox();
             }
             Ok(Err(e)) => {
                 r.error("publishing", &e);
@@ -720,9 +704,7 @@ async fn consumer(ctx: &Ctx) {
         };
         let result = async {
             if !checked {
-                // Tombstones first, then: is our position still in the stream?
-                let tombs = c.load_tombstones(&ctx.s).await?;
-                *ctx.tombs() = tombs;
+                // Is our position still in the stream?
                 let pos = ctx.state().stream.clone();
                 let need = match &pos {
                     None => true,
@@ -740,6 +722,8 @@ async fn consumer(ctx: &Ctx) {
                 };
                 if need {
                     bootstrap(ctx, c).await?;
+                } else {
+                    *ctx.tombs() = c.load_tombstones(&ctx.s).await?;
                 }
                 checked = true;
                 r.set_connected(true);
@@ -962,7 +946,7 @@ pub fn queue_offline(aswl_dir: &Path, s: &Settings, changes: &[Vec<u8>]) -> std:
     state.sent = 0;
     state.high_water = state.high_water.max(a.high_water);
     if let Some(since) = a.overflow_since {
-        state.republish_since = Some(state.republish_since.map_or(since, |x| x.min(since)));
+        state.owe_republish(since);
     }
     state.save(&dir)
 }

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::aswl::persist::{LogRecord, decode_log};
+use crate::aswl::persist::{LogRecord, decode_log, encode_log};
 
 const MAGIC: &[u8; 4] = b"RMXO";
 const HEADER: u64 = 12;
@@ -49,6 +49,11 @@ impl State {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok((State::default(), true)),
             Err(e) => Err(e),
         }
+    }
+
+    /// Owe a republish of the records last sent at or after `since`.
+    pub fn owe_republish(&mut self, since: u32) {
+        self.republish_since = Some(self.republish_since.map_or(since, |s| s.min(since)));
     }
 
     pub fn save(&self, dir: &Path) -> io::Result<()> {
@@ -123,51 +128,32 @@ impl Outbox {
         };
         let (recs, _) = decode_log(body.get(from..).unwrap_or_default());
         let now = super::now_ms();
-        let mut o = Outbox {
-            path: path.clone(),
-            file: File::open(dir)?, // replaced by `rewrite`
-            epoch: file_epoch.unwrap_or(epoch),
-            len: 0,
-            sent: 0,
-            pending: VecDeque::new(),
-            records: 0,
-            limit,
-        };
-        for rec in recs {
-            let len = record_len(&rec);
-            o.records += rec.pairs.len();
-            o.pending.push_back(Entry {
+        let pending: VecDeque<Entry> = recs
+            .into_iter()
+            .map(|rec| Entry {
+                len: record_len(&rec),
                 rec,
-                len,
                 at_ms: now,
-            });
-        }
-        o.rewrite()?;
-        Ok(o)
+            })
+            .collect();
+        let epoch = file_epoch.unwrap_or(epoch).wrapping_add(1);
+        let (file, len) = write_fresh(&path, epoch, &pending)?;
+        Ok(Outbox {
+            path,
+            file,
+            epoch,
+            len,
+            sent: 0,
+            records: pending.iter().map(|e| e.rec.pairs.len()).sum(),
+            pending,
+            limit,
+        })
     }
 
     /// Replace the file by one of a new epoch holding only the pending entries.
     fn rewrite(&mut self) -> io::Result<()> {
         self.epoch = self.epoch.wrapping_add(1);
-        let tmp = self.path.with_extension("tmp");
-        let mut f = File::create(&tmp)?;
-        let mut buf = Vec::with_capacity(64 << 10);
-        buf.extend_from_slice(MAGIC);
-        buf.extend_from_slice(&self.epoch.to_le_bytes());
-        let mut len = 0;
-        for e in &self.pending {
-            let b = crate::aswl::persist::encode_log(e.rec.remove, e.rec.t, &e.rec.pairs);
-            len += b.len() as u64;
-            buf.extend_from_slice(&b);
-        }
-        f.write_all(&buf)?;
-        f.sync_data()?;
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(d) = self.path.parent() {
-            File::open(d)?.sync_all()?;
-        }
-        self.file = OpenOptions::new().append(true).open(&self.path)?;
-        self.len = len;
+        (self.file, self.len) = write_fresh(&self.path, self.epoch, &self.pending)?;
         self.sent = 0;
         Ok(())
     }
@@ -279,6 +265,27 @@ impl Outbox {
     }
 }
 
+/// Write `pending` as the outbox of `epoch` (temporary file, fsync, rename, directory fsync);
+/// the file opened for appending and the length of its records.
+fn write_fresh(path: &Path, epoch: u64, pending: &VecDeque<Entry>) -> io::Result<(File, u64)> {
+    let tmp = path.with_extension("tmp");
+    let mut buf = Vec::with_capacity(64 << 10);
+    buf.extend_from_slice(MAGIC);
+    buf.extend_from_slice(&epoch.to_le_bytes());
+    for e in pending {
+        buf.extend_from_slice(&encode_log(e.rec.remove, e.rec.t, &e.rec.pairs));
+    }
+    let mut f = File::create(&tmp)?;
+    f.write_all(&buf)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(d) = path.parent() {
+        File::open(d)?.sync_all()?;
+    }
+    let file = OpenOptions::new().append(true).open(path)?;
+    Ok((file, buf.len() as u64 - HEADER))
+}
+
 /// Encoded length of a record: the framing (12) + kind, time, count (9) + four u16-prefixed
 /// strings per pair.
 fn record_len(r: &LogRecord) -> u64 {
@@ -299,7 +306,6 @@ fn record_len(r: &LogRecord) -> u64 {
 mod tests {
     use super::*;
     use crate::aswl::Pair;
-    use crate::aswl::persist::encode_log;
 
     fn pair(l: &str, e: &str) -> Pair {
         Pair {

@@ -338,11 +338,11 @@ impl Conn {
         Ok(Some(StreamInfo { first, max_deleted }))
     }
 
-    /// Every tombstone: (external, local or "") → time.
-    pub(super) async fn load_tombstones(
-        &mut self,
+    /// Every bucket's tombstones: (bucket, [(field, time)]).
+    async fn tombstones_by_bucket(
+        &self,
         s: &Settings,
-    ) -> RedisResult<HashMap<(String, String), u32>> {
+    ) -> RedisResult<Vec<(u32, Vec<(Vec<u8>, u32)>)>> {
         let cmds = (0..BUCKETS)
             .map(|b| {
                 let mut c = redis::cmd("HGETALL");
@@ -350,11 +350,27 @@ impl Conn {
                 c
             })
             .collect();
-        let mut out = HashMap::new();
-        for v in self.all(cmds).await? {
+        let mut out = Vec::new();
+        for (b, v) in (0..BUCKETS).zip(self.all(cmds).await?) {
             let flat: Vec<(Vec<u8>, String)> = redis::from_redis_value(v)?;
-            for (f, t) in flat {
-                if let (Some((e, l)), Ok(t)) = (super::split_member(&f), t.parse::<u32>()) {
+            let fields = flat
+                .into_iter()
+                .filter_map(|(f, t)| Some((f, t.parse::<u32>().ok()?)))
+                .collect();
+            out.push((b, fields));
+        }
+        Ok(out)
+    }
+
+    /// Every tombstone: (external, local or "") → time.
+    pub(super) async fn load_tombstones(
+        &mut self,
+        s: &Settings,
+    ) -> RedisResult<HashMap<(String, String), u32>> {
+        let mut out = HashMap::new();
+        for (_, fields) in self.tombstones_by_bucket(s).await? {
+            for (f, t) in fields {
+                if let Some((e, l)) = super::split_member(&f) {
                     out.insert((e.to_string(), l.to_string()), t);
                 }
             }
@@ -406,18 +422,10 @@ impl Conn {
             .collect();
         self.all(cmds).await?;
         let mut dels = Vec::new();
-        let cmds = (0..BUCKETS)
-            .map(|b| {
-                let mut c = redis::cmd("HGETALL");
-                c.arg(s.tomb_key(b));
-                c
-            })
-            .collect();
-        for (b, v) in (0..BUCKETS).zip(self.all(cmds).await?) {
-            let flat: Vec<(Vec<u8>, String)> = redis::from_redis_value(v)?;
-            let old: Vec<Vec<u8>> = flat
+        for (b, fields) in self.tombstones_by_bucket(s).await? {
+            let old: Vec<Vec<u8>> = fields
                 .into_iter()
-                .filter(|(_, t)| t.parse::<u32>().is_ok_and(|t| t < cutoff))
+                .filter(|&(_, t)| t < cutoff)
                 .map(|(f, _)| f)
                 .collect();
             if !old.is_empty() {

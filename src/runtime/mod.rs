@@ -548,13 +548,12 @@ fn reload(
             tracing::warn!(dir = %s.dir.display(), using = %a.disk.dir.display(), "aswl: a new dir takes effect after a restart")
         }
         (Some(s), Some(a))
-            if s.replication.as_ref().map(|r| r.description())
+            if s.replication.as_deref()
                 != old
                     .config
                     .aswl
                     .as_ref()
-                    .and_then(|o| o.replication.as_ref())
-                    .map(|r| r.description())
+                    .and_then(|o| o.replication.as_deref())
                 || s.replication.is_some() != a.replica.enabled() =>
         {
             tracing::warn!("aswl: [aswl.replication] changes take effect after a restart")
