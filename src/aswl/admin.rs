@@ -393,17 +393,12 @@ fn replication_stats(a: &Aswl, o: &mut String) {
         g(&r.bootstraps),
         g(&r.bootstrap_records)
     );
-    let newest = g(&r.newest_applied);
     let _ = writeln!(
         o,
         "replication lag: {}; {}",
-        if newest == 0 {
-            "nothing applied yet".to_string()
-        } else {
-            format!(
-                "newest applied record last sent {} s ago",
-                u64::from(unix_now()).saturating_sub(newest)
-            )
+        match r.lag_secs() {
+            None => "nothing applied yet".to_string(),
+            Some(l) => format!("newest applied record last sent {l} s ago"),
         },
         match r.delay_percentiles() {
             Some((p50, p99, max, n)) => format!(
@@ -430,12 +425,6 @@ fn replication_metrics(a: &Aswl) -> Vec<Family> {
     }
     let g = |x: &std::sync::atomic::AtomicU64| x.load(Ordering::Relaxed);
     let one = |v: u64| vec![(String::new(), v)];
-    let newest = g(&r.newest_applied);
-    let lag = if newest == 0 {
-        0
-    } else {
-        u64::from(unix_now()).saturating_sub(newest)
-    };
     let (p50, p99) = r.delay_percentiles().map_or((0, 0), |(a, b, _, _)| (a, b));
     vec![
         (
@@ -484,7 +473,7 @@ fn replication_metrics(a: &Aswl) -> Vec<Family> {
             "ringmx_aswl_replication_lag_seconds",
             "gauge",
             "Now minus last_sent of the newest record applied from another node.",
-            one(lag),
+            one(r.lag_secs().unwrap_or(0)),
         ),
         (
             "ringmx_aswl_replication_apply_delay_milliseconds",

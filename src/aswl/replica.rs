@@ -60,6 +60,14 @@ impl Replica {
         self.tap.get().is_some()
     }
 
+    /// Seconds since the `last_sent` of the newest record applied from another node.
+    pub fn lag_secs(&self) -> Option<u64> {
+        match self.newest_applied.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(u64::from(super::unix_now()).saturating_sub(t)),
+        }
+    }
+
     pub fn note_delay(&self, ms: u64) {
         if let Ok(mut d) = self.delays.lock() {
             if d.len() >= DELAYS_KEPT {
