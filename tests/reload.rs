@@ -5,7 +5,6 @@
 mod support;
 
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{DRIVERS, Raw, Server, free_port, stderr, stdout};
@@ -55,13 +54,6 @@ folder = "{dir}/drop"
     )
 }
 
-fn reload(s: &Server) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_ringmx"))
-        .args(["reload", "--admin", &s.admin.to_string()])
-        .output()
-        .unwrap()
-}
-
 fn greeting(addr: SocketAddr) -> String {
     let mut c = Raw::connect(addr);
     c.reply()
@@ -89,7 +81,7 @@ fn reload_adds_removes_and_changes_bindings_without_dropping_sessions() {
 
         let third = free_port();
         std::fs::write(&path, config(&s, third, "reloaded", false)).unwrap();
-        let out = reload(&s);
+        let out = s.reload();
         assert!(
             out.status.success(),
             "[{driver}] {}\n{}",
@@ -128,7 +120,7 @@ fn reload_adds_removes_and_changes_bindings_without_dropping_sessions() {
             config(&s, third, "reloaded", false).replace("[smtp]", "[smtp]\ncolour = 1"),
         )
         .unwrap();
-        let out = reload(&s);
+        let out = s.reload();
         assert_eq!(out.status.code(), Some(1));
         let e = stderr(&out);
         assert!(
@@ -186,13 +178,13 @@ fn reload_replaces_certificates() {
         );
     assert_ne!(text, swapped);
     std::fs::write(&path, swapped).unwrap();
-    let out = reload(&s);
+    let out = s.reload();
     assert!(out.status.success(), "{}", stderr(&out));
     let after = fingerprint();
     assert_ne!(before, after, "new TLS sessions use the new certificate");
     // A certificate that does not load is refused, naming the binding and the file.
     std::fs::write(&second.cert, "garbage").unwrap();
-    let out = reload(&s);
+    let out = s.reload();
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stderr(&out).contains("binding \"inbound\": certificate"),

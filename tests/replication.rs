@@ -188,15 +188,15 @@ fn wait_verdict(s: &Server, sender: &str, rcpt: &str, want: &str) {
     );
 }
 
+/// `local` mails `remote` (a plain message, one recipient) through `s`.
+fn mail(s: &Server, local: &str, remote: &str) {
+    outbound(s, local, &[remote], "{'Subject': 'x'}");
+}
+
 /// `local` mails `{tag}{i}@remote.test` for each i, one message each, through `s`.
 fn learn(s: &Server, local: &str, tag: &str, range: std::ops::Range<usize>) {
     for i in range {
-        outbound(
-            s,
-            local,
-            &[&format!("{tag}{i}@remote.test")],
-            "{'Subject': 'x'}",
-        );
+        mail(s, local, &format!("{tag}{i}@remote.test"));
     }
 }
 
@@ -437,12 +437,7 @@ fn trimmed_stream_and_full_outbox_lose_nothing() {
     );
     let a = node_with("repl-trim-a", &repl, "per-recipient");
     let mut b = node_with("repl-trim-b", &repl, "per-recipient");
-    outbound(
-        &a,
-        "alice@example.test",
-        &["first@remote.test"],
-        "{'Subject': 'x'}",
-    );
+    mail(&a, "alice@example.test", "first@remote.test");
     wait_verdict(&b, "first@remote.test", "alice@example.test", "pass");
     b.kill9();
 
@@ -455,12 +450,7 @@ fn trimmed_stream_and_full_outbox_lose_nothing() {
     redis.launch();
     // One entry per message from here on: the stream is trimmed well past B's position.
     for i in 0..12 {
-        outbound(
-            &a,
-            "alice@example.test",
-            &[&format!("t{i}@remote.test")],
-            "{'Subject': 'x'}",
-        );
+        mail(&a, "alice@example.test", &format!("t{i}@remote.test"));
         std::thread::sleep(Duration::from_millis(30));
     }
     wait_until(Duration::from_secs(10), "A's outbox empty", || {
@@ -531,12 +521,7 @@ fn tls_and_acl_user() {
     let a = node_with("repl-tls-a", &repl("pw"), "per-recipient");
     let b = node_with("repl-tls-b", &repl("pw"), "per-recipient");
     let bad = node_with("repl-tls-bad", &repl("bad-pw"), "per-recipient");
-    outbound(
-        &a,
-        "alice@example.test",
-        &["bob@remote.test"],
-        "{'Subject': 'x'}",
-    );
+    mail(&a, "alice@example.test", "bob@remote.test");
     wait_verdict(&b, "bob@remote.test", "alice@example.test", "pass");
     assert_eq!(metric(&b, "ringmx_aswl_replication_connected"), 1);
     wait_until(
@@ -548,12 +533,7 @@ fn tls_and_acl_user() {
         },
     );
     // Still serving mail, still learning locally.
-    outbound(
-        &bad,
-        "carol@example.test",
-        &["dan@remote.test"],
-        "{'Subject': 'x'}",
-    );
+    mail(&bad, "carol@example.test", "dan@remote.test");
     assert_eq!(
         verdict(&bad, "dan@remote.test", "carol@example.test"),
         "pass"
@@ -644,12 +624,7 @@ fn redis_entries_expire_with_the_lifetime() {
     };
     let a = Server::start_with("repl-expiry-a", "auto", "", &extra("a"));
     let b = Server::start_with("repl-expiry-b", "auto", "", &extra("b"));
-    outbound(
-        &a,
-        "alice@example.test",
-        &["bob@remote.test"],
-        "{'Subject': 'x'}",
-    );
+    mail(&a, "alice@example.test", "bob@remote.test");
     wait_verdict(&b, "bob@remote.test", "alice@example.test", "pass");
     let in_redis = || -> u64 {
         redis

@@ -405,12 +405,7 @@ fn ipv6_binding() {
             "allowed_clients = [\"127.0.0.0/8\"]",
             "allowed_clients = [\"::1\"]",
         );
-    std::fs::write(&path, moved).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ringmx"))
-        .args(["reload", "--admin", &s.admin.to_string()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
+    s.reconfigure(&moved);
     let script = r#"
 import os, smtplib
 with smtplib.SMTP("::1", int(os.environ["PORT"]), timeout=10) as s:

@@ -101,10 +101,5 @@ pub fn set_mode(s: &Server, mode: &str) {
             out.push('\n');
         }
     }
-    std::fs::write(&path, out).unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_ringmx"))
-        .args(["reload", "--admin", &s.admin.to_string()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    s.reconfigure(&out);
 }

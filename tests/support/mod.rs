@@ -233,6 +233,21 @@ impl Server {
         std::fs::read_to_string(self.dir.join("ringmx.log")).unwrap_or_default()
     }
 
+    /// `ringmx reload` against this server's admin endpoint.
+    pub fn reload(&self) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_ringmx"))
+            .args(["reload", "--admin", &self.admin.to_string()])
+            .output()
+            .unwrap()
+    }
+
+    /// Write `config` as this server's configuration and reload it; the reload must succeed.
+    pub fn reconfigure(&self, config: &str) {
+        std::fs::write(self.dir.join("ringmx.toml"), config).unwrap();
+        let out = self.reload();
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+
     /// `GET path` on the admin endpoint: (status line, body).
     pub fn admin_get(&self, path: &str) -> (String, String) {
         let mut c = TcpStream::connect(self.admin).unwrap();
@@ -347,28 +362,8 @@ pub struct Certs {
 impl Certs {
     pub fn new() -> Certs {
         let dir = temp_dir("certs");
+        self_signed(&dir, "key.pem", "cert.pem", "/CN=mx.test");
         let run = |args: &[&str]| openssl(&dir, args);
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ]
-        .into_iter()
-        .chain([
-            "-keyout",
-            "key.pem",
-            "-out",
-            "cert.pem",
-            "-days",
-            "2",
-            "-nodes",
-            "-subj",
-            "/CN=mx.test",
-        ])
-        .collect::<Vec<_>>());
         run(&[
             "pkcs12",
             "-export",
@@ -407,29 +402,35 @@ impl Drop for Certs {
     }
 }
 
-/// Run `cmd` with `input` on its standard input; returns its output.
-/// Run `openssl ARGS` in `dir`; panics with its error output when it fails.
+/// A self-signed P-256 certificate (`cert`) and its key (`key`) in `dir`, valid for two days.
+fn self_signed(dir: &Path, key: &str, cert: &str, subject: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-days",
+            "2",
+            "-subj",
+            subject,
+        ],
+    );
+}
+
 /// A CA (`ca.pem`) and a leaf certificate for 127.0.0.1 / mx.test signed by it (`leaf.pem`,
 /// `leaf.key`) in `dir`.
-pub fn ca_and_leaf(dir: &std::path::Path) {
+pub fn ca_and_leaf(dir: &Path) {
+    self_signed(dir, "ca.key", "ca.pem", "/CN=ringmx test CA");
     let run = |args: &[&str]| openssl(dir, args);
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=ringmx test CA",
-    ]);
     run(&[
         "req",
         "-newkey",
@@ -482,6 +483,7 @@ for k in sorted(seen):
     print(k, float(seen[k]))
 "#;
 
+/// Run `openssl ARGS` in `dir`; panics with its error output when it fails.
 pub fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
@@ -491,6 +493,7 @@ pub fn openssl(dir: &Path, args: &[&str]) {
     assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
 }
 
+/// Run `cmd` with `input` on its standard input; returns its output.
 pub fn run_with_stdin(cmd: &mut Command, input: &[u8]) -> Output {
     let mut child = cmd
         .stdin(Stdio::piped())
