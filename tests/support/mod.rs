@@ -362,20 +362,22 @@ pub struct Certs {
 impl Certs {
     pub fn new() -> Certs {
         let dir = temp_dir("certs");
-        self_signed(&dir, "key.pem", "cert.pem", "/CN=mx.test");
-        let run = |args: &[&str]| openssl(&dir, args);
-        run(&[
-            "pkcs12",
-            "-export",
-            "-in",
-            "cert.pem",
-            "-inkey",
-            "key.pem",
-            "-out",
-            "cert.pfx",
-            "-passout",
-            "pass:s3cret",
-        ]);
+        p256_request(&dir, true, "key.pem", "cert.pem", "/CN=mx.test");
+        openssl(
+            &dir,
+            &[
+                "pkcs12",
+                "-export",
+                "-in",
+                "cert.pem",
+                "-inkey",
+                "key.pem",
+                "-out",
+                "cert.pfx",
+                "-passout",
+                "pass:s3cret",
+            ],
+        );
         std::fs::write(dir.join("pfx-pass"), "s3cret\n").unwrap();
         Certs {
             cert: dir.join("cert.pem"),
@@ -402,71 +404,59 @@ impl Drop for Certs {
     }
 }
 
-/// A self-signed P-256 certificate (`cert`) and its key (`key`) in `dir`, valid for two days.
-fn self_signed(dir: &Path, key: &str, cert: &str, subject: &str) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            key,
-            "-out",
-            cert,
-            "-days",
-            "2",
-            "-subj",
-            subject,
-        ],
-    );
-}
-
-/// A CA (`ca.pem`) and a leaf certificate for 127.0.0.1 / mx.test signed by it (`leaf.pem`,
-/// `leaf.key`) in `dir`.
-pub fn ca_and_leaf(dir: &Path) {
-    self_signed(dir, "ca.key", "ca.pem", "/CN=ringmx test CA");
-    let run = |args: &[&str]| openssl(dir, args);
-    run(&[
-        "req",
+/// `openssl req` in `dir`: a new P-256 key (`key`, unencrypted) and, for `subject`, either a
+/// self-signed certificate valid for two days or a signing request (`out`).
+fn p256_request(dir: &Path, self_signed: bool, key: &str, out: &str, subject: &str) {
+    let mut args = vec!["req"];
+    if self_signed {
+        args.extend(["-x509", "-days", "2"]);
+    }
+    args.extend([
         "-newkey",
         "ec",
         "-pkeyopt",
         "ec_paramgen_curve:prime256v1",
         "-nodes",
         "-keyout",
-        "leaf.key",
+        key,
         "-out",
-        "leaf.csr",
+        out,
         "-subj",
-        "/CN=mx.test",
+        subject,
     ]);
+    openssl(dir, &args);
+}
+
+/// A CA (`ca.pem`) and a leaf certificate for 127.0.0.1 / mx.test signed by it (`leaf.pem`,
+/// `leaf.key`) in `dir`.
+pub fn ca_and_leaf(dir: &Path) {
+    p256_request(dir, true, "ca.key", "ca.pem", "/CN=ringmx test CA");
+    p256_request(dir, false, "leaf.key", "leaf.csr", "/CN=mx.test");
     std::fs::write(
         dir.join("ext"),
         "subjectAltName=DNS:mx.test,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
     )
     .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "leaf.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "leaf.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext",
-    ]);
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "leaf.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ],
+    );
 }
 
 /// Reads Prometheus text on stdin with the Prometheus client library's parser and prints
