@@ -667,9 +667,9 @@ impl Conn {
             // recipients all got the same one is stored as it came.
             let verdict_of = |i: usize| verdict_header.as_ref().and_then(|_| verdict(i));
             let mut kinds: Vec<Option<bool>> = Vec::with_capacity(2);
-            for i in 0..env.rcpts.len() {
-                if !kinds.contains(&verdict_of(i)) {
-                    kinds.push(verdict_of(i));
+            for v in (0..env.rcpts.len()).map(verdict_of) {
+                if !kinds.contains(&v) {
+                    kinds.push(v);
                 }
             }
             let content = Arc::new(content);
