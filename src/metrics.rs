@@ -11,17 +11,21 @@ pub enum Reason {
     AuthRequired,
     TooBig,
     BareLineEnding,
+    Nul,
+    FoldedFirstLine,
     Storage,
     NoRoute,
     TooManyConnections,
     Timeout,
 }
 
-const REASONS: [(Reason, &str); 8] = [
+const REASONS: [(Reason, &str); 10] = [
     (Reason::RelayDenied, "relay_denied"),
     (Reason::AuthRequired, "auth_required"),
     (Reason::TooBig, "too_big"),
     (Reason::BareLineEnding, "bare_line_ending"),
+    (Reason::Nul, "nul"),
+    (Reason::FoldedFirstLine, "folded_first_line"),
     (Reason::Storage, "storage"),
     (Reason::NoRoute, "no_route"),
     (Reason::TooManyConnections, "too_many_connections"),

@@ -81,13 +81,33 @@ impl Masks {
     }
 }
 
-/// The header section: every line before the first empty one (`\r\n` or `\n`), within the
-/// first `limit` bytes.
+/// The lines of `s` as lenient parsers see them (Python's `email` among them): CRLF, a lone
+/// CR and a lone LF each end a line. Yields `(line without its ending, line with it)`.
+fn lenient_lines(s: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    let mut rest = s;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let end = memchr::memchr2(b'\r', b'\n', rest);
+        let (text_len, line_len) = match end {
+            None => (rest.len(), rest.len()),
+            Some(i) if rest.get(i) == Some(&b'\r') && rest.get(i + 1) == Some(&b'\n') => (i, i + 2),
+            Some(i) => (i, i + 1),
+        };
+        let (line, tail) = rest.split_at(line_len);
+        rest = tail;
+        Some((line.get(..text_len).unwrap_or_default(), line))
+    })
+}
+
+/// The header section: every line before the first empty one (line ends as lenient parsers
+/// see them), within the first `limit` bytes.
 fn header_block(content: &[u8], limit: usize) -> &[u8] {
     let scan = content.get(..limit).unwrap_or(content);
     let mut at = 0;
-    for line in scan.split_inclusive(|&b| b == b'\n') {
-        if line == b"\r\n" || line == b"\n" {
+    for (text, line) in lenient_lines(scan) {
+        if text.is_empty() {
             return scan.get(..at).unwrap_or(scan);
         }
         at += line.len();
@@ -99,11 +119,7 @@ fn header_block(content: &[u8], limit: usize) -> &[u8] {
 pub fn headers(content: &[u8]) -> Vec<(&str, String)> {
     let block = header_block(content, HEADER_SCAN);
     let mut out: Vec<(&str, String)> = Vec::new();
-    for line in block.split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() {
-            break;
-        }
+    for (line, _) in lenient_lines(block) {
         let text = String::from_utf8_lossy(line);
         if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') {
             if let Some((_, v)) = out.last_mut() {
@@ -129,7 +145,9 @@ pub fn headers(content: &[u8]) -> Vec<(&str, String)> {
 }
 
 /// `content` without any `name:` header field (and its continuation lines), or `None` when
-/// the header section has none.
+/// the header section has none. Lines and fields are found the way the most lenient reader
+/// downstream would find them (a lone CR or LF ends a line), so no field hidden behind a bare
+/// line ending survives to be read as ours.
 pub fn strip_header(content: &[u8], name: &str) -> Option<Vec<u8>> {
     let block = header_block(content, usize::MAX);
     let is_field = |line: &[u8]| {
@@ -139,13 +157,13 @@ pub fn strip_header(content: &[u8], name: &str) -> Option<Vec<u8>> {
                 .get(name.len()..)
                 .is_some_and(|r| r.iter().find(|b| **b != b' ' && **b != b'\t') == Some(&b':'))
     };
-    if !block.split(|&b| b == b'\n').any(is_field) {
+    if !lenient_lines(block).any(|(text, _)| is_field(text)) {
         return None;
     }
     let mut out = Vec::with_capacity(content.len());
     let mut dropping = false;
     let mut at = 0;
-    for line in block.split_inclusive(|&b| b == b'\n') {
+    for (_, line) in lenient_lines(block) {
         at += line.len();
         let cont = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
         if !cont {
@@ -430,6 +448,16 @@ mod tests {
             None
         );
         assert_eq!(strip_header(b"X-ASWLX: 1\r\n\r\n", "X-ASWL"), None);
+        // Fields hidden behind a lone CR or LF, as Python's email package reads them.
+        for (m, out) in [
+            (&b"Subject: a\rX-ASWL: pass\r\n\r\nb"[..], &b"Subject: a\r\r\nb"[..]),
+            (b"Subject: a\nX-ASWL: pass\n\tmore\r\nTo: c\r\n\r\n", b"Subject: a\nTo: c\r\n\r\n"),
+            (b"X-ASWL: pass\r \rcont\r\n\r\n", b"cont\r\n\r\n"),
+        ] {
+            assert_eq!(strip_header(m, "X-ASWL").as_deref(), Some(out), "{m:?}");
+        }
+        // A lone CR ending the header section ends it for the stripper too.
+        assert_eq!(strip_header(b"Subject: a\r\rX-ASWL: b\r\n", "X-ASWL"), None);
     }
 
     #[test]

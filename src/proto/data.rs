@@ -327,6 +327,90 @@ mod simd {
 
 /// A byte-at-a-time reference reader, written independently of the fast path, used by the
 /// property tests and the differential fuzz target.
+/// Line-ending check for BDAT chunks (RFC 3030), which carry content without dot-stuffing:
+/// the same bare CR / bare LF policy as DATA, so content that arrives by BDAT cannot carry line
+/// endings that a next hop reading DATA would take differently (CVE-2023-51764 family). The
+/// state survives chunk boundaries: a CR at the end of one chunk and an LF at the start of the
+/// next are one CRLF. Hands out zero-copy slices like [`DataReader`].
+#[derive(Debug, Clone, Default)]
+pub struct ChunkLines {
+    policy: BareLinePolicy,
+    /// A CR ended the previous input; not yet known to be part of CRLF (held, not emitted).
+    cr_held: bool,
+    bare: bool,
+}
+
+impl ChunkLines {
+    /// A checker at the start of the content.
+    pub fn new(policy: BareLinePolicy) -> Self {
+        ChunkLines {
+            policy,
+            cr_held: false,
+            bare: false,
+        }
+    }
+
+    /// Whether a bare CR or LF has been seen so far.
+    pub fn saw_bare_line_ending(&self) -> bool {
+        self.bare
+    }
+
+    /// Consume from `input`; returns the bytes consumed and the content they produce (possibly
+    /// empty, possibly a static CRLF). Call again with the unconsumed rest.
+    pub fn next<'a>(&mut self, input: &'a [u8]) -> (usize, &'a [u8]) {
+        if self.cr_held {
+            let Some(&first) = input.first() else {
+                return (0, &[]);
+            };
+            self.cr_held = false;
+            if first == b'\n' {
+                return (1, CRLF);
+            }
+            return (0, self.bare_ending());
+        }
+        let mut from = 0;
+        loop {
+            let Some(i) = input
+                .get(from..)
+                .and_then(|r| memchr::memchr2(b'\r', b'\n', r))
+                .map(|i| i + from)
+            else {
+                return (input.len(), input);
+            };
+            let is_cr = input.get(i) == Some(&b'\r');
+            match (is_cr, input.get(i + 1)) {
+                (true, Some(b'\n')) => from = i + 2,
+                // A CR at the end: emit what precedes it and hold it.
+                (true, None) if i > 0 => return (i, input.get(..i).unwrap_or_default()),
+                (true, None) => {
+                    self.cr_held = true;
+                    return (1, &[]);
+                }
+                // A bare CR or LF: emit what precedes it, then handle it alone.
+                _ if i > 0 => return (i, input.get(..i).unwrap_or_default()),
+                _ => return (1, self.bare_ending()),
+            }
+        }
+    }
+
+    /// End of the content: a CR still held is bare. Returns what to emit for it.
+    pub fn finish(&mut self) -> &'static [u8] {
+        if std::mem::take(&mut self.cr_held) {
+            self.bare_ending()
+        } else {
+            &[]
+        }
+    }
+
+    fn bare_ending(&mut self) -> &'static [u8] {
+        self.bare = true;
+        match self.policy {
+            BareLinePolicy::Normalize => CRLF,
+            BareLinePolicy::Reject => &[],
+        }
+    }
+}
+
 #[cfg(any(test, fuzzing))]
 pub mod oracle {
     use super::BareLinePolicy;
@@ -586,6 +670,90 @@ mod tests {
                 clean_prefix(&input, line_start),
                 clean_prefix_scalar(&input, false, line_start)
             );
+        }
+    }
+
+    /// Byte-at-a-time oracle for [`ChunkLines`]: (content, bare seen).
+    fn chunk_lines_oracle(input: &[u8], policy: BareLinePolicy) -> (Vec<u8>, bool) {
+        let mut out = Vec::new();
+        let mut bare = false;
+        let mut i = 0;
+        while i < input.len() {
+            match (input[i], input.get(i + 1)) {
+                (b'\r', Some(b'\n')) => {
+                    out.extend_from_slice(b"\r\n");
+                    i += 2;
+                    continue;
+                }
+                (b'\r' | b'\n', _) => {
+                    bare = true;
+                    if policy == BareLinePolicy::Normalize {
+                        out.extend_from_slice(b"\r\n");
+                    }
+                }
+                (b, _) => out.push(b),
+            }
+            i += 1;
+        }
+        (out, bare)
+    }
+
+    /// Feed `input` as chunks cut at `splits` (like BDAT chunks or reads).
+    fn chunk_lines_run(input: &[u8], splits: &[usize], policy: BareLinePolicy) -> (Vec<u8>, bool) {
+        let mut cuts: Vec<usize> = splits.iter().map(|s| s % (input.len() + 1)).collect();
+        cuts.push(input.len());
+        cuts.sort_unstable();
+        let mut c = ChunkLines::new(policy);
+        let mut out = Vec::new();
+        let mut start = 0;
+        for stop in cuts {
+            let mut piece = &input[start..stop];
+            while !piece.is_empty() {
+                let (used, emit) = c.next(piece);
+                out.extend_from_slice(emit);
+                piece = &piece[used..];
+            }
+            start = stop;
+        }
+        out.extend_from_slice(c.finish());
+        (out, c.saw_bare_line_ending())
+    }
+
+    #[test]
+    fn chunk_lines_table() {
+        use BareLinePolicy::*;
+        for (input, policy, out, bare) in [
+            (&b"a\r\nb\r\n"[..], Reject, &b"a\r\nb\r\n"[..], false),
+            (b"a\nb", Reject, b"ab", true),
+            (b"a\rb", Reject, b"ab", true),
+            (b"a\r", Reject, b"a", true),
+            (b"a\n.\nb", Normalize, b"a\r\n.\r\nb", true),
+            (b"\r.\r\n", Normalize, b"\r\n.\r\n", true),
+            (b"\r\n.\r", Normalize, b"\r\n.\r\n", true),
+            (b"\r\r\n\n", Normalize, b"\r\n\r\n\r\n", true),
+            (b"", Reject, b"", false),
+        ] {
+            for split in 0..=input.len() {
+                assert_eq!(
+                    chunk_lines_run(input, &[split], policy),
+                    (out.to_vec(), bare),
+                    "{input:?} split at {split}"
+                );
+            }
+            let bytes: Vec<usize> = (0..input.len()).collect();
+            assert_eq!(chunk_lines_run(input, &bytes, policy), (out.to_vec(), bare));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn chunk_lines_match_oracle(
+            input in smtp_bytes(),
+            splits in prop::collection::vec(0usize..300, 0..6),
+            normalize in any::<bool>(),
+        ) {
+            let policy = if normalize { BareLinePolicy::Normalize } else { BareLinePolicy::Reject };
+            prop_assert_eq!(chunk_lines_run(&input, &splits, policy), chunk_lines_oracle(&input, policy));
         }
     }
 }

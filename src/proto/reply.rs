@@ -201,6 +201,20 @@ pub static BARE_LINE_ENDING: Reply = Reply::new(
     "5.6.0",
     "Bare CR or LF in message content is not allowed, use CRLF (RFC 5321 section 2.3.8)",
 );
+/// A NUL byte in content that is not BODY=BINARYMIME: next hops that drop NULs would read a
+/// different message (a `NUL .` line becomes the end of data for them).
+pub static NUL_IN_CONTENT: Reply = Reply::new(
+    550,
+    "5.6.0",
+    "NUL characters in message content are not allowed (RFC 5322 section 2.3)",
+);
+/// Content whose first line starts with a space or tab: it would continue the last header
+/// ringmx prepends (a forged verdict).
+pub static FOLDED_FIRST_LINE: Reply = Reply::new(
+    550,
+    "5.6.0",
+    "Message content must not begin with a folded line (RFC 5322 section 2.2.3)",
+);
 
 // --- STARTTLS -----------------------------------------------------------------------------------
 /// STARTTLS accepted; the TLS handshake follows.

@@ -19,7 +19,7 @@ use base64::Engine as _;
 
 use super::address::Address;
 use super::command::{self, Body, Command, MailParams, Mechanism, RcptParams};
-use super::data::{BareLinePolicy, Chunk, DataReader};
+use super::data::{BareLinePolicy, Chunk, ChunkLines, DataReader};
 use super::line::{self, Frame};
 use super::reply::{self, Reply, write_line};
 use super::settings::Settings;
@@ -64,6 +64,10 @@ pub enum AbortReason {
     TooBig,
     /// Bare CR or LF under the reject policy (`550 5.6.0`).
     BareLineEnding,
+    /// A NUL byte outside BODY=BINARYMIME (`550 5.6.0`).
+    Nul,
+    /// The first content line starts with a space or tab (`550 5.6.0`).
+    FoldedFirstLine,
 }
 
 /// Decoded SASL credentials.
@@ -145,6 +149,10 @@ struct Txn {
     size: u64,
     chunks: u32,
     too_big: bool,
+    /// BDAT line-ending check (absent for BODY=BINARYMIME, whose content is binary).
+    lines: Option<ChunkLines>,
+    /// The first content defect seen; the message is refused at its end.
+    defect: Option<AbortReason>,
 }
 
 /// One SMTP server session (one connection).
@@ -585,6 +593,9 @@ impl Session {
             mode,
         };
         self.txn.chunks += 1;
+        if self.txn.chunks == 1 && self.txn.body != Some(Body::BinaryMime) {
+            self.txn.lines = Some(ChunkLines::new(self.settings.cfg.bare_line_policy));
+        }
         (self.txn.chunks == 1).then_some(Event::MessageStart)
     }
 
@@ -604,10 +615,8 @@ impl Session {
                 })
             }
             BdatMode::Keep if last => {
-                self.pending = Some(Pending::Message);
-                Some(Event::MessageEnd {
-                    size: self.txn.size,
-                })
+                self.flush = true;
+                Some(self.message_complete())
             }
             BdatMode::Keep => {
                 self.reply(&reply::CHUNK_OK);
@@ -620,22 +629,53 @@ impl Session {
         self.state = State::Ready;
         self.flush = true;
         if bare {
-            self.txn = Txn::default();
-            self.reply(&reply::BARE_LINE_ENDING);
-            Event::MessageAborted {
-                reason: AbortReason::BareLineEnding,
-            }
-        } else if self.txn.too_big {
-            self.txn = Txn::default();
-            self.reply(&reply::MESSAGE_TOO_BIG);
-            Event::MessageAborted {
-                reason: AbortReason::TooBig,
-            }
-        } else {
+            self.txn.defect.get_or_insert(AbortReason::BareLineEnding);
+        }
+        self.message_complete()
+    }
+
+    /// The whole content is in (DATA's end or the last BDAT chunk): refuse it for the first
+    /// defect seen, else ask for the decision.
+    fn message_complete<'a>(&mut self) -> Event<'a> {
+        let bare = self
+            .txn
+            .lines
+            .as_ref()
+            .is_some_and(|l| l.saw_bare_line_ending())
+            && self.settings.cfg.bare_line_policy == BareLinePolicy::Reject;
+        if bare {
+            self.txn.defect.get_or_insert(AbortReason::BareLineEnding);
+        }
+        if self.txn.too_big {
+            self.txn.defect = Some(AbortReason::TooBig);
+        }
+        let Some(reason) = self.txn.defect else {
             self.pending = Some(Pending::Message);
-            Event::MessageEnd {
+            return Event::MessageEnd {
                 size: self.txn.size,
-            }
+            };
+        };
+        self.txn = Txn::default();
+        self.reply(match reason {
+            AbortReason::TooBig => &reply::MESSAGE_TOO_BIG,
+            AbortReason::BareLineEnding => &reply::BARE_LINE_ENDING,
+            AbortReason::Nul => &reply::NUL_IN_CONTENT,
+            AbortReason::FoldedFirstLine => &reply::FOLDED_FIRST_LINE,
+        });
+        Event::MessageAborted { reason }
+    }
+
+    /// Content defects that are decided on the bytes as they pass: a first line that starts
+    /// with a space or tab, and NUL outside BINARYMIME. `d` is content after unstuffing and
+    /// line-ending policy; called before its bytes are counted.
+    fn check_content(&mut self, d: &[u8]) {
+        if self.txn.defect.is_some() {
+            return;
+        }
+        if self.txn.size == 0 && matches!(d.first(), Some(b' ' | b'\t')) {
+            self.txn.defect = Some(AbortReason::FoldedFirstLine);
+        } else if self.txn.body != Some(Body::BinaryMime) && memchr::memchr(0, d).is_some() {
+            self.txn.defect = Some(AbortReason::Nul);
         }
     }
 
@@ -645,7 +685,7 @@ impl Session {
         if self.txn.size > self.settings.cfg.max_message_size {
             self.txn.too_big = true;
         }
-        !self.txn.too_big
+        !self.txn.too_big && self.txn.defect.is_none()
     }
 
     fn starttls<'a>(&mut self, fresh: bool, more_input: bool) -> Option<Event<'a>> {
@@ -849,6 +889,13 @@ impl<'a> Feed<'_, 'a> {
             } = &s.state
             {
                 let (last, mode) = (*last, mode.clone());
+                // A CR that ended the last chunk is bare: normalised, its CRLF goes out first.
+                if last && mode == BdatMode::Keep {
+                    let tail = s.txn.lines.as_mut().map_or(&[][..], |l| l.finish());
+                    if !tail.is_empty() && s.body_bytes(tail.len()) {
+                        return Some(Event::Body(tail));
+                    }
+                }
                 if let Some(ev) = s.bdat_chunk_done(last, mode) {
                     return Some(ev);
                 }
@@ -867,6 +914,7 @@ impl<'a> Feed<'_, 'a> {
                     self.pos += used;
                     match chunk {
                         Chunk::Data(d) => {
+                            s.check_content(d);
                             if s.body_bytes(d.len()) && !bare {
                                 return Some(Event::Body(d));
                             }
@@ -884,12 +932,25 @@ impl<'a> Feed<'_, 'a> {
                     let take = usize::try_from(*remaining)
                         .unwrap_or(usize::MAX)
                         .min(rest.len());
-                    *remaining -= take as u64;
-                    self.pos += take;
                     let piece = rest.get(..take).unwrap_or_default();
-                    if *mode == BdatMode::Keep {
-                        s.txn.size += take as u64;
-                        return Some(Event::Body(piece));
+                    if *mode != BdatMode::Keep {
+                        *remaining -= take as u64;
+                        self.pos += take;
+                        continue;
+                    }
+                    let (used, out) = match s.txn.lines.as_mut() {
+                        Some(lines) => lines.next(piece),
+                        None => (take, piece),
+                    };
+                    *remaining -= used as u64;
+                    self.pos += used;
+                    let bare = s.txn.lines.as_ref().is_some_and(|l| {
+                        l.saw_bare_line_ending()
+                            && s.settings.cfg.bare_line_policy == BareLinePolicy::Reject
+                    });
+                    s.check_content(out);
+                    if !out.is_empty() && s.body_bytes(out.len()) && !bare {
+                        return Some(Event::Body(out));
                     }
                 }
                 _ if s.discarding => {

@@ -441,37 +441,47 @@ fn b64_line(raw: &[u8]) -> Vec<u8> {
     s.into_bytes()
 }
 
-/// The DATA payload: lines starting with `.` get another one (RFC 5321 §4.5.2), a missing final
-/// CRLF is added, then `.` CRLF.
+/// The DATA payload, canonical whatever the content holds: every line end (CRLF, a bare CR, a
+/// bare LF) is sent as CRLF, a line starting with `.` gets another one (RFC 5321 §4.5.2), a
+/// missing final CRLF is added, then `.` CRLF. Content that arrived by BDAT or as BINARYMIME may
+/// hold any bytes; a next hop that reads a lone CR or LF as a line end must still see the same
+/// lines and the same end of data (CVE-2023-51764 family: `\r.\r\n`, `\n.\n`, …).
 pub fn dot_stuff(parts: &[&[u8]]) -> Vec<u8> {
     let size: usize = parts.iter().map(|p| p.len()).sum();
     let mut out = Vec::with_capacity(size + size / 64 + 8);
-    let mut at_line_start = true;
+    let mut line_start = true;
+    // A CR that ended the previous part: one line end, with or without the LF that follows.
+    let mut cr_held = false;
     for p in parts {
         let mut rest: &[u8] = p;
-        while !rest.is_empty() {
-            if at_line_start && rest.first() == Some(&b'.') {
+        if cr_held && !rest.is_empty() {
+            cr_held = false;
+            rest = rest.strip_prefix(b"\n").unwrap_or(rest);
+        }
+        while let Some(&first) = rest.first() {
+            if line_start && first == b'.' {
                 out.push(b'.');
             }
-            match memchr::memchr(b'\n', rest) {
-                Some(i) => {
-                    let (line, tail) = rest.split_at(i + 1);
-                    out.extend_from_slice(line);
-                    rest = tail;
-                    at_line_start = true;
+            let Some(i) = memchr::memchr2(b'\r', b'\n', rest) else {
+                out.extend_from_slice(rest);
+                line_start = false;
+                break;
+            };
+            out.extend_from_slice(rest.get(..i).unwrap_or_default());
+            out.extend_from_slice(b"\r\n");
+            line_start = true;
+            let tail = rest.get(i + 1..).unwrap_or_default();
+            rest = match (rest.get(i), tail.first()) {
+                (Some(b'\r'), Some(b'\n')) => tail.get(1..).unwrap_or_default(),
+                (Some(b'\r'), None) => {
+                    cr_held = true;
+                    tail
                 }
-                None => {
-                    out.extend_from_slice(rest);
-                    rest = &[];
-                    at_line_start = false;
-                }
-            }
+                _ => tail,
+            };
         }
     }
-    if !out.ends_with(b"\r\n") && !out.is_empty() {
-        if out.ends_with(b"\n") {
-            out.pop();
-        }
+    if !line_start {
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b".\r\n");

@@ -531,6 +531,8 @@ impl Conn {
                     self.ctx.shared.metrics.rejected(match reason {
                         AbortReason::TooBig => Reason::TooBig,
                         AbortReason::BareLineEnding => Reason::BareLineEnding,
+                        AbortReason::Nul => Reason::Nul,
+                        AbortReason::FoldedFirstLine => Reason::FoldedFirstLine,
                     });
                     self.txn.clear();
                 }

@@ -155,4 +155,68 @@ fn dot_stuffing() {
     assert_eq!(dot_stuff(&[b".a\r\n.\r\nb"]), b"..a\r\n..\r\nb\r\n.\r\n");
     assert_eq!(dot_stuff(&[b"a\r\n", b".b\r\n"]), b"a\r\n..b\r\n.\r\n");
     assert_eq!(dot_stuff(&[b""]), b".\r\n");
+    // Every line-ending variant leaves as CRLF; a dot after any of them is stuffed.
+    for (parts, out) in [
+        (&[&b"a\r.\r\nb"[..]][..], &b"a\r\n..\r\nb\r\n.\r\n"[..]),
+        (&[b"a\n.\nb"], b"a\r\n..\r\nb\r\n.\r\n"),
+        (&[b"a\r\n.\r"], b"a\r\n..\r\n.\r\n"),
+        (&[b"a\r", b"\n.b"], b"a\r\n..b\r\n.\r\n"),
+        (&[b"a\r", b".b"], b"a\r\n..b\r\n.\r\n"),
+        (&[b"a\r", b"", b"\n"], b"a\r\n.\r\n"),
+        (&[b"\r\r\n\n"], b"\r\n\r\n\r\n.\r\n"),
+        (&[b"a\n"], b"a\r\n.\r\n"),
+    ] {
+        assert_eq!(dot_stuff(parts), out, "{parts:?}");
+    }
+}
+
+proptest::proptest! {
+    /// Whatever the content and however it is cut, ringmx's own strict DATA reader reads the
+    /// payload back as the content with canonical line ends, ending exactly at the payload's
+    /// end, with no bare CR or LF: no next hop can find another end of data in it.
+    #[test]
+    fn dot_stuffed_payload_is_canonical(
+        content in proptest::collection::vec(
+            proptest::prop_oneof![
+                proptest::strategy::Just(b'\r'),
+                proptest::strategy::Just(b'\n'),
+                proptest::strategy::Just(b'.'),
+                proptest::strategy::Just(b'a'),
+            ],
+            0..200,
+        ),
+        cut in 0usize..200,
+    ) {
+        let cut = cut.min(content.len());
+        let (a, b) = content.split_at(cut);
+        let payload = dot_stuff(&[a, b]);
+        let read = crate::proto::data::oracle::read(&payload, crate::proto::BareLinePolicy::Reject);
+        proptest::prop_assert_eq!(read.end, Some(payload.len()));
+        proptest::prop_assert!(!read.bare);
+        let mut canonical = dot_stuff_oracle(&content);
+        if !canonical.is_empty() && !canonical.ends_with(b"\r\n") {
+            canonical.extend_from_slice(b"\r\n");
+        }
+        proptest::prop_assert_eq!(read.content, canonical);
+    }
+}
+
+/// Each CRLF, lone CR or lone LF as CRLF, byte at a time.
+fn dot_stuff_oracle(content: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < content.len() {
+        match content[i] {
+            b'\r' => {
+                out.extend_from_slice(b"\r\n");
+                if content.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+            }
+            b'\n' => out.extend_from_slice(b"\r\n"),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
 }
