@@ -450,8 +450,14 @@ mod tests {
         assert_eq!(strip_header(b"X-ASWLX: 1\r\n\r\n", "X-ASWL"), None);
         // Fields hidden behind a lone CR or LF, as Python's email package reads them.
         for (m, out) in [
-            (&b"Subject: a\rX-ASWL: pass\r\n\r\nb"[..], &b"Subject: a\r\r\nb"[..]),
-            (b"Subject: a\nX-ASWL: pass\n\tmore\r\nTo: c\r\n\r\n", b"Subject: a\nTo: c\r\n\r\n"),
+            (
+                &b"Subject: a\rX-ASWL: pass\r\n\r\nb"[..],
+                &b"Subject: a\r\r\nb"[..],
+            ),
+            (
+                b"Subject: a\nX-ASWL: pass\n\tmore\r\nTo: c\r\n\r\n",
+                b"Subject: a\nTo: c\r\n\r\n",
+            ),
             (b"X-ASWL: pass\r \rcont\r\n\r\n", b"cont\r\n\r\n"),
         ] {
             assert_eq!(strip_header(m, "X-ASWL").as_deref(), Some(out), "{m:?}");

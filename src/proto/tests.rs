@@ -552,8 +552,10 @@ fn bdat() {
 #[test]
 fn content_rules_hold_for_data_and_bdat() {
     const BARE: &str = "550 5.6.0 Bare CR or LF in message content is not allowed, use CRLF (RFC 5321 section 2.3.8)";
-    const NUL: &str = "550 5.6.0 NUL characters in message content are not allowed (RFC 5322 section 2.3)";
-    const FOLDED: &str = "550 5.6.0 Message content must not begin with a folded line (RFC 5322 section 2.2.3)";
+    const NUL: &str =
+        "550 5.6.0 NUL characters in message content are not allowed (RFC 5322 section 2.3)";
+    const FOLDED: &str =
+        "550 5.6.0 Message content must not begin with a folded line (RFC 5322 section 2.2.3)";
     const OK: &str = "250 2.0.0 Ok: queued as Q1";
     let data = |body: &str| format!("DATA\r\n{body}\r\n.\r\n");
     let bdat = |chunks: &[&str]| {
@@ -570,12 +572,36 @@ fn content_rules_hold_for_data_and_bdat() {
         (Reject, "", bdat(&["a\nb\r\n"]), BARE, None),
         (Reject, "", bdat(&["a\r", "b\r\n"]), BARE, None),
         (Reject, "", bdat(&["a\r\n", "b\r"]), BARE, None),
-        (Reject, "", bdat(&["a\r", "\nb\r\n"]), OK, Some("a\\r\\nb\\r\\n")),
-        (Normalize, "", bdat(&["a\n.\n", "b\r"]), OK, Some("a\\r\\n.\\r\\nb\\r\\n")),
-        (Normalize, "", bdat(&["\r.\r", "\nx"]), OK, Some("\\r\\n.\\r\\nx")),
+        (
+            Reject,
+            "",
+            bdat(&["a\r", "\nb\r\n"]),
+            OK,
+            Some("a\\r\\nb\\r\\n"),
+        ),
+        (
+            Normalize,
+            "",
+            bdat(&["a\n.\n", "b\r"]),
+            OK,
+            Some("a\\r\\n.\\r\\nb\\r\\n"),
+        ),
+        (
+            Normalize,
+            "",
+            bdat(&["\r.\r", "\nx"]),
+            OK,
+            Some("\\r\\n.\\r\\nx"),
+        ),
         (Reject, "", data("a\0b"), NUL, None),
         (Reject, "", bdat(&["a\r\n", "\0\r\n"]), NUL, None),
-        (Reject, " BODY=BINARYMIME", bdat(&["a\0\nb"]), OK, Some("a\\0\\nb")),
+        (
+            Reject,
+            " BODY=BINARYMIME",
+            bdat(&["a\0\nb"]),
+            OK,
+            Some("a\\0\\nb"),
+        ),
         (Reject, "", data(" X-ASWL: pass"), FOLDED, None),
         (Reject, "", data("\tx"), FOLDED, None),
         (Reject, "", data(". x"), FOLDED, None),
@@ -590,11 +616,23 @@ fn content_rules_hold_for_data_and_bdat() {
         );
         let (out, events) = run(&s, input.as_bytes());
         let r = replies(&out);
-        assert_eq!(r.get(r.len() - 2), Some(&reply), "{policy:?} {transfer:?}: {r:?}");
-        assert_eq!(r.last(), Some(&"250 2.0.0 Ok"), "{transfer:?}: the session goes on");
+        assert_eq!(
+            r.get(r.len() - 2),
+            Some(&reply),
+            "{policy:?} {transfer:?}: {r:?}"
+        );
+        assert_eq!(
+            r.last(),
+            Some(&"250 2.0.0 Ok"),
+            "{transfer:?}: the session goes on"
+        );
         match content {
             Some(c) => assert_eq!(events.last(), Some(&format!("end {c}")), "{transfer:?}"),
-            None => assert_eq!(events.last().map(String::as_str), Some("aborted"), "{transfer:?}"),
+            None => assert_eq!(
+                events.last().map(String::as_str),
+                Some("aborted"),
+                "{transfer:?}"
+            ),
         }
     }
 }

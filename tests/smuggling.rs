@@ -1,0 +1,222 @@
+//! Content integrity over real sockets, tried as an attacker would: BDAT held to the same
+//! line-ending rules as DATA, NUL and folded first lines refused, content relayed with DATA
+//! canonical whatever came in (read back by aiosmtpd, a next hop nobody here wrote), and the
+//! verdict header impossible to forge or extend from the content (read back by Python's
+//! lenient `email` parser). Both runtime drivers.
+
+mod support;
+
+use support::{Raw, Server, Sink, stdout, temp_dir};
+
+const DRIVERS: [&str; 2] = ["auto", "legacy"];
+
+/// EHLO, then `MAIL FROM:<a@b.test>{params}` and `RCPT TO:<rcpt>`, both answered 250.
+fn open_txn(c: &mut Raw, params: &str, rcpt: &str) {
+    assert!(c.reply().starts_with("220"));
+    assert!(c.cmd("EHLO attacker.test\r\n").starts_with("250"));
+    let r = c.cmd(&format!("MAIL FROM:<a@b.test>{params}\r\n"));
+    assert!(r.starts_with("250"), "{r}");
+    let r = c.cmd(&format!("RCPT TO:<{rcpt}>\r\n"));
+    assert!(r.starts_with("250"), "{r}");
+}
+
+/// Send the chunks with BDAT (the last one LAST); returns the reply to the last.
+fn bdat(c: &mut Raw, chunks: &[&[u8]]) -> String {
+    let mut last = String::new();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let tag = if i + 1 == chunks.len() { " LAST" } else { "" };
+        c.w.write_all(format!("BDAT {}{tag}\r\n", chunk.len()).as_bytes())
+            .unwrap();
+        c.w.write_all(chunk).unwrap();
+        last = c.reply();
+    }
+    last
+}
+
+use std::io::Write as _;
+
+#[test]
+fn bdat_and_data_content_rules_over_the_wire() {
+    for driver in DRIVERS {
+        let s = Server::start(&format!("smuggle-rules-{driver}"), driver);
+        let bad: [(&str, &[&[u8]], &str); 6] = [
+            (
+                "",
+                &[b"Subject: x\r\n\r\nhi\n.\nMAIL FROM:<e@x.test>\r\n"],
+                "550 5.6.0 Bare",
+            ),
+            ("", &[b"Subject: x\r\n\r\nhi\r", b".\r\n"], "550 5.6.0 Bare"),
+            (
+                "",
+                &[b"Subject: x\r\n\r\nhi\r\n", b"end\r"],
+                "550 5.6.0 Bare",
+            ),
+            ("", &[b"Subject: x\r\n\r\n\0.\r\n"], "550 5.6.0 NUL"),
+            (
+                "",
+                &[b" X-ASWL: pass\r\n\r\nhi\r\n"],
+                "550 5.6.0 Message content must not begin",
+            ),
+            (
+                " BODY=BINARYMIME",
+                &[b"\tX: y\r\n\r\n"],
+                "550 5.6.0 Message content must not begin",
+            ),
+        ];
+        for (params, chunks, want) in bad {
+            let mut c = Raw::connect(s.inbound);
+            open_txn(&mut c, params, "u@example.test");
+            let r = bdat(&mut c, chunks);
+            assert!(r.starts_with(want), "{driver} {chunks:?}: {r}");
+            // The session goes on after the refusal.
+            assert!(c.cmd("NOOP\r\n").starts_with("250"), "{driver}");
+            assert!(c.cmd("QUIT\r\n").starts_with("221"));
+        }
+        // DATA: the same refusals.
+        for (body, want) in [
+            ("Subject: x\r\n\r\na\0b\r\n.\r\n", "550 5.6.0 NUL"),
+            (
+                " folded: x\r\n\r\nb\r\n.\r\n",
+                "550 5.6.0 Message content must not begin",
+            ),
+            (
+                ". folded: x\r\n\r\nb\r\n.\r\n",
+                "550 5.6.0 Message content must not begin",
+            ),
+        ] {
+            let mut c = Raw::connect(s.inbound);
+            assert!(c.reply().starts_with("220"));
+            assert!(c.cmd("EHLO attacker.test\r\n").starts_with("250"));
+            c.start_data();
+            let r = c.cmd(body);
+            assert!(r.starts_with(want), "{driver} {body:?}: {r}");
+        }
+        // A CRLF split over two chunks is one line end: accepted and stored as sent.
+        let mut c = Raw::connect(s.inbound);
+        open_txn(&mut c, "", "u@example.test");
+        let r = bdat(&mut c, &[b"Subject: split\r", b"\n\r\nbody\r\n"]);
+        assert!(r.starts_with("250"), "{driver}: {r}");
+        assert!(c.cmd("QUIT\r\n").starts_with("221"));
+        let dropped = s.dropped();
+        assert_eq!(
+            dropped.len(),
+            1,
+            "{driver}: only the clean message is stored"
+        );
+        assert!(
+            dropped[0].ends_with("Subject: split\r\n\r\nbody\r\n"),
+            "{driver}"
+        );
+    }
+}
+
+#[test]
+fn normalize_policy_applies_to_bdat() {
+    let s = Server::start_with(
+        "smuggle-normalize",
+        "auto",
+        "",
+        "[smtp]\nbare_lf = \"normalize\"\n",
+    );
+    let mut c = Raw::connect(s.inbound);
+    open_txn(&mut c, "", "u@example.test");
+    let r = bdat(&mut c, &[b"Subject: n\r\n\r\na\n.\nb\r", b"c\r"]);
+    assert!(r.starts_with("250"), "{r}");
+    let dropped = s.dropped();
+    assert!(
+        dropped[0].ends_with("Subject: n\r\n\r\na\r\n.\r\nb\r\nc\r\n"),
+        "{:?}",
+        dropped[0]
+    );
+}
+
+/// BINARYMIME content keeps its bytes through the spool; relayed to a next hop without
+/// CHUNKING it leaves as canonical DATA: every line end CRLF, every leading dot stuffed. The
+/// hop sees one message per transaction with the would-be smuggled commands inside the body.
+#[test]
+fn relayed_content_is_canonical_whatever_came_in() {
+    for driver in DRIVERS {
+        let dir = temp_dir(&format!("smuggle-relay-sink-{driver}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sink = Sink::start(&dir, &[]);
+        let route = format!(
+            "[[route]]\ndomains = [\"relay.test\"]\naction = \"relay\"\nnext_hops = [\"127.0.0.1:{}\"]\n",
+            sink.port
+        );
+        let s = Server::start_with(&format!("smuggle-relay-{driver}"), driver, "", &route);
+        let mut c = Raw::connect(s.outbound);
+        open_txn(&mut c, " BODY=BINARYMIME", "v@relay.test");
+        let content: &[u8] = b"Message-ID: <smuggle@test>\r\nSubject: s\r\n\r\nhi\r.\r\nMAIL FROM:<evil@x.test>\nRCPT TO:<victim@relay.test>\n.\nDATA\r\n.\rforged\r\n";
+        let r = bdat(&mut c, &[&content[..40], &content[40..]]);
+        assert!(r.starts_with("250"), "{driver}: {r}");
+        assert!(c.cmd("QUIT\r\n").starts_with("221"));
+        let got = sink.wait_for(1, 20);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let got_all = sink.records();
+        assert_eq!(got.len(), 1, "{driver}: {}", s.log());
+        assert_eq!(got_all.len(), 1, "{driver}: one message, nothing smuggled");
+        assert_eq!(got[0]["rcpts"], serde_json::json!(["v@relay.test"]));
+        let data = got[0]["data"].as_str().unwrap();
+        let body = data.split_once("\r\n\r\n").unwrap().1;
+        assert_eq!(
+            body,
+            "hi\r\n.\r\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@relay.test>\r\n.\r\nDATA\r\n.\r\nforged\r\n",
+            "{driver}"
+        );
+    }
+}
+
+/// Python's `email` package reads a lone CR or LF as a line end. What it reads as the verdict
+/// header of every stored copy is ringmx's, whatever the content tries: a copy hidden behind a
+/// bare CR (BINARYMIME keeps it), a forged one in plain sight, one after a bare LF (normalised).
+#[test]
+fn verdict_header_cannot_be_forged_or_extended() {
+    const PARSE: &str = r#"
+import email, glob, os, sys
+for p in sorted(glob.glob(os.path.join(sys.argv[1], "*.eml"))):
+    m = email.message_from_bytes(open(p, "rb").read())
+    print(repr(m.get_all("X-ASWL")))
+"#;
+    for driver in DRIVERS {
+        let s = Server::start_with(
+            &format!("smuggle-verdict-{driver}"),
+            driver,
+            "",
+            "[aswl]\nmode = \"per-recipient\"\n",
+        );
+        let attempts: [(&str, &[u8]); 3] = [
+            (
+                " BODY=BINARYMIME",
+                b"Subject: a\rX-ASWL: pass mode=global\r\n\r\nbody\r\n",
+            ),
+            (
+                "",
+                b"X-ASWL: pass mode=global\r\nSubject: b\r\n\r\nbody\r\n",
+            ),
+            (
+                " BODY=BINARYMIME",
+                b"Subject: c\nX-ASWL: pass\n\tmode=global\r\n\r\nbody\r\n",
+            ),
+        ];
+        for (params, content) in attempts {
+            let mut c = Raw::connect(s.inbound);
+            open_txn(&mut c, params, "u@example.test");
+            let r = bdat(&mut c, &[content]);
+            assert!(r.starts_with("250"), "{driver}: {r}");
+            assert!(c.cmd("QUIT\r\n").starts_with("221"));
+        }
+        assert_eq!(s.dropped().len(), 3);
+        let out = std::process::Command::new("python3")
+            .args(["-c", PARSE])
+            .arg(&s.drop_dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let seen = stdout(&out);
+        assert_eq!(
+            seen.lines().collect::<Vec<_>>(),
+            ["['none mode=per-recipient']"; 3],
+            "{driver}"
+        );
+    }
+}
