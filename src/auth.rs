@@ -1,9 +1,14 @@
 //! SMTP AUTH credentials: a `users_file` of `user:argon2-hash` lines (PHC strings, as written by
 //! `ringmx hash-password`). Verification is deliberately slow (argon2), so the runtime runs it
-//! on the blocking pool, never on a core's reactor.
+//! on its own small pool ([`Verifier`]), never on a core's reactor and never in the way of the
+//! spool's blocking work. [`Failures`] counts failures per client address across connections
+//! (Postfix's anvil `smtpd_client_auth_rate_limit` is the model).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -72,6 +77,131 @@ impl Users {
     }
 }
 
+/// Authentication failures per client address (IPv4 /32, IPv6 /64: one host's whole prefix)
+/// within a window. Bounded: at `capacity` addresses, expired entries are dropped and then the
+/// oldest one, so a flood of sources forgets the oldest failures rather than growing.
+#[derive(Debug)]
+pub struct Failures {
+    map: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+    capacity: usize,
+}
+
+/// The address a failure is counted against.
+fn failure_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::from(o)
+            }
+        },
+        v4 => v4,
+    }
+}
+
+impl Failures {
+    /// A table holding at most `capacity` addresses.
+    pub fn new(capacity: usize) -> Failures {
+        Failures {
+            map: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (u32, Instant)>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether `ip` has failed `limit` times within `window` before `now` (0 = no limit).
+    pub fn blocked(&self, ip: IpAddr, now: Instant, limit: u32, window: Duration) -> bool {
+        limit > 0
+            && self
+                .lock()
+                .get(&failure_key(ip))
+                .is_some_and(|&(n, since)| {
+                    n >= limit && now.saturating_duration_since(since) < window
+                })
+    }
+
+    /// Count one failure of `ip` at `now`; a window that has passed starts again.
+    pub fn record(&self, ip: IpAddr, now: Instant, window: Duration) {
+        let key = failure_key(ip);
+        let mut map = self.lock();
+        if !map.contains_key(&key) && map.len() >= self.capacity {
+            map.retain(|_, (_, since)| now.saturating_duration_since(*since) < window);
+            if map.len() >= self.capacity
+                && let Some(oldest) = map.iter().min_by_key(|(_, (_, s))| *s).map(|(k, _)| *k)
+            {
+                map.remove(&oldest);
+            }
+        }
+        let e = map.entry(key).or_insert((0, now));
+        if now.saturating_duration_since(e.1) >= window {
+            *e = (0, now);
+        }
+        e.0 = e.0.saturating_add(1);
+    }
+
+    /// Addresses tracked.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// None tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// argon2 verification on dedicated threads with a bounded queue: a flood of AUTH attempts
+/// waits here (or is turned away), never in front of spool or drop-folder I/O.
+#[derive(Debug)]
+pub struct Verifier {
+    queue: mpsc::SyncSender<Job>,
+}
+
+impl Verifier {
+    /// `threads` workers; at most `pending` checks queued or running beyond them.
+    pub fn new(threads: usize, pending: usize) -> std::io::Result<Verifier> {
+        let (tx, rx) = mpsc::sync_channel::<Job>(pending);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("ringmx-auth-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => return,
+                        }
+                    }
+                })?;
+        }
+        Ok(Verifier { queue: tx })
+    }
+
+    /// Queue a check of `username`/`password` against `users`; `None` when the queue is full
+    /// (the caller answers "try again later"). The receiver yields the result.
+    pub fn verify(
+        &self,
+        users: Arc<Users>,
+        username: String,
+        password: String,
+    ) -> Option<tokio::sync::oneshot::Receiver<bool>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(users.verify(&username, &password));
+        });
+        self.queue.try_send(job).ok().map(|()| rx)
+    }
+}
+
 /// An argon2id PHC hash of `password` with a fresh random salt.
 pub fn hash_password(password: &str) -> Result<String, String> {
     let mut salt = [0u8; 16];
@@ -101,6 +231,50 @@ mod tests {
         assert!(users.verify("alice", "s3cret"));
         assert!(!users.verify("alice", "wrong"));
         assert!(!users.verify("bob", "s3cret"));
+    }
+
+    #[test]
+    fn failures_per_address_window_and_bound() {
+        let t0 = Instant::now();
+        let w = Duration::from_secs(60);
+        let f = Failures::new(3);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        for _ in 0..3 {
+            assert!(!f.blocked(a, t0, 3, w));
+            f.record(a, t0, w);
+        }
+        assert!(f.blocked(a, t0, 3, w));
+        assert!(!f.blocked(a, t0, 0, w), "0 = no limit");
+        assert!(!f.blocked(a, t0 + w, 3, w), "the window passed");
+        f.record(a, t0 + w, w);
+        assert!(!f.blocked(a, t0 + w, 3, w), "a new window starts from one");
+        // IPv6: one /64 is one client; IPv4-mapped is IPv4.
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        f.record(v6("2001:db8::1"), t0, w);
+        f.record(v6("2001:db8::ffff:2"), t0, w);
+        f.record(v6("2001:db8::3"), t0, w);
+        assert!(f.blocked(v6("2001:db8::99"), t0, 3, w));
+        assert!(!f.blocked(v6("2001:db8:0:1::1"), t0, 3, w));
+        assert!(f.blocked(v6("::ffff:192.0.2.1"), t0 + w, 1, w));
+        // Bounded: new sources push the oldest out.
+        for i in 0..10u8 {
+            f.record(IpAddr::from([198, 51, 100, i]), t0 + w, w);
+            assert!(f.len() <= 3);
+        }
+    }
+
+    #[test]
+    fn verifier_queue_is_bounded() {
+        let h = hash_password("pw").unwrap();
+        let users = Arc::new(Users::parse(&format!("u:{h}\n")).unwrap());
+        let v = Verifier::new(1, 2).unwrap();
+        let rxs: Vec<_> = (0..50)
+            .filter_map(|_| v.verify(users.clone(), "u".into(), "pw".into()))
+            .collect();
+        assert!(rxs.len() < 50 && rxs.len() >= 2, "{}", rxs.len());
+        for rx in rxs {
+            assert_eq!(rx.blocking_recv(), Ok(true));
+        }
     }
 
     #[test]

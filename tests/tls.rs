@@ -253,3 +253,99 @@ fn auth_required_submission() {
         );
     }
 }
+
+/// Guessing passwords, tried as an attacker would: failures count as protocol errors (the
+/// session is closed at `max_errors`), and an address that failed `max_failures` times is
+/// refused `454 4.7.0` on its next connection even with the right password. User names built
+/// to forge log lines (CR, LF, a fake `client=`) stay inside their own line in the text and JSON
+/// formats, as a fail2ban-style reader sees them.
+#[test]
+fn auth_failures_are_limited_across_connections_and_logged_safely() {
+    const SCRIPT: &str = r#"
+import os, smtplib, ssl
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+def session(attempts):
+    s = smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20)
+    s.ehlo("client.test")
+    s.starttls(context=ctx)
+    s.ehlo("client.test")
+    for user, pw in attempts:
+        try:
+            # One attempt each (login() would try every mechanism offered).
+            s.user, s.password = user, pw
+            s.auth("PLAIN", s.auth_plain)
+            print("ok")
+        except smtplib.SMTPAuthenticationError as e:
+            print(e.smtp_code, e.smtp_error.decode())
+        except smtplib.SMTPServerDisconnected:
+            print("closed")
+            return
+    s.close()
+forged = "x\n2026-01-01T00:00:00Z  WARN authentication failed client=6.6.6.6:1 user=\"y\"\r"
+session([(forged, "a"), ("alice", "b"), ("alice", "c"), ("alice", "pa55word")])
+session([("alice", "d")])
+session([("alice", "pa55word")])
+"#;
+    const FAIL2BAN: &str = r#"
+import json, re, sys
+fmt, path = sys.argv[1], sys.argv[2]
+hosts = []
+for line in open(path, encoding="utf-8", errors="replace").read().split("\n"):
+    if not line:
+        continue
+    if fmt == "json" and line.startswith("{"):
+        rec = json.loads(line)
+        if rec["fields"].get("message") == "authentication failed":
+            hosts.append(rec["fields"]["client"].rsplit(":", 1)[0])
+    else:
+        assert re.match(r"^\d{4}-\d\d-\d\dT", line), repr(line)
+        m = re.match(r"^\S+\s+WARN authentication failed client=([0-9.]+):\d+", line)
+        if m:
+            hosts.append(m.group(1))
+print(" ".join(hosts))
+"#;
+    let certs = support::Certs::new();
+    let users = users_file(&certs.dir);
+    let binding = format!("{}auth = \"optional\"\n", certs.pem_binding("starttls"));
+    let extra = format!(
+        "[auth]\nusers_file = \"{}\"\nmax_failures = 4\n[limits]\nmax_errors = 3\n",
+        users.display()
+    );
+    for (driver, format) in [("auto", "text"), ("legacy", "json")] {
+        let mut s = Server::start_with("auth-abuse", driver, &binding, &extra);
+        let cfg = std::fs::read_to_string(s.dir.join("ringmx.toml")).unwrap();
+        let cfg = cfg.replacen("[server]\n", &format!("[server]\nlog = \"{format}\"\n"), 1);
+        std::fs::write(s.dir.join("ringmx.toml"), cfg).unwrap();
+        s.restart();
+        let out = python(SCRIPT, s.inbound.port(), 0);
+        let text = stdout(&out);
+        assert!(out.status.success(), "{}\n{text}", stderr(&out));
+        let bad = "535 5.7.8 Authentication credentials invalid";
+        let refused =
+            "454 4.7.0 Too many failed authentication attempts from your address, try again later";
+        // The third failure is the session's third error: 421 and closed, so the fourth
+        // attempt (with the right password) is never checked.
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[..3], [bad, bad, bad], "[{driver}] {text}");
+        assert!(
+            lines[3] == "closed" || lines[3].starts_with("421 4.7.0 Too many errors"),
+            "[{driver}] {text}"
+        );
+        assert_eq!(lines[4..], [bad, refused], "[{driver}] {}", s.log());
+        let log_path = s.dir.join("ringmx.log");
+        let seen = Command::new("python3")
+            .args(["-c", FAIL2BAN, format])
+            .arg(&log_path)
+            .output()
+            .unwrap();
+        assert!(seen.status.success(), "[{driver}] {}", stderr(&seen));
+        assert_eq!(
+            stdout(&seen).trim(),
+            "127.0.0.1 127.0.0.1 127.0.0.1 127.0.0.1",
+            "[{driver}] {}",
+            s.log()
+        );
+    }
+}

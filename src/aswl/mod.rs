@@ -486,7 +486,7 @@ impl Aswl {
                 && now.saturating_sub(t as u32) < window
             {
                 self.counters.skipped_window.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(local = %local, external = %ext, "aswl: not collected: auto-response (within auto_response_window of mail from the recipient)");
+                tracing::info!(local = ?local, external = ?ext, "aswl: not collected: auto-response (within auto_response_window of mail from the recipient)");
                 continue;
             }
             pairs.push(Pair {
@@ -511,13 +511,13 @@ impl Aswl {
                 store::Write::Added => {
                     self.counters.added.fetch_add(1, Ordering::Relaxed);
                     if s.log_additions {
-                        tracing::info!(local = %p.local, external = %p.external, "aswl: added");
+                        tracing::info!(local = ?p.local, external = ?p.external, "aswl: added");
                     }
                 }
                 store::Write::Refreshed | store::Write::Unchanged => {
                     self.counters.refreshed.fetch_add(1, Ordering::Relaxed);
                     if s.log_additions {
-                        tracing::info!(local = %p.local, external = %p.external, "aswl: refreshed");
+                        tracing::info!(local = ?p.local, external = ?p.external, "aswl: refreshed");
                     }
                 }
             }

@@ -176,6 +176,8 @@ pub struct Limits {
     pub data_timeout: Secs,
     /// Bytes per second a DATA/BDAT transfer must average (0 = off).
     pub min_data_rate: Size,
+    /// Longest one transaction may take, MAIL to end of data.
+    pub max_transaction_time: Secs,
 }
 
 impl Default for Limits {
@@ -189,7 +191,10 @@ impl Default for Limits {
             max_connections_per_ip: 50,
             command_timeout: Secs(Duration::from_secs(300)),
             data_timeout: Secs(Duration::from_secs(180)),
-            min_data_rate: Size(0),
+            // Postfix's smtpd_min_data_rate default: a byte every few seconds cannot hold a
+            // session.
+            min_data_rate: Size(500),
+            max_transaction_time: Secs(Duration::from_secs(600)),
         }
     }
 }
@@ -207,6 +212,7 @@ pub struct LimitsOverride {
     pub command_timeout: Option<Secs>,
     pub data_timeout: Option<Secs>,
     pub min_data_rate: Option<Size>,
+    pub max_transaction_time: Option<Secs>,
 }
 
 impl Limits {
@@ -224,6 +230,7 @@ impl Limits {
             command_timeout: o.command_timeout.unwrap_or(self.command_timeout),
             data_timeout: o.data_timeout.unwrap_or(self.data_timeout),
             min_data_rate: o.min_data_rate.unwrap_or(self.min_data_rate),
+            max_transaction_time: o.max_transaction_time.unwrap_or(self.max_transaction_time),
         }
     }
 }
@@ -303,11 +310,31 @@ pub enum BareLf {
 }
 
 /// `[auth]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthSection {
     /// `user:argon2-hash` lines.
     pub users_file: Option<PathBuf>,
+    /// Failed AUTH attempts from one client address (IPv6: its /64) within `failure_window`
+    /// before its AUTH commands get `454 4.7.0` without a check (0 = no limit).
+    pub max_failures: u32,
+    pub failure_window: Secs,
+    /// Threads that run argon2 checks (their own, apart from spool and drop-folder I/O).
+    pub verify_threads: usize,
+    /// Checks waiting beyond those running; more get `454 4.7.0` (try again later).
+    pub max_pending: usize,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        AuthSection {
+            users_file: None,
+            max_failures: 10,
+            failure_window: Secs(Duration::from_secs(900)),
+            verify_threads: 1,
+            max_pending: 64,
+        }
+    }
 }
 
 /// `[admin]`.
@@ -1156,6 +1183,7 @@ fn session_settings(
         auth: (b.auth != AuthMode::Off).then(proto::AuthSettings::default),
         command_timeout: limits.command_timeout.0,
         data_timeout: limits.data_timeout.0,
+        max_transaction_time: limits.max_transaction_time.0,
     };
     proto::Settings::new(cfg)
 }

@@ -233,6 +233,18 @@ pub static TLS_NOT_AVAILABLE: Reply = Reply::new(454, "4.7.0", "TLS not availabl
 pub static AUTH_OK: Reply = Reply::new(235, "2.7.0", "Authentication successful");
 /// Credentials refused (the runtime's usual rejection).
 pub static AUTH_FAILED: Reply = Reply::new(535, "5.7.8", "Authentication credentials invalid");
+/// Too many failed attempts from this client address lately (checked before any argon2 work).
+pub static AUTH_TOO_MANY_FAILURES: Reply = Reply::new(
+    454,
+    "4.7.0",
+    "Too many failed authentication attempts from your address, try again later",
+);
+/// The argon2 queue is full.
+pub static AUTH_BUSY: Reply = Reply::new(
+    454,
+    "4.7.0",
+    "Temporary authentication failure, try again later",
+);
 /// Client sent `*`.
 pub static AUTH_CANCELLED: Reply = Reply::new(501, "5.7.0", "Authentication cancelled");
 /// Response is not valid base64 or not a valid PLAIN message.

@@ -153,6 +153,8 @@ struct Txn {
     lines: Option<ChunkLines>,
     /// The first content defect seen; the message is refused at its end.
     defect: Option<AbortReason>,
+    /// When MAIL was accepted (for `max_transaction_time`).
+    started: Option<Instant>,
 }
 
 /// One SMTP server session (one connection).
@@ -256,14 +258,19 @@ impl Session {
         &self.settings
     }
 
-    /// When the session times out if nothing arrives (RFC 5321 §4.5.3.2).
+    /// When the session times out if nothing arrives (RFC 5321 §4.5.3.2), or when the open
+    /// transaction has lasted `max_transaction_time`, whichever comes first.
     pub fn deadline(&self) -> Instant {
         let cfg = &self.settings.cfg;
         let t = match self.state {
             State::Data(_) | State::Bdat { .. } => cfg.data_timeout,
             _ => cfg.command_timeout,
         };
-        self.last_activity + t
+        let idle = self.last_activity + t;
+        match self.txn.started {
+            Some(s) => idle.min(s + cfg.max_transaction_time),
+            None => idle,
+        }
     }
 
     /// If `now` is past the deadline, queue `421 4.4.2` and close. Returns whether it did.
@@ -306,6 +313,7 @@ impl Session {
                     active: true,
                     smtputf8,
                     body,
+                    started: Some(self.last_activity),
                     ..Txn::default()
                 };
                 self.reply(&reply::SENDER_OK);
@@ -357,10 +365,8 @@ impl Session {
                 self.reply(r);
                 self.flush = true;
             }
-            Some(Pending::Auth) => {
-                self.reply(r);
-                self.flush = true;
-            }
+            // A failed authentication is a protocol error: guessing ends at `max_errors`.
+            Some(Pending::Auth) => self.error(r),
             Some(Pending::StartTls) => self.pending = Some(Pending::StartTls),
             None => {}
         }

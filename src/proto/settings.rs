@@ -95,6 +95,9 @@ pub struct SessionConfig {
     pub command_timeout: Duration,
     /// Idle time allowed between reads of message content (RFC 5321 §4.5.3.2.5: 3 min).
     pub data_timeout: Duration,
+    /// Longest a transaction may last from MAIL to the end of its content, however steadily
+    /// bytes trickle in (a slow sender cannot hold a session forever). Default 10 min.
+    pub max_transaction_time: Duration,
 }
 
 impl Default for SessionConfig {
@@ -111,6 +114,7 @@ impl Default for SessionConfig {
             auth: None,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
+            max_transaction_time: Duration::from_secs(600),
         }
     }
 }

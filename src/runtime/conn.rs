@@ -227,7 +227,7 @@ pub(crate) async fn handle(
     tracing::info!(
         client = %peer,
         binding = %conn.binding.b.section.name,
-        helo = %conn.helo,
+        helo = ?conn.helo,
         tls = conn.tls.as_deref().unwrap_or("none"),
         messages = conn.messages,
         duration_ms = started.elapsed().as_millis() as u64,
@@ -387,24 +387,50 @@ impl Conn {
         }
     }
 
-    /// Check credentials on the blocking pool (argon2 is slow by design). Each failure in a
-    /// session delays the answer a little more (1 s, 2 s, … up to 5 s) to slow guessing.
+    /// Check credentials on the AUTH threads (argon2 is slow by design). A client address
+    /// with too many recent failures is turned away before any work; each failure in a session
+    /// delays the answer a little more (1 s, 2 s, … up to 5 s) to slow guessing, and counts as
+    /// a protocol error (`max_errors`).
     async fn authenticate(&mut self, session: &mut Session, c: Credentials) {
-        let users = self.binding.users.clone();
+        let shared = &self.ctx.shared;
+        let cfg = &self.binding.config.auth;
+        let ip = self.peer.ip();
+        let window = cfg.failure_window.0;
+        if shared
+            .auth_failures
+            .blocked(ip, Instant::now(), cfg.max_failures, window)
+        {
+            shared.metrics.auth(false);
+            tracing::warn!(client = %self.peer, user = ?c.username, "authentication refused: too many failures from this address");
+            session.reject(&reply::AUTH_TOO_MANY_FAILURES);
+            return;
+        }
         let authz_ok = c.authzid.is_empty() || c.authzid == c.username;
         let user = c.username.clone();
-        let ok = authz_ok
-            && monoio::spawn_blocking(move || users.verify(&c.username, &c.password))
-                .await
-                .unwrap_or(false);
-        self.ctx.shared.metrics.auth(ok);
+        let ok = if authz_ok {
+            match shared
+                .verifier
+                .verify(self.binding.users.clone(), c.username, c.password)
+            {
+                Some(rx) => rx.await.unwrap_or(false),
+                None => {
+                    tracing::warn!(client = %self.peer, "authentication deferred: the AUTH queue is full");
+                    session.reject(&reply::AUTH_BUSY);
+                    return;
+                }
+            }
+        } else {
+            false
+        };
+        shared.metrics.auth(ok);
         if ok {
-            tracing::info!(client = %self.peer, user = %user, "authenticated");
+            tracing::info!(client = %self.peer, user = ?user, "authenticated");
             self.auth_user = Some(user);
             session.accept();
         } else {
             self.auth_failures += 1;
-            tracing::warn!(client = %self.peer, user = %user, failures = self.auth_failures, "authentication failed");
+            shared.auth_failures.record(ip, Instant::now(), window);
+            tracing::warn!(client = %self.peer, user = ?user, failures = self.auth_failures, "authentication failed");
             let delay = std::time::Duration::from_secs(u64::from(self.auth_failures.min(5)));
             monoio::time::sleep(delay).await;
             session.reject(&reply::AUTH_FAILED);
@@ -579,7 +605,7 @@ impl Conn {
             }
             Ok(_) => Ok(None),
             Err(why) => {
-                tracing::info!(queue_id = %env.queue_id, from = %env.mail_from, reason = %why, "aswl: not collected");
+                tracing::info!(queue_id = %env.queue_id, from = ?env.mail_from, reason = ?why, "aswl: not collected");
                 Ok(None)
             }
         }
@@ -735,11 +761,11 @@ impl Conn {
                 tracing::info!(
                     queue_id = %queue_id,
                     client = %self.peer.ip(),
-                    helo = %self.helo,
+                    helo = ?self.helo,
                     tls = self.tls.as_deref().unwrap_or("none"),
-                    auth = self.auth_user.as_deref().unwrap_or("-"),
-                    from = %env.mail_from,
-                    to = %env.rcpts.join(","),
+                    auth = ?self.auth_user.as_deref().unwrap_or("-"),
+                    from = ?env.mail_from,
+                    to = ?env.rcpts.join(","),
                     size,
                     result = how,
                     "message"

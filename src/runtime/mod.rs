@@ -51,6 +51,9 @@ pub(crate) enum Control {
     Reload(Option<mpsc::Sender<Result<u64, String>>>),
 }
 
+/// Client addresses whose AUTH failures are remembered (about 64 bytes each).
+const AUTH_FAILURE_ADDRESSES: usize = 100_000;
+
 /// State shared by every core.
 #[derive(Debug)]
 pub struct Shared {
@@ -72,6 +75,10 @@ pub struct Shared {
     spool_ids: Arc<AtomicU64>,
     /// The whitelist, when `[aswl]` was on at startup.
     pub aswl: Option<Arc<crate::aswl::Aswl>>,
+    /// AUTH failures per client address, across connections and cores.
+    pub auth_failures: crate::auth::Failures,
+    /// The argon2 threads and their bounded queue.
+    pub verifier: crate::auth::Verifier,
 }
 
 impl Shared {
@@ -354,6 +361,9 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
         open_per_address: Mutex::new(HashMap::new()),
         new_listeners: cpus.iter().map(|_| Mutex::new(Vec::new())).collect(),
         control: Mutex::new(control_tx.clone()),
+        auth_failures: crate::auth::Failures::new(AUTH_FAILURE_ADDRESSES),
+        verifier: crate::auth::Verifier::new(config.auth.verify_threads, config.auth.max_pending)
+            .map_err(|e| RunError::Io("spawning the AUTH threads".into(), e))?,
     });
     let signals = signals::block()?;
     let maintenance = match &shared.aswl {

@@ -521,7 +521,7 @@ impl CoreQueue {
                     return r.into_iter().map(|r| (r, Some(host.clone()))).collect();
                 }
                 Outcome::HopFailed(r) => {
-                    tracing::info!(queue_id = %env.queue_id, hop = %addr, reply = %r.one_line(), "next hop failed");
+                    tracing::info!(queue_id = %env.queue_id, hop = %addr, reply = ?r.one_line(), "next hop failed");
                     last = r;
                     last_host = Some(host.clone());
                 }
@@ -614,7 +614,7 @@ impl CoreQueue {
                 Result_::Failed(reply, mta) => {
                     finished.push(i);
                     self.shared.metrics.delivery("failed", 1);
-                    tracing::info!(queue_id = %env.queue_id, to = %rcpt, reply = %reply.one_line(), result = "failed", "delivery");
+                    tracing::info!(queue_id = %env.queue_id, to = ?rcpt, reply = ?reply.one_line(), result = "failed", "delivery");
                     failed.push(RcptStatus {
                         rcpt,
                         status: reply.status(),
@@ -625,7 +625,7 @@ impl CoreQueue {
                 Result_::Deferred(reply) if expired => {
                     finished.push(i);
                     self.shared.metrics.delivery("expired", 1);
-                    tracing::info!(queue_id = %env.queue_id, to = %rcpt, reply = %reply.one_line(), result = "expired", "delivery");
+                    tracing::info!(queue_id = %env.queue_id, to = ?rcpt, reply = ?reply.one_line(), result = "expired", "delivery");
                     failed.push(RcptStatus {
                         rcpt,
                         status: "4.4.7".into(),
@@ -708,7 +708,7 @@ impl CoreQueue {
         b.next_attempt = Instant::now() + wait;
         b.last_error = last_error;
         self.set_state(&mut b, State::Deferred);
-        tracing::info!(queue_id = %env.queue_id, attempt = b.attempts, retry_in = wait.as_secs(), error = %b.last_error, result = "deferred", "delivery");
+        tracing::info!(queue_id = %env.queue_id, attempt = b.attempts, retry_in = wait.as_secs(), error = ?b.last_error, result = "deferred", "delivery");
         self.timers
             .borrow_mut()
             .push(Reverse((b.next_attempt, env.queue_id.clone())));
@@ -758,7 +758,7 @@ impl CoreQueue {
         };
         let t = trace::received(&benv, &hostname);
         let spooled = self.spool.store(&benv, &t, &content, None).await?;
-        tracing::info!(queue_id = %benv.queue_id, original = %env.queue_id, to = %env.mail_from, kind = ?kind, "bounce");
+        tracing::info!(queue_id = %benv.queue_id, original = %env.queue_id, to = ?env.mail_from, kind = ?kind, "bounce");
         self.shared.metrics.delivery("bounces_sent", 1);
         self.enqueue(benv, t, Some(Arc::new(content)), spooled, vec![0]);
         Ok(())
