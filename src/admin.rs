@@ -4,13 +4,24 @@
 //! `POST /queue/ID/delete|hold|release`, and the whitelist API behind `ringmx aswl`
 //! (`/aswl/stats|check|list|export|add|remove|import`, see [`crate::aswl::admin`]).
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::runtime::Shared;
+
+/// Requests served at once; more are answered `503` at once (a slow client cannot hold the
+/// endpoint: each request has its own thread and deadlines).
+const MAX_CONCURRENT: usize = 16;
+/// Request line and each header line.
+const MAX_LINE: u64 = 8 * 1024;
+const MAX_HEADERS: usize = 64;
+/// Time to send the request line and headers.
+const HEAD_DEADLINE: Duration = Duration::from_secs(10);
+/// A whitelist import of 10 M records is about 500 MB.
+const MAX_BODY: u64 = 1 << 30;
 
 /// Bind the endpoint (errors name the address) and serve it on a new thread.
 pub fn start(
@@ -18,6 +29,7 @@ pub fn start(
     shared: Arc<Shared>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let listener = TcpListener::bind(addr)?;
+    let busy = Arc::new(AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("ringmx-admin".into())
         .spawn(move || {
@@ -25,47 +37,264 @@ pub fn start(
                 if shared.shutdown.load(Ordering::SeqCst) {
                     return;
                 }
-                if let Ok(s) = stream {
-                    let _ = handle(s, &shared);
+                let Ok(s) = stream else { continue };
+                if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CONCURRENT {
+                    busy.fetch_sub(1, Ordering::SeqCst);
+                    let _ = respond(
+                        s,
+                        ("503 Service Unavailable", "text/plain", "busy\n".into()),
+                    );
+                    continue;
+                }
+                let (shared, done) = (shared.clone(), busy.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("ringmx-admin-req".into())
+                    .spawn(move || {
+                        let _ = handle(s, addr, &shared);
+                        done.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if spawned.is_err() {
+                    busy.fetch_sub(1, Ordering::SeqCst);
                 }
             }
         })
 }
 
-fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut request = String::new();
-    reader.read_line(&mut request)?;
-    // Headers: only Content-Length matters (the whitelist import has a body).
-    let mut length = 0usize;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+/// What the endpoint needs to know about a request before acting on it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub method: String,
+    pub path: String,
+    pub host: Option<String>,
+    pub origin: Option<String>,
+    pub content_type: Option<String>,
+    pub authorization: Option<String>,
+    pub content_length: u64,
+}
+
+/// Who may do what: the listen address, extra Host names, bearer tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy<'a> {
+    pub listen: SocketAddr,
+    pub allowed_hosts: &'a [String],
+    pub tokens: &'a [String],
+    pub open_metrics: bool,
+}
+
+/// One line of at most `MAX_LINE` bytes, without its line end; errors past the deadline.
+fn read_line(r: &mut impl BufRead, deadline: Instant) -> Result<String, Response> {
+    if Instant::now() > deadline {
+        return Err(("408 Request Timeout", "text/plain", "too slow\n".into()));
+    }
+    let mut line = Vec::new();
+    let n = r
+        .by_ref()
+        .take(MAX_LINE)
+        .read_until(b'\n', &mut line)
+        .map_err(|_| ("408 Request Timeout", "text/plain", "read failed\n".into()))?;
+    if n as u64 >= MAX_LINE && !line.ends_with(b"\n") {
+        return Err(bad("request line or header too long"));
+    }
+    while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        line.pop();
+    }
+    String::from_utf8(line).map_err(|_| bad("request not UTF-8"))
+}
+
+fn bad(why: &str) -> Response {
+    ("400 Bad Request", "text/plain", format!("{why}\n"))
+}
+
+/// Read the request line and headers, bounded in size and time.
+fn read_head(r: &mut impl BufRead) -> Result<Head, Response> {
+    let deadline = Instant::now() + HEAD_DEADLINE;
+    let request = read_line(r, deadline)?;
+    let mut parts = request.split_whitespace();
+    let mut head = Head {
+        method: parts.next().unwrap_or("").to_string(),
+        path: parts.next().unwrap_or("").to_string(),
+        ..Head::default()
+    };
+    for n in 0.. {
+        let line = read_line(r, deadline)?;
+        if line.is_empty() {
             break;
         }
-        if let Some((k, v)) = line.split_once(':')
-            && k.trim().eq_ignore_ascii_case("content-length")
-        {
-            length = v.trim().parse().unwrap_or(0);
+        if n >= MAX_HEADERS {
+            return Err(bad("too many headers"));
+        }
+        let Some((k, v)) = line.split_once(':') else {
+            return Err(bad("malformed header"));
+        };
+        let v = v.trim().to_string();
+        match k.trim().to_ascii_lowercase().as_str() {
+            "host" if head.host.is_some() => return Err(bad("more than one Host")),
+            "host" => head.host = Some(v),
+            "origin" => head.origin = Some(v),
+            "content-type" => head.content_type = Some(v),
+            "authorization" => head.authorization = Some(v),
+            "content-length" => {
+                head.content_length = v.parse().map_err(|_| bad("bad Content-Length"))?;
+            }
+            "transfer-encoding" => return Err(bad("Transfer-Encoding is not supported")),
+            _ => {}
         }
     }
-    const MAX_BODY: usize = 512 << 20;
-    let mut body = Vec::new();
-    if length > 0 && length <= MAX_BODY {
-        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-        body.resize(length, 0);
-        std::io::Read::read_exact(&mut reader, &mut body)?;
+    Ok(head)
+}
+
+/// Names under which the endpoint may be addressed (checked against Host and Origin): its
+/// listen address, and for a loopback listen `localhost`, `127.0.0.1` and `[::1]`, each with
+/// the port; plus `allowed_hosts` with or without the port. Anything else is a DNS-rebinding
+/// attempt or a misdirected request.
+fn host_allowed(host: &str, p: &Policy<'_>) -> bool {
+    let port = p.listen.port();
+    let host = host.to_ascii_lowercase();
+    let listen = match p.listen.ip() {
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+        v4 => format!("{v4}:{port}"),
+    };
+    if host == listen {
+        return true;
     }
-    let mut parts = request.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, ctype, body) = match (method, path) {
-        _ if length > MAX_BODY => (
-            "413 Payload Too Large",
+    if p.listen.ip().is_loopback()
+        && ["localhost", "127.0.0.1", "[::1]"]
+            .iter()
+            .any(|n| host == format!("{n}:{port}"))
+    {
+        return true;
+    }
+    p.allowed_hosts.iter().any(|a| {
+        let a = a.to_ascii_lowercase();
+        host == a || host == format!("{a}:{port}")
+    })
+}
+
+/// Compare without stopping at the first difference (the token is a secret).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether the request may go on. `/healthz` is always open. With tokens configured, every
+/// other path (and `/metrics` unless `open_metrics`) needs `Authorization: Bearer TOKEN`.
+/// Host must name this endpoint and an Origin, when sent, must be one of its names (a page
+/// elsewhere in the operator's browser, or a DNS-rebinding page, is refused). A POST needs a
+/// non-simple Content-Type or a token, so a cross-site form cannot send one without a CORS
+/// preflight, which this endpoint never grants.
+pub fn authorize(h: &Head, p: &Policy<'_>) -> Result<(), Response> {
+    let path = h.path.split('?').next().unwrap_or("");
+    if path == "/healthz" {
+        return Ok(());
+    }
+    let forbidden = |why: &str| -> Response { ("403 Forbidden", "text/plain", format!("{why}\n")) };
+    let token_ok = h
+        .authorization
+        .as_deref()
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .is_some_and(|t| {
+            p.tokens
+                .iter()
+                .any(|k| same(k.as_bytes(), t.trim().as_bytes()))
+        });
+    let needs_token = !p.tokens.is_empty() && !(p.open_metrics && path == "/metrics");
+    if needs_token && !token_ok {
+        return Err((
+            "401 Unauthorized",
             "text/plain",
-            format!("request bodies are limited to {MAX_BODY} bytes\n"),
-        ),
+            "a bearer token is required (Authorization: Bearer …)\n".into(),
+        ));
+    }
+    match h.host.as_deref() {
+        None => return Err(bad("Host is required")),
+        Some(host) if !token_ok && !host_allowed(host, p) => {
+            return Err(forbidden("Host does not name this endpoint"));
+        }
+        _ => {}
+    }
+    if let Some(origin) = h.origin.as_deref() {
+        let host = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"));
+        if !host.is_some_and(|o| host_allowed(o, p)) {
+            return Err(forbidden("cross-origin requests are refused"));
+        }
+    }
+    if h.method == "POST" && !token_ok {
+        let simple = h.content_type.as_deref().is_none_or(|c| {
+            let c = c
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            matches!(
+                c.as_str(),
+                "" | "application/x-www-form-urlencoded" | "multipart/form-data" | "text/plain"
+            )
+        });
+        if simple {
+            return Err(forbidden(
+                "POST needs Content-Type: application/octet-stream (or a token)",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn respond(mut w: TcpStream, (status, ctype, body): Response) -> std::io::Result<()> {
+    let auth = if status.starts_with("401") {
+        "WWW-Authenticate: Bearer realm=\"ringmx\"\r\n"
+    } else {
+        ""
+    };
+    write!(
+        w,
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    w.flush()
+}
+
+fn handle(stream: TcpStream, listen: SocketAddr, shared: &Shared) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let live = shared.live();
+    let cfg = &live.config.admin;
+    let policy = Policy {
+        listen,
+        allowed_hosts: &cfg.allowed_hosts,
+        tokens: &live.admin_tokens,
+        open_metrics: cfg.open_metrics,
+    };
+    let head = match read_head(&mut reader).and_then(|h| authorize(&h, &policy).map(|()| h)) {
+        Ok(h) => h,
+        Err(r) => return respond(stream, r),
+    };
+    if head.content_length > MAX_BODY {
+        return respond(
+            stream,
+            (
+                "413 Payload Too Large",
+                "text/plain",
+                format!("request bodies are limited to {MAX_BODY} bytes\n"),
+            ),
+        );
+    }
+    // The body grows as bytes arrive: a declared length alone allocates nothing.
+    let mut body = Vec::new();
+    if head.content_length > 0 {
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        reader
+            .by_ref()
+            .take(head.content_length)
+            .read_to_end(&mut body)?;
+        if (body.len() as u64) < head.content_length {
+            return respond(stream, bad("body shorter than Content-Length"));
+        }
+    }
+    let (method, path) = (head.method.as_str(), head.path.as_str());
+    let response = match (method, path) {
         ("GET", "/metrics") => {
             let mut m = shared.metrics.render();
             if let Some(a) = &shared.aswl {
@@ -101,16 +330,10 @@ fn handle(stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
         ),
         _ => ("404 Not Found", "text/plain", "not found\n".into()),
     };
-    let mut w = stream;
-    write!(
-        w,
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    w.flush()
+    respond(stream, response)
 }
 
-type Response = (&'static str, &'static str, String);
+pub type Response = (&'static str, &'static str, String);
 
 fn aswl(shared: &Shared, method: &str, path: &str, body: &[u8]) -> Response {
     use crate::aswl::admin;
@@ -179,4 +402,159 @@ fn queue(shared: &Shared, method: &str, path: &str) -> Response {
         _ => answers.concat(),
     };
     ("200 OK", "text/plain", body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(method: &str, path: &str, headers: &[(&str, &str)]) -> Head {
+        let mut text = format!("{method} {path} HTTP/1.1\r\n");
+        for (k, v) in headers {
+            text.push_str(&format!("{k}: {v}\r\n"));
+        }
+        text.push_str("\r\n");
+        read_head(&mut text.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn who_may_do_what() {
+        let listen: SocketAddr = "127.0.0.1:8025".parse().unwrap();
+        let hosts = vec!["admin.example".to_string()];
+        let tokens = vec!["s3cret-token".to_string()];
+        let open = Policy {
+            listen,
+            allowed_hosts: &hosts,
+            tokens: &[],
+            open_metrics: false,
+        };
+        let tok = Policy {
+            tokens: &tokens,
+            ..open
+        };
+        let tok_metrics = Policy {
+            open_metrics: true,
+            ..tok
+        };
+        let host = ("Host", "127.0.0.1:8025");
+        let octet = ("Content-Type", "application/octet-stream");
+        let bearer = ("Authorization", "Bearer s3cret-token");
+        let code = |r: Result<(), Response>| r.err().map_or("ok", |e| &e.0[..3]);
+        for (policy, h, want) in [
+            // Loopback without tokens: Host, Origin and POST content type decide.
+            (open, head("GET", "/metrics", &[host]), "ok"),
+            (
+                open,
+                head("GET", "/metrics", &[("Host", "localhost:8025")]),
+                "ok",
+            ),
+            (
+                open,
+                head("GET", "/metrics", &[("Host", "admin.example")]),
+                "ok",
+            ),
+            (open, head("GET", "/metrics", &[]), "400"),
+            (
+                open,
+                head("GET", "/queue", &[("Host", "evil.example:8025")]),
+                "403",
+            ),
+            (
+                open,
+                head("GET", "/healthz", &[("Host", "evil.example")]),
+                "ok",
+            ),
+            (open, head("POST", "/reload", &[host, octet]), "ok"),
+            (open, head("POST", "/reload", &[host]), "403"),
+            (
+                open,
+                head(
+                    "POST",
+                    "/reload",
+                    &[host, ("Content-Type", "text/plain; charset=x")],
+                ),
+                "403",
+            ),
+            (
+                open,
+                head(
+                    "POST",
+                    "/aswl/add",
+                    &[host, ("Content-Type", "application/x-www-form-urlencoded")],
+                ),
+                "403",
+            ),
+            (
+                open,
+                head(
+                    "POST",
+                    "/reload",
+                    &[host, octet, ("Origin", "http://127.0.0.1:8025")],
+                ),
+                "ok",
+            ),
+            (
+                open,
+                head(
+                    "POST",
+                    "/reload",
+                    &[host, octet, ("Origin", "https://evil.example")],
+                ),
+                "403",
+            ),
+            (
+                open,
+                head("POST", "/reload", &[host, octet, ("Origin", "null")]),
+                "403",
+            ),
+            // Tokens: required everywhere but /healthz (and /metrics when open).
+            (tok, head("GET", "/metrics", &[host]), "401"),
+            (
+                tok,
+                head("GET", "/queue", &[host, ("Authorization", "Bearer wrong")]),
+                "401",
+            ),
+            (tok, head("GET", "/queue", &[host, bearer]), "ok"),
+            (
+                tok,
+                head("POST", "/reload", &[("Host", "10.0.0.1:8025"), bearer]),
+                "ok",
+            ),
+            (
+                tok,
+                head(
+                    "POST",
+                    "/reload",
+                    &[host, bearer, ("Origin", "http://evil.example")],
+                ),
+                "403",
+            ),
+            (tok, head("GET", "/healthz", &[]), "ok"),
+            (tok_metrics, head("GET", "/metrics", &[host]), "ok"),
+            (tok_metrics, head("GET", "/queue", &[host]), "401"),
+        ] {
+            assert_eq!(code(authorize(&h, &policy)), want, "{h:?}");
+        }
+    }
+
+    #[test]
+    fn heads_are_bounded() {
+        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(MAX_LINE as usize));
+        assert_eq!(
+            read_head(&mut long.as_bytes()).unwrap_err().0,
+            "400 Bad Request"
+        );
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: y\r\n")).collect();
+        let req = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert_eq!(
+            read_head(&mut req.as_bytes()).unwrap_err().0,
+            "400 Bad Request"
+        );
+        let two = "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n";
+        assert!(read_head(&mut two.as_bytes()).is_err(), "two Host headers");
+        let chunked = "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert!(read_head(&mut chunked.as_bytes()).is_err());
+        let h = head("POST", "/aswl/import", &[("Content-Length", "12")]);
+        assert_eq!(h.content_length, 12);
+    }
 }

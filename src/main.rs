@@ -38,6 +38,11 @@ USAGE:
         Print an argon2id hash for a users_file line (user:HASH).
     ringmx --version | --help
 
+The admin commands (reload, queue, aswl) send a bearer token when the admin endpoint has
+[admin] token_file: from $RINGMX_ADMIN_TOKEN_FILE (a file whose first token line is used), else
+$RINGMX_ADMIN_TOKEN, else (aswl with --config) the configuration's token_file. Never on the
+command line, where other users could read it.
+
 Every configuration key is documented, with its default, in examples/ringmx.toml.
 ";
 
@@ -115,19 +120,38 @@ fn admin_addr(args: &[String]) -> (String, &[String]) {
     }
 }
 
-/// One request to the admin endpoint: (status line is 200, body).
+/// The admin token: `$RINGMX_ADMIN_TOKEN_FILE`, `$RINGMX_ADMIN_TOKEN`, then `file`.
+fn admin_token(file: Option<&std::path::Path>) -> Option<String> {
+    let from_file = |p: &std::path::Path| {
+        std::fs::read_to_string(p).ok().and_then(|t| {
+            t.lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from)
+        })
+    };
+    std::env::var_os("RINGMX_ADMIN_TOKEN_FILE")
+        .and_then(|p| from_file(std::path::Path::new(&p)))
+        .or_else(|| std::env::var("RINGMX_ADMIN_TOKEN").ok())
+        .or_else(|| file.and_then(from_file))
+}
+
+/// One request to the admin endpoint: (status line is 200, body). Host names the endpoint as
+/// it was addressed; a POST says its body is not a form (the endpoint refuses those).
 fn admin_call(
     addr: &str,
     method: &str,
     path: &str,
     body: &[u8],
+    token: Option<&str>,
 ) -> std::io::Result<(bool, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: ringmx\r\nContent-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )?;
     s.write_all(body)?;
@@ -139,7 +163,7 @@ fn admin_call(
 
 /// One request to the admin endpoint; prints the body, fails on a non-200 answer.
 fn admin_request(addr: &str, method: &str, path: &str, failure: &str) -> ExitCode {
-    match admin_call(addr, method, path, &[]) {
+    match admin_call(addr, method, path, &[], admin_token(None).as_deref()) {
         Ok(answer) => print_answer(answer, failure),
         Err(e) => {
             eprintln!("ringmx: cannot reach the admin endpoint at {addr}: {e}");
@@ -242,7 +266,8 @@ fn aswl(args: &[String]) -> ExitCode {
             .or_else(|| config.admin.listen.map(|a| a.to_string()))
             .unwrap_or_else(|| "127.0.0.1:8025".into());
         let (method, path) = request_path(&op);
-        match admin_call(&addr, method, &path, &body) {
+        let token = admin_token(config.admin.token_file.as_deref());
+        match admin_call(&addr, method, &path, &body, token.as_deref()) {
             Ok(answer) => return print_answer(answer, "whitelist request failed"),
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused && admin.is_none() => {
                 eprintln!("ringmx: no server at {addr}; working offline on the data directory");

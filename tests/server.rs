@@ -4,8 +4,9 @@
 mod support;
 
 use std::io::Write;
+use std::net::TcpStream;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::{DRIVERS, Raw, Server, python, stderr, stdout};
 
@@ -417,4 +418,124 @@ with smtplib.SMTP("::1", int(os.environ["PORT"]), timeout=10) as s:
     let files = s.dropped();
     assert!(files[0].contains("Received: from "), "{}", files[0]);
     assert!(files[0].contains("([::1])"), "{}", files[0]);
+}
+
+/// `curl` against the admin endpoint: (HTTP status, body).
+fn curl(url: &str, args: &[&str]) -> (String, String) {
+    let out = Command::new("curl")
+        .args(["-s", "-m", "10", "-o", "-", "-w", "\n%{http_code}"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("curl (apt-get install curl)");
+    let text = stdout(&out);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_string(), body.to_string())
+}
+
+/// The admin endpoint as a web page in the operator's browser or a DNS-rebinding attacker would
+/// try it (curl sending the headers a browser sends), then with bearer tokens; a non-loopback
+/// listen without tokens is a configuration error; slow clients do not block `/healthz`.
+#[test]
+fn admin_endpoint_refuses_cross_site_requests_and_needs_tokens_off_loopback() {
+    let s = Server::start("admin-safety", "auto");
+    let base = format!("http://{}", s.admin);
+    // A cross-site form post (simple content type, foreign Origin) and a rebinding page.
+    let form = [
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/x-www-form-urlencoded",
+    ];
+    assert_eq!(curl(&format!("{base}/reload"), &form).0, "403");
+    let evil_origin = [&form[..], &["-H", "Origin: http://evil.example"]].concat();
+    assert_eq!(curl(&format!("{base}/queue/flush"), &evil_origin).0, "403");
+    let rebind = ["-H", "Host: evil.example:8025"];
+    assert_eq!(curl(&format!("{base}/queue"), &rebind).0, "403");
+    assert_eq!(curl(&format!("{base}/healthz"), &rebind).0, "200");
+    // The CLI (Host = the address, application/octet-stream) still works.
+    assert!(s.reload().status.success(), "{}", stderr(&s.reload()));
+    assert_eq!(
+        curl(
+            &format!("{base}/reload"),
+            &["-X", "POST", "-H", "Content-Type: application/octet-stream"]
+        )
+        .0,
+        "200"
+    );
+    // Slow clients holding connections open do not block /healthz.
+    let slow: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(s.admin).unwrap())
+        .collect();
+    let t = Instant::now();
+    assert_eq!(s.admin_get("/healthz").0, "HTTP/1.1 200 OK");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    drop(slow);
+    // A declared 2 GiB body is refused before anything is read or allocated.
+    let huge = [
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/octet-stream",
+        "-H",
+        "Content-Length: 2147483648",
+    ];
+    assert_eq!(curl(&format!("{base}/aswl/import"), &huge).0, "413");
+
+    // Off loopback: tokens required, and a configuration without them is refused.
+    let cfg = std::fs::read_to_string(s.dir.join("ringmx.toml")).unwrap();
+    let open = cfg.replace(
+        &format!("listen = \"{}\"", s.admin),
+        &format!("listen = \"0.0.0.0:{}\"", s.admin.port()),
+    );
+    let bad = s.dir.join("open.toml");
+    std::fs::write(&bad, &open).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ringmx"))
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let line = open.lines().position(|l| l.contains("0.0.0.0:")).unwrap() + 1;
+    assert!(
+        stderr(&out).contains(&format!("open.toml:{line}: admin.listen")),
+        "{}",
+        stderr(&out)
+    );
+    // Tokens (taken by a reload): every path but /healthz needs one.
+    let token = "t0ken-for-the-admin-endpoint";
+    std::fs::write(s.dir.join("tokens"), format!("# admins\n{token}\n")).unwrap();
+    s.reconfigure(&cfg.replace(
+        "[admin]\n",
+        &format!(
+            "[admin]\ntoken_file = \"{}\"\n",
+            s.dir.join("tokens").display()
+        ),
+    ));
+    assert_eq!(curl(&format!("{base}/metrics"), &[]).0, "401");
+    assert_eq!(
+        curl(
+            &format!("{base}/queue"),
+            &["-H", "Authorization: Bearer wrong-token-xxxxxxxx"]
+        )
+        .0,
+        "401"
+    );
+    assert_eq!(curl(&format!("{base}/healthz"), &[]).0, "200");
+    let bearer = format!("Authorization: Bearer {token}");
+    assert_eq!(curl(&format!("{base}/metrics"), &["-H", &bearer]).0, "200");
+    let cli = |env: Option<(&str, &str)>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ringmx"));
+        c.args(["queue", "list", "--admin", &s.admin.to_string()]);
+        c.env_remove("RINGMX_ADMIN_TOKEN")
+            .env_remove("RINGMX_ADMIN_TOKEN_FILE");
+        if let Some((k, v)) = env {
+            c.env(k, v);
+        }
+        c.output().unwrap().status.success()
+    };
+    assert!(!cli(None), "no token, no queue");
+    assert!(cli(Some(("RINGMX_ADMIN_TOKEN", token))));
+    let tokens = s.dir.join("tokens").display().to_string();
+    assert!(cli(Some(("RINGMX_ADMIN_TOKEN_FILE", &tokens))));
 }

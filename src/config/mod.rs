@@ -342,12 +342,22 @@ impl Default for AuthSection {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminSection {
     pub listen: Option<SocketAddr>,
+    /// Bearer tokens, one a line; required when `listen` is not a loopback address.
+    pub token_file: Option<PathBuf>,
+    /// Host names (besides the listen address, and `localhost` on loopback) the endpoint
+    /// answers to.
+    pub allowed_hosts: Vec<String>,
+    /// `/metrics` without a token (for a scraper on a trusted network).
+    pub open_metrics: bool,
 }
 
 impl Default for AdminSection {
     fn default() -> Self {
         AdminSection {
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 8025))),
+            token_file: None,
+            allowed_hosts: Vec::new(),
+            open_metrics: false,
         }
     }
 }
@@ -1100,6 +1110,19 @@ impl Config {
             }
             _ => None,
         };
+        if let Some(addr) = raw.admin.listen
+            && !addr.ip().is_loopback()
+            && raw.admin.token_file.is_none()
+        {
+            let at = source.find("[admin]").unwrap_or(0);
+            return Err(err(
+                key_line(source, "listen", at),
+                "admin.listen",
+                format!(
+                    "{addr} is reachable from other hosts: set [admin] token_file (bearer tokens) or listen on loopback"
+                ),
+            ));
+        }
         Ok(Config {
             source: source.to_string(),
             aswl,

@@ -42,6 +42,8 @@ pub struct Live {
     pub config: Arc<Config>,
     pub tls: Vec<Option<Arc<rustls::ServerConfig>>>,
     pub users: Arc<crate::auth::Users>,
+    /// Bearer tokens of the admin endpoint (`[admin] token_file`).
+    pub admin_tokens: Arc<Vec<String>>,
 }
 
 /// A request to the main thread.
@@ -199,6 +201,35 @@ fn binding_rt(shared: &Shared, live: &Live, listen: SocketAddr) -> Option<Bindin
     })
 }
 
+/// Load `[admin] token_file` when set: one token a line, blank lines and `#` comments ignored.
+pub fn load_admin_tokens(config: &Config) -> Result<Vec<String>, RunError> {
+    let Some(p) = &config.admin.token_file else {
+        return Ok(Vec::new());
+    };
+    let key = || format!("admin.token_file {}", p.display());
+    let text = std::fs::read_to_string(p).map_err(|e| RunError::Io(key(), e))?;
+    let tokens: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    if let Some(t) = tokens.iter().find(|t| t.len() < 16) {
+        let why = format!(
+            "a token of {} characters is too short (at least 16)",
+            t.len()
+        );
+        return Err(RunError::Io(key(), std::io::Error::other(why)));
+    }
+    if tokens.is_empty() {
+        return Err(RunError::Io(
+            key(),
+            std::io::Error::other("no token in the file"),
+        ));
+    }
+    Ok(tokens)
+}
+
 /// Load `[auth] users_file` when set.
 pub fn load_users(config: &Config) -> Result<crate::auth::Users, RunError> {
     match &config.auth.users_file {
@@ -269,6 +300,7 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
     let config = Arc::new(config);
     let tls_configs = load_tls(&config).map_err(RunError::Tls)?;
     let users = Arc::new(load_users(&config)?);
+    let admin_tokens = Arc::new(load_admin_tokens(&config)?);
     make_folders(&config)?;
     for b in &config.bindings {
         listener::probe(&b.section.name, *b.section.listen.get_ref()).map_err(RunError::Bind)?;
@@ -347,6 +379,7 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
             config: config.clone(),
             tls: tls_configs,
             users,
+            admin_tokens,
         })),
         metrics: crate::metrics::Metrics::new(
             config
@@ -572,6 +605,7 @@ fn reload(
     }
     let tls = load_tls(&config).map_err(|e| e.to_string())?;
     let users = Arc::new(load_users(&config).map_err(|e| e.to_string())?);
+    let admin_tokens = Arc::new(load_admin_tokens(&config).map_err(|e| e.to_string())?);
     make_folders(&config).map_err(|e| e.to_string())?;
     let old_addrs: HashSet<SocketAddr> = listen_addrs(&old.config).into_iter().collect();
     let new_addrs: HashSet<SocketAddr> = listen_addrs(&config).into_iter().collect();
@@ -598,6 +632,7 @@ fn reload(
         config,
         tls,
         users,
+        admin_tokens,
     });
     for (core, addr, l) in added {
         fds.entry(addr).or_default().push(l.as_raw_fd());

@@ -251,7 +251,7 @@ impl Server {
     /// `GET path` on the admin endpoint: (status line, body).
     pub fn admin_get(&self, path: &str) -> (String, String) {
         let mut c = TcpStream::connect(self.admin).unwrap();
-        write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        write!(c, "GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.admin).unwrap();
         let mut all = String::new();
         c.read_to_string(&mut all).unwrap();
         let (head, body) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
