@@ -196,8 +196,8 @@ pub fn authorize(h: &Head, p: &Policy<'_>) -> Result<(), Response> {
                 .iter()
                 .any(|k| same(k.as_bytes(), t.trim().as_bytes()))
         });
-    let needs_token = !p.tokens.is_empty() && !(p.open_metrics && path == "/metrics");
-    if needs_token && !token_ok {
+    let open = p.tokens.is_empty() || (p.open_metrics && path == "/metrics");
+    if !open && !token_ok {
         return Err((
             "401 Unauthorized",
             "text/plain",
