@@ -359,7 +359,7 @@ fn mx_records_from_a_loopback_dns_server() {
     let sink = Sink::start(&dir, &[]);
     let dns_port = free_port();
     let dns = Dnsmasq(
-        Command::new("dnsmasq")
+        support::peer("dnsmasq")
             .args([
                 "--keep-in-foreground",
                 "--conf-file=/dev/null",
@@ -411,7 +411,7 @@ fn relays_to_postfix_smtp_sink_over_reused_connections() {
         .status()
         .unwrap();
     let port = free_port();
-    let mut sink = Command::new("smtp-sink")
+    let mut sink = support::peer("smtp-sink")
         .args(["-u", "nobody", "-d"])
         .arg(format!("{}/%H%M%S.", dump.display()))
         .arg(format!("127.0.0.1:{port}"))

@@ -53,7 +53,7 @@ impl Redis {
         } else {
             ["--port", &port, "--bind", "127.0.0.1"]
         };
-        let child = Command::new("redis-server")
+        let child = support::peer("redis-server")
             .args(ports)
             .args([
                 "--save",
@@ -81,7 +81,7 @@ impl Redis {
     }
 
     fn cli(&self, args: &[&str]) -> String {
-        let o = Command::new("redis-cli")
+        let o = support::peer("redis-cli")
             .args(["-p", &self.port.to_string()])
             .args(args)
             .output()
@@ -283,6 +283,7 @@ fn a_reply_through_another_node_passes_in_every_mode() {
             stats(&b)
         );
         // The replication families parse with the Prometheus client library.
+        support::python_module("prometheus_client");
         let parsed = run_with_stdin(
             Command::new("python3").args(["-c", PARSE_METRICS]),
             b.admin_get("/metrics").1.as_bytes(),
@@ -571,7 +572,7 @@ fn redis_cluster() {
         .iter()
         .map(|r| format!("127.0.0.1:{}", r.port))
         .collect();
-    let o = Command::new("redis-cli")
+    let o = support::peer("redis-cli")
         .args(["--cluster", "create"])
         .args(&addrs)
         .args(["--cluster-replicas", "0", "--cluster-yes"])

@@ -96,13 +96,10 @@ with smtplib.SMTP("127.0.0.1", outbound, timeout=10) as s:
 
 #[test]
 fn swaks_pipelined_and_relay_attempt() {
-    if Command::new("swaks").arg("--version").output().is_err() {
-        panic!("swaks is not installed (.ci/run installs it)");
-    }
     for driver in DRIVERS {
         let s = Server::start("swaks", driver);
         let port = s.inbound.port().to_string();
-        let ok = Command::new("swaks")
+        let ok = support::peer("swaks")
             .args([
                 "--server",
                 &format!("127.0.0.1:{port}"),
@@ -117,7 +114,7 @@ fn swaks_pipelined_and_relay_attempt() {
         let t = stdout(&ok);
         assert!(ok.status.success(), "[{driver}] {t}");
         assert!(t.contains("<-  250 2.0.0 Ok: queued as "), "{t}");
-        let denied = Command::new("swaks")
+        let denied = support::peer("swaks")
             .args([
                 "--server",
                 &format!("127.0.0.1:{port}"),
@@ -319,6 +316,7 @@ fn admin_metrics_and_health() {
     let (status, body) = s.admin_get("/metrics");
     assert_eq!(status, "HTTP/1.1 200 OK");
     // Parsed by the Prometheus client library's own parser.
+    support::python_module("prometheus_client");
     let parsed = support::run_with_stdin(
         Command::new("python3").args(["-c", support::PARSE_METRICS]),
         body.as_bytes(),
@@ -422,7 +420,7 @@ with smtplib.SMTP("::1", int(os.environ["PORT"]), timeout=10) as s:
 
 /// `curl` against the admin endpoint: (HTTP status, body).
 fn curl(url: &str, args: &[&str]) -> (String, String) {
-    let out = Command::new("curl")
+    let out = support::peer("curl")
         .args(["-s", "-m", "10", "-o", "-", "-w", "\n%{http_code}"])
         .args(args)
         .arg(url)

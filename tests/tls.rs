@@ -221,7 +221,7 @@ fn auth_required_submission() {
         assert_eq!(files.len(), 1, "authenticated clients may relay");
         assert!(files[0].contains("with ESMTPSA (TLSv1.3"), "{}", files[0]);
         // swaks with AUTH LOGIN over STARTTLS.
-        let sw = Command::new("swaks")
+        let sw = support::peer("swaks")
             .args([
                 "--server",
                 &s.inbound.to_string(),

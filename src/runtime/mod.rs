@@ -297,6 +297,9 @@ fn listen_addrs(config: &Config) -> Vec<SocketAddr> {
 /// Run the server until SIGTERM/SIGINT; SIGHUP and `POST /reload` re-read `path` (or the
 /// embedded default when None). Returns after every core has stopped.
 pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
+    // First, so every thread started below (cores, AUTH, whitelist, replication) inherits the
+    // mask and the signals reach `wait` only.
+    let signals = signals::block()?;
     let config = Arc::new(config);
     let tls_configs = load_tls(&config).map_err(RunError::Tls)?;
     let users = Arc::new(load_users(&config)?);
@@ -398,7 +401,6 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
         verifier: crate::auth::Verifier::new(config.auth.verify_threads, config.auth.max_pending)
             .map_err(|e| RunError::Io("spawning the AUTH threads".into(), e))?,
     });
-    let signals = signals::block()?;
     let maintenance = match &shared.aswl {
         Some(_) => Some(
             std::thread::Builder::new()

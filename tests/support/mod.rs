@@ -514,6 +514,51 @@ pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// How a test peer is installed (what `./test` runs when it is missing).
+fn install_hint(program: &str) -> &'static str {
+    match program {
+        "smtp-sink" | "smtp-source" => {
+            "apt-get install postfix (or run ./test, which installs every peer)"
+        }
+        "dnsmasq" => "apt-get install dnsmasq-base (or run ./test)",
+        "redis-server" | "redis-cli" => "apt-get install redis-server (or run ./test)",
+        "swaks" | "openssl" | "curl" => "apt-get install swaks openssl curl (or run ./test)",
+        "aiosmtpd" | "prometheus_client" => {
+            "python3 -m pip install aiosmtpd prometheus-client (or run ./test)"
+        }
+        _ => "run ./test, which installs every test peer",
+    }
+}
+
+/// A command for the test peer `program`; a missing peer fails the test with the command that
+/// installs it (never a silent skip).
+pub fn peer(program: &str) -> Command {
+    let found = std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths)
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .any(|d| d.join(program).is_file())
+    });
+    assert!(
+        found,
+        "test peer {program:?} is missing: {}",
+        install_hint(program)
+    );
+    Command::new(program)
+}
+
+/// Fail with the install command when a Python module the tests use is missing.
+pub fn python_module(module: &str) {
+    let ok = Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "Python module {module:?} is missing: {}",
+        install_hint(module)
+    );
+}
+
 /// A raw SMTP conversation over TCP.
 pub struct Raw {
     pub r: BufReader<TcpStream>,
@@ -586,6 +631,7 @@ impl Sink {
     }
 
     pub fn start_on(dir: &Path, port: u16, args: &[&str]) -> Sink {
+        python_module("aiosmtpd");
         let out = dir.join(format!("sink-{port}.jsonl"));
         let mut child = Command::new("python3")
             .arg(concat!(
