@@ -4,7 +4,7 @@
 //! - Inbound bindings accept recipients in `[domains] local` only (`550 5.7.1`), plus the bare
 //!   `<Postmaster>` (RFC 5321 §4.5.1).
 //! - Outbound bindings accept any recipient from `allowed_clients` or after AUTH, nothing else
-//!   (`554 5.7.1`).
+//!   (`554 5.7.1`). AUTH on an inbound binding identifies the client but grants no relay.
 //! - `auth = "required"` refuses MAIL until the client authenticated (`530 5.7.0`).
 //!
 //! There is no combination of settings under which an unauthenticated client outside
@@ -37,7 +37,9 @@ pub fn check_rcpt(
     client: Client,
     domain: &str,
 ) -> Result<(), &'static Reply> {
-    if client.authenticated {
+    // Authentication grants relay rights on outbound bindings only: an inbound binding takes
+    // mail for the local domains, from anyone, authenticated or not.
+    if client.authenticated && binding.section.direction == Direction::Outbound {
         return Ok(());
     }
     match binding.section.direction {
@@ -105,9 +107,13 @@ folder = "/tmp/x"
             check_rcpt(&c, b, anyone, "gmail.test"),
             Err(&reply::RELAY_DENIED_NOT_LOCAL)
         );
-        // Being in some binding's allowed_clients does not make inbound relay.
+        // Being in some binding's allowed_clients does not make inbound relay, nor does AUTH.
         assert_eq!(
             check_rcpt(&c, b, client("10.1.1.1", false), "gmail.test"),
+            Err(&reply::RELAY_DENIED_NOT_LOCAL)
+        );
+        assert_eq!(
+            check_rcpt(&c, b, client("203.0.113.9", true), "gmail.test"),
             Err(&reply::RELAY_DENIED_NOT_LOCAL)
         );
     }

@@ -184,7 +184,11 @@ with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
     except smtplib.SMTPAuthenticationError as e:
         print("bad password", e.smtp_code, e.smtp_error.decode())
     print("good password", s.login("alice", "pa55word"))
-    print(s.sendmail("alice@example.test", ["friend@elsewhere.test"], b"Subject: auth\r\n\r\nx\r\n"))
+    print(s.sendmail("alice@example.test", ["friend@example.test"], b"Subject: auth\r\n\r\nx\r\n"))
+    try:
+        s.sendmail("alice@example.test", ["friend@elsewhere.test"], b"Subject: relay\r\n\r\nx\r\n")
+    except smtplib.SMTPRecipientsRefused as e:
+        print("inbound relay", e.recipients["friend@elsewhere.test"][0])
 "#;
 
 #[test]
@@ -217,8 +221,12 @@ fn auth_required_submission() {
             text.contains("good password (235, b'2.7.0 Authentication successful')"),
             "{text}"
         );
+        assert!(
+            text.contains("inbound relay 550"),
+            "AUTH grants no relay on an inbound binding: {text}"
+        );
         let files = s.dropped();
-        assert_eq!(files.len(), 1, "authenticated clients may relay");
+        assert_eq!(files.len(), 1, "{text}");
         assert!(files[0].contains("with ESMTPSA (TLSv1.3"), "{}", files[0]);
         // swaks with AUTH LOGIN over STARTTLS.
         let sw = support::peer("swaks")
@@ -235,7 +243,7 @@ fn auth_required_submission() {
                 "--auth-password",
                 "pa55word",
                 "--to",
-                "x@elsewhere.test",
+                "x@example.test",
                 "--from",
                 "alice@example.test",
             ])

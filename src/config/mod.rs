@@ -128,6 +128,21 @@ impl Cores {
     }
 }
 
+/// The CPU ids this process may be pinned to (its affinity mask).
+fn pinnable_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data, zeroed then filled by sched_getaffinity for this thread;
+    // CPU_ISSET only reads it, for ids below CPU_SETSIZE.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
 fn default_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -838,6 +853,34 @@ impl Config {
                 format!("expected \"all\", a number or a list of CPU ids, got {s:?}"),
             ));
         }
+        let cores_line = Some(line_of(source, server.cores.span().start));
+        match server.cores.get_ref() {
+            Cores::List(l) if l.is_empty() => {
+                return Err(err(
+                    cores_line,
+                    "server.cores",
+                    "an empty list runs no core and serves nothing".into(),
+                ));
+            }
+            Cores::Count(0) => {
+                return Err(err(
+                    cores_line,
+                    "server.cores",
+                    "0 cores serve nothing".into(),
+                ));
+            }
+            Cores::List(l) => {
+                let usable = pinnable_cpus();
+                if let Some(c) = l.iter().find(|c| !usable.contains(c)) {
+                    return Err(err(
+                        cores_line,
+                        "server.cores",
+                        format!("CPU {c} cannot be used by this process (usable: {usable:?})"),
+                    ));
+                }
+            }
+            _ => {}
+        }
         if raw.bindings.is_empty() {
             return Err(err(
                 None,
@@ -933,6 +976,13 @@ impl Config {
                 }
             }
             match sec.direction {
+                Direction::Inbound if !sec.allowed_clients.is_empty() => {
+                    return Err(err(
+                        kline("allowed_clients"),
+                        &key("allowed_clients"),
+                        "an inbound binding takes mail for [domains] local from anyone; allowed_clients (relay rights) belongs on an outbound binding".into(),
+                    ));
+                }
                 Direction::Inbound if domains.is_empty() => {
                     return Err(err(
                         kline("direction"),
@@ -1110,6 +1160,46 @@ impl Config {
             }
             _ => None,
         };
+        // Every recipient an inbound binding accepts at RCPT must have a route, or the message
+        // is refused only at end of data, after the whole transfer.
+        if bindings
+            .iter()
+            .any(|b| b.section.direction == Direction::Inbound)
+        {
+            let verdicts: &[Option<bool>] = if aswl.is_some() {
+                &[Some(true), Some(false)]
+            } else {
+                &[None]
+            };
+            let samples = domains
+                .iter()
+                .map(|d| {
+                    d.strip_prefix("*.")
+                        .map_or(d.clone(), |s| format!("sub.{s}"))
+                })
+                .chain([String::new()]);
+            for domain in samples {
+                let routed = verdicts.iter().all(|&v| {
+                    routes
+                        .iter()
+                        .any(|r| r.matches(&domain, "", Direction::Inbound, v))
+                });
+                if !routed {
+                    let what = if domain.is_empty() {
+                        "the bare <Postmaster> address (RFC 5321 4.5.1)".to_string()
+                    } else {
+                        format!("mail for {domain}")
+                    };
+                    return Err(err(
+                        key_line(source, "local", 0),
+                        "domains.local",
+                        format!(
+                            "{what} is accepted at RCPT on inbound bindings but no [[route]] delivers it (whatever the sender and whitelist verdict): add a route, e.g. domains = [\"*\"]"
+                        ),
+                    ));
+                }
+            }
+        }
         if let Some(addr) = raw.admin.listen
             && !addr.ip().is_loopback()
             && raw.admin.token_file.is_none()

@@ -254,3 +254,73 @@ fn relay_route_errors_name_key_and_line() {
         "{e}"
     );
 }
+
+/// Configurations that would run but serve nothing, or fail only later, are refused with the
+/// key and line.
+#[test]
+fn configuration_traps_are_errors() {
+    let cases: Vec<(String, &str, Option<usize>)> = vec![
+        (
+            format!("[server]\ncores = []\n{MINIMAL}"),
+            "server.cores",
+            Some(2),
+        ),
+        (
+            format!("[server]\ncores = 0\n{MINIMAL}"),
+            "server.cores",
+            Some(2),
+        ),
+        (
+            format!("[server]\ncores = [0, 4096]\n{MINIMAL}"),
+            "server.cores",
+            Some(2),
+        ),
+        (
+            MINIMAL.replace(
+                "direction = \"inbound\"",
+                "direction = \"inbound\"\nallowed_clients = [\"10.0.0.0/8\"]",
+            ),
+            "binding[0] (in).allowed_clients",
+            Some(6),
+        ),
+        // A local domain with no route (only another domain is routed).
+        (
+            MINIMAL.replace("domains = [\"*\"]", "domains = [\"other.test\"]"),
+            "domains.local",
+            Some(8),
+        ),
+        // A wildcard local domain, and the bare <Postmaster>, need routes too.
+        (
+            MINIMAL
+                .replace(
+                    "local = [\"example.test\"]",
+                    "local = [\"example.test\", \"*.corp.test\"]",
+                )
+                .replace("domains = [\"*\"]", "domains = [\"example.test\"]"),
+            "domains.local",
+            Some(8),
+        ),
+        // With the whitelist on, both verdicts need a route.
+        (
+            format!(
+                "{}\n[aswl]\n",
+                MINIMAL.replace("domains = [\"*\"]", "domains = [\"*\"]\naswl = \"pass\"")
+            ),
+            "domains.local",
+            Some(8),
+        ),
+        (
+            format!("{MINIMAL}\n[admin]\nlisten = \"0.0.0.0:8025\"\n"),
+            "admin.listen",
+            Some(16),
+        ),
+    ];
+    for (src, key, line) in cases {
+        let e = parse(&src).expect_err(&src);
+        assert_eq!((e.key.as_str(), e.line), (key, line), "{e}\n{src}");
+    }
+    // What the errors ask for is accepted.
+    let fixed = format!("{MINIMAL}\n[admin]\nlisten = \"0.0.0.0:8025\"\ntoken_file = \"/t\"\n");
+    assert!(parse(&fixed).is_ok());
+    assert!(parse(&format!("[server]\ncores = [0]\n{MINIMAL}")).is_ok());
+}
