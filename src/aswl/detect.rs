@@ -115,6 +115,12 @@ fn header_block(content: &[u8], limit: usize) -> &[u8] {
     scan
 }
 
+/// Length of the header section of `content` (as lenient parsers find it), or `content.len()`
+/// when no empty line ends it there.
+pub fn header_len(content: &[u8]) -> usize {
+    header_block(content, usize::MAX).len()
+}
+
 /// Every header field as `(name, unfolded raw value)`.
 pub fn headers(content: &[u8]) -> Vec<(&str, String)> {
     let block = header_block(content, HEADER_SCAN);

@@ -184,6 +184,9 @@ pub static UTF8_NOT_PERMITTED: Reply = Reply::new(
 pub static TOO_MANY_RECIPIENTS: Reply = Reply::new(452, "4.5.3", "Too many recipients");
 /// SIZE= or the message itself over the limit.
 pub static MESSAGE_TOO_BIG: Reply = Reply::new(552, "5.3.4", "Message size exceeds fixed limit");
+/// A header section longer than what ringmx keeps in memory to check and rewrite.
+pub static HEADER_TOO_LONG: Reply =
+    Reply::new(552, "5.3.4", "Message header section exceeds 128 KiB");
 /// BODY=BINARYMIME with DATA (RFC 3030 §3).
 pub static BINARYMIME_NEEDS_BDAT: Reply =
     Reply::new(503, "5.5.1", "BINARYMIME requires BDAT, not DATA");

@@ -7,6 +7,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -26,6 +27,7 @@ use crate::policy::{self, Client};
 use crate::proto::AbortReason;
 use crate::proto::reply;
 use crate::proto::{Credentials, Event, Session, Stop, proxy};
+use crate::spool::staging::{self, Staged};
 
 /// Read size; also the buffer's initial capacity (it grows only if a client pipelines more
 /// than this in one go).
@@ -85,25 +87,30 @@ impl Drop for OpenGuard {
 }
 
 /// The transaction being received.
-#[derive(Default)]
 struct Txn {
     mail_from: String,
     rcpts: Vec<String>,
     /// The whitelist verdict of each recipient (inbound bindings with `[aswl]`).
     verdicts: Vec<Option<bool>>,
-    content: Vec<u8>,
+    /// At most `staging::DEFAULT_KEEP` bytes in memory, the rest in a spill file.
+    content: Staged,
 }
 
 impl Txn {
+    fn new(spool_dir: PathBuf) -> Txn {
+        Txn {
+            mail_from: String::new(),
+            rcpts: Vec::new(),
+            verdicts: Vec::new(),
+            content: Staged::new(spool_dir, staging::DEFAULT_KEEP),
+        }
+    }
+
     fn clear(&mut self) {
         self.mail_from.clear();
         self.rcpts.clear();
         self.verdicts.clear();
         self.content.clear();
-        // Do not keep a large message's buffer around on an idle connection.
-        if self.content.capacity() > 64 * 1024 {
-            self.content = Vec::new();
-        }
     }
 }
 
@@ -186,6 +193,7 @@ pub(crate) async fn handle(
     let binding_count = per_binding.fetch_add(1, Ordering::Relaxed) + 1;
     let _binding_slot = BindingSlot(per_binding);
     let guard = guard.filter(|_| binding_count <= binding.b.limits.max_connections);
+    let spool_dir = ctx.queue.spool.dir().to_path_buf();
     let mut conn = Conn {
         peer,
         binding,
@@ -194,7 +202,7 @@ pub(crate) async fn handle(
         ctx,
         helo: String::new(),
         esmtp: false,
-        txn: Txn::default(),
+        txn: Txn::new(spool_dir),
         messages: 0,
         auth_user: None,
         auth_failures: 0,
@@ -547,7 +555,7 @@ impl Conn {
                     self.txn.content.clear();
                     self.message_started = Some(Instant::now());
                 }
-                Event::Body(b) => self.txn.content.extend_from_slice(b),
+                Event::Body(b) => self.txn.content.push(b),
                 Event::MessageEnd { .. } => {
                     self.message_started = None;
                     return (feed.consumed(), Next::Deliver);
@@ -652,9 +660,31 @@ impl Conn {
                 }
             }
         }
-        let mut content = std::mem::take(&mut self.txn.content);
+        let dir = self.ctx.queue.spool.dir().to_path_buf();
+        let mut content = std::mem::replace(
+            &mut self.txn.content,
+            Staged::new(dir, staging::DEFAULT_KEEP),
+        );
         let size = content.len();
-        let mut log = match self.collect_aswl(&env, &content) {
+        if let Some(e) = content.take_error() {
+            tracing::error!(queue_id = %queue_id, error = %e, "cannot stage the message content");
+            self.ctx.shared.metrics.rejected(Reason::Storage);
+            session.reject(if drop_folder::is_storage_full(&e) {
+                &reply::STORAGE_FULL
+            } else {
+                &reply::STORAGE_ERROR
+            });
+            self.txn.clear();
+            return;
+        }
+        // What ringmx reads and rewrites in the header section must be all of it.
+        if !content.header_fits(aswl::detect::header_len(content.prefix())) {
+            self.ctx.shared.metrics.rejected(Reason::TooBig);
+            session.reject(&reply::HEADER_TOO_LONG);
+            self.txn.clear();
+            return;
+        }
+        let mut log = match self.collect_aswl(&env, content.prefix()) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(queue_id = %queue_id, error = %e, "aswl: cannot write the change log; message refused");
@@ -668,8 +698,8 @@ impl Conn {
             (Some(s), Some(a)) if env.direction == Direction::Inbound => {
                 a.saw_inbound(s, &env.mail_from, &env.rcpts, aswl::unix_now());
                 // A verdict header sent by the client is never passed on.
-                if let Some(stripped) = aswl::detect::strip_header(&content, &s.header) {
-                    content = stripped;
+                if let Some(stripped) = aswl::detect::strip_header(content.prefix(), &s.header) {
+                    content.set_prefix(stripped);
                 }
                 Some(s.clone())
             }
@@ -700,7 +730,9 @@ impl Conn {
                     kinds.push(v);
                 }
             }
-            let content = Arc::new(content);
+            // Content that fits in memory stays there for the first attempt; a larger one is
+            // read back from the spool when it is delivered.
+            let memory = (!content.spilled()).then(|| Arc::new(content.take_prefix()));
             let mut result = Ok("queued");
             for (n, &v) in kinds.iter().enumerate() {
                 let mut e = env.clone();
@@ -724,20 +756,19 @@ impl Conn {
                     ));
                 }
                 let extra = log.as_ref().map(|(seg, b)| (seg, b.as_slice()));
-                match self
-                    .ctx
-                    .queue
-                    .spool
-                    .store(&e, &received, &content, extra)
-                    .await
-                {
+                let spool = &self.ctx.queue.spool;
+                let stored = match &memory {
+                    Some(m) => spool.store(&e, &received, m, extra).await,
+                    None => spool.store_staged(&e, &received, &content, extra).await,
+                };
+                match stored {
                     Ok(spooled) => {
                         log = None;
                         let k = e.rcpts.len();
                         self.ctx.queue.enqueue(
                             e,
                             received,
-                            Some(content.clone()),
+                            memory.clone(),
                             spooled,
                             crate::spool::all_indexes(k),
                         );

@@ -14,6 +14,7 @@
 //!   ranges (resynchronising on the next record magic), and returns the unfinished messages.
 
 pub mod record;
+pub mod staging;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
@@ -118,12 +119,21 @@ impl Segment {
 
     /// Append `parts` as one contiguous range; returns its start.
     pub fn append(&self, parts: &[&[u8]]) -> io::Result<u64> {
-        let total: usize = parts.iter().map(|p| p.len()).sum();
-        let start = self.end.fetch_add(total as u64, Ordering::AcqRel);
+        self.append_with_tail(parts, None)
+    }
+
+    /// Append `parts`, then the first `len` bytes of a file, as one contiguous range.
+    pub fn append_with_tail(&self, parts: &[&[u8]], tail: Option<(&File, u64)>) -> io::Result<u64> {
+        let total: u64 =
+            parts.iter().map(|p| p.len() as u64).sum::<u64>() + tail.map_or(0, |(_, l)| l);
+        let start = self.end.fetch_add(total, Ordering::AcqRel);
         let mut at = start;
         for p in parts {
             self.file.write_all_at(p, at)?;
             at += p.len() as u64;
+        }
+        if let Some((f, len)) = tail {
+            staging::copy_into(f, len, &self.file, at)?;
         }
         Ok(start)
     }
@@ -410,6 +420,11 @@ impl CoreSpool {
         })
     }
 
+    /// The spool directory (staging files are created there, on the same file system).
+    pub fn dir(&self) -> &Path {
+        &self.opts.dir
+    }
+
     fn segment(&self) -> io::Result<Arc<Segment>> {
         let mut cur = self.current.borrow_mut();
         if let Some(s) = cur.as_ref()
@@ -449,9 +464,42 @@ impl CoreSpool {
         extra: Option<(&Arc<Segment>, &[u8])>,
     ) -> io::Result<Spooled> {
         let head = record::encode_message(env, trace, content);
+        self.store_record(env, &head, content, None, extra).await
+    }
+
+    /// [`CoreSpool::store`] for content staged while it arrived (its file part is copied into
+    /// the segment by the kernel).
+    pub async fn store_staged(
+        &self,
+        env: &Envelope,
+        trace: &str,
+        content: &staging::Staged,
+        extra: Option<(&Arc<Segment>, &[u8])>,
+    ) -> io::Result<Spooled> {
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(content.prefix());
+        let tail = content.tail();
+        if let Some((_, _, c)) = tail {
+            crc.combine(c);
+        }
+        let head = record::encode_message_head(env, trace, content.len(), &crc);
+        let tail = tail.map(|(f, len, _)| (f, len));
+        self.store_record(env, &head, content.prefix(), tail, extra)
+            .await
+    }
+
+    async fn store_record(
+        &self,
+        env: &Envelope,
+        head: &[u8],
+        content: &[u8],
+        tail: Option<(&File, u64)>,
+        extra: Option<(&Arc<Segment>, &[u8])>,
+    ) -> io::Result<Spooled> {
+        let content_len = content.len() as u64 + tail.map_or(0, |(_, l)| l);
         let seg = self.segment()?;
         seg.live.fetch_add(1, Ordering::AcqRel);
-        let start = match seg.append(&[&head, content]) {
+        let start = match seg.append_with_tail(&[head, content], tail) {
             Ok(s) => s,
             Err(e) => {
                 // The torn bytes are skipped by recovery; the segment is not used again.
@@ -485,7 +533,7 @@ impl CoreSpool {
         }
         Ok(Spooled {
             content_at: start + head.len() as u64,
-            content_len: content.len() as u64,
+            content_len,
             seg,
         })
     }

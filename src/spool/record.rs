@@ -50,15 +50,24 @@ fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(b.get(..n).unwrap_or_default());
 }
 
-fn finish(mut rec: Vec<u8>, trailing: &[u8]) -> Vec<u8> {
-    let len = (rec.len() - HEADER + trailing.len()) as u32;
+fn finish(rec: Vec<u8>, trailing: &[u8]) -> Vec<u8> {
+    let mut h = crc32fast::Hasher::new();
+    h.update(trailing);
+    finish_with(rec, trailing.len() as u64, &h)
+}
+
+/// Fill in the length and checksum of a record whose last `trailing_len` bytes (checksummed
+/// by `trailing_crc`) are written after `rec` without being in memory here.
+fn finish_with(mut rec: Vec<u8>, trailing_len: u64, trailing_crc: &crc32fast::Hasher) -> Vec<u8> {
+    let len = (rec.len() - HEADER) as u64 + trailing_len;
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
     if let Some(l) = rec.get_mut(8..12) {
         l.copy_from_slice(&len.to_le_bytes());
     }
     let mut h = crc32fast::Hasher::new();
     h.update(rec.get(4..12).unwrap_or_default());
     h.update(rec.get(HEADER..).unwrap_or_default());
-    h.update(trailing);
+    h.combine(trailing_crc);
     let crc = h.finalize();
     if let Some(c) = rec.get_mut(12..16) {
         c.copy_from_slice(&crc.to_le_bytes());
@@ -75,6 +84,18 @@ fn start(kind: u8) -> Vec<u8> {
 
 /// The bytes that precede `content` in a message record (the record is `head ++ content`).
 pub fn encode_message(env: &Envelope, trace: &str, content: &[u8]) -> Vec<u8> {
+    let mut h = crc32fast::Hasher::new();
+    h.update(content);
+    encode_message_head(env, trace, content.len() as u64, &h)
+}
+
+/// [`encode_message`] for content that is not in memory: its length and checksum.
+pub fn encode_message_head(
+    env: &Envelope,
+    trace: &str,
+    content_len: u64,
+    content_crc: &crc32fast::Hasher,
+) -> Vec<u8> {
     let mut r = start(KIND_MESSAGE);
     put_str(&mut r, &env.queue_id);
     let micros = env
@@ -104,8 +125,8 @@ pub fn encode_message(env: &Envelope, trace: &str, content: &[u8]) -> Vec<u8> {
     }
     r.extend_from_slice(&(trace.len() as u32).to_le_bytes());
     r.extend_from_slice(trace.as_bytes());
-    r.extend_from_slice(&(content.len() as u64).to_le_bytes());
-    finish(r, content)
+    r.extend_from_slice(&content_len.to_le_bytes());
+    finish_with(r, content_len, content_crc)
 }
 
 /// A "done" record for some recipients of a message.

@@ -1,0 +1,262 @@
+//! Message content while it arrives: the first `keep` bytes in memory (the header section and,
+//! for most mail, the whole message), the rest streamed into an unnamed temporary file in the
+//! spool directory (`O_TMPFILE`: nothing to clean up after a crash) as it is read. A session
+//! therefore holds at most `keep` bytes of content however large the message, and the spool
+//! copies the file into its segment (`copy_file_range`, inside the kernel) when the message is
+//! accepted; the 250 still waits for the group-committed `fdatasync` of the segment.
+//!
+//! Postfix's cleanup does the same in spirit: content goes to the queue file as it arrives.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
+
+/// Content kept in memory before the rest goes to a file. Also the largest header section
+/// ringmx will parse (see [`Staged::header_fits`]).
+pub const DEFAULT_KEEP: usize = 128 * 1024;
+
+/// The content of one message being received.
+#[derive(Debug)]
+pub struct Staged {
+    dir: PathBuf,
+    keep: usize,
+    prefix: Vec<u8>,
+    file: Option<File>,
+    file_len: u64,
+    file_crc: crc32fast::Hasher,
+    error: Option<io::Error>,
+}
+
+impl Staged {
+    /// Empty content; a spill file, when needed, is created in `dir`.
+    pub fn new(dir: PathBuf, keep: usize) -> Staged {
+        Staged {
+            dir,
+            keep: keep.max(1),
+            prefix: Vec::new(),
+            file: None,
+            file_len: 0,
+            file_crc: crc32fast::Hasher::new(),
+            error: None,
+        }
+    }
+
+    /// Append content. A write error is remembered (the message is refused at its end) and
+    /// later bytes are dropped.
+    pub fn push(&mut self, mut b: &[u8]) {
+        if self.error.is_some() {
+            return;
+        }
+        if self.file.is_none() {
+            let room = self.keep.saturating_sub(self.prefix.len()).min(b.len());
+            let (now, rest) = b.split_at(room);
+            self.prefix.extend_from_slice(now);
+            b = rest;
+            if b.is_empty() {
+                return;
+            }
+        }
+        if let Err(e) = self.spill(b) {
+            self.error = Some(e);
+        }
+    }
+
+    fn spill(&mut self, b: &[u8]) -> io::Result<()> {
+        let file = match &self.file {
+            Some(f) => f,
+            None => self.file.insert(open_unnamed(&self.dir)?),
+        };
+        file.write_all_at(b, self.file_len)?;
+        self.file_len += b.len() as u64;
+        self.file_crc.update(b);
+        Ok(())
+    }
+
+    /// Bytes received.
+    pub fn len(&self) -> u64 {
+        self.prefix.len() as u64 + self.file_len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The content kept in memory (all of it when [`Staged::spilled`] is false).
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+
+    /// Replace the in-memory part (a header section rewritten, e.g. a forged field removed).
+    pub fn set_prefix(&mut self, p: Vec<u8>) {
+        self.prefix = p;
+    }
+
+    /// Move the in-memory part out (the whole content when not spilled).
+    pub fn take_prefix(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.prefix)
+    }
+
+    /// Part of the content is in the file.
+    pub fn spilled(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// Whether the header section ends inside the in-memory part (or the message is all in
+    /// memory): what ringmx checks and rewrites in the header must be all of it.
+    pub fn header_fits(&self, header_len: usize) -> bool {
+        !self.spilled() || header_len < self.prefix.len()
+    }
+
+    /// The write error that spoiled this content, if any.
+    pub fn take_error(&mut self) -> Option<io::Error> {
+        self.error.take()
+    }
+
+    /// The file part: the file, its length and checksum.
+    pub fn tail(&self) -> Option<(&File, u64, &crc32fast::Hasher)> {
+        self.file
+            .as_ref()
+            .map(|f| (f, self.file_len, &self.file_crc))
+    }
+
+    /// Forget the content (the file is closed, and with it gone).
+    pub fn clear(&mut self) {
+        self.prefix.clear();
+        if self.prefix.capacity() > self.keep {
+            self.prefix = Vec::new();
+        }
+        self.file = None;
+        self.file_len = 0;
+        self.file_crc = crc32fast::Hasher::new();
+        self.error = None;
+    }
+
+    /// The whole content in memory (small messages; tests).
+    pub fn to_vec(&self) -> io::Result<Vec<u8>> {
+        let mut out = self.prefix.clone();
+        if let Some((f, len, _)) = self.tail() {
+            let at = out.len();
+            out.resize(at + len as usize, 0);
+            f.read_exact_at(out.get_mut(at..).unwrap_or_default(), 0)?;
+        }
+        Ok(out)
+    }
+}
+
+/// An unnamed file in `dir` (`O_TMPFILE`), or a named one unlinked at once where the file
+/// system does not support that.
+fn open_unnamed(dir: &std::path::Path) -> io::Result<File> {
+    std::fs::create_dir_all(dir)?;
+    let unnamed = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir);
+    match unnamed {
+        Ok(f) => Ok(f),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => {
+            let path = dir.join(format!(
+                ".staging-{}-{:?}",
+                std::process::id(),
+                std::thread::current().id()
+            ));
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            std::fs::remove_file(&path)?;
+            Ok(f)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Copy `len` bytes of `src` (from its start) into `dst` at `at`, inside the kernel where it
+/// can (`copy_file_range`), else through a small buffer.
+pub fn copy_into(src: &File, len: u64, dst: &File, at: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut off_in: libc::loff_t = 0;
+    let mut off_out = at as libc::loff_t;
+    let end = len as libc::loff_t;
+    while off_in < end {
+        let want = (end - off_in).min(1 << 30) as usize;
+        // SAFETY: both descriptors are open files owned by the callers for the whole call; the
+        // offsets are valid pointers to local variables the kernel updates.
+        let n = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut off_in,
+                dst.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
+        if n > 0 {
+            continue;
+        }
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "staging file shorter than its content",
+            ));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => break,
+            _ => return Err(e),
+        }
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    while off_in < end {
+        let n = buf.len().min((end - off_in) as usize);
+        let chunk = buf.get_mut(..n).unwrap_or_default();
+        src.read_exact_at(chunk, off_in as u64)?;
+        dst.write_all_at(chunk, off_out as u64)?;
+        off_in += n as libc::loff_t;
+        off_out += n as libc::loff_t;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_stays_in_memory_large_spills_and_copies_back() {
+        let dir = std::env::temp_dir().join(format!("ringmx-staging-{}", std::process::id()));
+        let mut s = Staged::new(dir.clone(), 10);
+        s.push(b"Subject: x");
+        assert!(!s.spilled());
+        s.push(b"\r\n\r\n");
+        for i in 0..1000u32 {
+            s.push(format!("line {i}\r\n").as_bytes());
+        }
+        assert!(s.spilled());
+        assert_eq!(s.prefix(), b"Subject: x");
+        let all = s.to_vec().unwrap();
+        assert_eq!(s.len(), all.len() as u64);
+        assert!(all.starts_with(b"Subject: x\r\n\r\nline 0\r\n"));
+        assert!(all.ends_with(b"line 999\r\n"));
+        // The checksum of the file part matches its bytes.
+        let (f, len, crc) = s.tail().unwrap();
+        assert_eq!(crc.clone().finalize(), crc32fast::hash(&all[10..]));
+        // Copied into another file at an offset.
+        let dst = open_unnamed(&dir).unwrap();
+        copy_into(f, len, &dst, 7).unwrap();
+        let mut back = vec![0; len as usize];
+        dst.read_exact_at(&mut back, 7).unwrap();
+        assert_eq!(back, &all[10..]);
+        // A header section that ends beyond the in-memory part does not fit.
+        assert!(!s.header_fits(12) && s.header_fits(5));
+        s.clear();
+        assert!(s.is_empty() && !s.spilled());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
