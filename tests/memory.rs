@@ -183,3 +183,44 @@ fn unfinished_large_transfers_do_not_grow_memory() {
         drop(open);
     }
 }
+
+/// 100 accepted 1 MiB messages for a next hop that accepts connections and never answers: the
+/// queue keeps none of them in memory beyond a small per-core budget (content is read back from
+/// the spool for the attempts in flight, and only up to a read budget).
+#[test]
+fn queued_large_messages_for_a_silent_hop_do_not_grow_memory() {
+    for driver in DRIVERS {
+        // Never accepted, never answered: connections complete in the backlog and hang.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let route = format!(
+            "[[route]]\ndomains = [\"silent.test\"]\naction = \"relay\"\nnext_hops = [\"{}\"]\n",
+            silent.local_addr().unwrap()
+        );
+        let s = Server::start_with(&format!("memory-queue-{driver}"), driver, "", &route);
+        let before = rss_kib(&s);
+        let mut c = Raw::connect(s.outbound);
+        assert!(c.reply().starts_with("220"));
+        assert!(c.cmd("EHLO big.test\r\n").starts_with("250"));
+        let body = big_message("queued", 1 << 20);
+        let payload = dot_stuffed(&body);
+        for i in 0..100 {
+            assert!(c.cmd("MAIL FROM:<a@big.test>\r\n").starts_with("250"));
+            assert!(
+                c.cmd(&format!("RCPT TO:<r{i}@silent.test>\r\n"))
+                    .starts_with("250")
+            );
+            assert!(c.cmd("DATA\r\n").starts_with("354"));
+            c.w.write_all(&payload).unwrap();
+            let r = c.reply();
+            assert!(r.starts_with("250"), "{driver} {i}: {r}");
+        }
+        c.cmd("QUIT\r\n");
+        std::thread::sleep(Duration::from_millis(500));
+        let grown = rss_kib(&s).saturating_sub(before);
+        assert!(
+            grown < 40 * 1024,
+            "{driver}: RSS grew {grown} KiB with 100 MiB queued for a silent hop"
+        );
+        drop(silent);
+    }
+}

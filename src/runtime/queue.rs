@@ -39,11 +39,32 @@ impl State {
     }
 }
 
+/// Content kept in memory per core for first attempts (beyond it, a new message is read back
+/// from the spool when its turn comes): a queue that cannot drain holds no more than this.
+const HOLD_BUDGET: usize = 32 << 20;
+/// Content read back from the spool for attempts in flight, per core (one message larger than
+/// this still goes, alone). With the payload a relay attempt builds from it, twice this is the
+/// memory a core's deliveries of spooled mail take, however many are queued.
+const READ_BUDGET: u64 = 8 << 20;
+
+/// Content held in memory, counted against [`HOLD_BUDGET`] until dropped.
+struct Held {
+    data: Arc<Vec<u8>>,
+    budget: Rc<Cell<usize>>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget
+            .set(self.budget.get().saturating_sub(self.data.len()));
+    }
+}
+
 struct Entry {
     env: Envelope,
     trace: String,
     /// The content while it is in memory (until the first attempt is over).
-    content: Option<Arc<Vec<u8>>>,
+    content: Option<Held>,
     spooled: Spooled,
     /// Recipient indexes not yet finished.
     pending: Vec<u32>,
@@ -81,6 +102,10 @@ pub(crate) struct CoreQueue {
     entries: RefCell<HashMap<String, Rc<RefCell<Entry>>>>,
     timers: RefCell<BinaryHeap<Reverse<(Instant, String)>>>,
     running: Cell<usize>,
+    /// Bytes of content held in memory ([`HOLD_BUDGET`]).
+    held: Rc<Cell<usize>>,
+    /// Bytes being read back from the spool by attempts in flight ([`READ_BUDGET`]).
+    reading: Cell<u64>,
     pool: Pool,
     hop_settings: RefCell<HashMap<(u64, usize), Rc<HopSettings>>>,
     counter: Cell<u16>,
@@ -104,6 +129,8 @@ impl CoreQueue {
             entries: RefCell::new(HashMap::new()),
             timers: RefCell::new(BinaryHeap::new()),
             running: Cell::new(0),
+            held: Rc::new(Cell::new(0)),
+            reading: Cell::new(0),
             pool: Pool::default(),
             hop_settings: RefCell::new(HashMap::new()),
             counter: Cell::new(0),
@@ -162,6 +189,16 @@ impl CoreQueue {
         pending: Vec<u32>,
     ) -> Rc<RefCell<Entry>> {
         let id = env.queue_id.clone();
+        let content = content.and_then(|data| {
+            let held = self.held.get() + data.len();
+            (held <= HOLD_BUDGET).then(|| {
+                self.held.set(held);
+                Held {
+                    data,
+                    budget: self.held.clone(),
+                }
+            })
+        });
         let e = Entry {
             env,
             trace,
@@ -200,37 +237,51 @@ impl CoreQueue {
         }
     }
 
-    fn try_start(self: &Rc<Self>, id: String, e: Rc<RefCell<Entry>>) {
+    /// Start an attempt now, or leave it to the scheduler (returns false) when the delivery
+    /// slots or the read budget are used up.
+    fn try_start(self: &Rc<Self>, id: String, e: Rc<RefCell<Entry>>) -> bool {
         if self
             .shared
             .shutdown
             .load(std::sync::atomic::Ordering::SeqCst)
         {
-            return;
+            return false;
         }
         let limit = self.shared.live().config.queue.concurrency.max(1);
-        if self.running.get() >= limit {
+        let read = {
+            let b = e.borrow();
+            if b.content.is_some() {
+                0
+            } else {
+                b.spooled.content_len
+            }
+        };
+        let reading = self.reading.get();
+        if self.running.get() >= limit || (reading > 0 && reading + read > READ_BUDGET) {
             // Picked up by the scheduler as slots free.
             self.timers.borrow_mut().push(Reverse((Instant::now(), id)));
-            return;
+            return false;
         }
         {
             let mut b = e.borrow_mut();
             if b.running || b.state == State::Held {
-                return;
+                return true;
             }
             b.running = true;
             self.set_state(&mut b, State::Active);
         }
         self.running.set(self.running.get() + 1);
+        self.reading.set(reading + read);
         let q = self.clone();
         monoio::spawn(async move {
             q.attempt(&e).await;
+            q.reading.set(q.reading.get().saturating_sub(read));
             q.running.set(q.running.get().saturating_sub(1));
             e.borrow_mut().running = false;
             // A slot is free: take the next message waiting for one.
             q.start_due();
         });
+        true
     }
 
     /// Start entries whose attempt is due, while delivery slots are free.
@@ -252,8 +303,8 @@ impl CoreQueue {
                     let b = e.borrow();
                     b.next_attempt <= now && !b.running && b.state != State::Held
                 };
-                if due_now {
-                    self.try_start(id, e);
+                if due_now && !self.try_start(id, e) {
+                    break;
                 }
             }
         }
@@ -430,8 +481,8 @@ impl CoreQueue {
 
     /// The message content: in memory after acceptance, else read back from the spool.
     async fn content(&self, e: &Rc<RefCell<Entry>>) -> std::io::Result<Arc<Vec<u8>>> {
-        if let Some(c) = e.borrow().content.clone() {
-            return Ok(c);
+        if let Some(c) = e.borrow().content.as_ref() {
+            return Ok(c.data.clone());
         }
         let sp = e.borrow().spooled.clone();
         let data = monoio::spawn_blocking(move || sp.seg.read_at(sp.content_at, sp.content_len))
