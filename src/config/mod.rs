@@ -888,11 +888,13 @@ impl Config {
                 "at least one [[binding]] is needed".into(),
             ));
         }
+        // One spelling everywhere: U-labels become A-labels (relay rights, routes and whitelist
+        // keys agree whichever form a client or the operator writes).
         let domains: Vec<String> = raw
             .domains
             .local
             .iter()
-            .map(|d| d.get_ref().to_ascii_lowercase())
+            .map(|d| canonical_pattern(d.get_ref()))
             .collect();
         for d in &raw.domains.local {
             let name = d.get_ref().strip_prefix("*.").unwrap_or(d.get_ref());
@@ -1063,6 +1065,14 @@ impl Config {
                 }
             }
             let mut sec = sec;
+            for d in &mut sec.domains {
+                *d.get_mut() = canonical_pattern(d.get_ref());
+            }
+            if let Some(s) = &mut sec.sender_domains {
+                for d in s.iter_mut() {
+                    *d = canonical_pattern(d);
+                }
+            }
             let key = |k: &str| format!("route[{i}].{k}");
             let line = Some(line_of(source, at));
             match sec.action {
@@ -1250,8 +1260,40 @@ impl Config {
     }
 }
 
-/// Case-insensitive match of `domain` against exact names and `*.suffix` patterns.
+/// A domain in the one form ringmx compares: lower case, internationalized labels as
+/// A-labels (`bücher.example` → `xn--bcher-kva.example`). Left as it is (lowered) when IDNA
+/// refuses it; such a name matches only itself.
+pub fn canonical_domain(d: &str) -> std::borrow::Cow<'_, str> {
+    if d.is_ascii() {
+        if d.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(d.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(d)
+        }
+    } else {
+        std::borrow::Cow::Owned(idna::domain_to_ascii(d).unwrap_or_else(|_| d.to_lowercase()))
+    }
+}
+
+/// [`canonical_domain`] for a pattern (`*`, `*.suffix` or a name).
+fn canonical_pattern(p: &str) -> String {
+    match p.strip_prefix("*.") {
+        Some(suffix) => format!("*.{}", canonical_domain(suffix)),
+        None if p == "*" => p.to_string(),
+        None => canonical_domain(p).into_owned(),
+    }
+}
+
+/// Case-insensitive match of `domain` against exact names and `*.suffix` patterns (patterns
+/// in canonical form; `domain` in either IDNA form).
 pub fn domain_matches(patterns: &[String], domain: &str) -> bool {
+    let ascii;
+    let domain = if domain.is_ascii() {
+        domain
+    } else {
+        ascii = canonical_domain(domain);
+        &ascii
+    };
     let domain = domain.trim_end_matches('.');
     patterns.iter().any(|p| match p.strip_prefix("*.") {
         Some(suffix) => {

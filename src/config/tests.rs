@@ -324,3 +324,40 @@ fn configuration_traps_are_errors() {
     assert!(parse(&fixed).is_ok());
     assert!(parse(&format!("[server]\ncores = [0]\n{MINIMAL}")).is_ok());
 }
+
+/// U-labels and A-labels are one domain: local domains, routes and sender domains match
+/// whichever form the client or the operator writes.
+#[test]
+fn idn_forms_are_one_domain() {
+    let src = MINIMAL
+        .replace("local = [\"example.test\"]", "local = [\"Bücher.example\", \"*.xn--caf-dma.example\"]")
+        .replace(
+            "[[route]]\ndomains = [\"*\"]",
+            "[[route]]\ndomains = [\"xn--bcher-kva.example\"]\nsender_domains = [\"café.example\"]\naction = \"discard\"\n\n[[route]]\ndomains = [\"*\"]",
+        );
+    let c = parse(&src).unwrap();
+    for d in [
+        "bücher.example",
+        "BÜCHER.example",
+        "xn--bcher-kva.example",
+        "a.café.example",
+        "b.xn--caf-dma.example",
+    ] {
+        assert!(c.is_local_domain(d), "{d}");
+    }
+    assert!(!c.is_local_domain("buecher.example"));
+    for (rcpt, sender) in [
+        ("bücher.example", "xn--caf-dma.example"),
+        ("xn--bcher-kva.example", "CAFÉ.example"),
+    ] {
+        let (i, _) = c.route_for(rcpt, sender, Direction::Inbound, None).unwrap();
+        assert_eq!(i, 0, "{rcpt} from {sender}");
+    }
+    assert_eq!(
+        c.route_for("bücher.example", "other.example", Direction::Inbound, None)
+            .unwrap()
+            .0,
+        1
+    );
+    assert_eq!(canonical_domain("Bücher.Example"), "xn--bcher-kva.example");
+}
