@@ -193,3 +193,55 @@ fn reload_replaces_certificates() {
     );
     assert_eq!(fingerprint(), after, "the running certificate stays");
 }
+
+/// Whether `RCPT TO:<x@elsewhere.test>` is accepted on `addr` (an outbound binding relays, an
+/// inbound one does not).
+fn relays(addr: SocketAddr) -> bool {
+    let mut c = Raw::connect(addr);
+    c.reply();
+    c.cmd("EHLO c\r\n");
+    c.cmd("MAIL FROM:<a@example.test>\r\n");
+    let r = c.cmd("RCPT TO:<x@elsewhere.test>\r\n");
+    c.cmd("QUIT\r\n");
+    r.starts_with("250")
+}
+
+/// A reload whose new addresses overlap the server's own listeners (0.0.0.0:P beside
+/// 127.0.0.1:P and back) is not refused as "in use by another process", and behaves as a
+/// fresh start with the same configuration does; a restart right after `kill -9` finds its
+/// ports although the dead process's io_uring listeners linger for a moment.
+#[test]
+fn reload_with_overlapping_addresses_matches_a_fresh_start() {
+    for driver in DRIVERS {
+        let mut s = Server::start("reload-overlap", driver);
+        let path = s.dir.join("ringmx.toml");
+        let base = std::fs::read_to_string(&path).unwrap();
+        let port = s.inbound.port();
+        let wildcard = base.replace(
+            &format!("listen = \"{}\"", s.inbound),
+            &format!("listen = \"0.0.0.0:{port}\""),
+        );
+        s.reconfigure(&wildcard);
+        assert!(
+            !relays(s.inbound),
+            "[{driver}] the inbound binding, now on 0.0.0.0"
+        );
+        let both = wildcard.replace(
+            "[domains]",
+            &format!(
+                "[[binding]]\nname = \"local-out\"\nlisten = \"127.0.0.1:{port}\"\ndirection = \"outbound\"\nallowed_clients = [\"127.0.0.0/8\"]\n\n[domains]"
+            ),
+        );
+        s.reconfigure(&both);
+        let after_reload = relays(s.inbound);
+        s.kill9();
+        s.restart();
+        assert_eq!(
+            relays(s.inbound),
+            after_reload,
+            "[{driver}] a fresh start serves 127.0.0.1:{port} as the reload did"
+        );
+        assert!(after_reload, "[{driver}] the more specific address wins");
+        assert!(s.log().matches("ringmx started").count() >= 2);
+    }
+}

@@ -8,6 +8,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -50,16 +51,47 @@ fn socket_for(addr: SocketAddr) -> io::Result<Socket> {
     Ok(s)
 }
 
-/// Fail if `addr` is held by another process (see the module comment).
-pub fn probe(binding: &str, addr: SocketAddr) -> Result<(), BindError> {
+/// How long an address may stay busy before it counts as someone else's: a process killed with
+/// SIGKILL releases its io_uring listeners asynchronously, a few milliseconds after it is gone.
+const PROBE_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Whether listening on `addr` would overlap a listener of ours (`ours`): same port and family,
+/// and the same address or a wildcard on either side. The probe cannot tell such an overlap
+/// from a stranger, and the kernel lets our own SO_REUSEPORT sockets share it.
+fn overlaps_ours(addr: SocketAddr, ours: &[SocketAddr]) -> bool {
+    ours.iter().any(|o| {
+        o.port() == addr.port()
+            && o.is_ipv4() == addr.is_ipv4()
+            && (o.ip() == addr.ip() || o.ip().is_unspecified() || addr.ip().is_unspecified())
+    })
+}
+
+/// Fail if `addr` is held by another process (see the module comment). `ours` are the
+/// addresses this server already listens on (a reload). An address that stays busy is retried
+/// for [`PROBE_PATIENCE`] (a previous instance's listeners on their way out) before it counts as
+/// taken.
+pub fn probe(binding: &str, addr: SocketAddr, ours: &[SocketAddr]) -> Result<(), BindError> {
+    if overlaps_ours(addr, ours) {
+        return Ok(());
+    }
     let err = |error| BindError {
         binding: binding.to_string(),
         addr,
         error,
     };
-    let s = socket_for(addr).map_err(err)?;
-    s.bind(&addr.into()).map_err(err)?;
-    Ok(())
+    let started = Instant::now();
+    loop {
+        let s = socket_for(addr).map_err(err)?;
+        match s.bind(&addr.into()) {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if e.kind() == io::ErrorKind::AddrInUse && started.elapsed() < PROBE_PATIENCE =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(err(e)),
+        }
+    }
 }
 
 /// A listener for one core. `cpu` is the CPU the core's thread is pinned to.
@@ -100,12 +132,36 @@ mod tests {
             .unwrap();
         foreign.listen(8).unwrap();
         let addr = foreign.local_addr().unwrap().as_socket().unwrap();
-        let e = probe("mx", addr).unwrap_err();
+        let t = Instant::now();
+        let e = probe("mx", addr, &[]).unwrap_err();
+        assert!(
+            t.elapsed() >= PROBE_PATIENCE,
+            "a busy port is retried before it is refused"
+        );
         assert_eq!(e.error.kind(), io::ErrorKind::AddrInUse);
         assert_eq!(
             e.to_string(),
             format!("binding \"mx\": {addr} is already in use by another process")
         );
+    }
+
+    #[test]
+    fn our_own_overlapping_listeners_are_not_strangers() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let ours = [a("0.0.0.0:2525"), a("[::1]:587")];
+        assert!(overlaps_ours(a("127.0.0.1:2525"), &ours));
+        assert!(overlaps_ours(a("[::]:587"), &ours));
+        assert!(!overlaps_ours(a("127.0.0.1:2526"), &ours));
+        assert!(!overlaps_ours(a("[::1]:2525"), &ours), "another family");
+        // A port freed a moment after the probe starts (a killed process's listeners) is taken.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            drop(l);
+        });
+        assert!(probe("mx", addr, &[]).is_ok());
+        t.join().unwrap();
     }
 
     #[test]

@@ -306,7 +306,8 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
     let admin_tokens = Arc::new(load_admin_tokens(&config)?);
     make_folders(&config)?;
     for b in &config.bindings {
-        listener::probe(&b.section.name, *b.section.listen.get_ref()).map_err(RunError::Bind)?;
+        listener::probe(&b.section.name, *b.section.listen.get_ref(), &[])
+            .map_err(RunError::Bind)?;
     }
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cpus = config.server.cores.get_ref().resolve(online);
@@ -619,7 +620,8 @@ fn reload(
         .filter(|b| !old_addrs.contains(b.section.listen.get_ref()))
     {
         let addr = *b.section.listen.get_ref();
-        listener::probe(&b.section.name, addr).map_err(|e| e.to_string())?;
+        let ours: Vec<SocketAddr> = old_addrs.iter().copied().collect();
+        listener::probe(&b.section.name, addr, &ours).map_err(|e| e.to_string())?;
         for (core, &cpu) in cpus.iter().enumerate() {
             let l = listener::bind(&b.section.name, addr, cpu, 1024).map_err(|e| e.to_string())?;
             added.push((core, addr, l));
