@@ -680,3 +680,53 @@ fn bytes_after_the_starttls_reply_drop_the_connection() {
         s.log()
     );
 }
+
+/// A hop given without a port is tried on port 25 (here: refused, nothing listens on
+/// 127.0.0.2:25); after `queue.max_lifetime` the message expires and the sender gets a DSN with
+/// status 4.4.7 for the recipient.
+#[test]
+fn default_port_and_expiry_after_max_lifetime() {
+    let extra = format!(
+        "[queue]\nretry = [\"1s\"]\nmax_lifetime = \"3s\"\n{}",
+        relay_route("expire.test", "\"127.0.0.2\"", "tls = \"none\"")
+    );
+    let s = Server::start_with("relay-expire", "auto", "", &extra);
+    send(
+        &s,
+        "alice@example.test",
+        "z@expire.test",
+        "<expire@example.test>",
+    );
+    let line = wait_deferred(&s, "z@expire.test");
+    assert!(line.contains("127.0.0.2:25"), "{line}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let bounce = loop {
+        let files: Vec<String> = std::fs::read_dir(&s.drop_dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(f) = files.into_iter().next() {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "no expiry bounce\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        bounce.contains("X-Receiver: alice@example.test"),
+        "{bounce}"
+    );
+    assert!(
+        bounce.contains("Final-Recipient: rfc822; z@expire.test"),
+        "{bounce}"
+    );
+    assert!(bounce.contains("Action: failed"), "{bounce}");
+    assert!(bounce.contains("Status: 4.4.7"), "{bounce}");
+    assert!(
+        bounce.contains("Message-ID: <expire@example.test>"),
+        "{bounce}"
+    );
+    s.wait_queue_empty();
+}

@@ -1095,7 +1095,9 @@ impl Config {
                             return Err(err(
                                 Some(line_of(source, h.span().start)),
                                 &key("next_hops"),
-                                format!("{v:?} is not \"host:port\", \"[ipv6]:port\" or \"mx\""),
+                                format!(
+                                    "{v:?} is not \"host[:port]\", \"[ipv6][:port]\" or \"mx\""
+                                ),
                             ));
                         }
                     }

@@ -13,12 +13,23 @@ use std::time::Duration;
 /// `host:port` or `[v6]:port` → (host, port).
 pub fn parse_hop(s: &str) -> Option<(String, u16)> {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let (h, p) = rest.split_once("]:")?;
-        (h, p)
+        match rest.split_once(']')? {
+            (h, "") => (h, None),
+            (h, p) => (h, Some(p.strip_prefix(':')?)),
+        }
     } else {
-        s.rsplit_once(':')?
+        match s.split_once(':') {
+            // An IPv6 address needs brackets: `2001:db8::1` would be ambiguous.
+            Some((_, p)) if p.contains(':') => return None,
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
     };
-    let port: u16 = port.parse().ok().filter(|&p| p > 0)?;
+    // SMTP's port (RFC 5321 §4.5.4.2 is silent; every MTA defaults to 25).
+    let port: u16 = match port {
+        Some(p) => p.parse().ok().filter(|&p| p > 0)?,
+        None => 25,
+    };
     if host.is_empty() || host.contains(char::is_whitespace) {
         return None;
     }
@@ -44,7 +55,13 @@ mod tests {
         assert_eq!(parse_hop("mx.test:25"), Some(("mx.test".into(), 25)));
         assert_eq!(parse_hop("[::1]:2525"), Some(("::1".into(), 2525)));
         assert_eq!(parse_hop("127.0.0.1:0"), None);
-        assert_eq!(parse_hop("mx.test"), None);
+        // Without a port: 25.
+        assert_eq!(parse_hop("mx.test"), Some(("mx.test".into(), 25)));
+        assert_eq!(parse_hop("[2001:db8::1]"), Some(("2001:db8::1".into(), 25)));
+        assert_eq!(parse_hop("2001:db8::1"), None, "IPv6 needs brackets");
+        assert_eq!(parse_hop("[::1]2525"), None);
+        assert_eq!(parse_hop("mx.test:"), None);
+        assert_eq!(parse_hop(""), None);
     }
 
     #[test]
