@@ -221,7 +221,7 @@ fn relay_routes_match_by_recipient_and_sender_domain() {
 
 #[test]
 fn relay_route_errors_name_key_and_line() {
-    let bad_hop = RELAY.replace("\"10.0.0.1:25\"", "\"10.0.0.1\"");
+    let bad_hop = RELAY.replace("\"10.0.0.1:25\"", "\"2001:db8::1\"");
     let e = parse(&format!("{bad_hop}{MINIMAL}")).unwrap_err();
     assert_eq!(
         (e.key.as_str(), e.line),

@@ -27,6 +27,113 @@ pub struct Envelope {
     pub received_at: SystemTime,
     /// The whitelist verdict of inbound mail (`Some(true)` = pass); `None` = not checked.
     pub aswl: Option<bool>,
+    /// What the sender asked of delivery status notifications (RFC 3461).
+    pub dsn: DsnRequest,
+}
+
+/// `RET=` (RFC 3461 §4.3): what a DSN returns of the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DsnRet {
+    Full,
+    Hdrs,
+}
+
+/// NOTIFY and ORCPT of one recipient (RFC 3461 §4.1, §4.2).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RcptDsn {
+    /// Bit set of `proto::command::notify` flags; `None` = not given.
+    pub notify: Option<u8>,
+    /// `addr-type;xtext`, as received (validated xtext).
+    pub orcpt: Option<String>,
+}
+
+/// The DSN parameters a message came with. Empty for most mail.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DsnRequest {
+    pub ret: Option<DsnRet>,
+    /// `ENVID=` as received (validated xtext).
+    pub envid: Option<String>,
+    /// Parallel to [`Envelope::rcpts`]; empty when no recipient had a parameter.
+    pub rcpts: Vec<RcptDsn>,
+}
+
+/// What kind of notice a delivery event is (RFC 3461 §4.1 NOTIFY).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    Success,
+    Failure,
+    Delay,
+}
+
+impl DsnRequest {
+    /// Nothing was asked.
+    pub fn is_empty(&self) -> bool {
+        self.ret.is_none() && self.envid.is_none() && self.rcpts.is_empty()
+    }
+
+    /// Recipient `i`'s parameters (none when it had none).
+    pub fn rcpt(&self, i: usize) -> RcptDsn {
+        self.rcpts.get(i).cloned().unwrap_or_default()
+    }
+
+    /// Whether recipient `i` wants a notice of this kind. Without NOTIFY: failures and delays
+    /// yes, success no (RFC 3461 §4.1); `NOTIFY=NEVER`: none.
+    pub fn wants(&self, i: usize, notice: Notice) -> bool {
+        use crate::proto::command::notify;
+        let flag = match notice {
+            Notice::Success => notify::SUCCESS,
+            Notice::Failure => notify::FAILURE,
+            Notice::Delay => notify::DELAY,
+        };
+        match self.rcpts.get(i).and_then(|r| r.notify) {
+            None => notice != Notice::Success,
+            Some(n) => n & flag != 0,
+        }
+    }
+
+    /// The parameters of a copy with only the recipients at `indexes`.
+    pub fn select(&self, indexes: &[usize]) -> DsnRequest {
+        DsnRequest {
+            ret: self.ret,
+            envid: self.envid.clone(),
+            rcpts: if self.rcpts.is_empty() {
+                Vec::new()
+            } else {
+                indexes.iter().map(|&i| self.rcpt(i)).collect()
+            },
+        }
+    }
+}
+
+/// Decode xtext (RFC 3461 §4: `+XX` is the byte XX) for a report field: anything that is not
+/// printable ASCII (CR, LF, …) becomes `?`, so a decoded value cannot start a new field.
+pub fn xtext_for_report(x: &str) -> String {
+    let b = x.as_bytes();
+    let mut out = String::with_capacity(b.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        let byte = if c == b'+' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok());
+            match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                Some(v) => {
+                    i += 2;
+                    v
+                }
+                None => c,
+            }
+        } else {
+            c
+        };
+        out.push(if (0x20..0x7f).contains(&byte) {
+            byte as char
+        } else {
+            '?'
+        });
+        i += 1;
+    }
+    out
 }
 
 /// A unique, sortable queue id: microseconds since the epoch, core and a per-core counter.
@@ -55,6 +162,53 @@ impl Envelope {
             direction: crate::config::Direction::Inbound,
             received_at: SystemTime::UNIX_EPOCH,
             aswl: None,
+            dsn: DsnRequest::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::command::notify;
+
+    #[test]
+    fn notify_defaults_and_selection() {
+        let d = DsnRequest {
+            ret: Some(DsnRet::Hdrs),
+            envid: Some("e+2B1".into()),
+            rcpts: vec![
+                RcptDsn::default(),
+                RcptDsn {
+                    notify: Some(notify::NEVER),
+                    orcpt: None,
+                },
+                RcptDsn {
+                    notify: Some(notify::SUCCESS | notify::DELAY),
+                    orcpt: Some("rfc822;x+40y".into()),
+                },
+            ],
+        };
+        let wants = |i, n| d.wants(i, n);
+        assert!(wants(0, Notice::Failure) && wants(0, Notice::Delay) && !wants(0, Notice::Success));
+        assert!(
+            !wants(1, Notice::Failure) && !wants(1, Notice::Delay) && !wants(1, Notice::Success)
+        );
+        assert!(!wants(2, Notice::Failure) && wants(2, Notice::Delay) && wants(2, Notice::Success));
+        assert!(
+            wants(7, Notice::Failure),
+            "an index without parameters: defaults"
+        );
+        let s = d.select(&[2]);
+        assert_eq!(s.rcpts, vec![d.rcpts[2].clone()]);
+        assert_eq!(s.envid, d.envid);
+        assert!(DsnRequest::default().select(&[0, 1]).is_empty());
+    }
+
+    #[test]
+    fn xtext_decoded_for_reports_cannot_break_a_field() {
+        assert_eq!(xtext_for_report("rfc822;a+40b.test"), "rfc822;a@b.test");
+        assert_eq!(xtext_for_report("x+0D+0AEvil: 1"), "x??Evil: 1");
+        assert_eq!(xtext_for_report("bad+zz+"), "bad+zz+");
     }
 }

@@ -21,10 +21,11 @@ use super::{BindingRt, Shared};
 use crate::aswl;
 use crate::config::units::any_contains;
 use crate::config::{Direction, RouteAction, TlsMode};
-use crate::delivery::{Envelope, drop_folder, trace};
+use crate::delivery::{DsnRequest, DsnRet, Envelope, RcptDsn, drop_folder, trace};
 use crate::metrics::Reason;
 use crate::policy::{self, Client};
 use crate::proto::AbortReason;
+use crate::proto::command::Ret;
 use crate::proto::reply;
 use crate::proto::{Credentials, Event, Session, Stop, proxy};
 use crate::spool::staging::{self, Staged};
@@ -94,6 +95,8 @@ struct Txn {
     verdicts: Vec<Option<bool>>,
     /// At most `staging::DEFAULT_KEEP` bytes in memory, the rest in a spill file.
     content: Staged,
+    /// RET, ENVID, and each recipient's NOTIFY and ORCPT (RFC 3461).
+    dsn: DsnRequest,
 }
 
 impl Txn {
@@ -103,6 +106,17 @@ impl Txn {
             rcpts: Vec::new(),
             verdicts: Vec::new(),
             content: Staged::new(spool_dir, staging::DEFAULT_KEEP),
+            dsn: DsnRequest::default(),
+        }
+    }
+
+    /// Record an accepted recipient's DSN parameters (the list stays empty while no recipient
+    /// has any).
+    fn push_rcpt_dsn(&mut self, r: RcptDsn) {
+        if r != RcptDsn::default() || !self.dsn.rcpts.is_empty() {
+            let before = self.rcpts.len().saturating_sub(1);
+            self.dsn.rcpts.resize(before, RcptDsn::default());
+            self.dsn.rcpts.push(r);
         }
     }
 
@@ -111,6 +125,7 @@ impl Txn {
         self.rcpts.clear();
         self.verdicts.clear();
         self.content.clear();
+        self.dsn = DsnRequest::default();
     }
 }
 
@@ -515,7 +530,7 @@ impl Conn {
                     self.esmtp = extended;
                     self.txn.clear();
                 }
-                Event::Mail { from, .. } => {
+                Event::Mail { from, params } => {
                     let client = self.client(&feed);
                     match policy::check_mail(&self.binding.b, client) {
                         Ok(()) => {
@@ -523,6 +538,11 @@ impl Conn {
                             if let Some(a) = from {
                                 self.txn.mail_from.push_str(a.as_str());
                             }
+                            self.txn.dsn.ret = params.ret.map(|r| match r {
+                                Ret::Full => DsnRet::Full,
+                                Ret::Hdrs => DsnRet::Hdrs,
+                            });
+                            self.txn.dsn.envid = params.envid.map(String::from);
                             feed.accept();
                         }
                         Err(r) => {
@@ -531,7 +551,7 @@ impl Conn {
                         }
                     }
                 }
-                Event::Rcpt { to, .. } => {
+                Event::Rcpt { to, params } => {
                     let client = self.client(&feed);
                     match policy::check_rcpt(
                         &self.binding.config,
@@ -543,6 +563,10 @@ impl Conn {
                             let verdict = self.check_aswl(to.as_str());
                             self.txn.rcpts.push(to.as_str().to_string());
                             self.txn.verdicts.push(verdict);
+                            self.txn.push_rcpt_dsn(RcptDsn {
+                                notify: params.notify,
+                                orcpt: params.orcpt.map(String::from),
+                            });
                             feed.accept();
                         }
                         Err(r) => {
@@ -639,6 +663,7 @@ impl Conn {
             direction: self.binding.b.section.direction,
             received_at: SystemTime::now(),
             aswl: None,
+            dsn: std::mem::take(&mut self.txn.dsn),
         };
         let verdicts = std::mem::take(&mut self.txn.verdicts);
         let verdict = |i: usize| verdicts.get(i).copied().flatten();
@@ -740,10 +765,14 @@ impl Conn {
                     e.queue_id = self.ctx.queue.next_queue_id();
                 }
                 if kinds.len() > 1 {
-                    e.rcpts = (0..env.rcpts.len())
+                    let mine: Vec<usize> = (0..env.rcpts.len())
                         .filter(|&i| verdict_of(i) == v)
-                        .filter_map(|i| env.rcpts.get(i).cloned())
                         .collect();
+                    e.rcpts = mine
+                        .iter()
+                        .filter_map(|&i| env.rcpts.get(i).cloned())
+                        .collect();
+                    e.dsn = env.dsn.select(&mine);
                 }
                 e.aswl = v;
                 let mut received = trace::received(&e, &self.binding.config.server.hostname);

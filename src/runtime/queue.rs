@@ -806,6 +806,7 @@ impl CoreQueue {
             },
             received_at: SystemTime::now(),
             aswl: None,
+            dsn: Default::default(),
         };
         let t = trace::received(&benv, &hostname);
         let spooled = self.spool.store(&benv, &t, &content, None).await?;

@@ -10,7 +10,10 @@
 //! 16..   payload
 //! ```
 //! A message payload is its envelope (length-prefixed fields), the trace header and the content,
-//! in that order, so the content can be written straight from the session's buffer. Decoding
+//! in that order, so the content can be written straight from the session's buffer. Flag bit 4
+//! marks a message with DSN parameters (RFC 3461), stored after the recipients: RET (0 none,
+//! 1 FULL, 2 HDRS), ENVID, then per recipient NOTIFY (0 none, else the flags | 0x80) and ORCPT;
+//! records without it read as before. Decoding
 //! never trusts a length: every read is bounds-checked, and a record whose checksum does not
 //! match is skipped by the recovery scan.
 
@@ -18,7 +21,7 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
 use crate::config::Direction;
-use crate::delivery::Envelope;
+use crate::delivery::{DsnRequest, DsnRet, Envelope, RcptDsn};
 
 pub const MAGIC: &[u8; 4] = b"RMXR";
 pub const HEADER: usize = 16;
@@ -107,11 +110,13 @@ pub fn encode_message_head(
         Direction::Inbound => 0,
         Direction::Outbound => 1,
     });
+    let has_dsn = !env.dsn.is_empty();
     r.push(
         u8::from(env.esmtp)
             | (u8::from(env.is_bounce) << 1)
             | (u8::from(env.aswl.is_some()) << 2)
-            | (u8::from(env.aswl == Some(true)) << 3),
+            | (u8::from(env.aswl == Some(true)) << 3)
+            | (u8::from(has_dsn) << 4),
     );
     put_str(&mut r, &env.mail_from);
     put_str(&mut r, &env.client_ip.to_string());
@@ -122,6 +127,20 @@ pub fn encode_message_head(
     r.extend_from_slice(&(env.rcpts.len() as u32).to_le_bytes());
     for rc in &env.rcpts {
         put_str(&mut r, rc);
+    }
+    if has_dsn {
+        let d = &env.dsn;
+        r.push(match d.ret {
+            None => 0,
+            Some(DsnRet::Full) => 1,
+            Some(DsnRet::Hdrs) => 2,
+        });
+        put_str(&mut r, d.envid.as_deref().unwrap_or(""));
+        r.extend_from_slice(&(d.rcpts.len() as u32).to_le_bytes());
+        for rc in &d.rcpts {
+            r.push(rc.notify.map_or(0, |n| n | 0x80));
+            put_str(&mut r, rc.orcpt.as_deref().unwrap_or(""));
+        }
     }
     r.extend_from_slice(&(trace.len() as u32).to_le_bytes());
     r.extend_from_slice(trace.as_bytes());
@@ -262,6 +281,27 @@ fn decode_message(rd: &mut Reader<'_>, payload_at: u64) -> Result<MessageRecord,
     for _ in 0..n {
         rcpts.push(rd.str()?);
     }
+    let mut dsn = DsnRequest::default();
+    if flags & 16 != 0 {
+        dsn.ret = match rd.u8()? {
+            0 => None,
+            1 => Some(DsnRet::Full),
+            2 => Some(DsnRet::Hdrs),
+            _ => return Err(Invalid::Corrupt),
+        };
+        dsn.envid = Some(rd.str()?).filter(|s| !s.is_empty());
+        let n = rd.u32()? as usize;
+        if n > rcpts.len() {
+            return Err(Invalid::Corrupt);
+        }
+        for _ in 0..n {
+            let notify = rd.u8()?;
+            dsn.rcpts.push(RcptDsn {
+                notify: (notify != 0).then_some(notify & 0x7f),
+                orcpt: Some(rd.str()?).filter(|s| !s.is_empty()),
+            });
+        }
+    }
     let tlen = rd.u32()? as usize;
     let trace = String::from_utf8(rd.take(tlen)?.to_vec()).map_err(|_| Invalid::Corrupt)?;
     let content_len = rd.u64()?;
@@ -284,6 +324,7 @@ fn decode_message(rd: &mut Reader<'_>, payload_at: u64) -> Result<MessageRecord,
             direction,
             received_at: SystemTime::UNIX_EPOCH + Duration::from_micros(micros),
             aswl: (flags & 4 != 0).then_some(flags & 8 != 0),
+            dsn,
         },
         trace,
         content_at,
@@ -304,6 +345,31 @@ mod tests {
             aswl: Some(true),
             ..Envelope::example("Q1", &["x@d.test", "y@d.test"])
         }
+    }
+
+    #[test]
+    fn dsn_parameters_round_trip() {
+        let mut e = env();
+        e.dsn = DsnRequest {
+            ret: Some(DsnRet::Hdrs),
+            envid: Some("QQ+2B1".into()),
+            rcpts: vec![
+                RcptDsn::default(),
+                RcptDsn {
+                    notify: Some(2 | 4),
+                    orcpt: Some("rfc822;y+40d.test".into()),
+                },
+            ],
+        };
+        let mut rec = encode_message(&e, "T\r\n", b"x");
+        rec.extend_from_slice(b"x");
+        let Ok((Parsed::Message(m), _)) = parse(&rec, 0) else {
+            panic!()
+        };
+        assert_eq!(m.env.dsn, e.dsn);
+        // Without parameters the record is the same as before they existed.
+        let plain = encode_message(&env(), "T\r\n", b"x");
+        assert_eq!(plain[HEADER + 2 + 2 + 8 + 1] & 16, 0);
     }
 
     #[test]
