@@ -597,7 +597,7 @@ pub fn recover(dir: &Path) -> io::Result<Recovery> {
             match record::parse(rest, pos as u64) {
                 Ok((p, n)) => {
                     match p {
-                        Parsed::Message(m) => messages.push(m),
+                        Parsed::Message(m) => messages.push(*m),
                         Parsed::Done(d) => done.entry(d.queue_id).or_default().extend(d.rcpts),
                         Parsed::Hold(id, h) => {
                             held.insert(id, h);

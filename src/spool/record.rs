@@ -170,7 +170,7 @@ pub fn encode_hold(queue_id: &str, held: bool) -> Vec<u8> {
 /// What one position of a segment holds.
 #[derive(Debug)]
 pub enum Parsed {
-    Message(MessageRecord),
+    Message(Box<MessageRecord>),
     Done(DoneRecord),
     /// `(queue_id, held)`.
     Hold(String, bool),
@@ -209,7 +209,7 @@ pub fn parse(buf: &[u8], offset: u64) -> Result<(Parsed, usize), Invalid> {
         pos: 0,
     };
     let parsed = match kind {
-        KIND_MESSAGE => Parsed::Message(decode_message(&mut rd, offset + HEADER as u64)?),
+        KIND_MESSAGE => Parsed::Message(Box::new(decode_message(&mut rd, offset + HEADER as u64)?)),
         KIND_DONE => {
             let queue_id = rd.str()?;
             let n = rd.u32()? as usize;
