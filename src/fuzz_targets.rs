@@ -35,7 +35,12 @@ pub fn reply(data: &[u8]) {
         rest = rest.get(n..).unwrap_or_default();
         match client.on_reply(r) {
             Action::Ready => {
-                if let Action::Done(v) = client.start("s@x.test", &rcpts, &[b"m\r\n"]) {
+                if let Action::Done(v) = client.start(
+                    "s@x.test",
+                    &rcpts,
+                    &crate::delivery::DsnRequest::default(),
+                    &[b"m\r\n"],
+                ) {
                     assert_eq!(v.len(), rcpts.len());
                 }
             }

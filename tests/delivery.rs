@@ -730,3 +730,122 @@ fn default_port_and_expiry_after_max_lifetime() {
     );
     s.wait_queue_empty();
 }
+
+/// RFC 3461 end to end with smtplib as the client: RET, ENVID, NOTIFY and ORCPT go on to a hop
+/// that offers DSN (Postfix's smtp-sink, which records the arguments); a hop without DSN
+/// (aiosmtpd) gets plain commands and the sender a "relayed" notice where it asked for success
+/// notices; NOTIFY=NEVER suppresses the bounce; a bounce carries Original-Envelope-Id,
+/// Original-Recipient and, for RET=FULL, the whole message.
+#[test]
+fn dsn_parameters_are_honoured_and_passed_on() {
+    let dir = temp_dir("relay-dsn");
+    let dump = dir.join("dump");
+    std::fs::create_dir_all(&dump).unwrap();
+    Command::new("chmod")
+        .arg("777")
+        .arg(&dump)
+        .status()
+        .unwrap();
+    let port = free_port();
+    let mut smtp_sink = support::peer("smtp-sink")
+        .args(["-u", "nobody", "-d"])
+        .arg(format!("{}/%H%M%S.", dump.display()))
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("10")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let plain = Sink::start(&dir, &["--reject", "bad"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let extra = format!(
+        "{QUEUE_FAST}{}{}",
+        relay_route(
+            "dsn.test",
+            &format!("\"127.0.0.1:{port}\""),
+            "tls = \"none\""
+        ),
+        relay_route(
+            "plain.test",
+            &format!("\"127.0.0.1:{}\"", plain.port),
+            "tls = \"none\""
+        ),
+    );
+    let s = Server::start_with("relay-dsn", "auto", "", &extra);
+    let script = r#"
+import os, smtplib
+with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
+    s.ehlo("client.test")
+    print(s.mail("alice@example.test", ["RET=FULL", "ENVID=env+2B1"]))
+    print(s.rcpt("a@dsn.test", ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;orig-a@dsn.test"]))
+    print(s.rcpt("b@plain.test", ["NOTIFY=SUCCESS", "ORCPT=rfc822;orig-b@plain.test"]))
+    print(s.rcpt("bad1@plain.test", ["NOTIFY=NEVER"]))
+    print(s.rcpt("bad2@plain.test", ["NOTIFY=FAILURE", "ORCPT=rfc822;orig-bad2@plain.test"]))
+    print(s.data(b"Message-ID: <dsn@example.test>\r\nSubject: dsn\r\n\r\nthe whole body\r\n"))
+"#;
+    let out = support::python(script, s.outbound.port(), 0);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(plain.wait_for(1, 20).len(), 1, "{}", s.log());
+    s.wait_queue_empty();
+    // Passed on to the DSN hop.
+    let dumped: String = std::fs::read_dir(&dump)
+        .unwrap()
+        .flatten()
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(
+        dumped.contains("X-Mail-Args: <alice@example.test>"),
+        "{dumped}"
+    );
+    assert!(dumped.contains("RET=FULL ENVID=env+2B1"), "{dumped}");
+    assert!(
+        dumped.contains(
+            "X-Rcpt-Args: <a@dsn.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;orig-a@dsn.test"
+        ),
+        "{dumped}"
+    );
+    // Notices to alice (dropped into the folder: example.test is local).
+    let notices: Vec<String> = s.dropped();
+    assert_eq!(
+        notices.len(),
+        2,
+        "a relayed notice and one bounce: {notices:?}"
+    );
+    let relayed = notices
+        .iter()
+        .find(|n| n.contains("Action: relayed"))
+        .unwrap();
+    assert!(
+        relayed.contains(
+            "Original-Recipient: rfc822;orig-b@plain.test\r\nFinal-Recipient: rfc822; b@plain.test"
+        ),
+        "{relayed}"
+    );
+    assert!(relayed.contains("Original-Envelope-Id: env+1"), "{relayed}");
+    assert!(
+        !relayed.contains("a@dsn.test"),
+        "the DSN hop reports for a@dsn.test itself"
+    );
+    let bounce = notices
+        .iter()
+        .find(|n| n.contains("Action: failed"))
+        .unwrap();
+    assert!(
+        bounce.contains("Final-Recipient: rfc822; bad2@plain.test"),
+        "{bounce}"
+    );
+    assert!(
+        bounce.contains("Original-Recipient: rfc822;orig-bad2@plain.test"),
+        "{bounce}"
+    );
+    assert!(
+        !bounce.contains("bad1@plain.test"),
+        "NOTIFY=NEVER: {bounce}"
+    );
+    assert!(
+        bounce.contains("Content-Type: message/rfc822"),
+        "RET=FULL: {bounce}"
+    );
+    assert!(bounce.contains("the whole body"), "{bounce}");
+    let _ = smtp_sink.kill();
+    let _ = smtp_sink.wait();
+}

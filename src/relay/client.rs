@@ -10,6 +10,7 @@ use base64::Engine as _;
 
 use super::reply::{Capabilities, Reply};
 use crate::config::RelayTls;
+use crate::delivery::{DsnRequest, DsnRet};
 
 /// How to talk to the next hop.
 #[derive(Debug, Clone)]
@@ -63,6 +64,7 @@ enum Expect {
 #[derive(Debug, Default)]
 struct Txn {
     pipelined: bool,
+    /// `RCPT TO:<…> [params]` CRLF, one per recipient.
     rcpts: Vec<String>,
     params: String,
     expect: std::collections::VecDeque<Expect>,
@@ -240,8 +242,15 @@ impl Client {
     }
 
     /// Begin a transaction (only when ready). `message` parts are sent back to back (trace
-    /// header, then content as received).
-    pub fn start(&mut self, from: &str, rcpts: &[String], message: &[&[u8]]) -> Action {
+    /// header, then content as received). `dsn` (its recipients aligned with `rcpts`) goes on
+    /// as RET/ENVID and NOTIFY/ORCPT when the hop offers DSN.
+    pub fn start(
+        &mut self,
+        from: &str,
+        rcpts: &[String],
+        dsn: &DsnRequest,
+        message: &[&[u8]],
+    ) -> Action {
         if self.state != State::Ready {
             return Action::Failed(local(421, (4, 4, 2), "connection not ready"));
         }
@@ -275,11 +284,40 @@ impl Client {
         if utf8 {
             params.push_str(" SMTPUTF8");
         }
+        if self.caps.dsn {
+            match dsn.ret {
+                Some(DsnRet::Full) => params.push_str(" RET=FULL"),
+                Some(DsnRet::Hdrs) => params.push_str(" RET=HDRS"),
+                None => {}
+            }
+            if let Some(e) = &dsn.envid {
+                params.push_str(&format!(" ENVID={e}"));
+            }
+        }
+        let rcpt_lines = rcpts
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let mut line = format!("RCPT TO:<{r}>");
+                let d = dsn.rcpt(i);
+                if self.caps.dsn {
+                    if let Some(n) = d.notify {
+                        line.push_str(" NOTIFY=");
+                        line.push_str(&notify_value(n));
+                    }
+                    if let Some(o) = &d.orcpt {
+                        line.push_str(&format!(" ORCPT={o}"));
+                    }
+                }
+                line.push_str("\r\n");
+                line
+            })
+            .collect();
         let pipelined = self.caps.pipelining;
         let bdat = pipelined && self.caps.chunking;
         let mut txn = Txn {
             pipelined,
-            rcpts: rcpts.to_vec(),
+            rcpts: rcpt_lines,
             params,
             results: vec![None; rcpts.len()],
             ..Txn::default()
@@ -293,8 +331,8 @@ impl Client {
         out.extend_from_slice(format!("MAIL FROM:<{from}>{}\r\n", txn.params).as_bytes());
         txn.expect.push_back(Expect::Mail);
         if pipelined {
-            for (i, r) in rcpts.iter().enumerate() {
-                out.extend_from_slice(format!("RCPT TO:<{r}>\r\n").as_bytes());
+            for (i, line) in txn.rcpts.iter().enumerate() {
+                out.extend_from_slice(line.as_bytes());
                 txn.expect.push_back(Expect::Rcpt(i));
             }
             txn.next_rcpt = rcpts.len();
@@ -383,10 +421,11 @@ impl Client {
 
     fn next_rcpt(&mut self) -> Action {
         let i = self.txn.next_rcpt;
-        if let Some(rc) = self.txn.rcpts.get(i) {
+        if let Some(line) = self.txn.rcpts.get(i) {
+            let line = line.clone().into_bytes();
             self.txn.next_rcpt += 1;
             self.txn.expect.push_back(Expect::Rcpt(i));
-            return Action::Send(format!("RCPT TO:<{rc}>\r\n").into_bytes());
+            return Action::Send(line);
         }
         if !self.any_accepted() {
             return self.finish();
@@ -433,6 +472,25 @@ impl Client {
         self.state = State::Closed;
         b"QUIT\r\n".to_vec()
     }
+}
+
+/// `NOTIFY=` value (RFC 3461 §4.1): `NEVER`, or the requested events.
+fn notify_value(n: u8) -> String {
+    use crate::proto::command::notify;
+    if n & notify::NEVER != 0 {
+        return "NEVER".into();
+    }
+    let names = [
+        (notify::SUCCESS, "SUCCESS"),
+        (notify::FAILURE, "FAILURE"),
+        (notify::DELAY, "DELAY"),
+    ];
+    names
+        .iter()
+        .filter(|(f, _)| n & f != 0)
+        .map(|(_, name)| *name)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn b64_line(raw: &[u8]) -> Vec<u8> {

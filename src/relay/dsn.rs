@@ -1,9 +1,12 @@
 //! Delivery status notifications (RFC 3464): `multipart/report; report-type=delivery-status`,
-//! sent from the null sender to the original envelope sender, for permanent failures, expiry
-//! and (optionally) long delays. Never sent for a message whose sender is null.
+//! sent from the null sender to the original envelope sender, for permanent failures, expiry,
+//! (optionally) long delays, and successes the sender asked for with NOTIFY=SUCCESS where no
+//! DSN-capable hop takes the request on (RFC 3461 §6.2). Never sent for a message whose sender
+//! is null. The sender's NOTIFY, RET, ENVID and ORCPT are honoured.
 
 use std::time::SystemTime;
 
+use crate::delivery::DsnRet;
 use crate::delivery::trace::rfc5322_date;
 
 /// One recipient's line in the report.
@@ -15,13 +18,18 @@ pub struct RcptStatus {
     /// The next hop's reply (or our own diagnosis), one line.
     pub diagnostic: String,
     pub remote_mta: Option<String>,
+    /// The recipient's ORCPT (`addr-type;xtext`), reported as Original-Recipient.
+    pub orcpt: Option<String>,
 }
 
-/// Failed (`failed`) or still being retried (`delayed`).
+/// Failed, still being retried, handed to a hop that does not do DSN, or delivered here
+/// (into a drop folder).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Failed,
     Delayed,
+    Relayed,
+    Delivered,
 }
 
 /// The message a DSN reports on.
@@ -30,9 +38,16 @@ pub struct Original<'a> {
     pub queue_id: &'a str,
     pub sender: &'a str,
     pub arrival: SystemTime,
-    /// Trace header and content (only its header section is returned).
+    /// Trace header and content (its header section is returned, or all of it for RET=FULL
+    /// up to [`RETURN_FULL_LIMIT`]).
     pub message: &'a [u8],
+    pub ret: Option<DsnRet>,
+    /// ENVID as received (xtext).
+    pub envid: Option<&'a str>,
 }
+
+/// The largest message a DSN returns whole (RET=FULL); a larger one is returned as headers.
+pub const RETURN_FULL_LIMIT: usize = 1 << 20;
 
 /// Build the DSN message (headers and body, CRLF line endings).
 pub fn build(
@@ -56,6 +71,16 @@ pub fn build(
             "delayed",
             "Your message has not been delivered yet to the recipients below. Delivery will\r\nbe retried; you do not need to resend it.",
         ),
+        Kind::Relayed => (
+            "Relayed Mail Report",
+            "relayed",
+            "Your message was relayed to the recipients below, to a system that does not send\r\ndelivery notifications; you will get no further notice from there.",
+        ),
+        Kind::Delivered => (
+            "Successful Mail Delivery Report",
+            "delivered",
+            "Your message was delivered to the recipients below.",
+        ),
     };
     let mut m = String::new();
     m.push_str(&format!(
@@ -66,10 +91,10 @@ pub fn build(
     m.push_str(&format!("Date: {}\r\n", rfc5322_date(now)));
     m.push_str(&format!(
         "Message-ID: <{queue_id}.{}@{hostname}>\r\n",
-        if kind == Kind::Failed {
-            "bounce"
-        } else {
-            "delay"
+        match kind {
+            Kind::Failed => "bounce",
+            Kind::Delayed => "delay",
+            Kind::Relayed | Kind::Delivered => "success",
         }
     ));
     m.push_str("Auto-Submitted: auto-replied\r\nMIME-Version: 1.0\r\n");
@@ -90,10 +115,24 @@ pub fn build(
         "\r\n--{boundary}\r\nContent-Type: message/delivery-status\r\n\r\n"
     ));
     m.push_str(&format!("Reporting-MTA: dns; {hostname}\r\n"));
+    if let Some(e) = orig.envid {
+        m.push_str(&format!(
+            "Original-Envelope-Id: {}\r\n",
+            crate::delivery::xtext_for_report(e)
+        ));
+    }
     m.push_str(&format!("X-Ringmx-Queue-ID: {queue_id}\r\n"));
     m.push_str(&format!("Arrival-Date: {}\r\n", rfc5322_date(arrival)));
     for r in rcpts {
-        m.push_str(&format!("\r\nFinal-Recipient: rfc822; {}\r\n", r.rcpt));
+        m.push('\r');
+        m.push('\n');
+        if let Some(o) = &r.orcpt {
+            m.push_str(&format!(
+                "Original-Recipient: {}\r\n",
+                crate::delivery::xtext_for_report(o)
+            ));
+        }
+        m.push_str(&format!("Final-Recipient: rfc822; {}\r\n", r.rcpt));
         m.push_str(&format!("Action: {action}\r\nStatus: {}\r\n", r.status));
         if let Some(mta) = &r.remote_mta {
             m.push_str(&format!("Remote-MTA: dns; {mta}\r\n"));
@@ -104,11 +143,17 @@ pub fn build(
         ));
         m.push_str(&format!("Last-Attempt-Date: {}\r\n", rfc5322_date(now)));
     }
+    let full = orig.ret == Some(DsnRet::Full) && original.len() <= RETURN_FULL_LIMIT;
     m.push_str(&format!(
-        "\r\n--{boundary}\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        "\r\n--{boundary}\r\nContent-Type: {}\r\n\r\n",
+        if full {
+            "message/rfc822"
+        } else {
+            "text/rfc822-headers"
+        }
     ));
     let mut out = m.into_bytes();
-    out.extend_from_slice(headers_of(original));
+    out.extend_from_slice(if full { original } else { headers_of(original) });
     if !out.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
     }
@@ -135,12 +180,15 @@ mod tests {
             status: "5.1.1".into(),
             diagnostic: "550 5.1.1 no such user".into(),
             remote_mta: Some("mx.d.test".into()),
+            orcpt: None,
         }];
         let orig = Original {
             queue_id: "Q1",
             sender: "s@a.test",
             arrival: SystemTime::UNIX_EPOCH,
             message: b"Subject: hi\r\nMessage-ID: <1@a>\r\n\r\nsecret body\r\n",
+            ret: None,
+            envid: None,
         };
         let m = build(
             Kind::Failed,
@@ -158,5 +206,66 @@ mod tests {
         assert!(s.contains("Message-ID: <1@a>"));
         assert!(!s.contains("secret body"), "only the headers are returned");
         assert!(s.ends_with("--Q1.dsn/edge.test--\r\n"));
+        assert!(!s.contains("Original-Envelope-Id") && !s.contains("Original-Recipient"));
+    }
+
+    #[test]
+    fn ret_envid_orcpt_and_success_kinds() {
+        let rcpts = [RcptStatus {
+            rcpt: "x@d.test".into(),
+            status: "2.0.0".into(),
+            diagnostic: "250 ok".into(),
+            remote_mta: None,
+            orcpt: Some("rfc822;X+40d.test+0D+0AInjected: 1".into()),
+        }];
+        let orig = Original {
+            queue_id: "Q2",
+            sender: "s@a.test",
+            arrival: SystemTime::UNIX_EPOCH,
+            message: b"Subject: hi\r\n\r\nthe body\r\n",
+            ret: Some(DsnRet::Full),
+            envid: Some("env+2Bid"),
+        };
+        let s = String::from_utf8(build(
+            Kind::Relayed,
+            "e.test",
+            &orig,
+            &rcpts,
+            SystemTime::UNIX_EPOCH,
+        ))
+        .unwrap();
+        assert!(s.contains("Original-Envelope-Id: env+id\r\n"), "{s}");
+        assert!(s.contains("Original-Recipient: rfc822;X@d.test??Injected: 1\r\nFinal-Recipient: rfc822; x@d.test\r\nAction: relayed\r\nStatus: 2.0.0"), "{s}");
+        assert!(
+            s.contains("Content-Type: message/rfc822\r\n\r\nSubject: hi\r\n\r\nthe body\r\n"),
+            "RET=FULL: {s}"
+        );
+        assert!(!s.contains("\r\nInjected:"), "no field from the ORCPT");
+        let s = String::from_utf8(build(
+            Kind::Delivered,
+            "e.test",
+            &orig,
+            &rcpts,
+            SystemTime::UNIX_EPOCH,
+        ))
+        .unwrap();
+        assert!(
+            s.contains("Action: delivered")
+                && s.contains("Subject: Successful Mail Delivery Report")
+        );
+        let big = vec![b'a'; RETURN_FULL_LIMIT + 1];
+        let orig = Original {
+            message: &big,
+            ..orig
+        };
+        let s = String::from_utf8(build(
+            Kind::Failed,
+            "e.test",
+            &orig,
+            &rcpts,
+            SystemTime::UNIX_EPOCH,
+        ))
+        .unwrap();
+        assert!(s.contains("text/rfc822-headers"), "too big to return whole");
     }
 }

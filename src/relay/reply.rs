@@ -143,6 +143,8 @@ pub struct Capabilities {
     pub size: Option<u64>,
     pub auth_plain: bool,
     pub auth_login: bool,
+    /// RFC 3461: NOTIFY, ORCPT, RET and ENVID are taken (and DSNs sent from there on).
+    pub dsn: bool,
 }
 
 impl Capabilities {
@@ -157,6 +159,7 @@ impl Capabilities {
                 "CHUNKING" => c.chunking = true,
                 "8BITMIME" => c.eightbitmime = true,
                 "SMTPUTF8" => c.smtputf8 = true,
+                "DSN" => c.dsn = true,
                 "SIZE" => c.size = words.next().and_then(|n| n.parse().ok()).filter(|&n| n > 0),
                 "AUTH" => {
                     for m in words {

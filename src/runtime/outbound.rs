@@ -15,6 +15,7 @@ use monoio::net::TcpStream;
 
 use super::transport::Transport;
 use crate::config::{RelayTls, RouteSection};
+use crate::delivery::DsnRequest;
 use crate::relay::client::{Action, Client, ClientOptions};
 use crate::relay::reply::Reply;
 
@@ -80,8 +81,9 @@ pub(crate) struct OutConn {
 
 /// How a delivery over one hop ended.
 pub(crate) enum Outcome {
-    /// The transaction ran: one reply per recipient.
-    Replies(Vec<Reply>),
+    /// The transaction ran: one reply per recipient, and whether the hop took the DSN
+    /// parameters (it offered DSN).
+    Replies(Vec<Reply>, bool),
     /// The hop could not be used (connect, greeting, TLS, AUTH, a 421…): try the next one.
     HopFailed(Reply),
 }
@@ -179,6 +181,7 @@ impl Pool {
         s: &HopSettings,
         from: &str,
         rcpts: &[String],
+        dsn: &DsnRequest,
         message: &[&[u8]],
         metrics: &crate::metrics::Metrics,
     ) -> Outcome {
@@ -188,10 +191,11 @@ impl Pool {
             // A pooled connection the peer closed meanwhile fails before any reply: go on.
             if let Some(mut c) = self.take_idle(key, s.idle_timeout) {
                 metrics.relay_connection(true);
-                let first = c.client.start(from, rcpts, message);
+                let first = c.client.start(from, rcpts, dsn, message);
                 if let Ok(Action::Done(r)) = c.run(first, s).await {
+                    let passed = c.client.capabilities().dsn;
                     self.keep(key, c);
-                    return Outcome::Replies(r);
+                    return Outcome::Replies(r, passed);
                 }
                 continue;
             }
@@ -217,11 +221,12 @@ impl Pool {
             Ok(c) => c,
             Err(r) => return Outcome::HopFailed(r),
         };
-        let first = c.client.start(from, rcpts, message);
+        let first = c.client.start(from, rcpts, dsn, message);
         match c.run(first, s).await {
             Ok(Action::Done(r)) => {
+                let passed = c.client.capabilities().dsn;
                 self.keep(key, c);
-                Outcome::Replies(r)
+                Outcome::Replies(r, passed)
             }
             Ok(Action::Failed(r)) | Err(r) => Outcome::HopFailed(r),
             Ok(other) => Outcome::HopFailed(Reply::local(

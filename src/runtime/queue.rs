@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::Shared;
 use super::outbound::{HopKey, HopSettings, Outcome, Pool};
 use crate::config::{Config, Direction, RouteAction, RouteSection};
-use crate::delivery::{self, Envelope, drop_folder, trace};
+use crate::delivery::{self, Envelope, Notice, drop_folder, trace};
 use crate::relay::dns::{Dns, Targets};
 use crate::relay::dsn::{self, RcptStatus};
 use crate::relay::reply::Reply;
@@ -115,7 +115,9 @@ pub(crate) struct CoreQueue {
 /// What happened to one recipient in an attempt.
 #[derive(Clone)]
 enum Result_ {
-    Delivered,
+    /// Done; the success notice it warrants when the recipient asked for one (`None`: none
+    /// from here — the hop took the request on, or the route discards).
+    Delivered(Option<dsn::Kind>),
     Failed(Reply, Option<String>),
     Deferred(Reply),
 }
@@ -407,7 +409,7 @@ impl CoreQueue {
                 .collect();
             match route.action {
                 RouteAction::Discard => {
-                    results.extend(idx.iter().map(|&i| (i, Result_::Delivered)));
+                    results.extend(idx.iter().map(|&i| (i, Result_::Delivered(None))));
                     self.shared.metrics.delivery("discarded", idx.len() as u64);
                 }
                 RouteAction::Hold => {
@@ -432,7 +434,7 @@ impl CoreQueue {
                     })
                     .await;
                     let outcome = match res {
-                        Ok(Ok(_)) => Result_::Delivered,
+                        Ok(Ok(_)) => Result_::Delivered(Some(dsn::Kind::Delivered)),
                         Ok(Err(err)) => Result_::Deferred(Reply::local(
                             451,
                             (4, 3, 0),
@@ -450,7 +452,9 @@ impl CoreQueue {
                     }
                 }
                 RouteAction::Relay => {
-                    let replies = self
+                    let indexes: Vec<usize> = idx.iter().map(|&i| i as usize).collect();
+                    let dsn = env.dsn.select(&indexes);
+                    let (replies, passed_on) = self
                         .relay(
                             live.generation,
                             ri,
@@ -459,13 +463,14 @@ impl CoreQueue {
                             &domain,
                             &env,
                             &rcpts,
+                            &dsn,
                             &message,
                             attempts,
                         )
                         .await;
                     for (&i, (r, mta)) in idx.iter().zip(replies) {
                         let outcome = if r.is_positive() {
-                            Result_::Delivered
+                            Result_::Delivered((!passed_on).then_some(dsn::Kind::Relayed))
                         } else if r.is_permanent() {
                             Result_::Failed(r, mta)
                         } else {
@@ -519,10 +524,11 @@ impl CoreQueue {
         domain: &str,
         env: &Envelope,
         rcpts: &[String],
+        dsn: &crate::delivery::DsnRequest,
         message: &[&[u8]],
         attempts: u32,
-    ) -> Vec<(Reply, Option<String>)> {
-        let all = |r: Reply, h: Option<String>| vec![(r, h); rcpts.len()];
+    ) -> (Vec<(Reply, Option<String>)>, bool) {
+        let all = |r: Reply, h: Option<String>| (vec![(r, h); rcpts.len()], false);
         let s = match self.settings(generation, ri, route, cfg) {
             Ok(s) => s,
             Err(e) => {
@@ -563,13 +569,15 @@ impl CoreQueue {
                     &s,
                     &env.mail_from,
                     rcpts,
+                    dsn,
                     message,
                     &self.shared.metrics,
                 )
                 .await
             {
-                Outcome::Replies(r) => {
-                    return r.into_iter().map(|r| (r, Some(host.clone()))).collect();
+                Outcome::Replies(r, passed_on) => {
+                    let r = r.into_iter().map(|r| (r, Some(host.clone()))).collect();
+                    return (r, passed_on);
                 }
                 Outcome::HopFailed(r) => {
                     tracing::info!(queue_id = %env.queue_id, hop = %addr, reply = ?r.one_line(), "next hop failed");
@@ -654,55 +662,79 @@ impl CoreQueue {
         let mut finished = Vec::new();
         let mut failed: Vec<RcptStatus> = Vec::new();
         let mut deferred: Vec<RcptStatus> = Vec::new();
+        let mut succeeded: Vec<(dsn::Kind, RcptStatus)> = Vec::new();
         let mut last_error = String::new();
+        // NOTIFY decides who hears about what (RFC 3461 §4.1); the null sender never does.
+        let notify = !env.mail_from.is_empty() && !env.is_bounce;
+        let wants = |i: u32, n: Notice| notify && env.dsn.wants(i as usize, n);
         for (i, r) in results {
             let rcpt = env.rcpts.get(i as usize).cloned().unwrap_or_default();
+            let status =
+                |status: String, diagnostic: String, remote_mta: Option<String>| RcptStatus {
+                    rcpt: rcpt.clone(),
+                    status,
+                    diagnostic,
+                    remote_mta,
+                    orcpt: env.dsn.rcpt(i as usize).orcpt,
+                };
             match r {
-                Result_::Delivered => {
+                Result_::Delivered(notice) => {
                     finished.push(i);
                     self.shared.metrics.delivery("delivered", 1);
+                    if let Some(kind) = notice
+                        && wants(i, Notice::Success)
+                    {
+                        let what = match kind {
+                            dsn::Kind::Relayed => "relayed to a next hop without DSN",
+                            _ => "delivered",
+                        };
+                        succeeded.push((kind, status("2.0.0".into(), what.into(), None)));
+                    }
                 }
                 Result_::Failed(reply, mta) => {
                     finished.push(i);
                     self.shared.metrics.delivery("failed", 1);
                     tracing::info!(queue_id = %env.queue_id, to = ?rcpt, reply = ?reply.one_line(), result = "failed", "delivery");
-                    failed.push(RcptStatus {
-                        rcpt,
-                        status: reply.status(),
-                        diagnostic: reply.one_line(),
-                        remote_mta: mta,
-                    });
+                    if wants(i, Notice::Failure) {
+                        failed.push(status(reply.status(), reply.one_line(), mta));
+                    }
                 }
                 Result_::Deferred(reply) if expired => {
                     finished.push(i);
                     self.shared.metrics.delivery("expired", 1);
                     tracing::info!(queue_id = %env.queue_id, to = ?rcpt, reply = ?reply.one_line(), result = "expired", "delivery");
-                    failed.push(RcptStatus {
-                        rcpt,
-                        status: "4.4.7".into(),
-                        diagnostic: format!(
+                    if wants(i, Notice::Failure) {
+                        let why = format!(
                             "message expired after {}s in the queue; last error: {}",
                             age.as_secs(),
                             reply.one_line()
-                        ),
-                        remote_mta: None,
-                    });
+                        );
+                        failed.push(status("4.4.7".into(), why, None));
+                    }
                 }
                 Result_::Deferred(reply) => {
                     self.shared.metrics.delivery("deferred", 1);
                     last_error = reply.one_line();
-                    deferred.push(RcptStatus {
-                        rcpt,
-                        status: reply.status(),
-                        diagnostic: reply.one_line(),
-                        remote_mta: None,
-                    });
+                    if wants(i, Notice::Delay) {
+                        deferred.push(status(reply.status(), reply.one_line(), None));
+                    }
                 }
             }
         }
+        for kind in [dsn::Kind::Relayed, dsn::Kind::Delivered] {
+            let these: Vec<RcptStatus> = succeeded
+                .iter()
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, s)| s.clone())
+                .collect();
+            if !these.is_empty()
+                && let Err(err) = self.bounce(kind, &env, &these, message).await
+            {
+                // Success notices are best effort: the message itself is delivered.
+                tracing::error!(queue_id = %env.queue_id, error = %err, "cannot spool a success notice");
+            }
+        }
         if !failed.is_empty()
-            && !env.mail_from.is_empty()
-            && !env.is_bounce
             && let Err(err) = self.bounce(dsn::Kind::Failed, &env, &failed, message).await
         {
             // Keep those recipients pending: they are tried (and bounced) again.
@@ -732,13 +764,11 @@ impl CoreQueue {
             return;
         }
         let delay_notice = cfg.queue.delay_notice.0;
-        let notify = !delay_notice.is_zero()
+        let delay_due = !delay_notice.is_zero()
             && age >= delay_notice
             && !e.borrow().delay_notified
-            && !env.mail_from.is_empty()
-            && !env.is_bounce
             && !deferred.is_empty();
-        if notify
+        if delay_due
             && self
                 .bounce(dsn::Kind::Delayed, &env, &deferred, message)
                 .await
@@ -787,6 +817,8 @@ impl CoreQueue {
             sender: &env.mail_from,
             arrival: env.received_at,
             message: &original,
+            ret: env.dsn.ret,
+            envid: env.dsn.envid.as_deref(),
         };
         let content = dsn::build(kind, &hostname, &orig, rcpts, SystemTime::now());
         let benv = Envelope {

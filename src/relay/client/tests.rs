@@ -35,7 +35,12 @@ fn pipelined_transaction_with_per_recipient_results() {
     let mut c = Client::new(opts(RelayTls::None, false), false);
     ready(&mut c, EHLO_PIPE);
     let rcpts = vec!["a@d.test".to_string(), "b@d.test".to_string()];
-    let out = sent(c.start("s@x.test", &rcpts, &[b"T: 1\r\n", b".dot\r\nbody"]));
+    let out = sent(c.start(
+        "s@x.test",
+        &rcpts,
+        &DsnRequest::default(),
+        &[b"T: 1\r\n", b".dot\r\nbody"],
+    ));
     assert_eq!(
         out,
         "MAIL FROM:<s@x.test> SIZE=16\r\nRCPT TO:<a@d.test>\r\nRCPT TO:<b@d.test>\r\nDATA\r\n"
@@ -55,7 +60,10 @@ fn pipelined_transaction_with_per_recipient_results() {
     assert_eq!(res[1].one_line(), "550 5.1.1 unknown");
     // A partly failed transaction is followed by RSET.
     assert!(c.is_ready());
-    assert!(sent(c.start("s@x.test", &rcpts[..1], &[b"x\r\n"])).starts_with("RSET\r\nMAIL"));
+    assert!(
+        sent(c.start("s@x.test", &rcpts[..1], &DsnRequest::default(), &[b"x\r\n"]))
+            .starts_with("RSET\r\nMAIL")
+    );
 }
 
 #[test]
@@ -63,7 +71,10 @@ fn without_pipelining_one_command_per_reply_and_mail_refusal() {
     let mut c = Client::new(opts(RelayTls::None, false), false);
     ready(&mut c, "250 mx\r\n");
     let rcpts = vec!["a@d.test".to_string()];
-    assert_eq!(sent(c.start("", &rcpts, &[b"x\r\n"])), "MAIL FROM:<>\r\n");
+    assert_eq!(
+        sent(c.start("", &rcpts, &DsnRequest::default(), &[b"x\r\n"])),
+        "MAIL FROM:<>\r\n"
+    );
     assert_eq!(sent(c.on_reply(r("250 ok\r\n"))), "RCPT TO:<a@d.test>\r\n");
     assert_eq!(sent(c.on_reply(r("250 ok\r\n"))), "DATA\r\n");
     assert_eq!(sent(c.on_reply(r("354 go\r\n"))), "x\r\n.\r\n");
@@ -71,7 +82,9 @@ fn without_pipelining_one_command_per_reply_and_mail_refusal() {
         panic!()
     };
     assert!(res[0].is_transient());
-    assert!(sent(c.start("s@x", &rcpts, &[b"x\r\n"])).starts_with("RSET\r\n"));
+    assert!(
+        sent(c.start("s@x", &rcpts, &DsnRequest::default(), &[b"x\r\n"])).starts_with("RSET\r\n")
+    );
     assert_eq!(c.on_reply(r("250 ok\r\n")), Action::Wait);
     let Action::Done(res) = c.on_reply(r("553 5.1.8 bad sender\r\n")) else {
         panic!()
@@ -83,7 +96,12 @@ fn without_pipelining_one_command_per_reply_and_mail_refusal() {
 fn bdat_when_chunking_and_pipelining() {
     let mut c = Client::new(opts(RelayTls::None, false), false);
     ready(&mut c, "250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n");
-    let out = sent(c.start("s@x", &["a@d".to_string()], &[b".x\r\n"]));
+    let out = sent(c.start(
+        "s@x",
+        &["a@d".to_string()],
+        &DsnRequest::default(),
+        &[b".x\r\n"],
+    ));
     assert_eq!(
         out,
         "MAIL FROM:<s@x> SIZE=4\r\nRCPT TO:<a@d>\r\nBDAT 4 LAST\r\n.x\r\n"
@@ -141,12 +159,14 @@ fn helo_fallback_size_and_utf8() {
     assert_eq!(sent(c.on_reply(r("502 no\r\n"))), "HELO edge.test\r\n");
     assert_eq!(c.on_reply(r("250 mx\r\n")), Action::Ready);
     let utf8 = vec!["é@d.test".to_string()];
-    assert!(matches!(c.start("s@x", &utf8, &[b"x"]), Action::Done(v) if v[0].code == 553));
+    assert!(
+        matches!(c.start("s@x", &utf8, &DsnRequest::default(), &[b"x"]), Action::Done(v) if v[0].code == 553)
+    );
     let mut c = Client::new(opts(RelayTls::None, false), false);
     ready(&mut c, "250-mx\r\n250 SIZE 10\r\n");
     let big = vec![b'x'; 11];
     assert!(
-        matches!(c.start("s@x", &["a@d".into()], &[&big]), Action::Done(v) if v[0].status() == "5.3.4")
+        matches!(c.start("s@x", &["a@d".into()], &DsnRequest::default(), &[&big]), Action::Done(v) if v[0].status() == "5.3.4")
     );
 }
 
