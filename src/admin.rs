@@ -106,7 +106,7 @@ fn bad(why: &str) -> Response {
 }
 
 /// Read the request line and headers, bounded in size and time.
-fn read_head(r: &mut impl BufRead) -> Result<Head, Response> {
+pub fn read_head(r: &mut impl BufRead) -> Result<Head, Response> {
     let deadline = Instant::now() + HEAD_DEADLINE;
     let request = read_line(r, deadline)?;
     let mut parts = request.split_whitespace();

@@ -118,6 +118,50 @@ pub fn aswl(data: &[u8]) {
     }
 }
 
+/// The admin endpoint's request-head reader and access decision: no panic on any bytes, a
+/// request without the token never passes a policy that has tokens (but for `/healthz` and
+/// open `/metrics`), and a POST without a token always carries a non-simple content type.
+pub fn admin(data: &[u8]) {
+    use crate::admin::{Policy, authorize, read_head};
+    let Ok(head) = read_head(&mut &data[..]) else {
+        return;
+    };
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], 8025));
+    let hosts = ["admin.example".to_string()];
+    let tokens = ["t0ken-t0ken-t0ken".to_string()];
+    let open = Policy {
+        listen,
+        allowed_hosts: &hosts,
+        tokens: &[],
+        open_metrics: false,
+    };
+    let with_tokens = Policy {
+        tokens: &tokens,
+        ..open
+    };
+    let path = head.path.split('?').next().unwrap_or("");
+    let bearer = head.authorization.as_deref() == Some("Bearer t0ken-t0ken-t0ken");
+    if authorize(&head, &with_tokens).is_ok() && path != "/healthz" {
+        assert!(bearer, "{head:?}");
+    }
+    if authorize(&head, &open).is_ok() && head.method == "POST" && path != "/healthz" {
+        let ct = head.content_type.as_deref().unwrap_or("");
+        let essence = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        let simple = [
+            "",
+            "text/plain",
+            "multipart/form-data",
+            "application/x-www-form-urlencoded",
+        ];
+        assert!(!simple.contains(&essence.as_str()), "{head:?}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -127,7 +171,7 @@ mod tests {
     fn replay_fuzz_corpus_and_artifacts() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
         type Target = fn(&[u8]);
-        let targets: [(&str, Target); 7] = [
+        let targets: [(&str, Target); 8] = [
             ("command", crate::proto::fuzz_targets::command),
             ("address", crate::proto::fuzz_targets::address),
             ("data", crate::proto::fuzz_targets::data),
@@ -135,6 +179,7 @@ mod tests {
             ("reply", super::reply),
             ("record", super::record),
             ("aswl", super::aswl),
+            ("admin", super::admin),
         ];
         for (name, f) in targets {
             let mut replayed = 0;

@@ -357,3 +357,46 @@ print(" ".join(hosts))
         );
     }
 }
+
+/// The content rules hold inside TLS too: BDAT with a bare LF, and DATA with NUL, over
+/// STARTTLS (Python's ssl) are refused; a clean BDAT message is accepted. Both drivers.
+#[test]
+fn content_rules_over_starttls() {
+    const SCRIPT: &str = r#"
+import os, smtplib, ssl
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
+    s.starttls(context=ctx)
+    s.ehlo("client.test")
+    for body in (b"Subject: x\r\n\r\nhi\n.\nmore\r\n", b"Subject: y\r\n\r\nclean\r\n"):
+        s.mail("a@b.test"); s.rcpt("u@example.test")
+        s.send(b"BDAT %d LAST\r\n" % len(body) + body)
+        print(s.getreply())
+    s.mail("a@b.test"); s.rcpt("u@example.test")
+    code, msg = s.data(b"Subject: z\r\n\r\na\0b\r\n")
+    print("data", code, msg.decode())
+"#;
+    let certs = support::Certs::new();
+    for driver in DRIVERS {
+        let s = Server::start_with("tls-content", driver, &certs.pem_binding("starttls"), "");
+        let out = python(SCRIPT, s.inbound.port(), 0);
+        let text = stdout(&out);
+        assert!(out.status.success(), "[{driver}] {}\n{text}", stderr(&out));
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("(550, b'5.6.0 Bare CR or LF"),
+            "[{driver}] {text}"
+        );
+        assert!(
+            lines[1].starts_with("(250, b'2.0.0 Ok: queued"),
+            "[{driver}] {text}"
+        );
+        assert!(
+            lines[2].starts_with("data 550 5.6.0 NUL"),
+            "[{driver}] {text}"
+        );
+        assert_eq!(s.dropped().len(), 1, "[{driver}]");
+    }
+}
