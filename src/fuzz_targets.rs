@@ -39,6 +39,7 @@ pub fn reply(data: &[u8]) {
                     "s@x.test",
                     &rcpts,
                     &crate::delivery::DsnRequest::default(),
+                    false,
                     &[b"m\r\n"],
                 ) {
                     assert_eq!(v.len(), rcpts.len());

@@ -130,28 +130,37 @@ fn normalize_policy_applies_to_bdat() {
     );
 }
 
-/// BINARYMIME content keeps its bytes through the spool; relayed to a next hop without
-/// CHUNKING it leaves as canonical DATA: every line end CRLF, every leading dot stuffed. The
-/// hop sees one message per transaction with the would-be smuggled commands inside the body.
+/// Content relayed with DATA is canonical: BDAT content with `\r.\r\n`, `\n.\n` and a bare
+/// CR (normalised on the way in) reaches aiosmtpd as one message with the would-be smuggled
+/// commands inside its body. BINARYMIME content is never converted: a hop without BINARYMIME
+/// gets nothing, and the sender a `5.6.3` DSN.
 #[test]
 fn relayed_content_is_canonical_whatever_came_in() {
     for driver in DRIVERS {
         let dir = temp_dir(&format!("smuggle-relay-sink-{driver}"));
         std::fs::create_dir_all(&dir).unwrap();
         let sink = Sink::start(&dir, &[]);
-        let route = format!(
-            "[[route]]\ndomains = [\"relay.test\"]\naction = \"relay\"\nnext_hops = [\"127.0.0.1:{}\"]\n",
+        let extra = format!(
+            "[smtp]\nbare_lf = \"normalize\"\n[[route]]\ndomains = [\"relay.test\"]\naction = \"relay\"\nnext_hops = [\"127.0.0.1:{}\"]\n",
             sink.port
         );
-        let s = Server::start_with(&format!("smuggle-relay-{driver}"), driver, "", &route);
+        let s = Server::start_with(&format!("smuggle-relay-{driver}"), driver, "", &extra);
         let mut c = Raw::connect(s.outbound);
-        open_txn(&mut c, " BODY=BINARYMIME", "v@relay.test");
+        open_txn(&mut c, "", "v@relay.test");
         let content: &[u8] = b"Message-ID: <smuggle@test>\r\nSubject: s\r\n\r\nhi\r.\r\nMAIL FROM:<evil@x.test>\nRCPT TO:<victim@relay.test>\n.\nDATA\r\n.\rforged\r\n";
         let r = bdat(&mut c, &[&content[..40], &content[40..]]);
         assert!(r.starts_with("250"), "{driver}: {r}");
+        // Binary content for a hop that does not take it.
+        assert!(
+            c.cmd("MAIL FROM:<a@b.test> BODY=BINARYMIME\r\n")
+                .starts_with("250")
+        );
+        assert!(c.cmd("RCPT TO:<w@relay.test>\r\n").starts_with("250"));
+        let r = bdat(&mut c, &[b"Subject: bin\r\n\r\n\0\x01\n.\n"]);
+        assert!(r.starts_with("250"), "{driver}: {r}");
         assert!(c.cmd("QUIT\r\n").starts_with("221"));
         let got = sink.wait_for(1, 20);
-        std::thread::sleep(std::time::Duration::from_millis(300));
+        let dsn = s.dropped();
         let got_all = sink.records();
         assert_eq!(got.len(), 1, "{driver}: {}", s.log());
         assert_eq!(got_all.len(), 1, "{driver}: one message, nothing smuggled");
@@ -163,6 +172,13 @@ fn relayed_content_is_canonical_whatever_came_in() {
             "hi\r\n.\r\nMAIL FROM:<evil@x.test>\r\nRCPT TO:<victim@relay.test>\r\n.\r\nDATA\r\n.\r\nforged\r\n",
             "{driver}"
         );
+        assert_eq!(dsn.len(), 1, "{driver}: {dsn:?}");
+        assert!(
+            dsn[0].contains("Final-Recipient: rfc822; w@relay.test"),
+            "{}",
+            dsn[0]
+        );
+        assert!(dsn[0].contains("Status: 5.6.3"), "{}", dsn[0]);
     }
 }
 

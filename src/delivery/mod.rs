@@ -29,6 +29,9 @@ pub struct Envelope {
     pub aswl: Option<bool>,
     /// What the sender asked of delivery status notifications (RFC 3461).
     pub dsn: DsnRequest,
+    /// Declared `BODY=BINARYMIME` (RFC 3030): the content may hold any bytes and is relayed
+    /// only to hops that take BINARYMIME.
+    pub binary: bool,
 }
 
 /// `RET=` (RFC 3461 §4.3): what a DSN returns of the message.
@@ -163,6 +166,7 @@ impl Envelope {
             received_at: SystemTime::UNIX_EPOCH,
             aswl: None,
             dsn: DsnRequest::default(),
+            binary: false,
         }
     }
 }

@@ -243,12 +243,15 @@ impl Client {
 
     /// Begin a transaction (only when ready). `message` parts are sent back to back (trace
     /// header, then content as received). `dsn` (its recipients aligned with `rcpts`) goes on
-    /// as RET/ENVID and NOTIFY/ORCPT when the hop offers DSN.
+    /// as RET/ENVID and NOTIFY/ORCPT when the hop offers DSN. `binary` content (BODY=BINARYMIME)
+    /// goes only by BDAT to a hop that offers BINARYMIME; any other hop fails it with `554 5.6.3`
+    /// (RFC 3030 §3: no conversion here).
     pub fn start(
         &mut self,
         from: &str,
         rcpts: &[String],
         dsn: &DsnRequest,
+        binary: bool,
         message: &[&[u8]],
     ) -> Action {
         if self.state != State::Ready {
@@ -273,12 +276,22 @@ impl Client {
                 "the next hop does not support SMTPUTF8 addresses",
             ));
         }
+        let pipelined = self.caps.pipelining;
+        if binary && !(pipelined && self.caps.chunking && self.caps.binarymime) {
+            return all(local(
+                554,
+                (5, 6, 3),
+                "the next hop does not take BINARYMIME content (CHUNKING, BINARYMIME)",
+            ));
+        }
         let mut params = String::new();
         if self.caps.size.is_some() || self.caps.pipelining {
             params.push_str(&format!(" SIZE={size}"));
         }
         let eight_bit = message.iter().any(|p| p.iter().any(|&b| b >= 0x80));
-        if eight_bit && self.caps.eightbitmime {
+        if binary {
+            params.push_str(" BODY=BINARYMIME");
+        } else if eight_bit && self.caps.eightbitmime {
             params.push_str(" BODY=8BITMIME");
         }
         if utf8 {
@@ -313,7 +326,6 @@ impl Client {
                 line
             })
             .collect();
-        let pipelined = self.caps.pipelining;
         let bdat = pipelined && self.caps.chunking;
         let mut txn = Txn {
             pipelined,

@@ -145,6 +145,8 @@ pub struct Capabilities {
     pub auth_login: bool,
     /// RFC 3461: NOTIFY, ORCPT, RET and ENVID are taken (and DSNs sent from there on).
     pub dsn: bool,
+    /// RFC 3030 BODY=BINARYMIME (with CHUNKING).
+    pub binarymime: bool,
 }
 
 impl Capabilities {
@@ -160,6 +162,7 @@ impl Capabilities {
                 "8BITMIME" => c.eightbitmime = true,
                 "SMTPUTF8" => c.smtputf8 = true,
                 "DSN" => c.dsn = true,
+                "BINARYMIME" => c.binarymime = true,
                 "SIZE" => c.size = words.next().and_then(|n| n.parse().ok()).filter(|&n| n > 0),
                 "AUTH" => {
                     for m in words {

@@ -25,7 +25,7 @@ use crate::delivery::{DsnRequest, DsnRet, Envelope, RcptDsn, drop_folder, trace}
 use crate::metrics::Reason;
 use crate::policy::{self, Client};
 use crate::proto::AbortReason;
-use crate::proto::command::Ret;
+use crate::proto::command::{Body, Ret};
 use crate::proto::reply;
 use crate::proto::{Credentials, Event, Session, Stop, proxy};
 use crate::spool::staging::{self, Staged};
@@ -97,6 +97,8 @@ struct Txn {
     content: Staged,
     /// RET, ENVID, and each recipient's NOTIFY and ORCPT (RFC 3461).
     dsn: DsnRequest,
+    /// BODY=BINARYMIME.
+    binary: bool,
 }
 
 impl Txn {
@@ -107,6 +109,7 @@ impl Txn {
             verdicts: Vec::new(),
             content: Staged::new(spool_dir, staging::DEFAULT_KEEP),
             dsn: DsnRequest::default(),
+            binary: false,
         }
     }
 
@@ -126,6 +129,7 @@ impl Txn {
         self.verdicts.clear();
         self.content.clear();
         self.dsn = DsnRequest::default();
+        self.binary = false;
     }
 }
 
@@ -543,6 +547,7 @@ impl Conn {
                                 Ret::Hdrs => DsnRet::Hdrs,
                             });
                             self.txn.dsn.envid = params.envid.map(String::from);
+                            self.txn.binary = params.body == Some(Body::BinaryMime);
                             feed.accept();
                         }
                         Err(r) => {
@@ -664,6 +669,7 @@ impl Conn {
             received_at: SystemTime::now(),
             aswl: None,
             dsn: std::mem::take(&mut self.txn.dsn),
+            binary: self.txn.binary,
         };
         let verdicts = std::mem::take(&mut self.txn.verdicts);
         let verdict = |i: usize| verdicts.get(i).copied().flatten();

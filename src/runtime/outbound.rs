@@ -182,6 +182,7 @@ impl Pool {
         from: &str,
         rcpts: &[String],
         dsn: &DsnRequest,
+        binary: bool,
         message: &[&[u8]],
         metrics: &crate::metrics::Metrics,
     ) -> Outcome {
@@ -191,7 +192,7 @@ impl Pool {
             // A pooled connection the peer closed meanwhile fails before any reply: go on.
             if let Some(mut c) = self.take_idle(key, s.idle_timeout) {
                 metrics.relay_connection(true);
-                let first = c.client.start(from, rcpts, dsn, message);
+                let first = c.client.start(from, rcpts, dsn, binary, message);
                 if let Ok(Action::Done(r)) = c.run(first, s).await {
                     let passed = c.client.capabilities().dsn;
                     self.keep(key, c);
@@ -221,7 +222,7 @@ impl Pool {
             Ok(c) => c,
             Err(r) => return Outcome::HopFailed(r),
         };
-        let first = c.client.start(from, rcpts, dsn, message);
+        let first = c.client.start(from, rcpts, dsn, binary, message);
         match c.run(first, s).await {
             Ok(Action::Done(r)) => {
                 let passed = c.client.capabilities().dsn;

@@ -570,6 +570,7 @@ impl CoreQueue {
                     &env.mail_from,
                     rcpts,
                     dsn,
+                    env.binary,
                     message,
                     &self.shared.metrics,
                 )
@@ -839,6 +840,7 @@ impl CoreQueue {
             received_at: SystemTime::now(),
             aswl: None,
             dsn: Default::default(),
+            binary: false,
         };
         let t = trace::received(&benv, &hostname);
         let spooled = self.spool.store(&benv, &t, &content, None).await?;

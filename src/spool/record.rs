@@ -13,7 +13,7 @@
 //! in that order, so the content can be written straight from the session's buffer. Flag bit 4
 //! marks a message with DSN parameters (RFC 3461), stored after the recipients: RET (0 none,
 //! 1 FULL, 2 HDRS), ENVID, then per recipient NOTIFY (0 none, else the flags | 0x80) and ORCPT;
-//! records without it read as before. Decoding
+//! records without it read as before. Flag bit 5: BODY=BINARYMIME. Decoding
 //! never trusts a length: every read is bounds-checked, and a record whose checksum does not
 //! match is skipped by the recovery scan.
 
@@ -116,7 +116,8 @@ pub fn encode_message_head(
             | (u8::from(env.is_bounce) << 1)
             | (u8::from(env.aswl.is_some()) << 2)
             | (u8::from(env.aswl == Some(true)) << 3)
-            | (u8::from(has_dsn) << 4),
+            | (u8::from(has_dsn) << 4)
+            | (u8::from(env.binary) << 5),
     );
     put_str(&mut r, &env.mail_from);
     put_str(&mut r, &env.client_ip.to_string());
@@ -325,6 +326,7 @@ fn decode_message(rd: &mut Reader<'_>, payload_at: u64) -> Result<MessageRecord,
             received_at: SystemTime::UNIX_EPOCH + Duration::from_micros(micros),
             aswl: (flags & 4 != 0).then_some(flags & 8 != 0),
             dsn,
+            binary: flags & 32 != 0,
         },
         trace,
         content_at,

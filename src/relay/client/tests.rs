@@ -39,6 +39,7 @@ fn pipelined_transaction_with_per_recipient_results() {
         "s@x.test",
         &rcpts,
         &DsnRequest::default(),
+        false,
         &[b"T: 1\r\n", b".dot\r\nbody"],
     ));
     assert_eq!(
@@ -61,8 +62,14 @@ fn pipelined_transaction_with_per_recipient_results() {
     // A partly failed transaction is followed by RSET.
     assert!(c.is_ready());
     assert!(
-        sent(c.start("s@x.test", &rcpts[..1], &DsnRequest::default(), &[b"x\r\n"]))
-            .starts_with("RSET\r\nMAIL")
+        sent(c.start(
+            "s@x.test",
+            &rcpts[..1],
+            &DsnRequest::default(),
+            false,
+            &[b"x\r\n"]
+        ))
+        .starts_with("RSET\r\nMAIL")
     );
 }
 
@@ -72,7 +79,7 @@ fn without_pipelining_one_command_per_reply_and_mail_refusal() {
     ready(&mut c, "250 mx\r\n");
     let rcpts = vec!["a@d.test".to_string()];
     assert_eq!(
-        sent(c.start("", &rcpts, &DsnRequest::default(), &[b"x\r\n"])),
+        sent(c.start("", &rcpts, &DsnRequest::default(), false, &[b"x\r\n"])),
         "MAIL FROM:<>\r\n"
     );
     assert_eq!(sent(c.on_reply(r("250 ok\r\n"))), "RCPT TO:<a@d.test>\r\n");
@@ -83,7 +90,8 @@ fn without_pipelining_one_command_per_reply_and_mail_refusal() {
     };
     assert!(res[0].is_transient());
     assert!(
-        sent(c.start("s@x", &rcpts, &DsnRequest::default(), &[b"x\r\n"])).starts_with("RSET\r\n")
+        sent(c.start("s@x", &rcpts, &DsnRequest::default(), false, &[b"x\r\n"]))
+            .starts_with("RSET\r\n")
     );
     assert_eq!(c.on_reply(r("250 ok\r\n")), Action::Wait);
     let Action::Done(res) = c.on_reply(r("553 5.1.8 bad sender\r\n")) else {
@@ -100,6 +108,7 @@ fn bdat_when_chunking_and_pipelining() {
         "s@x",
         &["a@d".to_string()],
         &DsnRequest::default(),
+        false,
         &[b".x\r\n"],
     ));
     assert_eq!(
@@ -160,13 +169,13 @@ fn helo_fallback_size_and_utf8() {
     assert_eq!(c.on_reply(r("250 mx\r\n")), Action::Ready);
     let utf8 = vec!["é@d.test".to_string()];
     assert!(
-        matches!(c.start("s@x", &utf8, &DsnRequest::default(), &[b"x"]), Action::Done(v) if v[0].code == 553)
+        matches!(c.start("s@x", &utf8, &DsnRequest::default(), false, &[b"x"]), Action::Done(v) if v[0].code == 553)
     );
     let mut c = Client::new(opts(RelayTls::None, false), false);
     ready(&mut c, "250-mx\r\n250 SIZE 10\r\n");
     let big = vec![b'x'; 11];
     assert!(
-        matches!(c.start("s@x", &["a@d".into()], &DsnRequest::default(), &[&big]), Action::Done(v) if v[0].status() == "5.3.4")
+        matches!(c.start("s@x", &["a@d".into()], &DsnRequest::default(), false, &[&big]), Action::Done(v) if v[0].status() == "5.3.4")
     );
 }
 
@@ -239,4 +248,63 @@ fn dot_stuff_oracle(content: &[u8]) -> Vec<u8> {
         i += 1;
     }
     out
+}
+
+#[test]
+fn binarymime_goes_only_to_hops_that_take_it() {
+    let rcpts = ["a@d".to_string()];
+    let none = DsnRequest::default();
+    // CHUNKING and BINARYMIME: BDAT with BODY=BINARYMIME, bytes untouched.
+    let mut c = Client::new(opts(RelayTls::None, false), false);
+    ready(
+        &mut c,
+        "250-mx\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 BINARYMIME\r\n",
+    );
+    let out = sent(c.start("s@x", &rcpts, &none, true, &[b"a\n.\n\0"]));
+    assert_eq!(
+        out,
+        "MAIL FROM:<s@x> SIZE=5 BODY=BINARYMIME\r\nRCPT TO:<a@d>\r\nBDAT 5 LAST\r\na\n.\n\0"
+    );
+    // CHUNKING alone, or neither: refused for good (RFC 3030 §3), nothing sent.
+    for ehlo in ["250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n", EHLO_PIPE] {
+        let mut c = Client::new(opts(RelayTls::None, false), false);
+        ready(&mut c, ehlo);
+        let a = c.start("s@x", &rcpts, &none, true, &[b"x"]);
+        assert!(
+            matches!(a, Action::Done(v) if v[0].status() == "5.6.3"),
+            "{ehlo}"
+        );
+    }
+}
+
+#[test]
+fn dsn_parameters_only_to_hops_that_offer_dsn() {
+    use crate::delivery::{DsnRet, RcptDsn};
+    let rcpts = ["a@d".to_string(), "b@d".to_string()];
+    let dsn = DsnRequest {
+        ret: Some(DsnRet::Hdrs),
+        envid: Some("id+2B".into()),
+        rcpts: vec![
+            RcptDsn {
+                notify: Some(1),
+                orcpt: None,
+            },
+            RcptDsn {
+                notify: Some(2 | 4 | 8),
+                orcpt: Some("rfc822;b@d".into()),
+            },
+        ],
+    };
+    let mut c = Client::new(opts(RelayTls::None, false), false);
+    ready(&mut c, "250-mx\r\n250-PIPELINING\r\n250 DSN\r\n");
+    assert_eq!(
+        sent(c.start("s@x", &rcpts, &dsn, false, &[b"x\r\n"])),
+        "MAIL FROM:<s@x> SIZE=3 RET=HDRS ENVID=id+2B\r\nRCPT TO:<a@d> NOTIFY=NEVER\r\nRCPT TO:<b@d> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;b@d\r\nDATA\r\n"
+    );
+    let mut c = Client::new(opts(RelayTls::None, false), false);
+    ready(&mut c, EHLO_PIPE);
+    assert_eq!(
+        sent(c.start("s@x", &rcpts, &dsn, false, &[b"x\r\n"])),
+        "MAIL FROM:<s@x> SIZE=3\r\nRCPT TO:<a@d>\r\nRCPT TO:<b@d>\r\nDATA\r\n"
+    );
 }
