@@ -23,10 +23,12 @@ const HEAD_DEADLINE: Duration = Duration::from_secs(10);
 /// A whitelist import of 10 M records is about 500 MB.
 const MAX_BODY: u64 = 1 << 30;
 
-/// Bind the endpoint (errors name the address) and serve it on a new thread.
+/// Bind the endpoint (errors name the address) and serve it on a new thread, over HTTPS when
+/// `tls` is given.
 pub fn start(
     addr: SocketAddr,
     shared: Arc<Shared>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let listener = TcpListener::bind(addr)?;
     let busy = Arc::new(AtomicUsize::new(0));
@@ -40,17 +42,19 @@ pub fn start(
                 let Ok(s) = stream else { continue };
                 if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CONCURRENT {
                     busy.fetch_sub(1, Ordering::SeqCst);
-                    let _ = respond(
-                        s,
-                        ("503 Service Unavailable", "text/plain", "busy\n".into()),
-                    );
+                    // Over TLS a plain answer would not be read: just close.
+                    if tls.is_none() {
+                        let mut s = s;
+                        let busy = ("503 Service Unavailable", "text/plain", "busy\n".into());
+                        let _ = respond(&mut s, busy);
+                    }
                     continue;
                 }
-                let (shared, done) = (shared.clone(), busy.clone());
+                let (shared, done, tls) = (shared.clone(), busy.clone(), tls.clone());
                 let spawned = std::thread::Builder::new()
                     .name("ringmx-admin-req".into())
                     .spawn(move || {
-                        let _ = handle(s, addr, &shared);
+                        let _ = accept(s, addr, &shared, tls);
                         done.fetch_sub(1, Ordering::SeqCst);
                     });
                 if spawned.is_err() {
@@ -126,7 +130,8 @@ pub fn read_head(r: &mut impl BufRead) -> Result<Head, Response> {
         let Some((k, v)) = line.split_once(':') else {
             return Err(bad("malformed header"));
         };
-        let v = v.trim().to_string();
+        // Optional whitespace is SP and HTAB only (RFC 9110 §5.6.3).
+        let v = v.trim_matches([' ', '\t']).to_string();
         match k.trim().to_ascii_lowercase().as_str() {
             "host" if head.host.is_some() => return Err(bad("more than one Host")),
             "host" => head.host = Some(v),
@@ -191,11 +196,7 @@ pub fn authorize(h: &Head, p: &Policy<'_>) -> Result<(), Response> {
         .authorization
         .as_deref()
         .and_then(|a| a.strip_prefix("Bearer "))
-        .is_some_and(|t| {
-            p.tokens
-                .iter()
-                .any(|k| same(k.as_bytes(), t.trim().as_bytes()))
-        });
+        .is_some_and(|t| p.tokens.iter().any(|k| same(k.as_bytes(), t.as_bytes())));
     let open = p.tokens.is_empty() || (p.open_metrics && path == "/metrics");
     if !open && !token_ok {
         return Err((
@@ -241,7 +242,7 @@ pub fn authorize(h: &Head, p: &Policy<'_>) -> Result<(), Response> {
     Ok(())
 }
 
-fn respond(mut w: TcpStream, (status, ctype, body): Response) -> std::io::Result<()> {
+fn respond(w: &mut impl Write, (status, ctype, body): Response) -> std::io::Result<()> {
     let auth = if status.starts_with("401") {
         "WWW-Authenticate: Bearer realm=\"ringmx\"\r\n"
     } else {
@@ -255,10 +256,30 @@ fn respond(mut w: TcpStream, (status, ctype, body): Response) -> std::io::Result
     w.flush()
 }
 
-fn handle(stream: TcpStream, listen: SocketAddr, shared: &Shared) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+/// One connection: timeouts on the socket (every read and write, the TLS handshake's too),
+/// then the request in plain text or inside TLS.
+fn accept(
+    stream: TcpStream,
+    listen: SocketAddr,
+    shared: &Shared,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
+    match tls {
+        None => handle(stream, listen, shared),
+        Some(cfg) => {
+            let conn = rustls::ServerConnection::new(cfg).map_err(std::io::Error::other)?;
+            let mut s = rustls::StreamOwned::new(conn, stream);
+            handle(&mut s, listen, shared)?;
+            s.conn.send_close_notify();
+            s.flush()
+        }
+    }
+}
+
+fn handle(stream: impl Read + Write, listen: SocketAddr, shared: &Shared) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream);
     let live = shared.live();
     let cfg = &live.config.admin;
     let policy = Policy {
@@ -269,11 +290,11 @@ fn handle(stream: TcpStream, listen: SocketAddr, shared: &Shared) -> std::io::Re
     };
     let head = match read_head(&mut reader).and_then(|h| authorize(&h, &policy).map(|()| h)) {
         Ok(h) => h,
-        Err(r) => return respond(stream, r),
+        Err(r) => return respond(reader.get_mut(), r),
     };
     if head.content_length > MAX_BODY {
         return respond(
-            stream,
+            reader.get_mut(),
             (
                 "413 Payload Too Large",
                 "text/plain",
@@ -284,13 +305,12 @@ fn handle(stream: TcpStream, listen: SocketAddr, shared: &Shared) -> std::io::Re
     // The body grows as bytes arrive: a declared length alone allocates nothing.
     let mut body = Vec::new();
     if head.content_length > 0 {
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         reader
             .by_ref()
             .take(head.content_length)
             .read_to_end(&mut body)?;
         if (body.len() as u64) < head.content_length {
-            return respond(stream, bad("body shorter than Content-Length"));
+            return respond(reader.get_mut(), bad("body shorter than Content-Length"));
         }
     }
     let (method, path) = (head.method.as_str(), head.path.as_str());
@@ -330,7 +350,7 @@ fn handle(stream: TcpStream, listen: SocketAddr, shared: &Shared) -> std::io::Re
         ),
         _ => ("404 Not Found", "text/plain", "not found\n".into()),
     };
-    respond(stream, response)
+    respond(reader.get_mut(), response)
 }
 
 pub type Response = (&'static str, &'static str, String);

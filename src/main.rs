@@ -38,6 +38,8 @@ USAGE:
         Print an argon2id hash for a users_file line (user:HASH).
     ringmx --version | --help
 
+--admin takes host:port, or https://host:port for an endpoint with a certificate (verified
+against the PEM roots in $RINGMX_ADMIN_CA, else the web PKI).
 The admin commands (reload, queue, aswl) send a bearer token when the admin endpoint has
 [admin] token_file: from $RINGMX_ADMIN_TOKEN_FILE (a file whose first token line is used), else
 $RINGMX_ADMIN_TOKEN, else (aswl with --config) the configuration's token_file. Never on the
@@ -136,8 +138,10 @@ fn admin_token(file: Option<&std::path::Path>) -> Option<String> {
         .or_else(|| file.and_then(from_file))
 }
 
-/// One request to the admin endpoint: (status line is 200, body). Host names the endpoint as
-/// it was addressed; a POST says its body is not a form (the endpoint refuses those).
+/// One request to the admin endpoint: (status line is 200, body). `addr` is `host:port`, or
+/// `https://host:port` for an endpoint with a certificate (verified against the PEM roots in
+/// `$RINGMX_ADMIN_CA`, else the web PKI). Host names the endpoint as it was addressed; a POST
+/// says its body is not a form (the endpoint refuses those).
 fn admin_call(
     addr: &str,
     method: &str,
@@ -145,18 +149,51 @@ fn admin_call(
     body: &[u8],
     token: Option<&str>,
 ) -> std::io::Result<(bool, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+    let (tls, hostport) = match addr.strip_prefix("https://") {
+        Some(h) => (true, h),
+        None => (false, addr.strip_prefix("http://").unwrap_or(addr)),
+    };
+    let tcp = std::net::TcpStream::connect(hostport)?;
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\n{auth}Content-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
-    )?;
+    );
+    if !tls {
+        let mut s = tcp;
+        return exchange(&mut s, &head, body);
+    }
+    let ca = std::env::var_os("RINGMX_ADMIN_CA").map(PathBuf::from);
+    let cfg =
+        ringmx::relay::tls::client_config(true, ca.as_deref()).map_err(std::io::Error::other)?;
+    let host = match hostport.rsplit_once(':') {
+        Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']'),
+        None => hostport,
+    };
+    let name =
+        rustls::pki_types::ServerName::try_from(host.to_string()).map_err(std::io::Error::other)?;
+    let conn = rustls::ClientConnection::new(cfg, name).map_err(std::io::Error::other)?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    exchange(&mut s, &head, body)
+}
+
+fn exchange(
+    s: &mut (impl std::io::Read + std::io::Write),
+    head: &str,
+    body: &[u8],
+) -> std::io::Result<(bool, String)> {
+    s.write_all(head.as_bytes())?;
     s.write_all(body)?;
-    let mut all = String::new();
-    s.read_to_string(&mut all)?;
+    s.flush()?;
+    let mut all = Vec::new();
+    match s.read_to_end(&mut all) {
+        Ok(_) => {}
+        // A peer that closes without TLS close_notify after a complete answer.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !all.is_empty() => {}
+        Err(e) => return Err(e),
+    }
+    let all = String::from_utf8_lossy(&all);
     let (head, body) = all.split_once("\r\n\r\n").unwrap_or((&all, ""));
     Ok((head.starts_with("HTTP/1.1 200"), body.to_string()))
 }
@@ -261,9 +298,14 @@ fn aswl(args: &[String]) -> ExitCode {
         }
     };
     if !offline {
+        let scheme = if config.admin.certificate.is_some() {
+            "https://"
+        } else {
+            ""
+        };
         let addr = admin
             .clone()
-            .or_else(|| config.admin.listen.map(|a| a.to_string()))
+            .or_else(|| config.admin.listen.map(|a| format!("{scheme}{a}")))
             .unwrap_or_else(|| "127.0.0.1:8025".into());
         let (method, path) = request_path(&op);
         let token = admin_token(config.admin.token_file.as_deref());

@@ -9,7 +9,7 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::{BindingSection, TlsMode};
+use crate::config::{AdminSection, BindingSection, TlsMode};
 
 /// A certificate or key that could not be loaded, naming the binding and the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,21 +56,49 @@ pub fn server_config(b: &BindingSection) -> Result<Option<Arc<ServerConfig>>, Tl
             )));
         }
     };
+    // SMTP is not HTTP: no ALPN; session tickets are fine.
+    build(&format!("binding {:?}", b.name), chain, key, &[]).map(Some)
+}
+
+/// The admin endpoint's TLS configuration (`[admin] certificate` + `key`), or None.
+pub fn admin_config(a: &AdminSection) -> Result<Option<Arc<ServerConfig>>, TlsError> {
+    let (Some(cert), Some(key)) = (&a.certificate, &a.key) else {
+        return Ok(None);
+    };
+    let err = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
+        TlsError(format!("admin: {what} {}: {e}", path.display()))
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| err("certificate", cert, &e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| err("certificate", cert, &e))?;
+    if chain.is_empty() {
+        return Err(err("certificate", cert, &"no CERTIFICATE block found"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| err("key", key, &e))?;
+    build("admin", chain, key, &[b"http/1.1"]).map(Some)
+}
+
+fn build(
+    who: &str,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| TlsError(format!("binding {:?}: {e}", b.name)))?
+        .map_err(|e| TlsError(format!("{who}: {e}")))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| {
             TlsError(format!(
-                "binding {:?}: certificate and key do not match or are unusable: {e}",
-                b.name
+                "{who}: certificate and key do not match or are unusable: {e}"
             ))
         })?;
-    // SMTP is not HTTP: no ALPN; session tickets are fine.
     cfg.max_early_data_size = 0;
-    Ok(Some(Arc::new(cfg)))
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
 }
 
 fn load_pkcs12(

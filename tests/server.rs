@@ -537,3 +537,50 @@ fn admin_endpoint_refuses_cross_site_requests_and_needs_tokens_off_loopback() {
     let tokens = s.dir.join("tokens").display().to_string();
     assert!(cli(Some(("RINGMX_ADMIN_TOKEN_FILE", &tokens))));
 }
+
+/// `[admin] certificate` + `key`: the endpoint speaks HTTPS (curl verifying against the test
+/// CA), plain HTTP gets nothing from it, and the CLI reaches it with `--admin https://…` and
+/// `$RINGMX_ADMIN_CA` (and refuses it without the CA).
+#[test]
+fn admin_endpoint_over_https() {
+    let dir = support::temp_dir("admin-https-ca");
+    std::fs::create_dir_all(&dir).unwrap();
+    support::ca_and_leaf(&dir);
+    let extra = format!(
+        "certificate = \"{}\"\nkey = \"{}\"\n",
+        dir.join("leaf.pem").display(),
+        dir.join("leaf.key").display()
+    );
+    let s = Server::start_with("admin-https", "auto", "", &extra);
+    let https = format!("https://{}", s.admin);
+    let ca = dir.join("ca.pem").display().to_string();
+    // The endpoint starts after the SMTP listeners; give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while curl(&format!("{https}/healthz"), &["--cacert", &ca]).0 != "200" {
+        assert!(Instant::now() < deadline, "{}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, body) = curl(&format!("{https}/metrics"), &["--cacert", &ca]);
+    assert_eq!(code, "200");
+    assert!(body.contains("ringmx_connections_total"), "{body}");
+    assert_ne!(curl(&format!("http://{}/healthz", s.admin), &[]).0, "200");
+    let cli = |with_ca: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ringmx"));
+        c.args(["queue", "list", "--admin", &https]);
+        c.env_remove("RINGMX_ADMIN_CA");
+        if with_ca {
+            c.env("RINGMX_ADMIN_CA", &ca);
+        }
+        c.output().unwrap()
+    };
+    let ok = cli(true);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    let refused = cli(false);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("cannot reach the admin endpoint"),
+        "{}",
+        stderr(&refused)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

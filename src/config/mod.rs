@@ -364,6 +364,9 @@ pub struct AdminSection {
     pub allowed_hosts: Vec<String>,
     /// `/metrics` without a token (for a scraper on a trusted network).
     pub open_metrics: bool,
+    /// HTTPS with this certificate chain and key (PEM), loaded at start.
+    pub certificate: Option<PathBuf>,
+    pub key: Option<PathBuf>,
 }
 
 impl Default for AdminSection {
@@ -373,6 +376,8 @@ impl Default for AdminSection {
             token_file: None,
             allowed_hosts: Vec::new(),
             open_metrics: false,
+            certificate: None,
+            key: None,
         }
     }
 }
@@ -1211,6 +1216,19 @@ impl Config {
                     ));
                 }
             }
+        }
+        if raw.admin.certificate.is_some() != raw.admin.key.is_some() {
+            let at = source.find("[admin]").unwrap_or(0);
+            let k = if raw.admin.certificate.is_some() {
+                "certificate"
+            } else {
+                "key"
+            };
+            return Err(err(
+                key_line(source, k, at),
+                &format!("admin.{k}"),
+                "HTTPS needs both certificate and key (PEM)".into(),
+            ));
         }
         if let Some(addr) = raw.admin.listen
             && !addr.ip().is_loopback()

@@ -435,7 +435,8 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
         _ => None,
     };
     if let Some(addr) = config.admin.listen {
-        crate::admin::start(addr, shared.clone())
+        let tls = tls::admin_config(&config.admin).map_err(RunError::Tls)?;
+        crate::admin::start(addr, shared.clone(), tls)
             .map_err(|e| RunError::Io(format!("admin.listen {addr}"), e))?;
         tracing::info!(listen = %addr, "admin endpoint");
     }
