@@ -314,6 +314,16 @@ fn configuration_traps_are_errors() {
             "admin.listen",
             Some(16),
         ),
+        (
+            format!("{MINIMAL}\n[admin]\ncertificate = \"/c.pem\"\n"),
+            "admin.certificate",
+            Some(16),
+        ),
+        (
+            format!("[limits]\nmax_message_size = \"3GiB\"\n{MINIMAL}"),
+            "limits.max_message_size",
+            Some(2),
+        ),
     ];
     for (src, key, line) in cases {
         let e = parse(&src).expect_err(&src);

@@ -174,6 +174,10 @@ impl Settings {
         if cfg.max_message_size == 0 {
             return err("max_message_size", "must be at least 1 byte");
         }
+        // The spool's record length is 32 bits; normalised line ends may add a little.
+        if cfg.max_message_size > 1 << 31 {
+            return err("max_message_size", "must be at most 2 GiB");
+        }
         if cfg.extensions.binarymime && !cfg.extensions.chunking {
             return err("extensions.binarymime", "needs extensions.chunking");
         }
