@@ -849,3 +849,96 @@ with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
     let _ = smtp_sink.kill();
     let _ = smtp_sink.wait();
 }
+
+/// Copy-forward keeps what a recipient asked for: a message whose first recipient is delivered
+/// and whose second waits for a hop that is down is copied into a new segment after a restart
+/// (its old segment is then deleted), survives another `kill -9` from the copy, and expires
+/// with a DSN for the second recipient under its own NOTIFY and ORCPT (the first one's
+/// NOTIFY=NEVER must not move onto it).
+#[test]
+fn copy_forward_keeps_pending_recipients_and_their_dsn_across_restarts() {
+    let dir = temp_dir("relay-copy-forward");
+    std::fs::create_dir_all(&dir).unwrap();
+    let up = Sink::start(&dir, &[]);
+    let down = free_port();
+    let extra = format!(
+        "[queue]\nretry = [\"1s\"]\nmax_lifetime = \"12s\"\ncopy_forward_after = \"1s\"\n{}{}",
+        relay_route(
+            "up.test",
+            &format!("\"127.0.0.1:{}\"", up.port),
+            "tls = \"none\""
+        ),
+        relay_route(
+            "later.test",
+            &format!("\"127.0.0.1:{down}\""),
+            "tls = \"none\""
+        ),
+    );
+    let mut s = Server::start_with("relay-copy-forward", "auto", "", &extra);
+    let script = r#"
+import os, smtplib
+with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
+    s.ehlo("client.test")
+    s.mail("alice@example.test")
+    s.rcpt("a@up.test", ["NOTIFY=NEVER"])
+    s.rcpt("b@later.test", ["NOTIFY=FAILURE", "ORCPT=rfc822;orig-b@later.test"])
+    print(s.data(b"Message-ID: <cf@example.test>\r\nSubject: cf\r\n\r\nbody\r\n"))
+"#;
+    let out = support::python(script, s.outbound.port(), 0);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(up.wait_for(1, 20).len(), 1, "{}", s.log());
+    let spool = s.dir.join("spool");
+    let segments = || -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(&spool)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+            .collect();
+        v.sort();
+        v
+    };
+    let first = segments();
+    s.kill9();
+    s.restart();
+    // The recovered segment is not current: copy-forward moves the pending recipient on.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while first.iter().any(|p| p.exists()) {
+        assert!(
+            Instant::now() < deadline,
+            "never copied forward: {:?}\n{}",
+            segments(),
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    s.kill9();
+    s.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let bounce = loop {
+        let files: Vec<String> = std::fs::read_dir(&s.drop_dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(f) = files.into_iter().find(|f| f.contains("Action: failed")) {
+            break f;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no expiry DSN after copy-forward\n{}",
+            s.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        bounce.contains(
+            "Original-Recipient: rfc822;orig-b@later.test\r\nFinal-Recipient: rfc822; b@later.test"
+        ),
+        "{bounce}"
+    );
+    assert!(bounce.contains("Status: 4.4.7"), "{bounce}");
+    assert!(!bounce.contains("a@up.test\r\nAction"), "{bounce}");
+}

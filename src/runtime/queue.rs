@@ -259,7 +259,9 @@ impl CoreQueue {
             }
         };
         let reading = self.reading.get();
-        if self.running.get() >= limit || (reading > 0 && reading + read > READ_BUDGET) {
+        // Only reads wait for the read budget; in-memory content (read = 0) never does.
+        if self.running.get() >= limit || (read > 0 && reading > 0 && reading + read > READ_BUDGET)
+        {
             // Picked up by the scheduler as slots free.
             self.timers.borrow_mut().push(Reverse((Instant::now(), id)));
             return false;
@@ -891,6 +893,8 @@ impl CoreQueue {
                 .filter_map(|&i| env.rcpts.get(i as usize).cloned())
                 .collect();
             env.rcpts = kept;
+            let indexes: Vec<usize> = pending.iter().map(|&i| i as usize).collect();
+            env.dsn = env.dsn.select(&indexes);
             match self.spool.store(&env, &trace, &content, None).await {
                 Ok(sp) => {
                     if e.borrow().state == State::Held {

@@ -292,9 +292,6 @@ fn decode_message(rd: &mut Reader<'_>, payload_at: u64) -> Result<MessageRecord,
         };
         dsn.envid = Some(rd.str()?).filter(|s| !s.is_empty());
         let n = rd.u32()? as usize;
-        if n > rcpts.len() {
-            return Err(Invalid::Corrupt);
-        }
         for _ in 0..n {
             let notify = rd.u8()?;
             dsn.rcpts.push(RcptDsn {
@@ -302,6 +299,9 @@ fn decode_message(rd: &mut Reader<'_>, payload_at: u64) -> Result<MessageRecord,
                 orcpt: Some(rd.str()?).filter(|s| !s.is_empty()),
             });
         }
+        // More DSN entries than recipients is a writer's mistake, not a reason to lose the
+        // message: the extra ones are dropped.
+        dsn.rcpts.truncate(rcpts.len());
     }
     let tlen = rd.u32()? as usize;
     let trace = String::from_utf8(rd.take(tlen)?.to_vec()).map_err(|_| Invalid::Corrupt)?;
