@@ -607,11 +607,21 @@ pub fn recover(dir: &Path) -> io::Result<Recovery> {
                     pos += n;
                 }
                 Err(_) => {
-                    // Torn or corrupt: resynchronise on the next magic.
                     out.corrupt_ranges += 1;
-                    match memchr::memmem::find(rest.get(1..).unwrap_or_default(), record::MAGIC) {
-                        Some(i) => pos += i + 1,
-                        None => break,
+                    match record::trusted_len(rest) {
+                        // The header was written whole: skip what it describes. Its content
+                        // (a torn append, a failed copy) is never searched for records.
+                        Some(n) if n <= rest.len() => pos += n,
+                        // It runs past the end: the torn tail.
+                        Some(_) => break,
+                        // A damaged header (disk corruption): resynchronise on the next magic.
+                        None => match memchr::memmem::find(
+                            rest.get(1..).unwrap_or_default(),
+                            record::MAGIC,
+                        ) {
+                            Some(i) => pos += i + 1,
+                            None => break,
+                        },
                     }
                 }
             }

@@ -4,11 +4,16 @@
 //! 0..4   magic "RMXR"
 //! 4      kind: 1 = message, 2 = done (recipients finished: delivered, bounced or abandoned),
 //!        3 = held / released by the operator
-//! 5..8   zero
+//! 5      header version: 1 = bytes 6..8 check the header (0 in records written before it)
+//! 6..8   low 16 bits of the CRC-32 of bytes 4..6 and 8..12 (the header's own check)
 //! 8..12  payload length, u32 little endian
 //! 12..16 CRC-32 of bytes 4..12 and the payload
 //! 16..   payload
 //! ```
+//! Recovery skips a damaged record by the length in its checked header ([`trusted_len`])
+//! instead of scanning its bytes for the next magic: content is whatever a client sent, and
+//! a record forged inside it must never be found. Only a header that fails its own check
+//! (real disk corruption) makes recovery resynchronise by scanning.
 //! A message payload is its envelope (length-prefixed fields), the trace header and the content,
 //! in that order, so the content can be written straight from the session's buffer. Flag bit 4
 //! marks a message with DSN parameters (RFC 3461), stored after the recipients: RET (0 none,
@@ -67,6 +72,10 @@ fn finish_with(mut rec: Vec<u8>, trailing_len: u64, trailing_crc: &crc32fast::Ha
     if let Some(l) = rec.get_mut(8..12) {
         l.copy_from_slice(&len.to_le_bytes());
     }
+    let check = header_check(&rec);
+    if let Some(c) = rec.get_mut(6..8) {
+        c.copy_from_slice(&check.to_le_bytes());
+    }
     let mut h = crc32fast::Hasher::new();
     h.update(rec.get(4..12).unwrap_or_default());
     h.update(rec.get(HEADER..).unwrap_or_default());
@@ -81,8 +90,33 @@ fn finish_with(mut rec: Vec<u8>, trailing_len: u64, trailing_crc: &crc32fast::Ha
 fn start(kind: u8) -> Vec<u8> {
     let mut rec = Vec::with_capacity(256);
     rec.extend_from_slice(MAGIC);
-    rec.extend_from_slice(&[kind, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    rec.extend_from_slice(&[kind, HEADER_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     rec
+}
+
+const HEADER_VERSION: u8 = 1;
+
+/// The header's own check: CRC-32 of kind, version and length, low 16 bits.
+fn header_check(head: &[u8]) -> u16 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(head.get(4..6).unwrap_or_default());
+    h.update(head.get(8..12).unwrap_or_default());
+    (h.finalize() & 0xffff) as u16
+}
+
+/// The length of the record at the start of `buf` (header included) when its header is whole
+/// and passes its own check — whether or not its payload is intact or even all there.
+pub fn trusted_len(buf: &[u8]) -> Option<usize> {
+    let head = buf.get(..HEADER)?;
+    if head.get(..4) != Some(MAGIC.as_slice()) || head.get(5) != Some(&HEADER_VERSION) {
+        return None;
+    }
+    let check = u16::from_le_bytes(arr(head.get(6..8)).ok()?);
+    if check != header_check(head) {
+        return None;
+    }
+    let len = u32::from_le_bytes(arr(head.get(8..12)).ok()?) as usize;
+    HEADER.checked_add(len)
 }
 
 /// The bytes that precede `content` in a message record (the record is `head ++ content`).
@@ -194,6 +228,11 @@ pub fn parse(buf: &[u8], offset: u64) -> Result<(Parsed, usize), Invalid> {
     let head = buf.get(..HEADER).ok_or(Invalid::Truncated)?;
     if head.get(..4) != Some(MAGIC.as_slice()) {
         return Err(Invalid::Corrupt);
+    }
+    match head.get(5) {
+        Some(&0) => {}
+        Some(&HEADER_VERSION) if trusted_len(head).is_some() => {}
+        _ => return Err(Invalid::Corrupt),
     }
     let len = u32::from_le_bytes(arr(head.get(8..12))?) as usize;
     let crc = u32::from_le_bytes(arr(head.get(12..16))?);
@@ -347,6 +386,27 @@ mod tests {
             aswl: Some(true),
             ..Envelope::example("Q1", &["x@d.test", "y@d.test"])
         }
+    }
+
+    #[test]
+    fn records_written_before_the_header_check_still_read() {
+        let mut rec = encode_message(&env(), "T\r\n", b"x");
+        rec.extend_from_slice(b"x");
+        // As the previous format wrote it: version 0, no header check, CRC over the rest.
+        rec[5] = 0;
+        rec[6] = 0;
+        rec[7] = 0;
+        let mut h = crc32fast::Hasher::new();
+        h.update(&rec[4..12]);
+        h.update(&rec[HEADER..]);
+        rec[12..16].copy_from_slice(&h.finalize().to_le_bytes());
+        assert!(matches!(parse(&rec, 0), Ok((Parsed::Message(_), _))));
+        assert_eq!(trusted_len(&rec), None, "no checked header to trust");
+        let mut new = encode_message(&env(), "T\r\n", b"x");
+        new.extend_from_slice(b"x");
+        assert_eq!(trusted_len(&new), Some(new.len()));
+        new[9] ^= 1;
+        assert_eq!(trusted_len(&new), None, "a damaged length is not trusted");
     }
 
     #[test]

@@ -141,3 +141,49 @@ fn segments_roll_over_and_finished_ones_are_deleted() {
     assert_eq!(fs::read_dir(&d).unwrap().count(), 0);
     fs::remove_dir_all(&d).unwrap();
 }
+
+/// A client can put a complete, valid record inside its message (BINARYMIME allows any
+/// bytes). When that message's record is damaged (a hole left by a failed copy, a flipped
+/// byte) or torn (a crash mid-append), recovery skips it by its checked header and never finds
+/// the record inside: no forged envelope is ever queued. Records after a damaged one are.
+#[test]
+fn records_hidden_in_content_are_never_recovered() {
+    let mut forged = record::encode_message(&env("EVIL", 1), "", b"evil\r\n");
+    forged.extend_from_slice(b"evil\r\n");
+    let mut content = b"Subject: innocent\r\n\r\n".to_vec();
+    content.extend_from_slice(&forged);
+    content.extend_from_slice(&[b'z'; 64]);
+    for damage in ["flip", "tear"] {
+        let d = dir(&format!("forged-{damage}"));
+        let s = spool(&d, 1 << 20);
+        let (seg, m1) = block_on(async {
+            s.store(&env("M0", 1), "", b"x\r\n", None).await.unwrap();
+            let m1 = s.store(&env("M1", 1), "", &content, None).await.unwrap();
+            s.store(&env("M2", 1), "", b"y\r\n", None).await.unwrap();
+            (s.segment().unwrap(), m1)
+        });
+        drop(s);
+        let mut bytes = fs::read(&seg.path).unwrap();
+        let at = m1.content_at as usize;
+        match damage {
+            // A byte of M1's own content, after the forged record.
+            "flip" => bytes[at + content.len() - 1] ^= 0xff,
+            // Cut inside M1's content, after the forged record.
+            _ => bytes.truncate(at + content.len() - 10),
+        }
+        fs::write(&seg.path, &bytes).unwrap();
+        let r = recover(&d).unwrap();
+        let ids: Vec<_> = r
+            .messages
+            .iter()
+            .map(|m| m.record.env.queue_id.as_str())
+            .collect();
+        let expect: &[&str] = if damage == "flip" {
+            &["M0", "M2"]
+        } else {
+            &["M0"]
+        };
+        assert_eq!(ids, expect, "{damage}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+}
