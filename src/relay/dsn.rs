@@ -44,6 +44,8 @@ pub struct Original<'a> {
     pub ret: Option<DsnRet>,
     /// ENVID as received (xtext).
     pub envid: Option<&'a str>,
+    /// BODY=BINARYMIME: never returned whole (the DSN itself is not binary).
+    pub binary: bool,
 }
 
 /// The largest message a DSN returns whole (RET=FULL); a larger one is returned as headers.
@@ -143,7 +145,12 @@ pub fn build(
         ));
         m.push_str(&format!("Last-Attempt-Date: {}\r\n", rfc5322_date(now)));
     }
-    let full = orig.ret == Some(DsnRet::Full) && original.len() <= RETURN_FULL_LIMIT;
+    // Whole only where asked, for failures and delays (a success notice is no reason to send a
+    // message back, and inbound senders could use it to reflect content), and never binary.
+    let full = orig.ret == Some(DsnRet::Full)
+        && matches!(kind, Kind::Failed | Kind::Delayed)
+        && !orig.binary
+        && original.len() <= RETURN_FULL_LIMIT;
     m.push_str(&format!(
         "\r\n--{boundary}\r\nContent-Type: {}\r\n\r\n",
         if full {
@@ -153,7 +160,11 @@ pub fn build(
         }
     ));
     let mut out = m.into_bytes();
-    out.extend_from_slice(if full { original } else { headers_of(original) });
+    if full {
+        out.extend_from_slice(original);
+    } else {
+        out.extend_from_slice(&headers_of(original));
+    }
     if !out.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
     }
@@ -161,13 +172,34 @@ pub fn build(
     out
 }
 
-/// The header section of a message (up to the first empty line).
-fn headers_of(msg: &[u8]) -> &[u8] {
-    match memchr::memmem::find(msg, b"\r\n\r\n") {
-        Some(i) => msg.get(..i + 2).unwrap_or(msg),
-        None => msg,
+/// The header section of a message as text safe to put in a DSN: found the way lenient
+/// readers find it (a lone CR or LF ends a line), at most [`RETURNED_HEADERS_LIMIT`] bytes,
+/// every line end CRLF, and control bytes other than tab (NUL among them) replaced by `?`.
+fn headers_of(msg: &[u8]) -> Vec<u8> {
+    let section = msg
+        .get(..crate::aswl::detect::header_len(msg).min(RETURNED_HEADERS_LIMIT))
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(section.len() + 16);
+    let mut i = 0;
+    while let Some(&b) = section.get(i) {
+        match b {
+            b'\r' | b'\n' => {
+                out.extend_from_slice(b"\r\n");
+                if b == b'\r' && section.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+            }
+            b'\t' => out.push(b),
+            0..=31 | 127 => out.push(b'?'),
+            _ => out.push(b),
+        }
+        i += 1;
     }
+    out
 }
+
+/// The most of a header section a DSN returns.
+const RETURNED_HEADERS_LIMIT: usize = 128 * 1024;
 
 #[cfg(test)]
 mod tests {
@@ -189,6 +221,7 @@ mod tests {
             message: b"Subject: hi\r\nMessage-ID: <1@a>\r\n\r\nsecret body\r\n",
             ret: None,
             envid: None,
+            binary: false,
         };
         let m = build(
             Kind::Failed,
@@ -225,9 +258,10 @@ mod tests {
             message: b"Subject: hi\r\n\r\nthe body\r\n",
             ret: Some(DsnRet::Full),
             envid: Some("env+2Bid"),
+            binary: false,
         };
         let s = String::from_utf8(build(
-            Kind::Relayed,
+            Kind::Failed,
             "e.test",
             &orig,
             &rcpts,
@@ -235,7 +269,7 @@ mod tests {
         ))
         .unwrap();
         assert!(s.contains("Original-Envelope-Id: env+id\r\n"), "{s}");
-        assert!(s.contains("Original-Recipient: rfc822;X@d.test??Injected: 1\r\nFinal-Recipient: rfc822; x@d.test\r\nAction: relayed\r\nStatus: 2.0.0"), "{s}");
+        assert!(s.contains("Original-Recipient: rfc822;X@d.test??Injected: 1\r\nFinal-Recipient: rfc822; x@d.test\r\nAction: failed\r\nStatus: 2.0.0"), "{s}");
         assert!(
             s.contains("Content-Type: message/rfc822\r\n\r\nSubject: hi\r\n\r\nthe body\r\n"),
             "RET=FULL: {s}"
@@ -253,6 +287,35 @@ mod tests {
             s.contains("Action: delivered")
                 && s.contains("Subject: Successful Mail Delivery Report")
         );
+        assert!(
+            !s.contains("the body"),
+            "success notices return headers only"
+        );
+        let s = build(
+            Kind::Relayed,
+            "e.test",
+            &orig,
+            &rcpts,
+            SystemTime::UNIX_EPOCH,
+        );
+        let s = String::from_utf8(s).unwrap();
+        assert!(
+            s.contains("Action: relayed") && !s.contains("the body"),
+            "{s}"
+        );
+        // Binary originals: headers only, canonical, no NUL, cut where lenient readers cut.
+        let bin = Original {
+            message: b"Subject: b\x00in\nX: y\r\rbinary\0.\n",
+            binary: true,
+            ..orig
+        };
+        let s = build(Kind::Failed, "e.test", &bin, &rcpts, SystemTime::UNIX_EPOCH);
+        let s = String::from_utf8(s).unwrap();
+        assert!(
+            s.contains("text/rfc822-headers\r\n\r\nSubject: b?in\r\nX: y\r\n\r\n--Q2"),
+            "{s}"
+        );
+        assert!(!s.contains('\0') && !s.contains("binary"), "{s}");
         let big = vec![b'a'; RETURN_FULL_LIMIT + 1];
         let orig = Original {
             message: &big,

@@ -822,6 +822,7 @@ impl CoreQueue {
             message: &original,
             ret: env.dsn.ret,
             envid: env.dsn.envid.as_deref(),
+            binary: env.binary,
         };
         let content = dsn::build(kind, &hostname, &orig, rcpts, SystemTime::now());
         let benv = Envelope {
