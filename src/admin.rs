@@ -4,6 +4,7 @@
 //! `POST /queue/ID/delete|hold|release`, and the whitelist API behind `ringmx aswl`
 //! (`/aswl/stats|check|list|export|add|remove|import`, see [`crate::aswl::admin`]).
 
+use std::cell::Cell;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -18,8 +19,10 @@ const MAX_CONCURRENT: usize = 16;
 /// Request line and each header line.
 const MAX_LINE: u64 = 8 * 1024;
 const MAX_HEADERS: usize = 64;
-/// Time to send the request line and headers.
+/// Time to complete the TLS handshake and send the request line and headers.
 const HEAD_DEADLINE: Duration = Duration::from_secs(10);
+/// Time for a body, plus a second per MiB.
+const BODY_DEADLINE: Duration = Duration::from_secs(30);
 /// A whitelist import of 10 M records is about 500 MB.
 const MAX_BODY: u64 = 1 << 30;
 
@@ -256,29 +259,66 @@ fn respond(w: &mut impl Write, (status, ctype, body): Response) -> std::io::Resu
     w.flush()
 }
 
-/// One connection: timeouts on the socket (every read and write, the TLS handshake's too),
-/// then the request in plain text or inside TLS.
+/// A socket whose reads may only wait until a deadline, whatever trickles in: the time left
+/// becomes the read timeout before each read (a byte every few seconds cannot hold a request,
+/// or the TLS handshake, open).
+struct Deadline<'a> {
+    tcp: TcpStream,
+    until: &'a Cell<Instant>,
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.get().saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        self.tcp.set_read_timeout(Some(left))?;
+        self.tcp.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tcp.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
+/// One connection: the handshake and the request head within [`HEAD_DEADLINE`], then the
+/// request in plain text or inside TLS.
 fn accept(
     stream: TcpStream,
     listen: SocketAddr,
     shared: &Shared,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let until = Cell::new(Instant::now() + HEAD_DEADLINE);
+    let tcp = Deadline {
+        tcp: stream,
+        until: &until,
+    };
     match tls {
-        None => handle(stream, listen, shared),
+        None => handle(tcp, &until, listen, shared),
         Some(cfg) => {
             let conn = rustls::ServerConnection::new(cfg).map_err(std::io::Error::other)?;
-            let mut s = rustls::StreamOwned::new(conn, stream);
-            handle(&mut s, listen, shared)?;
+            let mut s = rustls::StreamOwned::new(conn, tcp);
+            handle(&mut s, &until, listen, shared)?;
             s.conn.send_close_notify();
             s.flush()
         }
     }
 }
 
-fn handle(stream: impl Read + Write, listen: SocketAddr, shared: &Shared) -> std::io::Result<()> {
+fn handle(
+    stream: impl Read + Write,
+    until: &Cell<Instant>,
+    listen: SocketAddr,
+    shared: &Shared,
+) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream);
     let live = shared.live();
     let cfg = &live.config.admin;
@@ -302,9 +342,20 @@ fn handle(stream: impl Read + Write, listen: SocketAddr, shared: &Shared) -> std
             ),
         );
     }
-    // The body grows as bytes arrive: a declared length alone allocates nothing.
+    // Only a whitelist import has a body; it grows as bytes arrive (a declared length alone
+    // allocates nothing), with 30 s plus a second per MiB to arrive.
+    let takes_body = head.method == "POST" && head.path.split('?').next() == Some("/aswl/import");
+    if head.content_length > 0 && !takes_body {
+        let r = (
+            "413 Payload Too Large",
+            "text/plain",
+            "this request takes no body\n".into(),
+        );
+        return respond(reader.get_mut(), r);
+    }
     let mut body = Vec::new();
     if head.content_length > 0 {
+        until.set(Instant::now() + BODY_DEADLINE + Duration::from_secs(head.content_length >> 20));
         reader
             .by_ref()
             .take(head.content_length)

@@ -469,6 +469,30 @@ fn admin_endpoint_refuses_cross_site_requests_and_needs_tokens_off_loopback() {
     assert_eq!(s.admin_get("/healthz").0, "HTTP/1.1 200 OK");
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     drop(slow);
+    // A body where none is taken (even on the open /healthz) is refused unread.
+    let unasked = ["-X", "POST", "-H", "Content-Length: 1000000000"];
+    assert_eq!(curl(&format!("{base}/healthz"), &unasked).0, "413");
+    // A byte every 500 ms does not hold a request open past its 10 s deadline.
+    let mut trickle = TcpStream::connect(s.admin).unwrap();
+    let started = Instant::now();
+    let closed = (0..40).any(|i| {
+        std::thread::sleep(Duration::from_millis(500));
+        trickle
+            .write_all(&[b"GET /healthz HTTP/1.1\r\nX-Slow: "[i % 20]])
+            .is_err()
+            || {
+                let mut b = [0u8; 512];
+                trickle
+                    .set_read_timeout(Some(Duration::from_millis(1)))
+                    .unwrap();
+                std::io::Read::read(&mut trickle, &mut b).is_ok()
+            }
+    });
+    assert!(
+        closed && started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
     // A declared 2 GiB body is refused before anything is read or allocated.
     let huge = [
         "-X",
