@@ -224,3 +224,33 @@ fn queued_large_messages_for_a_silent_hop_do_not_grow_memory() {
         drop(silent);
     }
 }
+
+/// `[spool] max_staging`: spill files of all sessions together stay within it. A transfer that
+/// would go beyond is refused at its end with `452 4.3.1` while the others complete, and once
+/// they are done the space is there again.
+#[test]
+fn staging_disk_is_bounded_across_sessions() {
+    let s = Server::start_with(
+        "memory-staging",
+        "auto",
+        "",
+        "[spool]\nmax_staging = \"2MiB\"\n",
+    );
+    let body = big_message("stage", 1536 << 10);
+    let payload = dot_stuffed(&body);
+    let (head, tail) = payload.split_at(payload.len() - 3);
+    let mut a = Raw::connect(s.inbound);
+    open_txn(&mut a, "u@example.test");
+    assert!(a.cmd("DATA\r\n").starts_with("354"));
+    a.w.write_all(head).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // A second one while the first holds 1.4 MiB of the 2 MiB.
+    let r = send_data(s.inbound, "u@example.test", &body);
+    assert!(r.starts_with("452 4.3.1"), "{r}");
+    a.w.write_all(tail).unwrap();
+    assert!(a.reply().starts_with("250"));
+    a.cmd("QUIT\r\n");
+    // Space is back.
+    assert!(send_data(s.inbound, "u@example.test", &body).starts_with("250"));
+    assert_eq!(s.dropped().len(), 2);
+}

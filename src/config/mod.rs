@@ -518,6 +518,8 @@ pub struct SpoolSection {
     pub commit_batch: usize,
     /// …or this long after the first one.
     pub commit_delay: Secs,
+    /// Disk all unfinished messages' spill files may take together.
+    pub max_staging: Size,
 }
 
 impl Default for SpoolSection {
@@ -527,6 +529,7 @@ impl Default for SpoolSection {
             segment_size: Size(64 * 1024 * 1024),
             commit_batch: 32,
             commit_delay: Secs(Duration::from_micros(300)),
+            max_staging: Size(4 << 30),
         }
     }
 }

@@ -7,7 +7,6 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -28,7 +27,7 @@ use crate::proto::AbortReason;
 use crate::proto::command::{Body, Ret};
 use crate::proto::reply;
 use crate::proto::{Credentials, Event, Session, Stop, proxy};
-use crate::spool::staging::{self, Staged};
+use crate::spool::staging::Staged;
 
 /// Read size; also the buffer's initial capacity (it grows only if a client pipelines more
 /// than this in one go).
@@ -102,12 +101,12 @@ struct Txn {
 }
 
 impl Txn {
-    fn new(spool_dir: PathBuf) -> Txn {
+    fn new(content: Staged) -> Txn {
         Txn {
             mail_from: String::new(),
             rcpts: Vec::new(),
             verdicts: Vec::new(),
-            content: Staged::new(spool_dir, staging::DEFAULT_KEEP),
+            content,
             dsn: DsnRequest::default(),
             binary: false,
         }
@@ -212,7 +211,7 @@ pub(crate) async fn handle(
     let binding_count = per_binding.fetch_add(1, Ordering::Relaxed) + 1;
     let _binding_slot = BindingSlot(per_binding);
     let guard = guard.filter(|_| binding_count <= binding.b.limits.max_connections);
-    let spool_dir = ctx.queue.spool.dir().to_path_buf();
+    let staged = ctx.queue.spool.staged();
     let mut conn = Conn {
         peer,
         binding,
@@ -221,7 +220,7 @@ pub(crate) async fn handle(
         ctx,
         helo: String::new(),
         esmtp: false,
-        txn: Txn::new(spool_dir),
+        txn: Txn::new(staged),
         messages: 0,
         auth_user: None,
         auth_failures: 0,
@@ -691,11 +690,7 @@ impl Conn {
                 }
             }
         }
-        let dir = self.ctx.queue.spool.dir().to_path_buf();
-        let mut content = std::mem::replace(
-            &mut self.txn.content,
-            Staged::new(dir, staging::DEFAULT_KEEP),
-        );
+        let mut content = std::mem::replace(&mut self.txn.content, self.ctx.queue.spool.staged());
         let size = content.len();
         if let Some(e) = content.take_error() {
             tracing::error!(queue_id = %queue_id, error = %e, "cannot stage the message content");

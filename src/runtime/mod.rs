@@ -81,6 +81,8 @@ pub struct Shared {
     pub auth_failures: crate::auth::Failures,
     /// The argon2 threads and their bounded queue.
     pub verifier: crate::auth::Verifier,
+    /// Disk taken by spill files of messages being received, all cores together.
+    pub staging: Arc<crate::spool::staging::Budget>,
 }
 
 impl Shared {
@@ -399,6 +401,9 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
         new_listeners: cpus.iter().map(|_| Mutex::new(Vec::new())).collect(),
         control: Mutex::new(control_tx.clone()),
         auth_failures: crate::auth::Failures::new(AUTH_FAILURE_ADDRESSES),
+        staging: Arc::new(crate::spool::staging::Budget::new(
+            config.spool.max_staging.0,
+        )),
         verifier: crate::auth::Verifier::new(config.auth.verify_threads, config.auth.max_pending)
             .map_err(|e| RunError::Io("spawning the AUTH threads".into(), e))?,
     });
@@ -708,6 +713,7 @@ fn core_main(c: CoreListeners, shared: Arc<Shared>, driver: Driver) {
         segment_size: sc.segment_size.0.max(4096),
         commit_batch: sc.commit_batch,
         commit_delay: sc.commit_delay.0,
+        staging: shared.staging.clone(),
     };
     let spool = match crate::spool::CoreSpool::new(
         c.core,

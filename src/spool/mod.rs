@@ -202,6 +202,8 @@ fn segment_name(id: u64) -> String {
 #[derive(Debug, Clone)]
 pub struct SpoolOptions {
     pub dir: PathBuf,
+    /// Shared by every core: what spill files may take together.
+    pub staging: Arc<staging::Budget>,
     pub segment_size: u64,
     pub commit_batch: usize,
     pub commit_delay: Duration,
@@ -423,6 +425,16 @@ impl CoreSpool {
     /// The spool directory (staging files are created there, on the same file system).
     pub fn dir(&self) -> &Path {
         &self.opts.dir
+    }
+
+    /// Content staged for a new message: spilled into this spool's directory, within the
+    /// process-wide budget.
+    pub fn staged(&self) -> staging::Staged {
+        staging::Staged::new(
+            self.opts.dir.clone(),
+            staging::DEFAULT_KEEP,
+            self.opts.staging.clone(),
+        )
     }
 
     fn segment(&self) -> io::Result<Arc<Segment>> {

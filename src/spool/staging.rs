@@ -11,6 +11,44 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Disk the spill files of every session may take together (`[spool] max_staging`): beyond
+/// it a transfer goes on but its message is refused at the end with `452 4.3.1`, so clients
+/// cannot fill the spool's file system with unfinished messages.
+#[derive(Debug)]
+pub struct Budget {
+    used: AtomicU64,
+    limit: u64,
+}
+
+impl Budget {
+    pub fn new(limit: u64) -> Budget {
+        Budget {
+            used: AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    fn take(&self, n: u64) -> bool {
+        let before = self.used.fetch_add(n, Ordering::AcqRel);
+        if before.saturating_add(n) > self.limit {
+            self.used.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    fn give(&self, n: u64) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Bytes in spill files now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+}
 
 /// Content kept in memory before the rest goes to a file. Also the largest header section
 /// ringmx will parse (see [`Staged::header_fits`]).
@@ -21,6 +59,7 @@ pub const DEFAULT_KEEP: usize = 128 * 1024;
 pub struct Staged {
     dir: PathBuf,
     keep: usize,
+    budget: Arc<Budget>,
     prefix: Vec<u8>,
     file: Option<File>,
     file_len: u64,
@@ -29,11 +68,12 @@ pub struct Staged {
 }
 
 impl Staged {
-    /// Empty content; a spill file, when needed, is created in `dir`.
-    pub fn new(dir: PathBuf, keep: usize) -> Staged {
+    /// Empty content; a spill file, when needed, is created in `dir`, within `budget`.
+    pub fn new(dir: PathBuf, keep: usize, budget: Arc<Budget>) -> Staged {
         Staged {
             dir,
             keep: keep.max(1),
+            budget,
             prefix: Vec::new(),
             file: None,
             file_len: 0,
@@ -63,6 +103,17 @@ impl Staged {
     }
 
     fn spill(&mut self, b: &[u8]) -> io::Result<()> {
+        if !self.budget.take(b.len() as u64) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        if let Err(e) = self.write_spill(b) {
+            self.budget.give(b.len() as u64);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn write_spill(&mut self, b: &[u8]) -> io::Result<()> {
         let file = match &self.file {
             Some(f) => f,
             None => self.file.insert(open_unnamed(&self.dir)?),
@@ -127,6 +178,7 @@ impl Staged {
             self.prefix = Vec::new();
         }
         self.file = None;
+        self.budget.give(self.file_len);
         self.file_len = 0;
         self.file_crc = crc32fast::Hasher::new();
         self.error = None;
@@ -141,6 +193,12 @@ impl Staged {
             f.read_exact_at(out.get_mut(at..).unwrap_or_default(), 0)?;
         }
         Ok(out)
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        self.budget.give(self.file_len);
     }
 }
 
@@ -231,7 +289,8 @@ mod tests {
     #[test]
     fn small_stays_in_memory_large_spills_and_copies_back() {
         let dir = std::env::temp_dir().join(format!("ringmx-staging-{}", std::process::id()));
-        let mut s = Staged::new(dir.clone(), 10);
+        let budget = Arc::new(Budget::new(1 << 20));
+        let mut s = Staged::new(dir.clone(), 10, budget.clone());
         s.push(b"Subject: x");
         assert!(!s.spilled());
         s.push(b"\r\n\r\n");
@@ -255,8 +314,17 @@ mod tests {
         assert_eq!(back, &all[10..]);
         // A header section that ends beyond the in-memory part does not fit.
         assert!(!s.header_fits(12) && s.header_fits(5));
+        assert_eq!(budget.used(), len);
         s.clear();
         assert!(s.is_empty() && !s.spilled());
+        assert_eq!(budget.used(), 0);
+        // Over the budget: the content is spoiled with "no space", and the budget unchanged.
+        let mut small = Staged::new(dir.clone(), 4, Arc::new(Budget::new(8)));
+        small.push(b"0123456789abcdef");
+        assert_eq!(
+            small.take_error().unwrap().raw_os_error(),
+            Some(libc::ENOSPC)
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

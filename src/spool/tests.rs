@@ -21,6 +21,7 @@ fn env(id: &str, rcpts: usize) -> Envelope {
 fn spool(d: &Path, segment_size: u64) -> CoreSpool {
     let opts = SpoolOptions {
         dir: d.to_path_buf(),
+        staging: Arc::new(staging::Budget::new(1 << 30)),
         segment_size,
         commit_batch: 4,
         commit_delay: Duration::from_micros(200),
