@@ -78,8 +78,9 @@ impl Users {
 }
 
 /// Authentication failures per client address (IPv4 /32, IPv6 /64: one host's whole prefix)
-/// within a window. Bounded: at `capacity` addresses, expired entries are dropped and then the
-/// oldest one, so a flood of sources forgets the oldest failures rather than growing.
+/// within a window. Bounded: at `capacity` addresses, expired entries are dropped and then an
+/// eighth of the rest (in the map's random order), so a flood of sources forgets some failures
+/// rather than growing, and the O(n) pass happens once per `capacity / 8` new addresses.
 #[derive(Debug)]
 pub struct Failures {
     map: Mutex<HashMap<IpAddr, (u32, Instant)>>,
@@ -131,10 +132,15 @@ impl Failures {
         let mut map = self.lock();
         if !map.contains_key(&key) && map.len() >= self.capacity {
             map.retain(|_, (_, since)| now.saturating_duration_since(*since) < window);
-            if map.len() >= self.capacity
-                && let Some(oldest) = map.iter().min_by_key(|(_, (_, s))| *s).map(|(k, _)| *k)
-            {
-                map.remove(&oldest);
+            if map.len() >= self.capacity {
+                let victims: Vec<IpAddr> = map
+                    .keys()
+                    .take((self.capacity / 8).max(1))
+                    .copied()
+                    .collect();
+                for k in victims {
+                    map.remove(&k);
+                }
             }
         }
         let e = map.entry(key).or_insert((0, now));

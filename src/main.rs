@@ -161,6 +161,18 @@ fn admin_call(
         body.len()
     );
     if !tls {
+        let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
+        let loopback = host == "localhost"
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if token.is_some() && !loopback {
+            return Err(std::io::Error::other(format!(
+                "refusing to send the admin token in clear text to {hostport}: use https://"
+            )));
+        }
         let mut s = tcp;
         return exchange(&mut s, &head, body);
     }

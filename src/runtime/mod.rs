@@ -441,6 +441,9 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
     };
     if let Some(addr) = config.admin.listen {
         let tls = tls::admin_config(&config.admin).map_err(RunError::Tls)?;
+        if tls.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(listen = %addr, "admin endpoint off loopback without [admin] certificate: tokens cross the network in clear text");
+        }
         crate::admin::start(addr, shared.clone(), tls)
             .map_err(|e| RunError::Io(format!("admin.listen {addr}"), e))?;
         tracing::info!(listen = %addr, "admin endpoint");
