@@ -13,19 +13,25 @@ pub enum Reason {
     BareLineEnding,
     Nul,
     FoldedFirstLine,
+    UnknownRecipient,
+    Harvest,
+    Loop,
     Storage,
     NoRoute,
     TooManyConnections,
     Timeout,
 }
 
-const REASONS: [(Reason, &str); 10] = [
+const REASONS: [(Reason, &str); 13] = [
     (Reason::RelayDenied, "relay_denied"),
     (Reason::AuthRequired, "auth_required"),
     (Reason::TooBig, "too_big"),
     (Reason::BareLineEnding, "bare_line_ending"),
     (Reason::Nul, "nul"),
     (Reason::FoldedFirstLine, "folded_first_line"),
+    (Reason::UnknownRecipient, "unknown_recipient"),
+    (Reason::Harvest, "harvest"),
+    (Reason::Loop, "loop"),
     (Reason::Storage, "storage"),
     (Reason::NoRoute, "no_route"),
     (Reason::TooManyConnections, "too_many_connections"),

@@ -115,6 +115,14 @@ fn header_block(content: &[u8], limit: usize) -> &[u8] {
     scan
 }
 
+/// The lines of the header section that start a field (continuation lines left out), found
+/// the way lenient readers find lines.
+pub fn field_lines(content: &[u8]) -> impl Iterator<Item = &[u8]> {
+    lenient_lines(header_block(content, usize::MAX))
+        .map(|(text, _)| text)
+        .filter(|t| !t.first().is_some_and(|b| *b == b' ' || *b == b'\t'))
+}
+
 /// Length of the header section of `content` (as lenient parsers find it), or `content.len()`
 /// when no empty line ends it there.
 pub fn header_len(content: &[u8]) -> usize {

@@ -193,6 +193,10 @@ pub struct Limits {
     pub min_data_rate: Size,
     /// Longest one transaction may take, MAIL to end of data.
     pub max_transaction_time: Secs,
+    /// `Received:` fields a message may carry (more: `554 5.4.6`, a mail loop).
+    pub max_hops: usize,
+    /// Unknown recipients one session may try (`[[recipients]]`) before `421 4.7.0`.
+    pub max_unknown_recipients: usize,
 }
 
 impl Default for Limits {
@@ -210,6 +214,8 @@ impl Default for Limits {
             // session.
             min_data_rate: Size(500),
             max_transaction_time: Secs(Duration::from_secs(600)),
+            max_hops: 50,
+            max_unknown_recipients: 10,
         }
     }
 }
@@ -228,6 +234,8 @@ pub struct LimitsOverride {
     pub data_timeout: Option<Secs>,
     pub min_data_rate: Option<Size>,
     pub max_transaction_time: Option<Secs>,
+    pub max_hops: Option<usize>,
+    pub max_unknown_recipients: Option<usize>,
 }
 
 impl Limits {
@@ -246,6 +254,10 @@ impl Limits {
             data_timeout: o.data_timeout.unwrap_or(self.data_timeout),
             min_data_rate: o.min_data_rate.unwrap_or(self.min_data_rate),
             max_transaction_time: o.max_transaction_time.unwrap_or(self.max_transaction_time),
+            max_hops: o.max_hops.unwrap_or(self.max_hops),
+            max_unknown_recipients: o
+                .max_unknown_recipients
+                .unwrap_or(self.max_unknown_recipients),
         }
     }
 }
@@ -732,6 +744,18 @@ struct RawConfig {
     #[serde(default)]
     dns: DnsSection,
     aswl: Option<AswlSection>,
+    #[serde(default, rename = "recipients")]
+    recipients: Vec<Spanned<RecipientsSection>>,
+}
+
+/// `[[recipients]]`: the known recipients of some local domains (see `policy::recipients`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipientsSection {
+    /// Local domains (patterns as in `[domains] local`) whose recipients must be in `file`.
+    pub domains: Vec<String>,
+    /// Addresses, `*@domain` and `user@*`, one a line.
+    pub file: PathBuf,
 }
 
 /// A binding ready to serve: its section plus the SMTP settings derived from it.
@@ -767,6 +791,7 @@ pub struct Config {
     pub auth: AuthSection,
     pub admin: AdminSection,
     pub routes: Vec<RouteSection>,
+    pub recipients: Vec<RecipientsSection>,
     pub spool: SpoolSection,
     pub queue: QueueSection,
     pub dns: DnsSection,
@@ -1220,6 +1245,30 @@ impl Config {
                 }
             }
         }
+        let mut recipients = Vec::new();
+        for (i, r) in raw.recipients.iter().enumerate() {
+            let line = key_line(source, "domains", r.span().start)
+                .or_else(|| Some(line_of(source, r.span().start)));
+            let mut sec = r.get_ref().clone();
+            if sec.domains.is_empty() {
+                return Err(err(
+                    line,
+                    &format!("recipients[{i}].domains"),
+                    "list the local domains whose recipients the file holds".into(),
+                ));
+            }
+            for d in &mut sec.domains {
+                *d = canonical_pattern(d);
+                if !domains.contains(d) {
+                    return Err(err(
+                        line,
+                        &format!("recipients[{i}].domains"),
+                        format!("{d:?} is not one of [domains] local"),
+                    ));
+                }
+            }
+            recipients.push(sec);
+        }
         if raw.admin.certificate.is_some() != raw.admin.key.is_some() {
             let at = source.find("[admin]").unwrap_or(0);
             let k = if raw.admin.certificate.is_some() {
@@ -1257,6 +1306,7 @@ impl Config {
             auth: raw.auth,
             admin: raw.admin,
             routes,
+            recipients,
             spool,
             queue: raw.queue,
             dns: raw.dns,

@@ -320,6 +320,11 @@ fn configuration_traps_are_errors() {
             Some(16),
         ),
         (
+            format!("{MINIMAL}\n[[recipients]]\ndomains = [\"other.test\"]\nfile = \"/r\"\n"),
+            "recipients[0].domains",
+            Some(16),
+        ),
+        (
             format!("[limits]\nmax_message_size = \"3GiB\"\n{MINIMAL}"),
             "limits.max_message_size",
             Some(2),

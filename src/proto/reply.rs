@@ -184,6 +184,21 @@ pub static UTF8_NOT_PERMITTED: Reply = Reply::new(
 pub static TOO_MANY_RECIPIENTS: Reply = Reply::new(452, "4.5.3", "Too many recipients");
 /// SIZE= or the message itself over the limit.
 pub static MESSAGE_TOO_BIG: Reply = Reply::new(552, "5.3.4", "Message size exceeds fixed limit");
+/// RCPT for a local recipient not in `[[recipients]]`.
+pub static UNKNOWN_RECIPIENT: Reply =
+    Reply::new(550, "5.1.1", "Recipient address rejected: user unknown");
+/// After `max_unknown_recipients` (directory harvest).
+pub static TOO_MANY_UNKNOWN: Reply = Reply::new(
+    421,
+    "4.7.0",
+    "Too many unknown recipients, closing connection",
+);
+/// More `Received:` fields than `max_hops` (RFC 5321 §6.3).
+pub static TOO_MANY_HOPS: Reply = Reply::new(
+    554,
+    "5.4.6",
+    "Too many hops (Received: header fields), a mail loop?",
+);
 /// A header section longer than what ringmx keeps in memory to check and rewrite.
 pub static HEADER_TOO_LONG: Reply =
     Reply::new(552, "5.3.4", "Message header section exceeds 128 KiB");

@@ -22,6 +22,7 @@ use crate::config::units::any_contains;
 use crate::config::{Direction, RouteAction, TlsMode};
 use crate::delivery::{DsnRequest, DsnRet, Envelope, RcptDsn, drop_folder, trace};
 use crate::metrics::Reason;
+use crate::policy::recipients::Lookup;
 use crate::policy::{self, Client};
 use crate::proto::AbortReason;
 use crate::proto::command::{Body, Ret};
@@ -154,6 +155,8 @@ struct Conn {
     messages: u32,
     auth_user: Option<String>,
     auth_failures: u32,
+    /// Recipients refused as unknown in this session (directory harvest).
+    unknown_rcpts: usize,
     refuse_proxy_header: bool,
     /// When the message being received started, for `min_data_rate`.
     message_started: Option<Instant>,
@@ -224,6 +227,7 @@ pub(crate) async fn handle(
         messages: 0,
         auth_user: None,
         auth_failures: 0,
+        unknown_rcpts: 0,
         // On a PROXY binding, a header from a source that is not a trusted proxy closes the
         // connection (checked on the first read).
         refuse_proxy_header: proxy_binding && !trusted_proxy,
@@ -563,6 +567,20 @@ impl Conn {
                         client,
                         to.domain(),
                     ) {
+                        Ok(())
+                            if self.binding.b.section.direction == Direction::Inbound
+                                && self.binding.recipients.lookup(to.as_str())
+                                    == Lookup::Unknown =>
+                        {
+                            self.ctx.shared.metrics.rejected(Reason::UnknownRecipient);
+                            feed.reject(&reply::UNKNOWN_RECIPIENT);
+                            self.unknown_rcpts += 1;
+                            if self.unknown_rcpts >= self.binding.b.limits.max_unknown_recipients {
+                                tracing::info!(client = %self.peer, unknown = self.unknown_rcpts, "closing: too many unknown recipients");
+                                self.ctx.shared.metrics.rejected(Reason::Harvest);
+                                feed.close_with(&reply::TOO_MANY_UNKNOWN);
+                            }
+                        }
                         Ok(()) => {
                             let verdict = self.check_aswl(to.as_str());
                             self.txn.rcpts.push(to.as_str().to_string());
@@ -707,6 +725,14 @@ impl Conn {
         if !content.header_fits(aswl::detect::header_len(content.prefix())) {
             self.ctx.shared.metrics.rejected(Reason::TooBig);
             session.reject(&reply::HEADER_TOO_LONG);
+            self.txn.clear();
+            return;
+        }
+        let hops = crate::policy::hops::received_count(content.prefix());
+        if hops > self.binding.b.limits.max_hops {
+            tracing::info!(queue_id = %queue_id, client = %self.peer.ip(), hops, "refused: mail loop");
+            self.ctx.shared.metrics.rejected(Reason::Loop);
+            session.reject(&reply::TOO_MANY_HOPS);
             self.txn.clear();
             return;
         }

@@ -44,6 +44,8 @@ pub struct Live {
     pub users: Arc<crate::auth::Users>,
     /// Bearer tokens of the admin endpoint (`[admin] token_file`).
     pub admin_tokens: Arc<Vec<String>>,
+    /// `[[recipients]]` maps.
+    pub recipients: Arc<crate::policy::recipients::RecipientMaps>,
 }
 
 /// A request to the main thread.
@@ -179,6 +181,7 @@ pub(crate) struct BindingRt {
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     pub(crate) config: Arc<Config>,
     pub(crate) users: Arc<crate::auth::Users>,
+    pub(crate) recipients: Arc<crate::policy::recipients::RecipientMaps>,
     pub(crate) open: Arc<AtomicUsize>,
 }
 
@@ -198,6 +201,7 @@ fn binding_rt(shared: &Shared, live: &Live, listen: SocketAddr) -> Option<Bindin
         tls: live.tls.get(i).cloned().flatten(),
         config: live.config.clone(),
         users: live.users.clone(),
+        recipients: live.recipients.clone(),
         open: shared.open_counter(listen),
         b,
     })
@@ -230,6 +234,20 @@ pub fn load_admin_tokens(config: &Config) -> Result<Vec<String>, RunError> {
         ));
     }
     Ok(tokens)
+}
+
+/// Load every `[[recipients]]` file.
+pub fn load_recipients(
+    config: &Config,
+) -> Result<crate::policy::recipients::RecipientMaps, RunError> {
+    use crate::policy::recipients::{RecipientMap, RecipientMaps};
+    let mut maps = Vec::new();
+    for (i, r) in config.recipients.iter().enumerate() {
+        let m = RecipientMap::load(&r.file)
+            .map_err(|e| RunError::Io(format!("recipients[{i}].file"), std::io::Error::other(e)))?;
+        maps.push((r.domains.clone(), m));
+    }
+    Ok(RecipientMaps::new(maps))
 }
 
 /// Load `[auth] users_file` when set.
@@ -306,6 +324,7 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
     let tls_configs = load_tls(&config).map_err(RunError::Tls)?;
     let users = Arc::new(load_users(&config)?);
     let admin_tokens = Arc::new(load_admin_tokens(&config)?);
+    let recipients = Arc::new(load_recipients(&config)?);
     make_folders(&config)?;
     for b in &config.bindings {
         listener::probe(&b.section.name, *b.section.listen.get_ref(), &[])
@@ -386,6 +405,7 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
             tls: tls_configs,
             users,
             admin_tokens,
+            recipients,
         })),
         metrics: crate::metrics::Metrics::new(
             config
@@ -618,6 +638,7 @@ fn reload(
     let tls = load_tls(&config).map_err(|e| e.to_string())?;
     let users = Arc::new(load_users(&config).map_err(|e| e.to_string())?);
     let admin_tokens = Arc::new(load_admin_tokens(&config).map_err(|e| e.to_string())?);
+    let recipients = Arc::new(load_recipients(&config).map_err(|e| e.to_string())?);
     make_folders(&config).map_err(|e| e.to_string())?;
     let old_addrs: HashSet<SocketAddr> = listen_addrs(&old.config).into_iter().collect();
     let new_addrs: HashSet<SocketAddr> = listen_addrs(&config).into_iter().collect();
@@ -646,6 +667,7 @@ fn reload(
         tls,
         users,
         admin_tokens,
+        recipients,
     });
     for (core, addr, l) in added {
         fds.entry(addr).or_default().push(l.as_raw_fd());

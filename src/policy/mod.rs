@@ -10,6 +10,9 @@
 //! There is no combination of settings under which an unauthenticated client outside
 //! `allowed_clients` can send to a domain that is not local: that is the open-relay guarantee.
 
+pub mod hops;
+pub mod recipients;
+
 use std::net::IpAddr;
 
 use crate::config::{AuthMode, Binding, Config, Direction, units::any_contains};

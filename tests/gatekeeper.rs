@@ -1,0 +1,126 @@
+//! Checks of the edge on port 25, with Python's smtplib and raw sockets: recipient validation
+//! against `[[recipients]]` (known, `+tag`, unknown, a directory harvest closed at
+//! `max_unknown_recipients`, a reload with a changed map) and the loop limit (`max_hops`).
+
+mod support;
+
+use support::{Raw, Server, python, stdout};
+
+const DRIVERS: [&str; 2] = ["auto", "legacy"];
+
+fn with_map(name: &str, driver: &'static str, map: &str) -> Server {
+    let dir = support::temp_dir(&format!("{name}-map"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("recipients.txt");
+    std::fs::write(&file, map).unwrap();
+    let extra = format!(
+        "[[recipients]]\ndomains = [\"example.test\"]\nfile = \"{}\"\n",
+        file.display()
+    );
+    Server::start_with(name, driver, "", &extra)
+}
+
+const SEND: &str = r#"
+import os, smtplib
+with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
+    s.ehlo("client.test")
+    s.mail("sender@remote.test")
+    for r in ["alice@example.test", "alice+news@example.test", "ALICE@Example.test", "nobody@example.test", "anyone@example.org"]:
+        print(r, s.rcpt(r))
+"#;
+
+#[test]
+fn unknown_recipients_refused_harvest_closed_map_reloaded() {
+    for driver in DRIVERS {
+        let s = with_map(
+            &format!("rcpt-map-{driver}"),
+            driver,
+            "# test users\nalice@example.test\npostmaster@*\n",
+        );
+        let out = python(SEND, s.inbound.port(), 0);
+        let text = stdout(&out);
+        assert!(out.status.success(), "{text}");
+        for (r, want) in [
+            ("alice@example.test", "250"),
+            ("alice+news@example.test", "250"),
+            ("ALICE@Example.test", "250"),
+            ("nobody@example.test", "550, b'5.1.1"),
+            // A local domain no map covers: not validated.
+            ("anyone@example.org", "250"),
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{r} ({want}"))),
+                "[{driver}] {r}: {text}"
+            );
+        }
+        // A directory harvest: closed after the tenth unknown recipient.
+        let mut c = Raw::connect(s.inbound);
+        c.reply();
+        c.cmd("EHLO harvester.test\r\n");
+        c.cmd("MAIL FROM:<h@remote.test>\r\n");
+        let mut replies = Vec::new();
+        for i in 0..30 {
+            c.send(&format!("RCPT TO:<guess{i}@example.test>\r\n"));
+            let r = c.reply();
+            if r.is_empty() {
+                break;
+            }
+            replies.push(r);
+        }
+        let refused = replies
+            .iter()
+            .filter(|r| r.starts_with("550 5.1.1"))
+            .count();
+        assert_eq!(refused, 10, "[{driver}] {replies:?}");
+        assert!(
+            replies
+                .iter()
+                .any(|r| r.contains("421 4.7.0 Too many unknown recipients")),
+            "[{driver}] {replies:?}"
+        );
+        assert!(c.rest().is_empty(), "[{driver}] closed");
+        // The map is reloaded with the configuration.
+        let cfg = std::fs::read_to_string(s.dir.join("ringmx.toml")).unwrap();
+        let map = cfg
+            .split("file = \"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .to_string();
+        std::fs::write(&map, "alice@example.test\nnobody@example.test\n").unwrap();
+        s.reconfigure(&cfg);
+        let text = stdout(&python(SEND, s.inbound.port(), 0));
+        assert!(
+            text.contains("nobody@example.test (250"),
+            "[{driver}] {text}"
+        );
+        let metrics = s.admin_get("/metrics").1;
+        assert!(
+            metrics.contains("reason=\"unknown_recipient\"} 11"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("reason=\"harvest\"} 1"), "{metrics}");
+    }
+}
+
+#[test]
+fn loop_limit_refuses_more_than_max_hops() {
+    for driver in DRIVERS {
+        let s = Server::start(&format!("hops-{driver}"), driver);
+        for (n, want) in [(50, "250"), (51, "554 5.4.6")] {
+            let received: String = (0..n)
+                .map(|i| format!("Received: from hop{i}.test by hop{}.test; Sun, 29 Nov 2026 10:00:00 +0000\r\n", i + 1))
+                .collect();
+            let mut c = Raw::connect(s.inbound);
+            c.reply();
+            c.cmd("EHLO loop.test\r\n");
+            c.start_data();
+            let r = c.cmd(&format!("{received}Subject: loop {n}\r\n\r\nbody\r\n.\r\n"));
+            assert!(r.starts_with(want), "[{driver}] {n}: {r}");
+            c.cmd("QUIT\r\n");
+        }
+        assert_eq!(s.dropped().len(), 1, "[{driver}]");
+    }
+}
