@@ -28,27 +28,11 @@ pub fn server_config(b: &BindingSection) -> Result<Option<Arc<ServerConfig>>, Tl
     if b.tls == TlsMode::None {
         return Ok(None);
     }
-    let err = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
-        TlsError(format!(
-            "binding {:?}: {what} {}: {e}",
-            b.name,
-            path.display()
-        ))
-    };
+    let who = format!("binding {:?}", b.name);
     let (chain, key) = match (&b.certificate, &b.key, &b.pkcs12) {
-        (Some(cert), Some(key), None) => {
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-                .map_err(|e| err("certificate", cert, &e))?
-                .collect::<Result<_, _>>()
-                .map_err(|e| err("certificate", cert, &e))?;
-            if chain.is_empty() {
-                return Err(err("certificate", cert, &"no CERTIFICATE block found"));
-            }
-            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| err("key", key, &e))?;
-            (chain, key)
-        }
+        (Some(cert), Some(key), None) => load_pem(&who, cert, key)?,
         (None, None, Some(pfx)) => load_pkcs12(pfx, b.pkcs12_password_file.as_deref())
-            .map_err(|e| err("pkcs12", pfx, &e))?,
+            .map_err(|e| TlsError(format!("{who}: pkcs12 {}: {e}", pfx.display())))?,
         _ => {
             return Err(TlsError(format!(
                 "binding {:?}: TLS needs certificate + key or pkcs12",
@@ -65,10 +49,22 @@ pub fn admin_config(a: &AdminSection) -> Result<Option<Arc<ServerConfig>>, TlsEr
     let (Some(cert), Some(key)) = (&a.certificate, &a.key) else {
         return Ok(None);
     };
+    let (chain, key) = load_pem("admin", cert, key)?;
+    build("admin", chain, key, &[b"http/1.1"]).map(Some)
+}
+
+type Chain = Vec<CertificateDer<'static>>;
+
+/// A certificate chain and its key from PEM files; errors name `who` and the file.
+fn load_pem(
+    who: &str,
+    cert: &Path,
+    key: &Path,
+) -> Result<(Chain, PrivateKeyDer<'static>), TlsError> {
     let err = |what: &str, path: &Path, e: &dyn std::fmt::Display| {
-        TlsError(format!("admin: {what} {}: {e}", path.display()))
+        TlsError(format!("{who}: {what} {}: {e}", path.display()))
     };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+    let chain: Chain = CertificateDer::pem_file_iter(cert)
         .map_err(|e| err("certificate", cert, &e))?
         .collect::<Result<_, _>>()
         .map_err(|e| err("certificate", cert, &e))?;
@@ -76,7 +72,7 @@ pub fn admin_config(a: &AdminSection) -> Result<Option<Arc<ServerConfig>>, TlsEr
         return Err(err("certificate", cert, &"no CERTIFICATE block found"));
     }
     let key = PrivateKeyDer::from_pem_file(key).map_err(|e| err("key", key, &e))?;
-    build("admin", chain, key, &[b"http/1.1"]).map(Some)
+    Ok((chain, key))
 }
 
 fn build(

@@ -400,9 +400,9 @@ fn mx_records_from_a_loopback_dns_server() {
     drop(dns);
 }
 
-#[test]
-fn relays_to_postfix_smtp_sink_over_reused_connections() {
-    let dir = temp_dir("relay-smtp-sink");
+/// Postfix's smtp-sink on a free port, dumping every transaction (envelope arguments
+/// included) into `dir/dump`: (child, port, dump folder).
+fn smtp_sink(dir: &std::path::Path) -> (Child, u16, std::path::PathBuf) {
     let dump = dir.join("dump");
     std::fs::create_dir_all(&dump).unwrap();
     Command::new("chmod")
@@ -411,15 +411,22 @@ fn relays_to_postfix_smtp_sink_over_reused_connections() {
         .status()
         .unwrap();
     let port = free_port();
-    let mut sink = support::peer("smtp-sink")
+    let child = support::peer("smtp-sink")
         .args(["-u", "nobody", "-d"])
         .arg(format!("{}/%H%M%S.", dump.display()))
         .arg(format!("127.0.0.1:{port}"))
         .arg("100")
         .stdout(Stdio::null())
         .spawn()
-        .expect("smtp-sink (Debian postfix package) is installed");
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
+    (child, port, dump)
+}
+
+#[test]
+fn relays_to_postfix_smtp_sink_over_reused_connections() {
+    let dir = temp_dir("relay-smtp-sink");
+    let (mut sink, port, dump) = smtp_sink(&dir);
     let extra = format!(
         "{QUEUE_FAST}{}",
         relay_route(
@@ -739,24 +746,8 @@ fn default_port_and_expiry_after_max_lifetime() {
 #[test]
 fn dsn_parameters_are_honoured_and_passed_on() {
     let dir = temp_dir("relay-dsn");
-    let dump = dir.join("dump");
-    std::fs::create_dir_all(&dump).unwrap();
-    Command::new("chmod")
-        .arg("777")
-        .arg(&dump)
-        .status()
-        .unwrap();
-    let port = free_port();
-    let mut smtp_sink = support::peer("smtp-sink")
-        .args(["-u", "nobody", "-d"])
-        .arg(format!("{}/%H%M%S.", dump.display()))
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("10")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut smtp_sink, port, dump) = smtp_sink(&dir);
     let plain = Sink::start(&dir, &["--reject", "bad"]);
-    std::thread::sleep(Duration::from_millis(300));
     let extra = format!(
         "{QUEUE_FAST}{}{}",
         relay_route(
