@@ -652,10 +652,13 @@ impl Sink {
         Sink { port, out, child }
     }
 
+    /// The records written so far: whole lines only (the sink may be writing the next one, and
+    /// a message of a few MiB takes more than one write).
     pub fn records(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.out)
             .unwrap_or_default()
-            .lines()
+            .split_inclusive('\n')
+            .filter(|l| l.ends_with('\n'))
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     }
