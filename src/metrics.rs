@@ -15,6 +15,7 @@ pub enum Reason {
     FoldedFirstLine,
     UnknownRecipient,
     Harvest,
+    AccessDenied,
     Loop,
     Storage,
     NoRoute,
@@ -22,7 +23,7 @@ pub enum Reason {
     Timeout,
 }
 
-const REASONS: [(Reason, &str); 13] = [
+const REASONS: [(Reason, &str); 14] = [
     (Reason::RelayDenied, "relay_denied"),
     (Reason::AuthRequired, "auth_required"),
     (Reason::TooBig, "too_big"),
@@ -31,6 +32,7 @@ const REASONS: [(Reason, &str); 13] = [
     (Reason::FoldedFirstLine, "folded_first_line"),
     (Reason::UnknownRecipient, "unknown_recipient"),
     (Reason::Harvest, "harvest"),
+    (Reason::AccessDenied, "access_denied"),
     (Reason::Loop, "loop"),
     (Reason::Storage, "storage"),
     (Reason::NoRoute, "no_route"),

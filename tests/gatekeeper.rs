@@ -124,3 +124,52 @@ fn loop_limit_refuses_more_than_max_hops() {
         assert_eq!(s.dropped().len(), 1, "[{driver}]");
     }
 }
+
+/// `clients_deny` and `clients_allow` per binding: refused clients get `554 5.7.1` instead of
+/// the greeting (smtplib from loopback aliases), others are served.
+#[test]
+fn client_access_lists_per_binding() {
+    const CONNECT: &str = r#"
+import os, smtplib
+for src in ["127.0.0.1", "127.0.0.2", "127.0.0.3"]:
+    try:
+        with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=(src, 0), timeout=10) as s:
+            print(src, s.noop()[0])
+    except smtplib.SMTPConnectError as e:
+        print(src, e.smtp_code, e.smtp_error.decode())
+"#;
+    for driver in DRIVERS {
+        let s = Server::start_with(
+            &format!("access-{driver}"),
+            driver,
+            "clients_allow = [\"127.0.0.0/30\"]\nclients_deny = [\"127.0.0.2/32\"]\n",
+            "",
+        );
+        let text = stdout(&python(CONNECT, s.inbound.port(), 0));
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            [
+                "127.0.0.1 250",
+                "127.0.0.2 554 5.7.1 Access denied, closing connection",
+                "127.0.0.3 250",
+            ],
+            "[{driver}]"
+        );
+        // Outside clients_allow.
+        let out = python(
+            &CONNECT.replace("\"127.0.0.3\"", "\"127.0.0.5\""),
+            s.inbound.port(),
+            0,
+        );
+        assert!(
+            stdout(&out).contains("127.0.0.5 554 5.7.1"),
+            "[{driver}] {}",
+            stdout(&out)
+        );
+        assert!(
+            s.admin_get("/metrics")
+                .1
+                .contains("reason=\"access_denied\"} 3")
+        );
+    }
+}

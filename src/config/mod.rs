@@ -281,6 +281,12 @@ pub struct BindingSection {
     pub auth: AuthMode,
     #[serde(default)]
     pub allowed_clients: Vec<Cidr>,
+    /// Only these client networks may connect (empty = any); `554 5.7.1` to the others.
+    #[serde(default)]
+    pub clients_allow: Vec<Cidr>,
+    /// These client networks may not connect (`554 5.7.1`); checked before `clients_allow`.
+    #[serde(default)]
+    pub clients_deny: Vec<Cidr>,
     pub proxy_protocol: Option<Vec<Cidr>>,
     #[serde(default)]
     pub limits: LimitsOverride,

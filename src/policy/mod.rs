@@ -25,6 +25,18 @@ pub struct Client {
     pub authenticated: bool,
 }
 
+/// A new connection from `ip` (after a PROXY header, the client it names): `clients_deny`
+/// first, then `clients_allow` when it lists any network.
+pub fn check_connect(binding: &Binding, ip: IpAddr) -> Result<(), &'static Reply> {
+    let s = &binding.section;
+    if any_contains(&s.clients_deny, ip)
+        || (!s.clients_allow.is_empty() && !any_contains(&s.clients_allow, ip))
+    {
+        return Err(&reply::ACCESS_DENIED);
+    }
+    Ok(())
+}
+
 /// MAIL FROM.
 pub fn check_mail(binding: &Binding, client: Client) -> Result<(), &'static Reply> {
     if binding.section.auth == AuthMode::Required && !client.authenticated {
@@ -96,6 +108,31 @@ folder = "/tmp/x"
             ip: ip.parse().unwrap(),
             authenticated,
         }
+    }
+
+    #[test]
+    fn access_lists_deny_first_then_allow() {
+        let mut c = cfg();
+        let b = &mut c.bindings[0];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            check_connect(b, ip("203.0.113.9")),
+            Ok(()),
+            "no lists: anyone"
+        );
+        let net = |s: &str| crate::config::units::Cidr::parse(s).unwrap();
+        b.section.clients_allow = vec![net("192.0.2.0/24")];
+        b.section.clients_deny = vec![net("192.0.2.66/32")];
+        assert_eq!(check_connect(b, ip("192.0.2.1")), Ok(()));
+        assert_eq!(check_connect(b, ip("::ffff:192.0.2.1")), Ok(()));
+        assert_eq!(
+            check_connect(b, ip("192.0.2.66")),
+            Err(&reply::ACCESS_DENIED)
+        );
+        assert_eq!(
+            check_connect(b, ip("198.51.100.1")),
+            Err(&reply::ACCESS_DENIED)
+        );
     }
 
     #[test]

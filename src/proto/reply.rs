@@ -184,6 +184,8 @@ pub static UTF8_NOT_PERMITTED: Reply = Reply::new(
 pub static TOO_MANY_RECIPIENTS: Reply = Reply::new(452, "4.5.3", "Too many recipients");
 /// SIZE= or the message itself over the limit.
 pub static MESSAGE_TOO_BIG: Reply = Reply::new(552, "5.3.4", "Message size exceeds fixed limit");
+/// A client network the binding's access lists refuse (sent instead of the greeting).
+pub static ACCESS_DENIED: Reply = Reply::new(554, "5.7.1", "Access denied, closing connection");
 /// RCPT for a local recipient not in `[[recipients]]`.
 pub static UNKNOWN_RECIPIENT: Reply =
     Reply::new(550, "5.1.1", "Recipient address rejected: user unknown");

@@ -233,10 +233,19 @@ pub(crate) async fn handle(
         refuse_proxy_header: proxy_binding && !trusted_proxy,
         message_started: None,
     };
-    if guard.is_none() {
-        shared.metrics.rejected(Reason::TooManyConnections);
+    let refused = match policy::check_connect(&conn.binding.b, peer.ip()) {
+        Err(r) => Some((r, Reason::AccessDenied, "refused: access list")),
+        Ok(()) if guard.is_none() => Some((
+            &reply::TOO_MANY_CONNECTIONS,
+            Reason::TooManyConnections,
+            "refused: too many connections",
+        )),
+        Ok(()) => None,
+    };
+    if let Some((r, reason, why)) = refused {
+        shared.metrics.rejected(reason);
         session.clear_output();
-        session.close_with(&reply::TOO_MANY_CONNECTIONS);
+        session.close_with(r);
         let _ = write_out(
             &mut conn.transport,
             &mut stream,
@@ -244,7 +253,7 @@ pub(crate) async fn handle(
             &mut Vec::new(),
         )
         .await;
-        tracing::info!(client = %peer, binding = %conn.binding.b.section.name, "refused: too many connections");
+        tracing::info!(client = %peer, binding = %conn.binding.b.section.name, "{why}");
         return;
     }
     shared
