@@ -53,31 +53,19 @@ fn unknown_recipients_refused_harvest_closed_map_reloaded() {
                 "[{driver}] {r}: {text}"
             );
         }
-        // A directory harvest: closed after the tenth unknown recipient.
+        // A directory harvest: the tenth unknown recipient is answered, then 421 and close
+        // (nothing is sent after it: a write to the closed socket could reset the connection
+        // before the 421 is read).
         let mut c = Raw::connect(s.inbound);
         c.reply();
         c.cmd("EHLO harvester.test\r\n");
         c.cmd("MAIL FROM:<h@remote.test>\r\n");
-        let mut replies = Vec::new();
-        for i in 0..30 {
-            c.send(&format!("RCPT TO:<guess{i}@example.test>\r\n"));
-            let r = c.reply();
-            if r.is_empty() {
-                break;
-            }
-            replies.push(r);
+        for i in 0..10 {
+            let r = c.cmd(&format!("RCPT TO:<guess{i}@example.test>\r\n"));
+            assert!(r.starts_with("550 5.1.1"), "[{driver}] guess {i}: {r}");
         }
-        let refused = replies
-            .iter()
-            .filter(|r| r.starts_with("550 5.1.1"))
-            .count();
-        assert_eq!(refused, 10, "[{driver}] {replies:?}");
-        assert!(
-            replies
-                .iter()
-                .any(|r| r.contains("421 4.7.0 Too many unknown recipients")),
-            "[{driver}] {replies:?}"
-        );
+        let r = c.reply();
+        assert!(r.starts_with("421 4.7.0 Too many unknown recipients"), "[{driver}] {r}");
         assert!(c.rest().is_empty(), "[{driver}] closed");
         // The map is reloaded with the configuration.
         let cfg = std::fs::read_to_string(s.dir.join("ringmx.toml")).unwrap();
