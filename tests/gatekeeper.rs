@@ -65,7 +65,10 @@ fn unknown_recipients_refused_harvest_closed_map_reloaded() {
             assert!(r.starts_with("550 5.1.1"), "[{driver}] guess {i}: {r}");
         }
         let r = c.reply();
-        assert!(r.starts_with("421 4.7.0 Too many unknown recipients"), "[{driver}] {r}");
+        assert!(
+            r.starts_with("421 4.7.0 Too many unknown recipients"),
+            "[{driver}] {r}"
+        );
         assert!(c.rest().is_empty(), "[{driver}] closed");
         // The map is reloaded with the configuration.
         let cfg = std::fs::read_to_string(s.dir.join("ringmx.toml")).unwrap();
