@@ -400,6 +400,23 @@ fn mx_records_from_a_loopback_dns_server() {
     drop(dns);
 }
 
+/// Wait (up to `secs`) for a file in the drop folder that contains `needle`; fails with `what`.
+fn wait_dropped(s: &Server, needle: &str, secs: u64, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let found = std::fs::read_dir(&s.drop_dir).ok().and_then(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                .find(|f| f.contains(needle))
+        });
+        if let Some(f) = found {
+            return f;
+        }
+        assert!(Instant::now() < deadline, "{what}\n{}", s.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Postfix's smtp-sink on a free port, dumping every transaction (envelope arguments
 /// included) into `dir/dump`: (child, port, dump folder).
 fn smtp_sink(dir: &std::path::Path) -> (Child, u16, std::path::PathBuf) {
@@ -601,21 +618,7 @@ fn delay_notice_while_the_hop_stays_down() {
         "<delay@example.test>",
     );
     // One "delayed" notice, once, while it keeps being retried.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let notice = loop {
-        let files: Vec<String> = std::fs::read_dir(&s.drop_dir)
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(f) = files.into_iter().next() {
-            break f;
-        }
-        assert!(Instant::now() < deadline, "no delay notice\n{}", s.log());
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let notice = wait_dropped(&s, "", 20, "no delay notice");
     assert!(notice.contains("Action: delayed"), "{notice}");
     assert!(notice.contains("Subject: Delayed Mail"), "{notice}");
     let sink = Sink::start_on(&dir, later, &[]);
@@ -706,21 +709,7 @@ fn default_port_and_expiry_after_max_lifetime() {
     );
     let line = wait_deferred(&s, "z@expire.test");
     assert!(line.contains("127.0.0.2:25"), "{line}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let bounce = loop {
-        let files: Vec<String> = std::fs::read_dir(&s.drop_dir)
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(f) = files.into_iter().next() {
-            break f;
-        }
-        assert!(Instant::now() < deadline, "no expiry bounce\n{}", s.log());
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let bounce = wait_dropped(&s, "", 20, "no expiry bounce");
     assert!(
         bounce.contains("X-Receiver: alice@example.test"),
         "{bounce}"
@@ -905,25 +894,7 @@ with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
     }
     s.kill9();
     s.restart();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let bounce = loop {
-        let files: Vec<String> = std::fs::read_dir(&s.drop_dir)
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| std::fs::read_to_string(e.path()).ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        if let Some(f) = files.into_iter().find(|f| f.contains("Action: failed")) {
-            break f;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no expiry DSN after copy-forward\n{}",
-            s.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let bounce = wait_dropped(&s, "Action: failed", 30, "no expiry DSN after copy-forward");
     assert!(
         bounce.contains(
             "Original-Recipient: rfc822;orig-b@later.test\r\nFinal-Recipient: rfc822; b@later.test"
