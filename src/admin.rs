@@ -11,7 +11,26 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::runtime::Shared;
+use crate::aswl::Aswl;
+use crate::config::AdminSection;
+use crate::delivery::QueueOp;
+
+/// The running server as the endpoint sees it: a narrow handle, implemented by the runtime
+/// and handed to [`start`] by `main`.
+pub trait Server: Send + Sync {
+    /// The server is stopping (health checks fail, connections are refused).
+    fn stopping(&self) -> bool;
+    /// The endpoint's live settings and tokens (they change on reload).
+    fn access(&self) -> (Arc<AdminSection>, Arc<Vec<String>>);
+    /// Prometheus text for `/metrics`, without the whitelist's part.
+    fn metrics(&self) -> String;
+    /// The whitelist and its live settings, when it is enabled.
+    fn aswl(&self) -> Option<(Arc<Aswl>, Arc<crate::aswl::Settings>)>;
+    /// Reload the configuration; the new generation or why it was refused.
+    fn reload(&self) -> Result<u64, String>;
+    /// Ask every core's queue; one answer per core.
+    fn queue(&self, op: QueueOp) -> Vec<String>;
+}
 
 /// Requests served at once; more are answered `503` at once (a slow client cannot hold the
 /// endpoint: each request has its own thread and deadlines).
@@ -30,7 +49,7 @@ const MAX_BODY: u64 = 1 << 30;
 /// `tls` is given.
 pub fn start(
     addr: SocketAddr,
-    shared: Arc<Shared>,
+    shared: Arc<dyn Server>,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let listener = TcpListener::bind(addr)?;
@@ -39,7 +58,7 @@ pub fn start(
         .name("ringmx-admin".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                if shared.shutdown.load(Ordering::SeqCst) {
+                if shared.stopping() {
                     return;
                 }
                 let Ok(s) = stream else { continue };
@@ -57,7 +76,7 @@ pub fn start(
                 let spawned = std::thread::Builder::new()
                     .name("ringmx-admin-req".into())
                     .spawn(move || {
-                        let _ = accept(s, addr, &shared, tls);
+                        let _ = accept(s, addr, &*shared, tls);
                         done.fetch_sub(1, Ordering::SeqCst);
                     });
                 if spawned.is_err() {
@@ -292,7 +311,7 @@ impl Write for Deadline<'_> {
 fn accept(
     stream: TcpStream,
     listen: SocketAddr,
-    shared: &Shared,
+    shared: &dyn Server,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> std::io::Result<()> {
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;
@@ -317,15 +336,14 @@ fn handle(
     stream: impl Read + Write,
     until: &Cell<Instant>,
     listen: SocketAddr,
-    shared: &Shared,
+    shared: &dyn Server,
 ) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream);
-    let live = shared.live();
-    let cfg = &live.config.admin;
+    let (cfg, tokens) = shared.access();
     let policy = Policy {
         listen,
         allowed_hosts: &cfg.allowed_hosts,
-        tokens: &live.admin_tokens,
+        tokens: &tokens,
         open_metrics: cfg.open_metrics,
     };
     let head = match read_head(&mut reader).and_then(|h| authorize(&h, &policy).map(|()| h)) {
@@ -367,14 +385,14 @@ fn handle(
     let (method, path) = (head.method.as_str(), head.path.as_str());
     let response = match (method, path) {
         ("GET", "/metrics") => {
-            let mut m = shared.metrics.render();
-            if let Some(a) = &shared.aswl {
-                crate::aswl::admin::metrics(a, &mut m);
+            let mut m = shared.metrics();
+            if let Some((a, _)) = shared.aswl() {
+                crate::aswl::admin::metrics(&a, &mut m);
             }
             ("200 OK", "text/plain; version=0.0.4", m)
         }
         ("GET", "/healthz") => {
-            if shared.shutdown.load(Ordering::SeqCst) {
+            if shared.stopping() {
                 (
                     "503 Service Unavailable",
                     "text/plain",
@@ -384,7 +402,7 @@ fn handle(
                 ("200 OK", "text/plain", "ok\n".to_string())
             }
         }
-        ("POST", "/reload") => match shared.request_reload() {
+        ("POST", "/reload") => match shared.reload() {
             Ok(g) => (
                 "200 OK",
                 "text/plain",
@@ -406,16 +424,16 @@ fn handle(
 
 pub type Response = (&'static str, &'static str, String);
 
-fn aswl(shared: &Shared, method: &str, path: &str, body: &[u8]) -> Response {
+fn aswl(shared: &dyn Server, method: &str, path: &str, body: &[u8]) -> Response {
     use crate::aswl::admin;
-    let (Some(a), Some(s)) = (&shared.aswl, shared.live().config.aswl.clone()) else {
+    let Some((a, s)) = shared.aswl() else {
         return (
             "404 Not Found",
             "text/plain",
             "the whitelist is not enabled ([aswl])\n".into(),
         );
     };
-    let result = admin::parse_request(method, path).and_then(|op| admin::run(a, &s, &op, body));
+    let result = admin::parse_request(method, path).and_then(|op| admin::run(&a, &s, &op, body));
     match result {
         Ok(text) => ("200 OK", "text/plain; charset=utf-8", text),
         Err((code, msg)) => (
@@ -430,8 +448,8 @@ fn aswl(shared: &Shared, method: &str, path: &str, body: &[u8]) -> Response {
     }
 }
 
-fn queue(shared: &Shared, method: &str, path: &str) -> Response {
-    use crate::runtime::queue::Op;
+fn queue(shared: &dyn Server, method: &str, path: &str) -> Response {
+    use QueueOp as Op;
     let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(2).collect();
     let op = match (method, parts.as_slice()) {
         ("GET", []) => Op::List,
@@ -453,7 +471,7 @@ fn queue(shared: &Shared, method: &str, path: &str) -> Response {
         op,
         Op::Show(_) | Op::Delete(_) | Op::Hold(_) | Op::Release(_) | Op::Flush(Some(_))
     );
-    let answers = shared.queue_command(op.clone());
+    let answers = shared.queue(op.clone());
     if by_id && answers.is_empty() {
         return (
             "404 Not Found",

@@ -345,7 +345,7 @@ fn aswl(args: &[String]) -> ExitCode {
     };
     // With replication on, offline changes wait in its outbox for the next start.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    if settings.replication.is_some() {
+    if config.replication.is_some() {
         a.replica.connect_tap(tx);
     }
     let answer = match run(&a, &settings, &op, &body) {
@@ -356,7 +356,7 @@ fn aswl(args: &[String]) -> ExitCode {
     while let Ok(c) = rx.try_recv() {
         changes.push(c);
     }
-    if let Some(r) = &settings.replication
+    if let Some(r) = &config.replication
         && let Err(e) = ringmx::replication::queue_offline(&settings.dir, r, &changes)
     {
         eprintln!("ringmx: the replication outbox: {e} (the change is made here only)");
@@ -428,7 +428,20 @@ fn run(args: &[String]) -> ExitCode {
         config.server.driver = d;
     }
     init_logging(config.server.log);
-    match ringmx::runtime::run(config, config_file) {
+    let admin = config.admin.clone();
+    let started = move |shared: std::sync::Arc<ringmx::runtime::Shared>| {
+        let Some(addr) = admin.listen else {
+            return Ok(());
+        };
+        let tls = ringmx::tls::admin_config(&admin).map_err(|e| e.to_string())?;
+        if tls.is_none() && !addr.ip().is_loopback() {
+            tracing::warn!(listen = %addr, "admin endpoint off loopback without [admin] certificate: tokens cross the network in clear text");
+        }
+        ringmx::admin::start(addr, shared, tls).map_err(|e| format!("admin.listen {addr}: {e}"))?;
+        tracing::info!(listen = %addr, "admin endpoint");
+        Ok(())
+    };
+    match ringmx::runtime::run(config, config_file, started) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -71,7 +71,7 @@ pub struct Metrics {
     deliveries: [AtomicU64; DELIVERY_RESULTS.len()],
     queue_time_count: AtomicU64,
     queue_time_sum_ms: AtomicU64,
-    commit: std::sync::Arc<crate::spool::CommitStats>,
+    commit: std::sync::Arc<crate::journal::CommitStats>,
     /// Relay connections opened, and transactions sent over a reused one.
     relay_opened: AtomicU64,
     relay_reused: AtomicU64,
@@ -190,7 +190,7 @@ impl Metrics {
     }
 
     /// The spool committers' statistics (shared with every core's committer).
-    pub fn commit_stats(&self) -> std::sync::Arc<crate::spool::CommitStats> {
+    pub fn commit_stats(&self) -> std::sync::Arc<crate::journal::CommitStats> {
         self.commit.clone()
     }
 

@@ -36,6 +36,7 @@ pub mod admin;
 pub mod detect;
 pub mod persist;
 pub mod replica;
+mod section;
 pub mod store;
 pub mod table;
 
@@ -46,8 +47,8 @@ use std::time::{Duration, SystemTime};
 
 pub use store::Mode;
 
-use crate::config::AswlSection;
 use detect::{Masks, Signals, Skip};
+pub use section::AswlSection;
 
 /// The compiled `[aswl]` settings (part of the configuration; replaced on reload).
 #[derive(Debug, Clone)]
@@ -58,7 +59,7 @@ pub struct Settings {
     pub sweep_interval: Duration,
     pub snapshot_interval: Duration,
     pub dir: PathBuf,
-    pub ip_exceptions: Vec<crate::config::units::Cidr>,
+    pub ip_exceptions: Vec<crate::units::Cidr>,
     pub subjects: Option<Masks>,
     pub auto_response_window: Duration,
     pub signals: Signals,
@@ -70,21 +71,19 @@ pub struct Settings {
     pub log_additions: bool,
     pub header: String,
     pub normalize: addr::Normalize,
-    /// `[aswl.replication]` (read at startup only).
-    pub replication: Option<std::sync::Arc<crate::replication::Settings>>,
 }
 
 impl Settings {
     /// Compile `[aswl]`; errors name the key (without the `aswl.` prefix).
-    pub fn compile(
-        a: &AswlSection,
+    pub fn compile<R>(
+        a: &AswlSection<R>,
         dir: PathBuf,
         local_domains: &[String],
     ) -> Result<Settings, (&'static str, String)> {
         let lifetime = match a.lifetime.trim() {
             "off" | "" => None,
             s => {
-                let d = crate::config::units::Secs::parse(s)
+                let d = crate::units::Secs::parse(s)
                     .map_err(|e| ("lifetime", format!("\"off\" or a duration: {e}")))?
                     .0;
                 if d < Duration::from_secs(1) {
@@ -153,12 +152,6 @@ impl Settings {
                 local_delimiters: a.local_delimiters.clone(),
                 external_plus_fold: a.external_plus_fold,
             },
-            replication: match &a.replication {
-                Some(r) => Some(std::sync::Arc::new(crate::replication::Settings::compile(
-                    r,
-                )?)),
-                None => None,
-            },
         })
     }
 
@@ -174,7 +167,7 @@ impl Settings {
         // Keys are lower case already; the configuration's names were lowered above.
         self.local_exact.contains(domain)
             || (!self.local_patterns.is_empty()
-                && crate::config::domain_matches(&self.local_patterns, domain))
+                && crate::domain::domain_matches(&self.local_patterns, domain))
     }
 }
 
@@ -464,7 +457,7 @@ impl Aswl {
         if !s.is_local(addr::key_domain(&local)) {
             return Err(format!("sender {local} is not in a local domain"));
         }
-        if crate::config::units::any_contains(&s.ip_exceptions, client) {
+        if crate::units::any_contains(&s.ip_exceptions, client) {
             self.counters.skipped_ip.fetch_add(1, Ordering::Relaxed);
             return Err(format!("client {client} is in ip_exceptions"));
         }

@@ -37,7 +37,7 @@ use std::time::Instant;
 
 use super::Pair;
 use super::store::{Item, Store, unpack_name};
-use crate::spool::Segment;
+use crate::journal::Segment;
 
 const LOG_MAGIC: &[u8; 4] = b"RMXL";
 const SNAP_MAGIC: &[u8; 8] = b"RMXASWL\0";

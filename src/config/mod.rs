@@ -1,8 +1,6 @@
 //! The configuration file: one TOML document, typed, every key defaulted and documented in
 //! `examples/ringmx.toml`, unknown keys refused, and every error naming the key and its line.
 
-pub mod units;
-
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,8 +10,16 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub use crate::delivery::Direction;
+use crate::domain::canonical_pattern;
+pub use crate::domain::{canonical_domain, domain_matches};
 use crate::proto::{self, BareLinePolicy};
-pub use units::{Cidr, Secs, Size};
+pub use crate::relay::RelayTls;
+pub use crate::replication::ReplicationSection;
+use crate::units;
+pub use crate::units::{Cidr, Secs, Size};
+/// `[aswl]` with its `[aswl.replication]` table.
+pub type AswlSection = crate::aswl::AswlSection<ReplicationSection>;
 
 /// The configuration used when `ringmx run` gets no `--config`: no root needed, loopback only.
 pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
@@ -42,16 +48,6 @@ impl std::fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
-
-/// Which way mail flows through a binding.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// Mail from the Internet to the organisation: only local domains are accepted.
-    Inbound,
-    /// Mail from the organisation: relayed for `allowed_clients` or authenticated users.
-    Outbound,
-}
 
 /// TLS on a binding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -414,21 +410,6 @@ pub enum RouteAction {
     Hold,
 }
 
-/// TLS towards a next hop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum RelayTls {
-    /// Never.
-    None,
-    /// STARTTLS when the next hop offers it; plain otherwise.
-    #[default]
-    Opportunistic,
-    /// STARTTLS must succeed, or the hop counts as failed (temporary).
-    Required,
-    /// TLS from the first byte (port 465).
-    Implicit,
-}
-
 /// `[[route]]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -589,133 +570,6 @@ impl Default for QueueSection {
     }
 }
 
-/// `[aswl]`: the Auto Sender Whitelist (see `src/aswl`). Present = on.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct AswlSection {
-    pub enabled: bool,
-    /// Which view a check uses: `global`, `per-domain` or `per-recipient`.
-    pub mode: crate::aswl::Mode,
-    /// `"off"` (records kept forever, the default) or a duration such as `"30d"`.
-    pub lifetime: String,
-    /// How often expired records are removed.
-    pub sweep_interval: Secs,
-    /// How often a snapshot is written (the change logs it covers are then deleted).
-    pub snapshot_interval: Secs,
-    /// Default `{data_dir}/aswl`.
-    pub dir: Option<PathBuf>,
-    /// Outbound clients whose mail is not collected (CIDRs).
-    pub ip_exceptions: Vec<crate::config::units::Cidr>,
-    /// Subject masks whose mail is not collected (besides the shipped out-of-office list).
-    pub subject_exceptions: Vec<String>,
-    /// A file of subject masks replacing the shipped out-of-office list.
-    pub subject_exceptions_file: Option<PathBuf>,
-    /// Use the shipped out-of-office list (when no file is given).
-    pub default_subject_exceptions: bool,
-    /// An outbound message to R this soon after an inbound one from R is an auto-response
-    /// (0 = off).
-    pub auto_response_window: Secs,
-    pub detect_auto_submitted: bool,
-    pub detect_precedence: bool,
-    pub detect_list_headers: bool,
-    pub detect_reports: bool,
-    /// Senders (address or domain masks) never whitelisted.
-    pub check_exceptions: Vec<String>,
-    /// Senders in `[domains] local` are never whitelisted (forged "internal" mail).
-    pub except_local_domains: bool,
-    pub log_additions: bool,
-    /// The header carrying the verdict on inbound mail.
-    pub header: String,
-    /// Sub-address delimiters of local addresses (each character is one; empty = off).
-    pub local_delimiters: String,
-    pub case_sensitive_local_part: bool,
-    /// Also fold `+tag` on external addresses.
-    pub external_plus_fold: bool,
-    /// `[aswl.replication]`: share the whitelist with other nodes through Redis.
-    pub replication: Option<ReplicationSection>,
-}
-
-/// `[aswl.replication]`: the whitelist shared across edge hosts through Redis (or Valkey).
-/// Read at startup (a change takes effect after a restart).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ReplicationSection {
-    /// `redis://host:port[/db]` or `rediss://…` (TLS); several = seed nodes of a cluster.
-    pub urls: Vec<String>,
-    /// Redis Cluster (`urls` are seed nodes) rather than one server.
-    pub cluster: bool,
-    /// ACL user (`AUTH user password`); with `password_file`.
-    pub username: Option<String>,
-    /// A file holding the password (first line).
-    pub password_file: Option<PathBuf>,
-    /// PEM CA bundle for `rediss://` (default: the system's roots).
-    pub tls_ca_file: Option<PathBuf>,
-    /// Prefix of every Redis key (no `{` or `}`: keys carry their own hash tags).
-    pub prefix: String,
-    /// This node's name in the stream (default: host name + a random suffix, kept in the
-    /// data directory).
-    pub node_id: Option<String>,
-    /// Most records per stream entry.
-    pub batch: usize,
-    /// How long changes are gathered before they are written to the outbox and sent, and
-    /// how long a node waits between stream reads that were not full: fewer, larger batches
-    /// (fewer fsyncs and wake-ups on every node) for at most about twice this in lag.
-    pub batch_interval: Secs,
-    /// Most records kept for Redis while it is unreachable; beyond that the oldest are
-    /// dropped from the outbox and republished from the whitelist itself when Redis returns.
-    pub outbox_limit: usize,
-    /// Stream entries kept (approximately; `XADD MAXLEN ~`).
-    pub stream_max_len: usize,
-}
-
-impl Default for ReplicationSection {
-    fn default() -> Self {
-        ReplicationSection {
-            urls: Vec::new(),
-            cluster: false,
-            username: None,
-            password_file: None,
-            tls_ca_file: None,
-            prefix: "ringmx:aswl:".into(),
-            node_id: None,
-            batch: 1000,
-            batch_interval: Secs(Duration::from_millis(50)),
-            outbox_limit: 1_000_000,
-            stream_max_len: 100_000,
-        }
-    }
-}
-
-impl Default for AswlSection {
-    fn default() -> Self {
-        AswlSection {
-            enabled: true,
-            mode: crate::aswl::Mode::PerRecipient,
-            lifetime: "off".into(),
-            sweep_interval: Secs(Duration::from_secs(3600)),
-            snapshot_interval: Secs(Duration::from_secs(900)),
-            dir: None,
-            ip_exceptions: Vec::new(),
-            subject_exceptions: Vec::new(),
-            subject_exceptions_file: None,
-            default_subject_exceptions: true,
-            auto_response_window: Secs(Duration::from_secs(30)),
-            detect_auto_submitted: true,
-            detect_precedence: true,
-            detect_list_headers: true,
-            detect_reports: true,
-            check_exceptions: Vec::new(),
-            except_local_domains: true,
-            log_additions: false,
-            header: "X-ASWL".into(),
-            local_delimiters: "+".into(),
-            case_sensitive_local_part: false,
-            external_plus_fold: false,
-            replication: None,
-        }
-    }
-}
-
 /// `[dns]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -803,6 +657,8 @@ pub struct Config {
     pub dns: DnsSection,
     /// The whitelist settings, compiled; `None` when `[aswl]` is absent or disabled.
     pub aswl: Option<Arc<crate::aswl::Settings>>,
+    /// `[aswl.replication]`, compiled (with the whitelist on only; read at startup).
+    pub replication: Option<Arc<crate::replication::Settings>>,
 }
 
 fn line_of(src: &str, offset: usize) -> usize {
@@ -1191,13 +1047,13 @@ impl Config {
                 "list at least one wait, e.g. [\"1m\", \"5m\"]".into(),
             ));
         }
-        let aswl = match raw.aswl {
+        let (aswl, replication) = match raw.aswl {
             Some(a) if a.enabled => {
                 let dir = a
                     .dir
                     .clone()
                     .unwrap_or_else(|| server.data_dir.join("aswl"));
-                let s = crate::aswl::Settings::compile(&a, dir, &domains).map_err(|(k, m)| {
+                let error = |(k, m): (&str, String)| {
                     // `replication.urls` → the key `urls` after the `[aswl.replication]` header.
                     let line = match k.strip_prefix("replication.") {
                         Some(sub) => source
@@ -1206,10 +1062,17 @@ impl Config {
                         None => key_line(source, k, 0),
                     };
                     err(line, &format!("aswl.{k}"), m)
-                })?;
-                Some(Arc::new(s))
+                };
+                let s = crate::aswl::Settings::compile(&a, dir, &domains).map_err(error)?;
+                let r = match &a.replication {
+                    Some(r) => Some(Arc::new(
+                        crate::replication::Settings::compile(r).map_err(error)?,
+                    )),
+                    None => None,
+                };
+                (Some(Arc::new(s)), r)
             }
-            _ => None,
+            _ => (None, None),
         };
         // Every recipient an inbound binding accepts at RCPT must have a route, or the message
         // is refused only at end of data, after the whole transfer.
@@ -1304,6 +1167,7 @@ impl Config {
         Ok(Config {
             source: source.to_string(),
             aswl,
+            replication,
             server,
             bindings,
             domains,
@@ -1337,53 +1201,6 @@ impl Config {
             .enumerate()
             .find(|(_, r)| r.matches(domain, sender_domain, direction, aswl))
     }
-}
-
-/// A domain in the one form ringmx compares: lower case, internationalized labels as
-/// A-labels (`bücher.example` → `xn--bcher-kva.example`). Left as it is (lowered) when IDNA
-/// refuses it; such a name matches only itself.
-pub fn canonical_domain(d: &str) -> std::borrow::Cow<'_, str> {
-    if d.is_ascii() {
-        if d.bytes().any(|b| b.is_ascii_uppercase()) {
-            std::borrow::Cow::Owned(d.to_ascii_lowercase())
-        } else {
-            std::borrow::Cow::Borrowed(d)
-        }
-    } else {
-        std::borrow::Cow::Owned(idna::domain_to_ascii(d).unwrap_or_else(|_| d.to_lowercase()))
-    }
-}
-
-/// [`canonical_domain`] for a pattern (`*`, `*.suffix` or a name).
-fn canonical_pattern(p: &str) -> String {
-    match p.strip_prefix("*.") {
-        Some(suffix) => format!("*.{}", canonical_domain(suffix)),
-        None if p == "*" => p.to_string(),
-        None => canonical_domain(p).into_owned(),
-    }
-}
-
-/// Case-insensitive match of `domain` against exact names and `*.suffix` patterns (patterns
-/// in canonical form; `domain` in either IDNA form).
-pub fn domain_matches(patterns: &[String], domain: &str) -> bool {
-    let ascii;
-    let domain = if domain.is_ascii() {
-        domain
-    } else {
-        ascii = canonical_domain(domain);
-        &ascii
-    };
-    let domain = domain.trim_end_matches('.');
-    patterns.iter().any(|p| match p.strip_prefix("*.") {
-        Some(suffix) => {
-            domain.len() > suffix.len() + 1
-                && domain
-                    .get(domain.len() - suffix.len()..)
-                    .is_some_and(|t| t.eq_ignore_ascii_case(suffix))
-                && domain.as_bytes().get(domain.len() - suffix.len() - 1) == Some(&b'.')
-        }
-        None => p.eq_ignore_ascii_case(domain),
-    })
 }
 
 fn session_settings(

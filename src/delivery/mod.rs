@@ -6,6 +6,28 @@ pub mod trace;
 use std::net::IpAddr;
 use std::time::SystemTime;
 
+/// An operator's request to the queue (`ringmx queue …`, the admin endpoint).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueOp {
+    List,
+    Show(String),
+    /// Try now: one message, or every deferred one.
+    Flush(Option<String>),
+    Delete(String),
+    Hold(String),
+    Release(String),
+}
+
+/// Which way mail flows through a binding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Mail from the Internet to the organisation: only local domains are accepted.
+    Inbound,
+    /// Mail from the organisation: relayed for `allowed_clients` or authenticated users.
+    Outbound,
+}
+
 /// Everything known about a message besides its content.
 #[derive(Debug, Clone)]
 pub struct Envelope {
@@ -23,7 +45,7 @@ pub struct Envelope {
     /// A DSN made here (sent from the null sender).
     pub is_bounce: bool,
     /// The direction of the binding it arrived on (bounces: the opposite of their message's).
-    pub direction: crate::config::Direction,
+    pub direction: Direction,
     pub received_at: SystemTime,
     /// The whitelist verdict of inbound mail (`Some(true)` = pass); `None` = not checked.
     pub aswl: Option<bool>,
@@ -162,7 +184,7 @@ impl Envelope {
             binding: "mx".into(),
             esmtp: true,
             is_bounce: false,
-            direction: crate::config::Direction::Inbound,
+            direction: Direction::Inbound,
             received_at: SystemTime::UNIX_EPOCH,
             aswl: None,
             dsn: DsnRequest::default(),

@@ -15,8 +15,9 @@ pub mod recipients;
 
 use std::net::IpAddr;
 
-use crate::config::{AuthMode, Binding, Config, Direction, units::any_contains};
+use crate::config::{AuthMode, Binding, Config, Direction};
 use crate::proto::reply::{self, Reply};
+use crate::units::any_contains;
 
 /// What policy knows about the client.
 #[derive(Debug, Clone, Copy)]
@@ -120,7 +121,7 @@ folder = "/tmp/x"
             Ok(()),
             "no lists: anyone"
         );
-        let net = |s: &str| crate::config::units::Cidr::parse(s).unwrap();
+        let net = |s: &str| crate::units::Cidr::parse(s).unwrap();
         b.section.clients_allow = vec![net("192.0.2.0/24")];
         b.section.clients_deny = vec![net("192.0.2.66/32")];
         assert_eq!(check_connect(b, ip("192.0.2.1")), Ok(()));

@@ -30,7 +30,7 @@ fn key(address: &str) -> Option<(String, String)> {
     if local.is_empty() || domain.is_empty() {
         return None;
     }
-    let domain = crate::config::canonical_domain(domain.trim_end_matches('.'));
+    let domain = crate::domain::canonical_domain(domain.trim_end_matches('.'));
     Some((local.to_lowercase(), domain.into_owned()))
 }
 
@@ -58,7 +58,7 @@ impl RecipientMap {
             match line.rsplit_once('@') {
                 Some(("*", d)) if !d.is_empty() && d != "*" => {
                     m.domains
-                        .insert(crate::config::canonical_domain(d).into_owned());
+                        .insert(crate::domain::canonical_domain(d).into_owned());
                 }
                 Some((u, "*")) if !u.is_empty() && u != "*" => {
                     m.users.insert(u.to_lowercase());
@@ -124,7 +124,7 @@ impl RecipientMaps {
         match self
             .maps
             .iter()
-            .find(|(patterns, _)| crate::config::domain_matches(patterns, domain))
+            .find(|(patterns, _)| crate::domain::domain_matches(patterns, domain))
         {
             None => Lookup::Unchecked,
             Some((_, m)) if m.knows(address) => Lookup::Known,

@@ -8,8 +8,8 @@
 
 use base64::Engine as _;
 
+use super::RelayTls;
 use super::reply::{Capabilities, Reply};
-use crate::config::RelayTls;
 use crate::delivery::{DsnRequest, DsnRet};
 
 /// How to talk to the next hop.

@@ -10,6 +10,21 @@ pub mod tls;
 
 use std::time::Duration;
 
+/// TLS towards a next hop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayTls {
+    /// Never.
+    None,
+    /// STARTTLS when the next hop offers it; plain otherwise.
+    #[default]
+    Opportunistic,
+    /// STARTTLS must succeed, or the hop counts as failed (temporary).
+    Required,
+    /// TLS from the first byte (port 465).
+    Implicit,
+}
+
 /// `host:port` or `[v6]:port` → (host, port).
 pub fn parse_hop(s: &str) -> Option<(String, u16)> {
     let (host, port) = if let Some(rest) = s.strip_prefix('[') {

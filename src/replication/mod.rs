@@ -50,7 +50,6 @@ use std::time::{Duration, Instant};
 
 use crate::aswl::persist::{LogRecord, decode_log, encode_log};
 use crate::aswl::{Aswl, unix_now};
-use crate::config::ReplicationSection;
 use outbox::{Outbox, State};
 use redis_io::Conn;
 
@@ -65,6 +64,57 @@ const BLOCK: Duration = Duration::from_millis(500);
 /// How often the state (stream position, outbox offset) is saved when it changed; after a
 /// crash at most this much is read or sent again (harmlessly).
 const STATE_EVERY: Duration = Duration::from_secs(2);
+
+/// `[aswl.replication]`: the whitelist shared across edge hosts through Redis (or Valkey).
+/// Read at startup (a change takes effect after a restart).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationSection {
+    /// `redis://host:port[/db]` or `rediss://…` (TLS); several = seed nodes of a cluster.
+    pub urls: Vec<String>,
+    /// Redis Cluster (`urls` are seed nodes) rather than one server.
+    pub cluster: bool,
+    /// ACL user (`AUTH user password`); with `password_file`.
+    pub username: Option<String>,
+    /// A file holding the password (first line).
+    pub password_file: Option<PathBuf>,
+    /// PEM CA bundle for `rediss://` (default: the system's roots).
+    pub tls_ca_file: Option<PathBuf>,
+    /// Prefix of every Redis key (no `{` or `}`: keys carry their own hash tags).
+    pub prefix: String,
+    /// This node's name in the stream (default: host name + a random suffix, kept in the
+    /// data directory).
+    pub node_id: Option<String>,
+    /// Most records per stream entry.
+    pub batch: usize,
+    /// How long changes are gathered before they are written to the outbox and sent, and
+    /// how long a node waits between stream reads that were not full: fewer, larger batches
+    /// (fewer fsyncs and wake-ups on every node) for at most about twice this in lag.
+    pub batch_interval: crate::units::Secs,
+    /// Most records kept for Redis while it is unreachable; beyond that the oldest are
+    /// dropped from the outbox and republished from the whitelist itself when Redis returns.
+    pub outbox_limit: usize,
+    /// Stream entries kept (approximately; `XADD MAXLEN ~`).
+    pub stream_max_len: usize,
+}
+
+impl Default for ReplicationSection {
+    fn default() -> Self {
+        ReplicationSection {
+            urls: Vec::new(),
+            cluster: false,
+            username: None,
+            password_file: None,
+            tls_ca_file: None,
+            prefix: "ringmx:aswl:".into(),
+            node_id: None,
+            batch: 1000,
+            batch_interval: crate::units::Secs(Duration::from_millis(50)),
+            outbox_limit: 1_000_000,
+            stream_max_len: 100_000,
+        }
+    }
+}
 
 /// The compiled `[aswl.replication]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1012,7 +1062,7 @@ mod tests {
             "t",
         )
         .unwrap();
-        let r = ok.aswl.unwrap().replication.clone().unwrap();
+        let r = ok.replication.clone().unwrap();
         assert_eq!(r.prefix, "p:");
         assert_eq!(r.stream_key(), "p:{stream}");
         assert_eq!(r.set_key(17), "p:{b17}set");

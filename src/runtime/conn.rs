@@ -18,7 +18,6 @@ use super::queue::CoreQueue;
 use super::transport::Transport;
 use super::{BindingRt, Shared};
 use crate::aswl;
-use crate::config::units::any_contains;
 use crate::config::{Direction, RouteAction, TlsMode};
 use crate::delivery::{DsnRequest, DsnRet, Envelope, RcptDsn, drop_folder, trace};
 use crate::metrics::Reason;
@@ -29,6 +28,7 @@ use crate::proto::command::{Body, Ret};
 use crate::proto::reply;
 use crate::proto::{Credentials, Event, Session, Stop, proxy};
 use crate::spool::staging::Staged;
+use crate::units::any_contains;
 
 /// Read size; also the buffer's initial capacity (it grows only if a client pipelines more
 /// than this in one go).

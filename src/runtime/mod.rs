@@ -87,6 +87,36 @@ pub struct Shared {
     pub staging: Arc<crate::spool::staging::Budget>,
 }
 
+impl crate::admin::Server for Shared {
+    fn stopping(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+
+    fn access(&self) -> (Arc<crate::config::AdminSection>, Arc<Vec<String>>) {
+        let live = self.live();
+        (
+            Arc::new(live.config.admin.clone()),
+            live.admin_tokens.clone(),
+        )
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.render()
+    }
+
+    fn aswl(&self) -> Option<(Arc<crate::aswl::Aswl>, Arc<crate::aswl::Settings>)> {
+        Some((self.aswl.clone()?, self.live().config.aswl.clone()?))
+    }
+
+    fn reload(&self) -> Result<u64, String> {
+        self.request_reload()
+    }
+
+    fn queue(&self, op: queue::Op) -> Vec<String> {
+        self.queue_command(op)
+    }
+}
+
 impl Shared {
     pub(crate) fn take_queue_commands(&self, core: usize) -> Vec<queue::Command> {
         match self.queue_commands.get(core) {
@@ -168,6 +198,8 @@ pub enum RunError {
     Bind(listener::BindError),
     Tls(tls::TlsError),
     Io(String, std::io::Error),
+    /// The caller's start-up step (`main`: the admin endpoint) failed.
+    Started(String),
 }
 
 /// A binding with what it needs at run time, from one generation of the configuration.
@@ -274,6 +306,7 @@ impl std::fmt::Display for RunError {
             RunError::Bind(e) => e.fmt(f),
             RunError::Tls(e) => e.fmt(f),
             RunError::Io(what, e) => write!(f, "{what}: {e}"),
+            RunError::Started(e) => f.write_str(e),
         }
     }
 }
@@ -316,7 +349,11 @@ fn listen_addrs(config: &Config) -> Vec<SocketAddr> {
 
 /// Run the server until SIGTERM/SIGINT; SIGHUP and `POST /reload` re-read `path` (or the
 /// embedded default when None). Returns after every core has stopped.
-pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
+pub fn run(
+    config: Config,
+    path: Option<PathBuf>,
+    started: impl FnOnce(Arc<Shared>) -> Result<(), String>,
+) -> Result<(), RunError> {
     // First, so every thread started below (cores, AUTH, whitelist, replication) inherits the
     // mask and the signals reach `wait` only.
     let signals = signals::block()?;
@@ -439,10 +476,7 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
         ),
         None => None,
     };
-    let replication = match (
-        &shared.aswl,
-        config.aswl.as_ref().and_then(|s| s.replication.clone()),
-    ) {
+    let replication = match (&shared.aswl, config.replication.clone()) {
         (Some(a), Some(r)) => {
             let live: crate::replication::LiveSettings = {
                 let shared = shared.clone();
@@ -459,15 +493,7 @@ pub fn run(config: Config, path: Option<PathBuf>) -> Result<(), RunError> {
         }
         _ => None,
     };
-    if let Some(addr) = config.admin.listen {
-        let tls = tls::admin_config(&config.admin).map_err(RunError::Tls)?;
-        if tls.is_none() && !addr.ip().is_loopback() {
-            tracing::warn!(listen = %addr, "admin endpoint off loopback without [admin] certificate: tokens cross the network in clear text");
-        }
-        crate::admin::start(addr, shared.clone(), tls)
-            .map_err(|e| RunError::Io(format!("admin.listen {addr}"), e))?;
-        tracing::info!(listen = %addr, "admin endpoint");
-    }
+    started(shared.clone()).map_err(RunError::Started)?;
     let driver = config.server.driver;
     tracing::info!(
         cores = cpus.len(),
@@ -622,14 +648,9 @@ fn reload(
         (Some(s), Some(a)) if s.dir != a.disk.dir => {
             tracing::warn!(dir = %s.dir.display(), using = %a.disk.dir.display(), "aswl: a new dir takes effect after a restart")
         }
-        (Some(s), Some(a))
-            if s.replication.as_deref()
-                != old
-                    .config
-                    .aswl
-                    .as_ref()
-                    .and_then(|o| o.replication.as_deref())
-                || s.replication.is_some() != a.replica.enabled() =>
+        (Some(_), Some(a))
+            if config.replication.as_deref() != old.config.replication.as_deref()
+                || config.replication.is_some() != a.replica.enabled() =>
         {
             tracing::warn!("aswl: [aswl.replication] changes take effect after a restart")
         }

@@ -85,15 +85,7 @@ pub struct Command {
     pub reply: std::sync::mpsc::Sender<String>,
 }
 
-#[derive(Debug, Clone)]
-pub enum Op {
-    List,
-    Show(String),
-    Flush(Option<String>),
-    Delete(String),
-    Hold(String),
-    Release(String),
-}
+pub use crate::delivery::QueueOp as Op;
 
 pub(crate) struct CoreQueue {
     pub core: usize,
@@ -754,11 +746,11 @@ impl CoreQueue {
             b.pending.retain(|i| !finished.contains(i));
             (b.spooled.seg.clone(), b.pending.is_empty())
         };
-        seg.finish(&env.queue_id, &finished, all_done);
+        crate::spool::finish(&seg, &env.queue_id, &finished, all_done);
         if all_done || deleted {
             if deleted && !all_done {
                 let rest = e.borrow().pending.clone();
-                seg.finish(&env.queue_id, &rest, true);
+                crate::spool::finish(&seg, &env.queue_id, &rest, true);
             }
             self.remove(&env.queue_id, e);
             let secs = age.as_secs_f64();
@@ -899,9 +891,9 @@ impl CoreQueue {
             match self.spool.store(&env, &trace, &content, None).await {
                 Ok(sp) => {
                     if e.borrow().state == State::Held {
-                        sp.seg.set_held(&env.queue_id, true);
+                        crate::spool::set_held(&sp.seg, &env.queue_id, true);
                     }
-                    old_sp.seg.finish(&env.queue_id, &pending, true);
+                    crate::spool::finish(&old_sp.seg, &env.queue_id, &pending, true);
                     let mut b = e.borrow_mut();
                     b.pending = crate::spool::all_indexes(env.rcpts.len());
                     b.env = env;
@@ -1003,7 +995,7 @@ impl CoreQueue {
                             let b = e.borrow();
                             (b.spooled.seg.clone(), b.pending.clone())
                         };
-                        seg.finish(id, &pending, true);
+                        crate::spool::finish(&seg, id, &pending, true);
                         self.remove(id, &e);
                     }
                     tracing::info!(queue_id = %id, result = "deleted", "message");
@@ -1015,7 +1007,7 @@ impl CoreQueue {
                 Some(e) => {
                     let mut b = e.borrow_mut();
                     self.set_state(&mut b, State::Held);
-                    b.spooled.seg.set_held(id, true);
+                    crate::spool::set_held(&b.spooled.seg, id, true);
                     "1\n".into()
                 }
                 None => String::new(),
@@ -1025,7 +1017,7 @@ impl CoreQueue {
                     {
                         let mut b = e.borrow_mut();
                         if b.state == State::Held {
-                            b.spooled.seg.set_held(id, false);
+                            crate::spool::set_held(&b.spooled.seg, id, false);
                         }
                         self.set_state(&mut b, State::Deferred);
                         b.next_attempt = Instant::now();

@@ -17,185 +17,37 @@ pub mod record;
 pub mod staging;
 
 use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::delivery::Envelope;
+use crate::journal::segment_name;
+pub use crate::journal::{CommitFuture, CommitStats, Committer, Segment};
 use record::{MessageRecord, Parsed};
 
-/// One segment file.
-#[derive(Debug)]
-pub struct Segment {
-    pub id: u64,
-    pub path: PathBuf,
-    file: File,
-    /// The next append position.
-    end: AtomicU64,
-    /// Messages in this segment that are not finished.
-    live: AtomicUsize,
-    /// Still the current segment of its core (not deleted even when `live` is 0).
-    current: AtomicBool,
-    /// Created and not yet covered by a directory fsync.
-    new: AtomicBool,
-    dir: PathBuf,
-    opened: Instant,
-}
-
-impl Segment {
-    fn create(dir: &Path, id: u64) -> io::Result<Arc<Segment>> {
-        let path = dir.join(segment_name(id));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        Ok(Arc::new(Segment {
-            id,
-            path,
-            file,
-            end: AtomicU64::new(0),
-            live: AtomicUsize::new(0),
-            current: AtomicBool::new(true),
-            new: AtomicBool::new(true),
-            dir: dir.to_path_buf(),
-            opened: Instant::now(),
-        }))
+/// Record that these recipients of a message in this segment are finished; when `all` is
+/// true the message is, and the segment is deleted once nothing in it is live.
+pub fn finish(seg: &Segment, queue_id: &str, rcpts: &[u32], all: bool) {
+    if !rcpts.is_empty()
+        && let Err(e) = seg.append(&[&record::encode_done(queue_id, rcpts)])
+    {
+        tracing::warn!(segment = %seg.path.display(), error = %e, "cannot append a done record (the message may be delivered again after a crash)");
     }
-
-    fn open_existing(dir: &Path, id: u64, len: u64, live: usize) -> io::Result<Arc<Segment>> {
-        let path = dir.join(segment_name(id));
-        let file = OpenOptions::new().read(true).write(true).open(&path)?;
-        Ok(Arc::new(Segment {
-            id,
-            path,
-            file,
-            end: AtomicU64::new(len),
-            live: AtomicUsize::new(live),
-            current: AtomicBool::new(false),
-            new: AtomicBool::new(false),
-            dir: dir.to_path_buf(),
-            opened: Instant::now(),
-        }))
-    }
-
-    /// A standalone append-only file committed like a segment (the whitelist's change log).
-    pub fn create_log(path: &Path) -> io::Result<Arc<Segment>> {
-        let file = OpenOptions::new()
-            .read(true)
-            .append(false)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)?;
-        let len = file.metadata()?.len();
-        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        Ok(Arc::new(Segment {
-            id: u64::MAX,
-            path: path.to_path_buf(),
-            file,
-            end: AtomicU64::new(len),
-            live: AtomicUsize::new(0),
-            current: AtomicBool::new(true),
-            new: AtomicBool::new(true),
-            dir,
-            opened: Instant::now(),
-        }))
-    }
-
-    /// `fdatasync` now (and the directory if the file is new), for writers outside a core.
-    pub fn sync_now(&self) -> io::Result<()> {
-        self.file.sync_data()?;
-        if self.new.swap(false, Ordering::AcqRel) {
-            File::open(&self.dir)?.sync_all()?;
-        }
-        Ok(())
-    }
-
-    /// Append `parts` as one contiguous range; returns its start.
-    pub fn append(&self, parts: &[&[u8]]) -> io::Result<u64> {
-        self.append_with_tail(parts, None)
-    }
-
-    /// Append `parts`, then the first `len` bytes of a file, as one contiguous range.
-    pub fn append_with_tail(&self, parts: &[&[u8]], tail: Option<(&File, u64)>) -> io::Result<u64> {
-        let total: u64 =
-            parts.iter().map(|p| p.len() as u64).sum::<u64>() + tail.map_or(0, |(_, l)| l);
-        let start = self.end.fetch_add(total, Ordering::AcqRel);
-        let mut at = start;
-        for p in parts {
-            self.file.write_all_at(p, at)?;
-            at += p.len() as u64;
-        }
-        if let Some((f, len)) = tail {
-            staging::copy_into(f, len, &self.file, at)?;
-        }
-        Ok(start)
-    }
-
-    /// Read `len` bytes at `offset` (a message's content for a retry).
-    pub fn read_at(&self, offset: u64, len: u64) -> io::Result<Vec<u8>> {
-        let mut buf = vec![0; len as usize];
-        self.file.read_exact_at(&mut buf, offset)?;
-        Ok(buf)
-    }
-
-    pub fn len(&self) -> u64 {
-        self.end.load(Ordering::Acquire)
-    }
-
-    /// Not current, and opened at least `age` ago (a candidate for copy-forward).
-    pub fn is_old(&self, age: Duration) -> bool {
-        !self.current.load(Ordering::Acquire) && self.opened.elapsed() >= age
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Record that these recipients of a message in this segment are finished; when `all` is
-    /// true the message is, and the segment is deleted once nothing in it is live.
-    pub fn finish(&self, queue_id: &str, rcpts: &[u32], all: bool) {
-        if !rcpts.is_empty()
-            && let Err(e) = self.append(&[&record::encode_done(queue_id, rcpts)])
-        {
-            tracing::warn!(segment = %self.path.display(), error = %e, "cannot append a done record (the message may be delivered again after a crash)");
-        }
-        if all && self.live.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.delete_if_idle();
-        }
-    }
-
-    /// Record an operator's hold or release, so it survives a restart (best effort, like done
-    /// records: it is made durable by the next commit of this segment, if any).
-    pub fn set_held(&self, queue_id: &str, held: bool) {
-        if let Err(e) = self.append(&[&record::encode_hold(queue_id, held)]) {
-            tracing::warn!(segment = %self.path.display(), error = %e, "cannot record a hold");
-        }
-    }
-
-    fn delete_if_idle(&self) {
-        if self.live.load(Ordering::Acquire) == 0 && !self.current.load(Ordering::Acquire) {
-            match fs::remove_file(&self.path) {
-                Ok(()) => {
-                    tracing::debug!(segment = %self.path.display(), "segment finished, deleted")
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(segment = %self.path.display(), error = %e, "cannot delete a finished segment")
-                }
-            }
-        }
+    if all {
+        seg.release();
     }
 }
 
-fn segment_name(id: u64) -> String {
-    format!("{id:016x}.seg")
+/// Record an operator's hold or release, so it survives a restart (best effort, like done
+/// records: it is made durable by the next commit of this segment, if any).
+pub fn set_held(seg: &Segment, queue_id: &str, held: bool) {
+    if let Err(e) = seg.append(&[&record::encode_hold(queue_id, held)]) {
+        tracing::warn!(segment = %seg.path.display(), error = %e, "cannot record a hold");
+    }
 }
 
 /// Spool settings.
@@ -207,187 +59,6 @@ pub struct SpoolOptions {
     pub segment_size: u64,
     pub commit_batch: usize,
     pub commit_delay: Duration,
-}
-
-/// Group-commit statistics for `/metrics`.
-#[derive(Debug, Default)]
-pub struct CommitStats {
-    pub commits: AtomicU64,
-    pub committed: AtomicU64,
-    pub latency_us: AtomicU64,
-    pub max_batch: AtomicU64,
-    pub errors: AtomicU64,
-}
-
-struct Ticket {
-    /// 0 pending, 1 durable, 2 failed.
-    state: std::sync::atomic::AtomicU8,
-    waker: Mutex<Option<Waker>>,
-}
-
-struct Pending {
-    seg: Arc<Segment>,
-    ticket: Arc<Ticket>,
-}
-
-#[derive(Default)]
-struct Queue {
-    pending: Vec<Pending>,
-    stop: bool,
-}
-
-struct CommitShared {
-    q: Mutex<Queue>,
-    cv: Condvar,
-}
-
-/// A core's committer: a thread that turns waiting appends into one `fdatasync` per batch.
-pub struct Committer {
-    shared: Arc<CommitShared>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Committer {
-    pub fn start(
-        core: usize,
-        batch: usize,
-        delay: Duration,
-        stats: Arc<CommitStats>,
-    ) -> io::Result<Committer> {
-        let shared = Arc::new(CommitShared {
-            q: Mutex::new(Queue::default()),
-            cv: Condvar::new(),
-        });
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("ringmx-commit-{core}"))
-            .spawn(move || commit_loop(&s, batch.max(1), delay, &stats))?;
-        Ok(Committer {
-            shared,
-            thread: Some(thread),
-        })
-    }
-
-    /// Wait until everything appended to `seg` so far is durable.
-    pub fn commit(&self, seg: Arc<Segment>) -> CommitFuture {
-        let ticket = Arc::new(Ticket {
-            state: std::sync::atomic::AtomicU8::new(0),
-            waker: Mutex::new(None),
-        });
-        let mut q = self.shared.q.lock().unwrap_or_else(|p| p.into_inner());
-        q.pending.push(Pending {
-            seg,
-            ticket: ticket.clone(),
-        });
-        // Wakes the committer whether it is idle or waiting for the batch to fill.
-        self.shared.cv.notify_one();
-        CommitFuture { ticket }
-    }
-}
-
-impl Drop for Committer {
-    fn drop(&mut self) {
-        self.shared.q.lock().unwrap_or_else(|p| p.into_inner()).stop = true;
-        self.shared.cv.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-fn commit_loop(s: &CommitShared, batch: usize, delay: Duration, stats: &CommitStats) {
-    loop {
-        let mut q = s.q.lock().unwrap_or_else(|p| p.into_inner());
-        while q.pending.is_empty() && !q.stop {
-            q = s.cv.wait(q).unwrap_or_else(|p| p.into_inner());
-        }
-        if q.pending.is_empty() && q.stop {
-            return;
-        }
-        // Let the batch fill for up to `delay` (sessions finishing in the same window share
-        // the flush).
-        let deadline = Instant::now() + delay;
-        while q.pending.len() < batch && !q.stop {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            q =
-                s.cv.wait_timeout(q, deadline - now)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-        }
-        let pending = std::mem::take(&mut q.pending);
-        drop(q);
-        let started = Instant::now();
-        // Keyed by the segment's address: whitelist logs share the committer.
-        let mut synced: HashMap<usize, bool> = HashMap::new();
-        for p in &pending {
-            if synced.contains_key(&(Arc::as_ptr(&p.seg) as usize)) {
-                continue;
-            }
-            let mut ok = p.seg.file.sync_data().is_ok();
-            if ok && p.seg.new.swap(false, Ordering::AcqRel) {
-                ok = File::open(&p.seg.dir).and_then(|d| d.sync_all()).is_ok();
-                if !ok {
-                    p.seg.new.store(true, Ordering::Release);
-                }
-            }
-            synced.insert(Arc::as_ptr(&p.seg) as usize, ok);
-        }
-        let n = pending.len() as u64;
-        stats.commits.fetch_add(1, Ordering::Relaxed);
-        stats.committed.fetch_add(n, Ordering::Relaxed);
-        stats
-            .latency_us
-            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        stats.max_batch.fetch_max(n, Ordering::Relaxed);
-        for p in pending {
-            let ok = synced
-                .get(&(Arc::as_ptr(&p.seg) as usize))
-                .copied()
-                .unwrap_or(false);
-            if !ok {
-                stats.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            p.ticket
-                .state
-                .store(if ok { 1 } else { 2 }, Ordering::Release);
-            if let Some(w) = p
-                .ticket
-                .waker
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-            {
-                w.wake();
-            }
-        }
-    }
-}
-
-/// Resolves to Ok once the append it was taken for is durable.
-pub struct CommitFuture {
-    ticket: Arc<Ticket>,
-}
-
-impl std::future::Future for CommitFuture {
-    type Output = io::Result<()>;
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let check = |t: &Ticket| match t.state.load(Ordering::Acquire) {
-            0 => None,
-            1 => Some(Ok(())),
-            _ => Some(Err(io::Error::other("fdatasync failed"))),
-        };
-        if let Some(r) = check(&self.ticket) {
-            return Poll::Ready(r);
-        }
-        *self.ticket.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
-        match check(&self.ticket) {
-            Some(r) => Poll::Ready(r),
-            None => Poll::Pending,
-        }
-    }
 }
 
 /// The spool as seen by one core.
@@ -446,8 +117,7 @@ impl CoreSpool {
         }
         let seg = Segment::create(&self.opts.dir, self.ids.fetch_add(1, Ordering::AcqRel))?;
         if let Some(old) = cur.replace(seg.clone()) {
-            old.current.store(false, Ordering::Release);
-            old.delete_if_idle();
+            old.retire();
         }
         Ok(seg)
     }
@@ -455,8 +125,7 @@ impl CoreSpool {
     /// Retire the current segment (after an I/O error: never append after a failed fsync).
     fn retire(&self) {
         if let Some(old) = self.current.borrow_mut().take() {
-            old.current.store(false, Ordering::Release);
-            old.delete_if_idle();
+            old.retire();
         }
     }
 
@@ -510,12 +179,12 @@ impl CoreSpool {
     ) -> io::Result<Spooled> {
         let content_len = content.len() as u64 + tail.map_or(0, |(_, l)| l);
         let seg = self.segment()?;
-        seg.live.fetch_add(1, Ordering::AcqRel);
+        seg.hold();
         let start = match seg.append_with_tail(&[head, content], tail) {
             Ok(s) => s,
             Err(e) => {
                 // The torn bytes are skipped by recovery; the segment is not used again.
-                seg.live.fetch_sub(1, Ordering::AcqRel);
+                seg.release();
                 self.retire();
                 return Err(e);
             }
@@ -525,7 +194,7 @@ impl CoreSpool {
                 Ok(_) => Some(self.committer.commit(log.clone())),
                 Err(e) => {
                     // Not acknowledged: the message record must not be delivered.
-                    seg.finish(&env.queue_id, &all_indexes(env.rcpts.len()), true);
+                    finish(&seg, &env.queue_id, &all_indexes(env.rcpts.len()), true);
                     return Err(e);
                 }
             },
@@ -539,7 +208,7 @@ impl CoreSpool {
         }
         if let Err(e) = committed {
             // Never acknowledged: mark it finished so recovery does not deliver it.
-            seg.finish(&env.queue_id, &all_indexes(env.rcpts.len()), true);
+            finish(&seg, &env.queue_id, &all_indexes(env.rcpts.len()), true);
             self.retire();
             return Err(e);
         }
@@ -669,18 +338,6 @@ pub fn recover(dir: &Path) -> io::Result<Recovery> {
 
 #[cfg(test)]
 mod tests;
-
-impl std::fmt::Debug for Committer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Committer").finish_non_exhaustive()
-    }
-}
-
-impl std::fmt::Debug for CommitFuture {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CommitFuture").finish_non_exhaustive()
-    }
-}
 
 impl std::fmt::Debug for CoreSpool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

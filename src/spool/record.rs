@@ -25,7 +25,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
-use crate::config::Direction;
+use crate::delivery::Direction;
 use crate::delivery::{DsnRequest, DsnRet, Envelope, RcptDsn};
 
 pub const MAGIC: &[u8; 4] = b"RMXR";

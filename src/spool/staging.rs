@@ -233,55 +233,6 @@ fn open_unnamed(dir: &std::path::Path) -> io::Result<File> {
     }
 }
 
-/// Copy `len` bytes of `src` (from its start) into `dst` at `at`, inside the kernel where it
-/// can (`copy_file_range`), else through a small buffer.
-pub fn copy_into(src: &File, len: u64, dst: &File, at: u64) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let mut off_in: libc::loff_t = 0;
-    let mut off_out = at as libc::loff_t;
-    let end = len as libc::loff_t;
-    while off_in < end {
-        let want = (end - off_in).min(1 << 30) as usize;
-        // SAFETY: both descriptors are open files owned by the callers for the whole call; the
-        // offsets are valid pointers to local variables the kernel updates.
-        let n = unsafe {
-            libc::copy_file_range(
-                src.as_raw_fd(),
-                &mut off_in,
-                dst.as_raw_fd(),
-                &mut off_out,
-                want,
-                0,
-            )
-        };
-        if n > 0 {
-            continue;
-        }
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "staging file shorter than its content",
-            ));
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EINTR) => continue,
-            Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => break,
-            _ => return Err(e),
-        }
-    }
-    let mut buf = vec![0u8; 64 * 1024];
-    while off_in < end {
-        let n = buf.len().min((end - off_in) as usize);
-        let chunk = buf.get_mut(..n).unwrap_or_default();
-        src.read_exact_at(chunk, off_in as u64)?;
-        dst.write_all_at(chunk, off_out as u64)?;
-        off_in += n as libc::loff_t;
-        off_out += n as libc::loff_t;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,7 +259,7 @@ mod tests {
         assert_eq!(crc.clone().finalize(), crc32fast::hash(&all[10..]));
         // Copied into another file at an offset.
         let dst = open_unnamed(&dir).unwrap();
-        copy_into(f, len, &dst, 7).unwrap();
+        crate::journal::copy_into(f, len, &dst, 7).unwrap();
         let mut back = vec![0; len as usize];
         dst.read_exact_at(&mut back, 7).unwrap();
         assert_eq!(back, &all[10..]);

@@ -57,8 +57,8 @@ fn stored_messages_are_recovered_until_finished() {
         b"body a\r\n"
     );
     // A: recipient 0 delivered; B: finished.
-    a.seg.finish("A", &[0], false);
-    b.seg.finish("B", &[0], true);
+    super::finish(&a.seg, "A", &[0], false);
+    super::finish(&b.seg, "B", &[0], true);
     drop(s);
     let r = recover(&d).unwrap();
     assert_eq!(r.messages.len(), 1);
@@ -73,7 +73,7 @@ fn stored_messages_are_recovered_until_finished() {
         b"body a\r\n"
     );
     // Finishing the last message deletes the (no longer current) segment.
-    m.seg.finish("A", &[1], true);
+    super::finish(&m.seg, "A", &[1], true);
     assert!(!m.seg.path.exists());
     fs::remove_dir_all(&d).unwrap();
 }
@@ -130,11 +130,11 @@ fn segments_roll_over_and_finished_ones_are_deleted() {
         "each record exceeds 64 bytes, so each gets a segment"
     );
     for (i, st) in stored.iter().enumerate().take(3) {
-        st.seg.finish(&format!("M{i}"), &[0], true);
+        super::finish(&st.seg, &format!("M{i}"), &[0], true);
         assert!(!st.seg.path.exists());
     }
     // The current segment stays while it is current.
-    stored[3].seg.finish("M3", &[0], true);
+    super::finish(&stored[3].seg, "M3", &[0], true);
     assert!(stored[3].seg.path.exists());
     drop(s);
     let r = recover(&d).unwrap();
