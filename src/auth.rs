@@ -7,11 +7,13 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+
+use crate::workers::Workers;
 
 /// The users allowed to authenticate.
 #[derive(Debug, Clone, Default)]
@@ -161,35 +163,19 @@ impl Failures {
     }
 }
 
-type Job = Box<dyn FnOnce() + Send>;
-
-/// argon2 verification on dedicated threads with a bounded queue: a flood of AUTH attempts
-/// waits here (or is turned away), never in front of spool or drop-folder I/O.
+/// argon2 verification on its own [`Workers`] pool: a flood of AUTH attempts waits there (or
+/// is turned away), never in front of spool or drop-folder I/O.
 #[derive(Debug)]
 pub struct Verifier {
-    queue: mpsc::SyncSender<Job>,
+    workers: Workers,
 }
 
 impl Verifier {
-    /// `threads` workers; at most `pending` checks queued or running beyond them.
+    /// `threads` workers; at most `pending` checks queued beyond them.
     pub fn new(threads: usize, pending: usize) -> std::io::Result<Verifier> {
-        let (tx, rx) = mpsc::sync_channel::<Job>(pending);
-        let rx = Arc::new(Mutex::new(rx));
-        for i in 0..threads.max(1) {
-            let rx = rx.clone();
-            std::thread::Builder::new()
-                .name(format!("ringmx-auth-{i}"))
-                .spawn(move || {
-                    loop {
-                        let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                        match job {
-                            Ok(job) => job(),
-                            Err(_) => return,
-                        }
-                    }
-                })?;
-        }
-        Ok(Verifier { queue: tx })
+        Ok(Verifier {
+            workers: Workers::new("auth", threads, pending)?,
+        })
     }
 
     /// Queue a check of `username`/`password` against `users`; `None` when the queue is full
@@ -200,11 +186,8 @@ impl Verifier {
         username: String,
         password: String,
     ) -> Option<tokio::sync::oneshot::Receiver<bool>> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move || {
-            let _ = tx.send(users.verify(&username, &password));
-        });
-        self.queue.try_send(job).ok().map(|()| rx)
+        self.workers
+            .submit(move || users.verify(&username, &password))
     }
 }
 

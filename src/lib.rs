@@ -19,3 +19,4 @@ pub mod runtime;
 pub mod spool;
 pub mod tls;
 pub mod units;
+pub mod workers;

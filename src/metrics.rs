@@ -21,9 +21,10 @@ pub enum Reason {
     NoRoute,
     TooManyConnections,
     Timeout,
+    Busy,
 }
 
-const REASONS: [(Reason, &str); 14] = [
+const REASONS: [(Reason, &str); 15] = [
     (Reason::RelayDenied, "relay_denied"),
     (Reason::AuthRequired, "auth_required"),
     (Reason::TooBig, "too_big"),
@@ -38,6 +39,7 @@ const REASONS: [(Reason, &str); 14] = [
     (Reason::NoRoute, "no_route"),
     (Reason::TooManyConnections, "too_many_connections"),
     (Reason::Timeout, "timeout"),
+    (Reason::Busy, "busy"),
 ];
 
 /// Upper bounds (seconds) of the session duration histogram.

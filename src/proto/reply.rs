@@ -260,6 +260,8 @@ pub static AUTH_TOO_MANY_FAILURES: Reply = Reply::new(
     "Too many failed authentication attempts from your address, try again later",
 );
 /// The argon2 queue is full.
+/// A policy check that needs work off the core could not be queued (or its worker failed).
+pub static POLICY_BUSY: Reply = Reply::new(451, "4.3.0", "Policy checks busy, try again later");
 pub static AUTH_BUSY: Reply = Reply::new(
     454,
     "4.7.0",

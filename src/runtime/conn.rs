@@ -21,8 +21,7 @@ use crate::aswl;
 use crate::config::{Direction, RouteAction, TlsMode};
 use crate::delivery::{DsnRequest, DsnRet, Envelope, RcptDsn, drop_folder, trace};
 use crate::metrics::Reason;
-use crate::policy::recipients::Lookup;
-use crate::policy::{self, Client};
+use crate::policy::pipeline::{Deferred, Effects, Outcome, Refusal, Request, Stage};
 use crate::proto::AbortReason;
 use crate::proto::command::{Body, Ret};
 use crate::proto::reply;
@@ -137,10 +136,32 @@ impl Txn {
 enum Next {
     Read,
     Auth(Credentials),
+    /// A MAIL or RCPT whose answer waits for a deferred policy check.
+    Decide(Box<(Pending, Deferred)>),
     Flush,
     Deliver,
     StartTls,
     Close,
+}
+
+/// A command held while a policy check runs off the core.
+enum Pending {
+    Mail(MailArgs),
+    Rcpt(RcptArgs),
+}
+
+/// MAIL FROM, owned.
+struct MailArgs {
+    from: String,
+    ret: Option<DsnRet>,
+    envid: Option<String>,
+    binary: bool,
+}
+
+/// RCPT TO, owned.
+struct RcptArgs {
+    to: String,
+    dsn: RcptDsn,
 }
 
 struct Conn {
@@ -233,14 +254,15 @@ pub(crate) async fn handle(
         refuse_proxy_header: proxy_binding && !trusted_proxy,
         message_started: None,
     };
-    let refused = match policy::check_connect(&conn.binding.b, peer.ip()) {
-        Err(r) => Some((r, Reason::AccessDenied, "refused: access list")),
-        Ok(()) if guard.is_none() => Some((
+    let connect = Request::new(peer.ip(), aswl::unix_now());
+    let refused = match conn.decide(Stage::Connect, &connect).await {
+        Err(f) => Some((f.reply, f.reason, f.log)),
+        _ if guard.is_none() => Some((
             &reply::TOO_MANY_CONNECTIONS,
             Reason::TooManyConnections,
             "refused: too many connections",
         )),
-        Ok(()) => None,
+        _ => None,
     };
     if let Some((r, reason, why)) = refused {
         shared.metrics.rejected(reason);
@@ -365,6 +387,11 @@ impl Conn {
                 }
                 Next::Auth(c) => {
                     self.authenticate(session, c).await;
+                    continue;
+                }
+                Next::Decide(held) => {
+                    let (pending, deferred) = *held;
+                    self.decide_later(session, pending, deferred).await;
                     continue;
                 }
                 Next::StartTls => {
@@ -519,10 +546,112 @@ impl Conn {
         }
     }
 
-    fn client(&self, session: &Session) -> Client {
-        Client {
-            ip: self.peer.ip(),
+    /// What the pipeline sees of this session (`rcpt` empty outside RCPT).
+    fn request<'a>(&'a self, session: &Session, rcpt: &'a str) -> Request<'a> {
+        Request {
             authenticated: session.is_authenticated(),
+            helo: &self.helo,
+            mail_from: &self.txn.mail_from,
+            rcpt,
+            rcpt_domain: if rcpt.contains('@') {
+                rcpt.rsplit_once('@').map_or("", |(_, d)| d)
+            } else {
+                ""
+            },
+            unknown_rcpts: self.unknown_rcpts,
+            ..Request::new(self.peer.ip(), aswl::unix_now())
+        }
+    }
+
+    /// Run a stage to its end, waiting for deferred checks (used where the session can wait
+    /// in place: connect and end of data).
+    async fn decide(&self, stage: Stage, r: &Request<'_>) -> Result<Effects, Refusal> {
+        self.settle(self.binding.pipeline.run(stage, r), r).await
+    }
+
+    /// Wait for the deferred checks of a run, resuming it after each.
+    async fn settle(&self, mut outcome: Outcome, r: &Request<'_>) -> Result<Effects, Refusal> {
+        loop {
+            match outcome {
+                Outcome::Accept(e) => return Ok(e),
+                Outcome::Reject(f) => return Err(f),
+                Outcome::Defer(d) => {
+                    let answer = self.run_deferred(d.job).await;
+                    outcome = self.binding.pipeline.resume(d.resume, answer, r);
+                }
+            }
+        }
+    }
+
+    /// A deferred check's job on the policy workers; a full queue or a lost job is a
+    /// temporary refusal, never a pass.
+    async fn run_deferred(
+        &self,
+        job: crate::policy::pipeline::Job,
+    ) -> crate::policy::pipeline::Decision {
+        use crate::policy::pipeline::Decision;
+        let busy = || {
+            Decision::Reject(Refusal::new(
+                &reply::POLICY_BUSY,
+                Reason::Busy,
+                "deferred: policy workers busy",
+            ))
+        };
+        match self.ctx.shared.policy_workers.submit(job) {
+            Some(rx) => rx.await.unwrap_or_else(|_| busy()),
+            None => busy(),
+        }
+    }
+
+    /// Count and log a refusal, answer it, and close the session when it says so.
+    fn refuse(&mut self, session: &mut Session, f: Refusal) {
+        self.ctx.shared.metrics.rejected(f.reason);
+        if f.reason == Reason::UnknownRecipient {
+            self.unknown_rcpts += 1;
+        }
+        tracing::debug!(client = %self.peer, reason = f.log, "policy refusal");
+        session.reject(f.reply);
+        if let Some((r, reason)) = f.close {
+            tracing::info!(client = %self.peer, unknown = self.unknown_rcpts, reason = f.log, "closing the session");
+            self.ctx.shared.metrics.rejected(reason);
+            session.close_with(r);
+        }
+    }
+
+    fn start_mail(&mut self, session: &mut Session, m: MailArgs) {
+        self.txn.clear();
+        self.txn.mail_from = m.from;
+        self.txn.dsn.ret = m.ret;
+        self.txn.dsn.envid = m.envid;
+        self.txn.binary = m.binary;
+        session.accept();
+    }
+
+    fn add_rcpt(&mut self, session: &mut Session, r: RcptArgs, whitelisted: Option<bool>) {
+        self.txn.rcpts.push(r.to);
+        self.txn.verdicts.push(whitelisted);
+        self.txn.push_rcpt_dsn(r.dsn);
+        session.accept();
+    }
+
+    /// Finish a MAIL or RCPT after its deferred check answered.
+    async fn decide_later(&mut self, session: &mut Session, pending: Pending, d: Deferred) {
+        let answer = self.run_deferred(d.job).await;
+        let settled = {
+            let r = match &pending {
+                Pending::Rcpt(a) => self.request(session, &a.to),
+                Pending::Mail(m) => Request {
+                    mail_from: &m.from,
+                    ..self.request(session, "")
+                },
+            };
+            let outcome = self.binding.pipeline.resume(d.resume, answer, &r);
+            self.settle(outcome, &r).await
+        };
+        match (settled, pending) {
+            (Ok(_), Pending::Mail(m)) => self.start_mail(session, m),
+            (Ok(e), Pending::Rcpt(r)) => self.add_rcpt(session, r, e.whitelisted()),
+            (Err(f), _) => self.refuse(session, f),
         }
     }
 
@@ -547,62 +676,50 @@ impl Conn {
                     self.txn.clear();
                 }
                 Event::Mail { from, params } => {
-                    let client = self.client(&feed);
-                    match policy::check_mail(&self.binding.b, client) {
-                        Ok(()) => {
-                            self.txn.clear();
-                            if let Some(a) = from {
-                                self.txn.mail_from.push_str(a.as_str());
-                            }
-                            self.txn.dsn.ret = params.ret.map(|r| match r {
-                                Ret::Full => DsnRet::Full,
-                                Ret::Hdrs => DsnRet::Hdrs,
-                            });
-                            self.txn.dsn.envid = params.envid.map(String::from);
-                            self.txn.binary = params.body == Some(Body::BinaryMime);
-                            feed.accept();
-                        }
-                        Err(r) => {
-                            self.ctx.shared.metrics.rejected(Reason::AuthRequired);
-                            feed.reject(r);
+                    let m = MailArgs {
+                        from: from.map_or_else(String::new, |a| a.as_str().to_string()),
+                        ret: params.ret.map(|r| match r {
+                            Ret::Full => DsnRet::Full,
+                            Ret::Hdrs => DsnRet::Hdrs,
+                        }),
+                        envid: params.envid.map(String::from),
+                        binary: params.body == Some(Body::BinaryMime),
+                    };
+                    // The sender is seen by the MAIL checks before the transaction starts.
+                    let outcome = {
+                        let r = Request {
+                            mail_from: &m.from,
+                            ..self.request(&feed, "")
+                        };
+                        self.binding.pipeline.run(Stage::Mail, &r)
+                    };
+                    match outcome {
+                        Outcome::Accept(_) => self.start_mail(&mut feed, m),
+                        Outcome::Reject(f) => self.refuse(&mut feed, f),
+                        Outcome::Defer(d) => {
+                            let held = Box::new((Pending::Mail(m), d));
+                            return (feed.consumed(), Next::Decide(held));
                         }
                     }
                 }
                 Event::Rcpt { to, params } => {
-                    let client = self.client(&feed);
-                    match policy::check_rcpt(
-                        &self.binding.config,
-                        &self.binding.b,
-                        client,
-                        to.domain(),
-                    ) {
-                        Ok(())
-                            if self.binding.b.section.direction == Direction::Inbound
-                                && self.binding.recipients.lookup(to.as_str())
-                                    == Lookup::Unknown =>
-                        {
-                            self.ctx.shared.metrics.rejected(Reason::UnknownRecipient);
-                            feed.reject(&reply::UNKNOWN_RECIPIENT);
-                            self.unknown_rcpts += 1;
-                            if self.unknown_rcpts >= self.binding.b.limits.max_unknown_recipients {
-                                tracing::info!(client = %self.peer, unknown = self.unknown_rcpts, "closing: too many unknown recipients");
-                                self.ctx.shared.metrics.rejected(Reason::Harvest);
-                                feed.close_with(&reply::TOO_MANY_UNKNOWN);
-                            }
-                        }
-                        Ok(()) => {
-                            let verdict = self.check_aswl(to.as_str());
-                            self.txn.rcpts.push(to.as_str().to_string());
-                            self.txn.verdicts.push(verdict);
-                            self.txn.push_rcpt_dsn(RcptDsn {
-                                notify: params.notify,
-                                orcpt: params.orcpt.map(String::from),
-                            });
-                            feed.accept();
-                        }
-                        Err(r) => {
-                            self.ctx.shared.metrics.rejected(Reason::RelayDenied);
-                            feed.reject(r);
+                    let outcome = {
+                        let r = self.request(&feed, to.as_str());
+                        self.binding.pipeline.run(Stage::Rcpt, &r)
+                    };
+                    let args = RcptArgs {
+                        to: to.as_str().to_string(),
+                        dsn: RcptDsn {
+                            notify: params.notify,
+                            orcpt: params.orcpt.map(String::from),
+                        },
+                    };
+                    match outcome {
+                        Outcome::Accept(e) => self.add_rcpt(&mut feed, args, e.whitelisted()),
+                        Outcome::Reject(f) => self.refuse(&mut feed, f),
+                        Outcome::Defer(d) => {
+                            let held = Box::new((Pending::Rcpt(args), d));
+                            return (feed.consumed(), Next::Decide(held));
                         }
                     }
                 }
@@ -633,18 +750,6 @@ impl Conn {
                 Event::Auth(c) => return (feed.consumed(), Next::Auth(c)),
             }
         }
-    }
-
-    /// The whitelist verdict for one recipient of inbound mail (at RCPT time; lock-free).
-    fn check_aswl(&self, rcpt: &str) -> Option<bool> {
-        if self.binding.b.section.direction != Direction::Inbound {
-            return None;
-        }
-        let (Some(s), Some(a)) = (&self.binding.config.aswl, &self.ctx.shared.aswl) else {
-            return None;
-        };
-        let v = a.check(s, &self.txn.mail_from, rcpt, aswl::unix_now());
-        Some(v.pass())
     }
 
     /// Outbound mail with `[aswl]`: apply what the message teaches and return the change-log
@@ -730,21 +835,25 @@ impl Conn {
             self.txn.clear();
             return;
         }
-        // What ringmx reads and rewrites in the header section must be all of it.
-        if !content.header_fits(aswl::detect::header_len(content.prefix())) {
-            self.ctx.shared.metrics.rejected(Reason::TooBig);
-            session.reject(&reply::HEADER_TOO_LONG);
-            self.txn.clear();
-            return;
-        }
-        let hops = crate::policy::hops::received_count(content.prefix());
-        if hops > self.binding.b.limits.max_hops {
-            tracing::info!(queue_id = %queue_id, client = %self.peer.ip(), hops, "refused: mail loop");
-            self.ctx.shared.metrics.rejected(Reason::Loop);
-            session.reject(&reply::TOO_MANY_HOPS);
-            self.txn.clear();
-            return;
-        }
+        let header_len = aswl::detect::header_len(content.prefix());
+        let outcome = {
+            let r = Request {
+                mail_from: &env.mail_from,
+                header: content.prefix().get(..header_len).unwrap_or_default(),
+                header_complete: content.header_fits(header_len),
+                ..self.request(session, "")
+            };
+            self.decide(Stage::Data, &r).await
+        };
+        let added = match outcome {
+            Ok(e) => e.headers,
+            Err(f) => {
+                tracing::info!(queue_id = %queue_id, client = %self.peer.ip(), reason = f.log, "message refused");
+                self.refuse(session, f);
+                self.txn.clear();
+                return;
+            }
+        };
         let mut log = match self.collect_aswl(&env, content.prefix()) {
             Ok(l) => l,
             Err(e) => {
@@ -812,6 +921,10 @@ impl Conn {
                 }
                 e.aswl = v;
                 let mut received = trace::received(&e, &self.binding.config.server.hostname);
+                for h in &added {
+                    received.push_str(h);
+                    received.push_str("\r\n");
+                }
                 if let Some(s) = &verdict_header {
                     let word = if v == Some(true) { "pass" } else { "none" };
                     received.push_str(&format!(

@@ -83,6 +83,8 @@ pub struct Shared {
     pub auth_failures: crate::auth::Failures,
     /// The argon2 threads and their bounded queue.
     pub verifier: crate::auth::Verifier,
+    /// Policy checks that deferred (DNS, callouts, signatures): their own threads and queue.
+    pub policy_workers: crate::workers::Workers,
     /// Disk taken by spill files of messages being received, all cores together.
     pub staging: Arc<crate::spool::staging::Budget>,
 }
@@ -202,6 +204,11 @@ pub enum RunError {
     Started(String),
 }
 
+/// Threads for deferred policy checks, and the checks that may wait for one: a check that
+/// cannot be queued answers `451 4.3.0`.
+const POLICY_THREADS: usize = 4;
+const POLICY_QUEUE: usize = 4096;
+
 /// A binding with what it needs at run time, from one generation of the configuration.
 #[derive(Debug)]
 pub(crate) struct BindingRt {
@@ -213,7 +220,8 @@ pub(crate) struct BindingRt {
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     pub(crate) config: Arc<Config>,
     pub(crate) users: Arc<crate::auth::Users>,
-    pub(crate) recipients: Arc<crate::policy::recipients::RecipientMaps>,
+    /// The binding's policy checks, stage by stage.
+    pub(crate) pipeline: crate::policy::pipeline::Pipeline,
     pub(crate) open: Arc<AtomicUsize>,
 }
 
@@ -233,7 +241,12 @@ fn binding_rt(shared: &Shared, live: &Live, listen: SocketAddr) -> Option<Bindin
         tls: live.tls.get(i).cloned().flatten(),
         config: live.config.clone(),
         users: live.users.clone(),
-        recipients: live.recipients.clone(),
+        pipeline: crate::policy::checks::for_binding(crate::policy::checks::Sources {
+            config: &live.config,
+            binding: &b,
+            recipients: &live.recipients,
+            aswl: shared.aswl.as_ref(),
+        }),
         open: shared.open_counter(listen),
         b,
     })
@@ -461,6 +474,8 @@ pub fn run(
         staging: Arc::new(crate::spool::staging::Budget::new(
             config.spool.max_staging.0,
         )),
+        policy_workers: crate::workers::Workers::new("policy", POLICY_THREADS, POLICY_QUEUE)
+            .map_err(|e| RunError::Io("spawning the policy threads".into(), e))?,
         verifier: crate::auth::Verifier::new(config.auth.verify_threads, config.auth.max_pending)
             .map_err(|e| RunError::Io("spawning the AUTH threads".into(), e))?,
     });
