@@ -50,6 +50,17 @@ pub use store::Mode;
 use detect::{Masks, Signals, Skip};
 pub use section::AswlSection;
 
+/// An outbound message as [`Aswl::collect`] reads it.
+#[derive(Debug, Clone, Copy)]
+pub struct Outbound<'a> {
+    pub queue_id: &'a str,
+    pub client: IpAddr,
+    pub sender: &'a str,
+    pub rcpts: &'a [String],
+    /// The start of the content: at least the whole header section.
+    pub content: &'a [u8],
+}
+
 /// The compiled `[aswl]` settings (part of the configuration; replaced on reload).
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -153,6 +164,22 @@ impl Settings {
                 external_plus_fold: a.external_plus_fold,
             },
         })
+    }
+
+    /// The verdict header for a copy of an inbound message (`X-ASWL: pass mode=…` with its
+    /// line ending); `whitelisted` is `None` for no verdict (`none`).
+    pub fn verdict_header(&self, whitelisted: Option<bool>) -> String {
+        let word = if whitelisted == Some(true) {
+            "pass"
+        } else {
+            "none"
+        };
+        format!("{}: {word} mode={}\r\n", self.header, self.mode.as_str())
+    }
+
+    /// The header section without any verdict header a client sent (`None`: there was none).
+    pub fn strip_verdict(&self, content: &[u8]) -> Option<Vec<u8>> {
+        detect::strip_header(content, &self.header)
     }
 
     /// The oldest `last_sent` still valid at `now`.
@@ -416,6 +443,34 @@ impl Aswl {
                     scope(s.mode, local)
                 ),
             ),
+        }
+    }
+
+    /// Outbound mail: learn what the message teaches. The pairs are applied to the store at
+    /// once, handed to replication, and returned as the change-log record to commit with the
+    /// message on `core`'s log (the caller makes it durable before its 250). `Ok(None)` when
+    /// nothing is learnt (the reason is logged); `Err` when the log cannot be opened.
+    pub fn collect(
+        &self,
+        s: &Settings,
+        core: usize,
+        m: &Outbound<'_>,
+        now: u32,
+    ) -> std::io::Result<Option<(std::sync::Arc<crate::journal::Segment>, Vec<u8>)>> {
+        match self.plan(s, m.client, m.sender, m.rcpts, m.content, now) {
+            Ok(pairs) if !pairs.is_empty() => {
+                self.apply(s, &pairs, now);
+                let seg = self.disk.core_log(core)?;
+                let record = persist::encode_log(false, now, &pairs);
+                // To Redis from the replication thread; the 250 never waits for it.
+                self.replica.publish(&record);
+                Ok(Some((seg, record)))
+            }
+            Ok(_) => Ok(None),
+            Err(why) => {
+                tracing::info!(queue_id = %m.queue_id, from = ?m.sender, reason = ?why, "aswl: not collected");
+                Ok(None)
+            }
         }
     }
 

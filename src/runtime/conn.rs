@@ -34,7 +34,7 @@ use crate::units::any_contains;
 const READ_CHUNK: usize = 4096;
 
 /// A change-log file and the record to append to it with the message.
-type AswlLog = (Arc<crate::spool::Segment>, Vec<u8>);
+type AswlLog = (Arc<crate::journal::Segment>, Vec<u8>);
 
 /// Per-core state shared by the core's connection tasks (no locks: one thread).
 pub(crate) struct CoreCtx {
@@ -752,30 +752,21 @@ impl Conn {
         }
     }
 
-    /// Outbound mail with `[aswl]`: apply what the message teaches and return the change-log
-    /// record to commit with it. `Err` when the log cannot be written (the message is refused).
+    /// Outbound mail with `[aswl]`: what the message teaches, as the change-log record to
+    /// commit with it. `Err` when the log cannot be written (the message is refused).
     fn collect_aswl(&self, env: &Envelope, content: &[u8]) -> std::io::Result<Option<AswlLog>> {
-        if env.direction != Direction::Outbound {
-            return Ok(None);
-        }
-        let (Some(s), Some(a)) = (&self.binding.config.aswl, &self.ctx.shared.aswl) else {
-            return Ok(None);
-        };
-        let now = aswl::unix_now();
-        match a.plan(s, env.client_ip, &env.mail_from, &env.rcpts, content, now) {
-            Ok(pairs) if !pairs.is_empty() => {
-                a.apply(s, &pairs, now);
-                let seg = a.disk.core_log(self.ctx.core)?;
-                let record = aswl::persist::encode_log(false, now, &pairs);
-                // To Redis from the replication thread; the 250 never waits for it.
-                a.replica.publish(&record);
-                Ok(Some((seg, record)))
+        match (&self.binding.config.aswl, &self.ctx.shared.aswl) {
+            (Some(s), Some(a)) if env.direction == Direction::Outbound => {
+                let m = aswl::Outbound {
+                    queue_id: &env.queue_id,
+                    client: env.client_ip,
+                    sender: &env.mail_from,
+                    rcpts: &env.rcpts,
+                    content,
+                };
+                a.collect(s, self.ctx.core, &m, aswl::unix_now())
             }
-            Ok(_) => Ok(None),
-            Err(why) => {
-                tracing::info!(queue_id = %env.queue_id, from = ?env.mail_from, reason = ?why, "aswl: not collected");
-                Ok(None)
-            }
+            _ => Ok(None),
         }
     }
 
@@ -868,7 +859,7 @@ impl Conn {
             (Some(s), Some(a)) if env.direction == Direction::Inbound => {
                 a.saw_inbound(s, &env.mail_from, &env.rcpts, aswl::unix_now());
                 // A verdict header sent by the client is never passed on.
-                if let Some(stripped) = aswl::detect::strip_header(content.prefix(), &s.header) {
+                if let Some(stripped) = s.strip_verdict(content.prefix()) {
                     content.set_prefix(stripped);
                 }
                 Some(s.clone())
@@ -926,12 +917,7 @@ impl Conn {
                     received.push_str("\r\n");
                 }
                 if let Some(s) = &verdict_header {
-                    let word = if v == Some(true) { "pass" } else { "none" };
-                    received.push_str(&format!(
-                        "{}: {word} mode={}\r\n",
-                        s.header,
-                        s.mode.as_str()
-                    ));
+                    received.push_str(&s.verdict_header(v));
                 }
                 let extra = log.as_ref().map(|(seg, b)| (seg, b.as_slice()));
                 let spool = &self.ctx.queue.spool;
