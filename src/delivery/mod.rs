@@ -1,6 +1,7 @@
 //! What every delivery shares: the envelope, queue ids, the trace header, the drop folder.
 
 pub mod drop_folder;
+pub mod outcome;
 pub mod trace;
 
 use std::net::IpAddr;

@@ -9,28 +9,7 @@ use std::time::SystemTime;
 use crate::delivery::DsnRet;
 use crate::delivery::trace::rfc5322_date;
 
-/// One recipient's line in the report.
-#[derive(Debug, Clone)]
-pub struct RcptStatus {
-    pub rcpt: String,
-    /// `5.1.1`, `4.4.7`…
-    pub status: String,
-    /// The next hop's reply (or our own diagnosis), one line.
-    pub diagnostic: String,
-    pub remote_mta: Option<String>,
-    /// The recipient's ORCPT (`addr-type;xtext`), reported as Original-Recipient.
-    pub orcpt: Option<String>,
-}
-
-/// Failed, still being retried, handed to a hop that does not do DSN, or delivered here
-/// (into a drop folder).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Failed,
-    Delayed,
-    Relayed,
-    Delivered,
-}
+pub use crate::delivery::outcome::{Kind, RcptStatus};
 
 /// The message a DSN reports on.
 #[derive(Debug, Clone, Copy)]

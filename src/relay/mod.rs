@@ -8,8 +8,6 @@ pub mod dsn;
 pub mod reply;
 pub mod tls;
 
-use std::time::Duration;
-
 /// TLS towards a next hop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -51,16 +49,6 @@ pub fn parse_hop(s: &str) -> Option<(String, u16)> {
     Some((host.to_string(), port))
 }
 
-/// The wait before attempt `attempt + 1` (`attempt` ≥ 1): the schedule, last entry repeated.
-pub fn backoff(schedule: &[Duration], attempt: u32) -> Duration {
-    let i = (attempt.max(1) - 1) as usize;
-    schedule
-        .get(i)
-        .or(schedule.last())
-        .copied()
-        .unwrap_or(Duration::from_secs(300))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,13 +65,5 @@ mod tests {
         assert_eq!(parse_hop("[::1]2525"), None);
         assert_eq!(parse_hop("mx.test:"), None);
         assert_eq!(parse_hop(""), None);
-    }
-
-    #[test]
-    fn backoff_schedule() {
-        let s = [Duration::from_secs(60), Duration::from_secs(300)];
-        assert_eq!(backoff(&s, 1), s[0]);
-        assert_eq!(backoff(&s, 2), s[1]);
-        assert_eq!(backoff(&s, 9), s[1]);
     }
 }

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 use super::Shared;
 use super::outbound::{HopKey, HopSettings, Outcome, Pool};
 use crate::config::{Config, Direction, RouteAction, RouteSection};
-use crate::delivery::{self, Envelope, Notice, drop_folder, trace};
+use crate::delivery::outcome;
+use crate::delivery::{self, Envelope, drop_folder, trace};
 use crate::relay::dns::{Dns, Targets};
 use crate::relay::dsn::{self, RcptStatus};
 use crate::relay::reply::Reply;
@@ -104,7 +105,7 @@ pub(crate) struct CoreQueue {
     counts: Cell<[i64; 3]>,
 }
 
-/// What happened to one recipient in an attempt.
+/// What happened to one recipient in an attempt, with the reply that said so.
 #[derive(Clone)]
 enum Result_ {
     /// Done; the success notice it warrants when the recipient asked for one (`None`: none
@@ -112,6 +113,23 @@ enum Result_ {
     Delivered(Option<dsn::Kind>),
     Failed(Reply, Option<String>),
     Deferred(Reply),
+}
+
+impl Result_ {
+    fn attempted(self) -> outcome::Attempted {
+        match self {
+            Result_::Delivered(k) => outcome::Attempted::Delivered(k),
+            Result_::Failed(r, remote_mta) => outcome::Attempted::Failed {
+                status: r.status(),
+                diagnostic: r.one_line(),
+                remote_mta,
+            },
+            Result_::Deferred(r) => outcome::Attempted::Deferred {
+                status: r.status(),
+                diagnostic: r.one_line(),
+            },
+        }
+    }
 }
 
 impl CoreQueue {
@@ -653,67 +671,23 @@ impl CoreQueue {
         let env = e.borrow().env.clone();
         let now = SystemTime::now();
         let age = now.duration_since(env.received_at).unwrap_or_default();
-        let expired = age >= cfg.queue.max_lifetime.0;
-        let mut finished = Vec::new();
-        let mut failed: Vec<RcptStatus> = Vec::new();
-        let mut deferred: Vec<RcptStatus> = Vec::new();
-        let mut succeeded: Vec<(dsn::Kind, RcptStatus)> = Vec::new();
-        let mut last_error = String::new();
-        // NOTIFY decides who hears about what (RFC 3461 §4.1); the null sender never does.
-        let notify = !env.mail_from.is_empty() && !env.is_bounce;
-        let wants = |i: u32, n: Notice| notify && env.dsn.wants(i as usize, n);
-        for (i, r) in results {
-            let rcpt = env.rcpts.get(i as usize).cloned().unwrap_or_default();
-            let status =
-                |status: String, diagnostic: String, remote_mta: Option<String>| RcptStatus {
-                    rcpt: rcpt.clone(),
-                    status,
-                    diagnostic,
-                    remote_mta,
-                    orcpt: env.dsn.rcpt(i as usize).orcpt,
-                };
-            match r {
-                Result_::Delivered(notice) => {
-                    finished.push(i);
-                    self.shared.metrics.delivery("delivered", 1);
-                    if let Some(kind) = notice
-                        && wants(i, Notice::Success)
-                    {
-                        let what = match kind {
-                            dsn::Kind::Relayed => "relayed to a next hop without DSN",
-                            _ => "delivered",
-                        };
-                        succeeded.push((kind, status("2.0.0".into(), what.into(), None)));
-                    }
-                }
-                Result_::Failed(reply, mta) => {
-                    finished.push(i);
-                    self.shared.metrics.delivery("failed", 1);
-                    tracing::info!(queue_id = %env.queue_id, to = ?rcpt, reply = ?reply.one_line(), result = "failed", "delivery");
-                    if wants(i, Notice::Failure) {
-                        failed.push(status(reply.status(), reply.one_line(), mta));
-                    }
-                }
-                Result_::Deferred(reply) if expired => {
-                    finished.push(i);
-                    self.shared.metrics.delivery("expired", 1);
-                    tracing::info!(queue_id = %env.queue_id, to = ?rcpt, reply = ?reply.one_line(), result = "expired", "delivery");
-                    if wants(i, Notice::Failure) {
-                        let why = format!(
-                            "message expired after {}s in the queue; last error: {}",
-                            age.as_secs(),
-                            reply.one_line()
-                        );
-                        failed.push(status("4.4.7".into(), why, None));
-                    }
-                }
-                Result_::Deferred(reply) => {
-                    self.shared.metrics.delivery("deferred", 1);
-                    last_error = reply.one_line();
-                    if wants(i, Notice::Delay) {
-                        deferred.push(status(reply.status(), reply.one_line(), None));
-                    }
-                }
+        let attempted = results
+            .into_iter()
+            .map(|(i, r)| (i, r.attempted()))
+            .collect();
+        let outcome::Conclusion {
+            results,
+            mut finished,
+            succeeded,
+            failed,
+            deferred,
+            last_error,
+        } = outcome::conclude(&env, attempted, age, cfg.queue.max_lifetime.0);
+        for (i, r, diagnostic) in &results {
+            self.shared.metrics.delivery(r.name(), 1);
+            if *r != outcome::Result::Delivered {
+                let to = env.rcpts.get(*i as usize).map_or("", String::as_str);
+                tracing::info!(queue_id = %env.queue_id, to = ?to, reply = ?diagnostic, result = r.name(), "delivery");
             }
         }
         for kind in [dsn::Kind::Relayed, dsn::Kind::Delivered] {
@@ -758,11 +732,12 @@ impl CoreQueue {
             tracing::info!(queue_id = %env.queue_id, seconds = secs, result = "done", "message");
             return;
         }
-        let delay_notice = cfg.queue.delay_notice.0;
-        let delay_due = !delay_notice.is_zero()
-            && age >= delay_notice
-            && !e.borrow().delay_notified
-            && !deferred.is_empty();
+        let delay_due = outcome::delay_notice_due(
+            age,
+            cfg.queue.delay_notice.0,
+            e.borrow().delay_notified,
+            &deferred,
+        );
         if delay_due
             && self
                 .bounce(dsn::Kind::Delayed, &env, &deferred, message)
@@ -777,7 +752,7 @@ impl CoreQueue {
             return;
         }
         b.attempts += 1;
-        let wait = crate::relay::backoff(
+        let wait = outcome::backoff(
             &cfg.queue.retry.iter().map(|s| s.0).collect::<Vec<_>>(),
             b.attempts,
         );
