@@ -4,6 +4,22 @@
 //! `POST /queue/ID/delete|hold|release`, and the whitelist API behind `ringmx aswl`
 //! (`/aswl/stats|check|list|export|add|remove|import`, see [`crate::aswl::admin`]).
 
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
+
 use std::cell::Cell;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};

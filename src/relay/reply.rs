@@ -2,6 +2,22 @@
 //! `DDD text` (or bare `DDD`) line, all with the same code. Untrusted input: bounds-checked,
 //! capped, never panics (fuzzed by the `reply` target).
 
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
+
 /// One complete reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reply {

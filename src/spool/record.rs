@@ -22,6 +22,22 @@
 //! never trusts a length: every read is bounds-checked, and a record whose checksum does not
 //! match is skipped by the recovery scan.
 
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic
+)]
+#![cfg_attr(
+    test,
+    allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::indexing_slicing,
+        clippy::panic
+    )
+)]
+
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
