@@ -452,14 +452,14 @@ fn aswl(shared: &dyn Server, method: &str, path: &str, body: &[u8]) -> Response 
     let result = admin::parse_request(method, path).and_then(|op| admin::run(&a, &s, &op, body));
     match result {
         Ok(text) => ("200 OK", "text/plain; charset=utf-8", text),
-        Err((code, msg)) => (
-            match code {
-                400 => "400 Bad Request",
-                404 => "404 Not Found",
-                _ => "500 Internal Server Error",
+        Err(f) => (
+            match f {
+                admin::Failure::BadRequest(_) => "400 Bad Request",
+                admin::Failure::NotFound(_) => "404 Not Found",
+                admin::Failure::Storage(_) => "500 Internal Server Error",
             },
             "text/plain; charset=utf-8",
-            format!("{msg}\n"),
+            format!("{f}\n"),
         ),
     }
 }

@@ -350,7 +350,7 @@ fn aswl(args: &[String]) -> ExitCode {
     }
     let answer = match run(&a, &settings, &op, &body) {
         Ok(t) => (true, t),
-        Err((_, m)) => (false, format!("{m}\n")),
+        Err(f) => (false, format!("{f}\n")),
     };
     let mut changes = Vec::new();
     while let Ok(c) = rx.try_recv() {

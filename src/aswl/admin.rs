@@ -40,8 +40,35 @@ pub enum Op {
     },
 }
 
-/// A failed operation: HTTP-like status and message.
-pub type Failure = (u16, String);
+/// A failed operation: its kind (an HTTP status) and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// The request is malformed (HTTP 400).
+    BadRequest(String),
+    /// No such request or record (HTTP 404).
+    NotFound(String),
+    /// The change could not be written (HTTP 500).
+    Storage(String),
+}
+
+impl Failure {
+    /// The HTTP status it is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            Failure::BadRequest(_) => 400,
+            Failure::NotFound(_) => 404,
+            Failure::Storage(_) => 500,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::BadRequest(m) | Failure::NotFound(m) | Failure::Storage(m) => f.write_str(m),
+        }
+    }
+}
 
 fn when(t: u32) -> String {
     rfc5322_date(std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::from(t)))
@@ -108,12 +135,14 @@ pub fn run(a: &Aswl, s: &Settings, op: &Op, body: &[u8]) -> Result<String, Failu
             let ext = s
                 .normalize
                 .external(external)
-                .ok_or((400, format!("{external:?} is not an address")))?;
+                .ok_or(Failure::BadRequest(format!(
+                    "{external:?} is not an address"
+                )))?;
             let loc = match local {
                 Some(l) => Some(
                     s.normalize
                         .local(l)
-                        .ok_or((400, format!("{l:?} is not an address")))?,
+                        .ok_or(Failure::BadRequest(format!("{l:?} is not an address")))?,
                 ),
                 None => None,
             };
@@ -162,11 +191,11 @@ pub fn run(a: &Aswl, s: &Settings, op: &Op, body: &[u8]) -> Result<String, Failu
 }
 
 fn io_failure(e: std::io::Error) -> Failure {
-    (500, format!("cannot write the change log: {e}"))
+    Failure::Storage(format!("cannot write the change log: {e}"))
 }
 
 fn masks(m: &str) -> Result<Masks, Failure> {
-    Masks::new(&[m], true).map_err(|e| (400, format!("bad mask: {}", e.0)))
+    Masks::new(&[m], true).map_err(|e| Failure::BadRequest(format!("bad mask: {}", e.0)))
 }
 
 fn pair(s: &Settings, local: &str, external: &str) -> Result<Pair, Failure> {
@@ -174,12 +203,14 @@ fn pair(s: &Settings, local: &str, external: &str) -> Result<Pair, Failure> {
         local: s
             .normalize
             .local(local)
-            .ok_or((400, format!("{local:?} is not an address")))?,
+            .ok_or(Failure::BadRequest(format!("{local:?} is not an address")))?,
         local_original: local.to_string(),
         external: s
             .normalize
             .external(external)
-            .ok_or((400, format!("{external:?} is not an address")))?,
+            .ok_or(Failure::BadRequest(format!(
+                "{external:?} is not an address"
+            )))?,
         external_original: external.to_string(),
     })
 }
@@ -217,8 +248,8 @@ fn csv_fields(line: &str) -> Vec<String> {
 /// "external": …, "last_sent": …}`), as written by export. Originals are taken from the
 /// `*_original` columns when present. Every line is checked before anything is applied.
 fn import(a: &Aswl, s: &Settings, body: &[u8]) -> Result<String, Failure> {
-    let text =
-        std::str::from_utf8(body).map_err(|_| (400, "import data is not UTF-8".to_string()))?;
+    let text = std::str::from_utf8(body)
+        .map_err(|_| Failure::BadRequest("import data is not UTF-8".to_string()))?;
     let now = unix_now();
     let mut rows: Vec<(u32, Pair)> = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -226,7 +257,7 @@ fn import(a: &Aswl, s: &Settings, body: &[u8]) -> Result<String, Failure> {
         if line.is_empty() || line.starts_with("local,") {
             continue;
         }
-        let bad = |m: String| (400, format!("line {}: {m}", i + 1));
+        let bad = |m: String| Failure::BadRequest(format!("line {}: {m}", i + 1));
         let (local, external, t, lo, xo) = if line.starts_with('{') {
             let v: serde_json::Value =
                 serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
@@ -260,7 +291,7 @@ fn import(a: &Aswl, s: &Settings, body: &[u8]) -> Result<String, Failure> {
                 f.get(4).cloned(),
             )
         };
-        let mut p = pair(s, &local, &external).map_err(|(_, m)| bad(m))?;
+        let mut p = pair(s, &local, &external).map_err(|f| bad(f.to_string()))?;
         if let Some(o) = lo.filter(|o| !o.is_empty()) {
             p.local_original = o;
         }
@@ -600,7 +631,7 @@ pub fn parse_request(method: &str, path: &str) -> Result<Op, Failure> {
         })
         .collect();
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-    let need = |k: &str| get(k).ok_or((400, format!("missing parameter {k}")));
+    let need = |k: &str| get(k).ok_or(Failure::BadRequest(format!("missing parameter {k}")));
     match (method, p.trim_end_matches('/')) {
         ("GET", "/aswl" | "/aswl/stats") => Ok(Op::Stats),
         ("GET", "/aswl/check") => Ok(Op::Check {
@@ -623,7 +654,7 @@ pub fn parse_request(method: &str, path: &str) -> Result<Op, Failure> {
             local: get("local"),
         }),
         ("POST", "/aswl/import") => Ok(Op::Import),
-        _ => Err((404, "no such whitelist request".into())),
+        _ => Err(Failure::NotFound("no such whitelist request".into())),
     }
 }
 

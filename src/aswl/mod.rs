@@ -468,7 +468,7 @@ impl Aswl {
             }
             Ok(_) => Ok(None),
             Err(why) => {
-                tracing::info!(queue_id = %m.queue_id, from = ?m.sender, reason = ?why, "aswl: not collected");
+                tracing::info!(queue_id = %m.queue_id, from = ?m.sender, reason = ?why.to_string(), "aswl: not collected");
                 Ok(None)
             }
         }
@@ -500,25 +500,25 @@ impl Aswl {
         rcpts: &[String],
         content: &[u8],
         now: u32,
-    ) -> Result<Vec<Pair>, String> {
+    ) -> Result<Vec<Pair>, NotCollected> {
         if sender.is_empty() {
-            return Err("null sender".into());
+            return Err(NotCollected::NullSender);
         }
         let Some(local) = s.normalize.local(sender) else {
-            return Err(format!("sender {sender:?} has no usable address key"));
+            return Err(NotCollected::NoAddressKey(sender.to_string()));
         };
         // Only our own senders teach the whitelist (a relay client sending as someone else's
         // address must not make that address's correspondents trusted).
         if !s.is_local(addr::key_domain(&local)) {
-            return Err(format!("sender {local} is not in a local domain"));
+            return Err(NotCollected::NotLocal(local));
         }
         if crate::units::any_contains(&s.ip_exceptions, client) {
             self.counters.skipped_ip.fetch_add(1, Ordering::Relaxed);
-            return Err(format!("client {client} is in ip_exceptions"));
+            return Err(NotCollected::IpException(client));
         }
         if let Some(skip) = detect::classify(content, s.signals, s.subjects.as_ref()) {
             self.counters.skipped_auto.fetch_add(1, Ordering::Relaxed);
-            return Err(skip_reason(&skip));
+            return Err(NotCollected::Automatic(skip));
         }
         let window = s.auto_response_window.as_secs() as u32;
         let mut pairs = Vec::new();
@@ -642,8 +642,30 @@ fn scope(mode: Mode, local: &str) -> String {
     }
 }
 
-fn skip_reason(s: &Skip) -> String {
-    format!("automatic or bulk mail: {s}")
+/// Why an outbound message teaches the whitelist nothing (logged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotCollected {
+    NullSender,
+    /// The sender address gives no key (after normalization).
+    NoAddressKey(String),
+    /// The sender (its key) is not in a local domain: only our own senders teach.
+    NotLocal(String),
+    /// The client is in `ip_exceptions`.
+    IpException(IpAddr),
+    /// Automatic or bulk mail (auto-reply, list, report, an excepted subject).
+    Automatic(Skip),
+}
+
+impl std::fmt::Display for NotCollected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotCollected::NullSender => f.write_str("null sender"),
+            NotCollected::NoAddressKey(s) => write!(f, "sender {s:?} has no usable address key"),
+            NotCollected::NotLocal(k) => write!(f, "sender {k} is not in a local domain"),
+            NotCollected::IpException(ip) => write!(f, "client {ip} is in ip_exceptions"),
+            NotCollected::Automatic(s) => write!(f, "automatic or bulk mail: {s}"),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -48,7 +48,9 @@ fn teach(
     now: u32,
 ) -> Result<usize, String> {
     let rcpts: Vec<String> = to.iter().map(|r| r.to_string()).collect();
-    let pairs = a.plan(s, CLIENT, from, &rcpts, content, now)?;
+    let pairs = a
+        .plan(s, CLIENT, from, &rcpts, content, now)
+        .map_err(|e| e.to_string())?;
     a.apply(s, &pairs, now);
     Ok(pairs.len())
 }

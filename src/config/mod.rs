@@ -1003,20 +1003,6 @@ impl Config {
                             "auth_user and auth_password_file go together".into(),
                         ));
                     }
-                    if let Some(f) = &sec.auth_password_file {
-                        let pw = std::fs::read_to_string(f).map_err(|e| {
-                            err(
-                                line,
-                                &key("auth_password_file"),
-                                format!("{}: {e}", f.display()),
-                            )
-                        })?;
-                        sec.auth_password = Some(pw.trim_end_matches(['\r', '\n']).to_string());
-                    }
-                    if let Some(f) = &sec.tls_ca_file {
-                        crate::relay::tls::load_roots(f)
-                            .map_err(|e| err(line, &key("tls_ca_file"), e))?;
-                    }
                 }
                 RouteAction::Drop | RouteAction::Discard | RouteAction::Hold => {}
             }
@@ -1164,7 +1150,7 @@ impl Config {
                 ),
             ));
         }
-        Ok(Config {
+        let mut config = Config {
             source: source.to_string(),
             aswl,
             replication,
@@ -1180,7 +1166,34 @@ impl Config {
             spool,
             queue: raw.queue,
             dns: raw.dns,
-        })
+        };
+        config.load_route_files(file)?;
+        Ok(config)
+    }
+
+    /// The files validated routes name, read after validation: each route's password file
+    /// (its first line) and CA bundle (checked to hold certificates). Errors name the key
+    /// and the route's line.
+    fn load_route_files(&mut self, file: &str) -> Result<(), ConfigError> {
+        let source = &self.source;
+        for (i, sec) in self.routes.iter_mut().enumerate() {
+            let line = sec.domains.first().map(|d| line_of(source, d.span().start));
+            let err = |k: &str, message: String| ConfigError {
+                file: file.to_string(),
+                line,
+                key: format!("route[{i}].{k}"),
+                message,
+            };
+            if let Some(f) = &sec.auth_password_file {
+                let pw = std::fs::read_to_string(f)
+                    .map_err(|e| err("auth_password_file", format!("{}: {e}", f.display())))?;
+                sec.auth_password = Some(pw.trim_end_matches(['\r', '\n']).to_string());
+            }
+            if let Some(f) = &sec.tls_ca_file {
+                crate::relay::tls::load_roots(f).map_err(|e| err("tls_ca_file", e))?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether `domain` is one of ours (`[domains] local`, with `*.` wildcards).

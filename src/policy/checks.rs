@@ -140,8 +140,11 @@ impl Check for RelayRights {
     }
     fn check(&self, r: &Request<'_>) -> Decision {
         let allowed = match self.direction {
+            // Only the bare `<Postmaster>` has no domain; an empty domain with anything else
+            // is never taken for it.
             Direction::Inbound => {
-                r.rcpt_domain.is_empty() || self.config.is_local_domain(r.rcpt_domain)
+                (r.rcpt_domain.is_empty() && r.rcpt.eq_ignore_ascii_case("postmaster"))
+                    || (!r.rcpt_domain.is_empty() && self.config.is_local_domain(r.rcpt_domain))
             }
             Direction::Outbound => r.authenticated || any_contains(&self.allowed_clients, r.ip),
         };
@@ -409,6 +412,25 @@ folder = "/tmp/x"
                 want,
                 "{ip} {auth} {to}"
             );
+        }
+    }
+
+    #[test]
+    fn an_empty_domain_is_only_the_bare_postmaster() {
+        let c = cfg();
+        let p = pipeline(&c, 0, "");
+        for (to, want) in [
+            ("Postmaster", None),
+            ("postMASTER", None),
+            ("a@gmail.test", Some(&reply::RELAY_DENIED_NOT_LOCAL)),
+            ("", Some(&reply::RELAY_DENIED_NOT_LOCAL)),
+        ] {
+            // A caller that forgot the domain must not open the relay.
+            let r = Request {
+                rcpt: to,
+                ..req("203.0.113.9")
+            };
+            assert_eq!(reply_of(&p, Stage::Rcpt, &r), want, "{to}");
         }
     }
 

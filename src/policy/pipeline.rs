@@ -10,9 +10,10 @@
 //! `Continue` (no objection: the next check runs), `Reject` (this command or message is
 //! refused, and with [`Refusal::close`] the session ends), `Defer` (the answer needs work off the
 //! core — DNS, a callout, a signature — done by a [`crate::workers::Workers`] pool; the
-//! session waits for it and the pipeline goes on with its answer), `AddHeader` (a field
-//! prepended to the message) or `Mark` (a property of the recipient that routes and headers
-//! use, like the whitelist verdict). The first `Reject` ends the stage.
+//! session waits for it and the pipeline goes on with its answer), `AddHeader` (at `Data`: a
+//! field prepended to the message; the runtime uses headers from that stage only) or `Mark`
+//! (at `Rcpt`: a property of the recipient that routes and headers use, like the whitelist
+//! verdict). The first `Reject` ends the stage.
 //!
 //! [`Pipeline::for_binding`] builds the list once per binding and configuration generation;
 //! the runtime calls [`Pipeline::run`] and applies the outcome. Adding a check: a type in

@@ -259,9 +259,9 @@ pub static AUTH_TOO_MANY_FAILURES: Reply = Reply::new(
     "4.7.0",
     "Too many failed authentication attempts from your address, try again later",
 );
-/// The argon2 queue is full.
-/// A policy check that needs work off the core could not be queued (or its worker failed).
+/// A policy check that needs work off the core could not be queued, failed or took too long.
 pub static POLICY_BUSY: Reply = Reply::new(451, "4.3.0", "Policy checks busy, try again later");
+/// The argon2 queue is full.
 pub static AUTH_BUSY: Reply = Reply::new(
     454,
     "4.7.0",

@@ -9,6 +9,7 @@
 use base64::Engine as _;
 
 use super::RelayTls;
+use super::failure::Failure;
 use super::reply::{Capabilities, Reply};
 use crate::delivery::{DsnRequest, DsnRet};
 
@@ -86,10 +87,6 @@ pub struct Client {
     txn: Txn,
 }
 
-fn local(code: u16, e: (u8, u16, u16), text: &str) -> Reply {
-    Reply::local(code, e, text)
-}
-
 impl Client {
     /// A new connection, waiting for the greeting; `tls` when it is implicit TLS.
     pub fn new(opts: ClientOptions, tls: bool) -> Client {
@@ -148,11 +145,8 @@ impl Client {
             }
             State::Ehlo | State::Helo => self.fail(r),
             State::StartTls if r.code == 220 => Action::StartTls,
-            State::StartTls if self.opts.tls == RelayTls::Required => self.fail(local(
-                421,
-                (4, 7, 0),
-                &format!("TLS required, STARTTLS refused: {}", r.one_line()),
-            )),
+            State::StartTls if self.opts.tls == RelayTls::Required => self
+                .fail(Failure::TlsRequired(format!("STARTTLS refused: {}", r.one_line())).reply()),
             // Opportunistic: carry on in plain text.
             State::StartTls => self.after_tls_choice(),
             State::AuthPlain | State::AuthLogin(2) if r.code == 235 => self.ready(),
@@ -167,17 +161,21 @@ impl Client {
                 Action::Send(b64_line(pw.as_bytes()))
             }
             // A refused login is a configuration problem here, not the sender's: retry later.
-            State::AuthPlain | State::AuthLogin(_) => self.fail(local(
-                454,
-                (4, 7, 0),
-                &format!("authentication to the next hop failed: {}", r.one_line()),
-            )),
+            State::AuthPlain | State::AuthLogin(_) => self.fail(
+                Failure::Authentication(format!(
+                    "authentication to the next hop failed: {}",
+                    r.one_line()
+                ))
+                .reply(),
+            ),
             State::Txn => self.txn_reply(r),
-            State::Ready | State::Closed => self.fail(local(
-                421,
-                (4, 4, 2),
-                &format!("unexpected reply from the next hop: {}", r.one_line()),
-            )),
+            State::Ready | State::Closed => self.fail(
+                Failure::Unexpected(format!(
+                    "unexpected reply from the next hop: {}",
+                    r.one_line()
+                ))
+                .reply(),
+            ),
         }
     }
 
@@ -194,11 +192,8 @@ impl Client {
             return Action::Send(b"STARTTLS\r\n".to_vec());
         }
         if !self.tls && self.opts.tls == RelayTls::Required {
-            return self.fail(local(
-                421,
-                (4, 7, 0),
-                "TLS required, the next hop does not offer STARTTLS",
-            ));
+            return self
+                .fail(Failure::TlsRequired("the next hop does not offer STARTTLS".into()).reply());
         }
         self.after_tls_choice()
     }
@@ -208,11 +203,12 @@ impl Client {
             return self.ready();
         };
         if !self.tls && self.opts.tls != RelayTls::None {
-            return self.fail(local(
-                454,
-                (4, 7, 0),
-                "not sending credentials to the next hop without TLS",
-            ));
+            return self.fail(
+                Failure::Authentication(
+                    "not sending credentials to the next hop without TLS".into(),
+                )
+                .reply(),
+            );
         }
         if self.caps.auth_plain {
             self.state = State::AuthPlain;
@@ -228,11 +224,12 @@ impl Client {
             self.state = State::AuthLogin(0);
             Action::Send(b"AUTH LOGIN\r\n".to_vec())
         } else {
-            self.fail(local(
-                454,
-                (4, 7, 0),
-                "the next hop offers neither AUTH PLAIN nor AUTH LOGIN",
-            ))
+            self.fail(
+                Failure::Authentication(
+                    "the next hop offers neither AUTH PLAIN nor AUTH LOGIN".into(),
+                )
+                .reply(),
+            )
         }
     }
 
@@ -255,34 +252,26 @@ impl Client {
         message: &[&[u8]],
     ) -> Action {
         if self.state != State::Ready {
-            return Action::Failed(local(421, (4, 4, 2), "connection not ready"));
+            return Action::Failed(Failure::Unexpected("connection not ready".into()).reply());
         }
         let size: usize = message.iter().map(|p| p.len()).sum();
         let all = |r: Reply| Action::Done(vec![r; rcpts.len()]);
         if let Some(limit) = self.caps.size
             && size as u64 > limit
         {
-            return all(local(
-                552,
-                (5, 3, 4),
-                &format!("message size {size} exceeds the next hop's limit {limit}"),
-            ));
+            return all(Failure::TooBigForHop {
+                size: size as u64,
+                limit,
+            }
+            .reply());
         }
         let utf8 = !from.is_ascii() || rcpts.iter().any(|r| !r.is_ascii());
         if utf8 && !self.caps.smtputf8 {
-            return all(local(
-                553,
-                (5, 6, 7),
-                "the next hop does not support SMTPUTF8 addresses",
-            ));
+            return all(Failure::NoSmtpUtf8.reply());
         }
         let pipelined = self.caps.pipelining;
         if binary && !(pipelined && self.caps.chunking && self.caps.binarymime) {
-            return all(local(
-                554,
-                (5, 6, 3),
-                "the next hop does not take BINARYMIME content (CHUNKING, BINARYMIME)",
-            ));
+            return all(Failure::NoBinaryMime.reply());
         }
         let mut params = String::new();
         if self.caps.size.is_some() || self.caps.pipelining {
@@ -369,7 +358,8 @@ impl Client {
 
     fn txn_reply(&mut self, r: Reply) -> Action {
         let Some(expect) = self.txn.expect.pop_front() else {
-            return self.fail(local(421, (4, 4, 2), "unexpected reply from the next hop"));
+            return self
+                .fail(Failure::Unexpected("unexpected reply from the next hop".into()).reply());
         };
         if r.code == 421 {
             return self.fail(r);
@@ -457,7 +447,7 @@ impl Client {
     }
 
     fn finish(&mut self) -> Action {
-        let missing = local(451, (4, 4, 2), "no reply for this recipient");
+        let missing = Failure::NoRecipientReply.reply();
         let results: Vec<Reply> = match self.txn.mail.take() {
             Some(m) => vec![m; self.txn.rcpts.len()],
             None => self

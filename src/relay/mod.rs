@@ -5,6 +5,7 @@
 pub mod client;
 pub mod dns;
 pub mod dsn;
+pub mod failure;
 pub mod reply;
 pub mod tls;
 

@@ -161,7 +161,47 @@ struct MailArgs {
 /// RCPT TO, owned.
 struct RcptArgs {
     to: String,
+    /// Where the domain the address parser found starts (the end for `<Postmaster>`).
+    domain_at: usize,
     dsn: RcptDsn,
+}
+
+/// Why a connection ended (logged as `end`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The session closed it: QUIT, too many errors, a policy refusal that closes.
+    Closed,
+    ClientClosed,
+    Shutdown,
+    /// Slower than `min_data_rate`.
+    TooSlow,
+    Timeout,
+    ReadError,
+    WriteError,
+    UntrustedProxyHeader,
+    TlsNotConfigured,
+    TlsSetupFailed,
+    TlsHandshakeFailed,
+    TlsHandshakeTimeout,
+}
+
+impl End {
+    fn as_str(self) -> &'static str {
+        match self {
+            End::Closed => "closed",
+            End::ClientClosed => "client closed",
+            End::Shutdown => "shutdown",
+            End::TooSlow => "data rate too low",
+            End::Timeout => "timeout",
+            End::ReadError => "read error",
+            End::WriteError => "write error",
+            End::UntrustedProxyHeader => "untrusted proxy header",
+            End::TlsNotConfigured => "tls not configured",
+            End::TlsSetupFailed => "tls setup failed",
+            End::TlsHandshakeFailed => "tls handshake failed",
+            End::TlsHandshakeTimeout => "tls handshake timeout",
+        }
+    }
 }
 
 struct Conn {
@@ -292,7 +332,7 @@ pub(crate) async fn handle(
         tls = conn.tls.as_deref().unwrap_or("none"),
         messages = conn.messages,
         duration_ms = started.elapsed().as_millis() as u64,
-        end = result,
+        end = result.as_str(),
         "connection closed"
     );
     drop(guard);
@@ -358,7 +398,7 @@ impl Conn {
         stream: &mut TcpStream,
         session: &mut Session,
         early: Vec<u8>,
-    ) -> &'static str {
+    ) -> End {
         let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
         let mut spare: Vec<u8> = Vec::with_capacity(512);
         if self.binding.b.section.tls == TlsMode::Implicit {
@@ -376,11 +416,11 @@ impl Conn {
                 .await
                 .is_err()
             {
-                return "write error";
+                return End::WriteError;
             }
             match next {
                 Next::Flush => continue,
-                Next::Close => return "closed",
+                Next::Close => return End::Closed,
                 Next::Deliver => {
                     self.deliver(session).await;
                     continue;
@@ -407,13 +447,13 @@ impl Conn {
             if self.ctx.shared.shutdown.load(Ordering::SeqCst) && !session.in_transaction() {
                 session.close_with(&reply::SHUTTING_DOWN);
                 let _ = write_out(&mut self.transport, stream, session, &mut spare).await;
-                return "shutdown";
+                return End::Shutdown;
             }
             if self.too_slow() {
                 self.ctx.shared.metrics.rejected(Reason::Timeout);
                 session.close_with(&reply::TOO_SLOW);
                 let _ = write_out(&mut self.transport, stream, session, &mut spare).await;
-                return "data rate too low";
+                return End::TooSlow;
             }
             let wait = session.deadline().saturating_duration_since(Instant::now());
             let fd = stream.as_raw_fd();
@@ -429,26 +469,26 @@ impl Conn {
             if idle && self.ctx.shared.shutdown.load(Ordering::SeqCst) {
                 session.close_with(&reply::SHUTTING_DOWN);
                 let _ = write_out(&mut self.transport, stream, session, &mut spare).await;
-                return "shutdown";
+                return End::Shutdown;
             }
             match read {
                 Err(_elapsed) => {
                     self.ctx.shared.metrics.rejected(Reason::Timeout);
                     session.check_timeout(Instant::now());
                     let _ = write_out(&mut self.transport, stream, session, &mut spare).await;
-                    return "timeout";
+                    return End::Timeout;
                 }
-                Ok((Ok(0), _)) => return "client closed",
+                Ok((Ok(0), _)) => return End::ClientClosed,
                 Ok((Ok(_), b)) => {
                     inbuf = b;
                     if std::mem::take(&mut self.refuse_proxy_header)
                         && proxy::looks_like_header(&inbuf)
                     {
                         tracing::warn!(client = %self.peer, "PROXY header from an untrusted source, closing");
-                        return "untrusted proxy header";
+                        return End::UntrustedProxyHeader;
                     }
                 }
-                Ok((Err(_), _)) => return "read error",
+                Ok((Err(_), _)) => return End::ReadError,
             }
         }
     }
@@ -509,14 +549,14 @@ impl Conn {
         stream: &mut TcpStream,
         session: &mut Session,
         early: &[u8],
-    ) -> Result<(), &'static str> {
+    ) -> Result<(), End> {
         let Some(cfg) = self.binding.tls.clone() else {
-            return Err("tls not configured");
+            return Err(End::TlsNotConfigured);
         };
-        self.transport = Transport::tls(cfg).map_err(|_| "tls setup failed")?;
+        self.transport = Transport::tls(cfg).map_err(|_| End::TlsSetupFailed)?;
         self.transport
             .feed_ciphertext(early)
-            .map_err(|_| "tls handshake failed")?;
+            .map_err(|_| End::TlsHandshakeFailed)?;
         let limit = self.binding.b.limits.command_timeout.0;
         let shake = monoio::time::timeout(limit, self.transport.handshake(stream)).await;
         self.ctx.shared.metrics.tls(matches!(shake, Ok(Ok(()))));
@@ -524,9 +564,9 @@ impl Conn {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::info!(client = %self.peer, error = %e, "TLS handshake failed");
-                return Err("tls handshake failed");
+                return Err(End::TlsHandshakeFailed);
             }
-            Err(_) => return Err("tls handshake timeout"),
+            Err(_) => return Err(End::TlsHandshakeTimeout),
         }
         self.tls = self.transport.tls_description();
         session.tls_established();
@@ -546,18 +586,20 @@ impl Conn {
         }
     }
 
-    /// What the pipeline sees of this session (`rcpt` empty outside RCPT).
-    fn request<'a>(&'a self, session: &Session, rcpt: &'a str) -> Request<'a> {
+    /// What the pipeline sees of this session (`rcpt` empty outside RCPT; `rcpt_domain` as
+    /// the address parser found it).
+    fn request<'a>(
+        &'a self,
+        session: &Session,
+        rcpt: &'a str,
+        rcpt_domain: &'a str,
+    ) -> Request<'a> {
         Request {
             authenticated: session.is_authenticated(),
             helo: &self.helo,
             mail_from: &self.txn.mail_from,
             rcpt,
-            rcpt_domain: if rcpt.contains('@') {
-                rcpt.rsplit_once('@').map_or("", |(_, d)| d)
-            } else {
-                ""
-            },
+            rcpt_domain,
             unknown_rcpts: self.unknown_rcpts,
             ..Request::new(self.peer.ip(), aswl::unix_now())
         }
@@ -594,12 +636,16 @@ impl Conn {
             Decision::Reject(Refusal::new(
                 &reply::POLICY_BUSY,
                 Reason::Busy,
-                "deferred: policy workers busy",
+                "deferred: policy workers busy, failed or too slow",
             ))
         };
-        match self.ctx.shared.policy_workers.submit(job) {
-            Some(rx) => rx.await.unwrap_or_else(|_| busy()),
-            None => busy(),
+        let Some(rx) = self.ctx.shared.policy_workers.submit(job) else {
+            return busy();
+        };
+        // Bounded like a command: a hung lookup never holds the session.
+        match monoio::time::timeout(self.binding.b.limits.command_timeout.0, rx).await {
+            Ok(Ok(d)) => d,
+            _ => busy(),
         }
     }
 
@@ -612,7 +658,7 @@ impl Conn {
         tracing::debug!(client = %self.peer, reason = f.log, "policy refusal");
         session.reject(f.reply);
         if let Some((r, reason)) = f.close {
-            tracing::info!(client = %self.peer, unknown = self.unknown_rcpts, reason = f.log, "closing the session");
+            tracing::info!(client = %self.peer, unknown = self.unknown_rcpts, reason = f.log, "closing: too many refusals");
             self.ctx.shared.metrics.rejected(reason);
             session.close_with(r);
         }
@@ -639,10 +685,12 @@ impl Conn {
         let answer = self.run_deferred(d.job).await;
         let settled = {
             let r = match &pending {
-                Pending::Rcpt(a) => self.request(session, &a.to),
+                Pending::Rcpt(a) => {
+                    self.request(session, &a.to, a.to.get(a.domain_at..).unwrap_or(""))
+                }
                 Pending::Mail(m) => Request {
                     mail_from: &m.from,
-                    ..self.request(session, "")
+                    ..self.request(session, "", "")
                 },
             };
             let outcome = self.binding.pipeline.resume(d.resume, answer, &r);
@@ -689,7 +737,7 @@ impl Conn {
                     let outcome = {
                         let r = Request {
                             mail_from: &m.from,
-                            ..self.request(&feed, "")
+                            ..self.request(&feed, "", "")
                         };
                         self.binding.pipeline.run(Stage::Mail, &r)
                     };
@@ -704,11 +752,12 @@ impl Conn {
                 }
                 Event::Rcpt { to, params } => {
                     let outcome = {
-                        let r = self.request(&feed, to.as_str());
+                        let r = self.request(&feed, to.as_str(), to.domain());
                         self.binding.pipeline.run(Stage::Rcpt, &r)
                     };
                     let args = RcptArgs {
                         to: to.as_str().to_string(),
+                        domain_at: to.as_str().len().saturating_sub(to.domain().len()),
                         dsn: RcptDsn {
                             notify: params.notify,
                             orcpt: params.orcpt.map(String::from),
@@ -832,7 +881,7 @@ impl Conn {
                 mail_from: &env.mail_from,
                 header: content.prefix().get(..header_len).unwrap_or_default(),
                 header_complete: content.header_fits(header_len),
-                ..self.request(session, "")
+                ..self.request(session, "", "")
             };
             self.decide(Stage::Data, &r).await
         };

@@ -58,6 +58,32 @@ pub(crate) enum Control {
 /// Client addresses whose AUTH failures are remembered (about 64 bytes each).
 const AUTH_FAILURE_ADDRESSES: usize = 100_000;
 
+/// A channel into one core: any thread sends, the core's task awaits (the receiver is taken
+/// once, when the core starts).
+#[derive(Debug)]
+struct Inbox<T> {
+    tx: tokio::sync::mpsc::UnboundedSender<T>,
+    rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<T>>>,
+}
+
+impl<T> Inbox<T> {
+    fn new() -> Inbox<T> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        Inbox {
+            tx,
+            rx: Mutex::new(Some(rx)),
+        }
+    }
+
+    fn send(&self, v: T) -> bool {
+        self.tx.send(v).is_ok()
+    }
+
+    fn take(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<T>> {
+        self.rx.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
 /// State shared by every core.
 #[derive(Debug)]
 pub struct Shared {
@@ -69,11 +95,11 @@ pub struct Shared {
     pub shutdown: AtomicBool,
     /// Open connections per listen address (a binding's `max_connections`), kept over reloads.
     open_per_address: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
-    /// Listeners bound by a reload, waiting for their core to start accepting on them.
-    new_listeners: Vec<Mutex<Vec<(SocketAddr, std::net::TcpListener)>>>,
+    /// Each core's inbox: listeners bound by a reload (`None`: stop), woken, never polled.
+    new_listeners: Vec<Inbox<Option<(SocketAddr, std::net::TcpListener)>>>,
     control: Mutex<mpsc::Sender<Control>>,
-    /// Admin requests for each core's queue.
-    queue_commands: Vec<Mutex<Vec<queue::Command>>>,
+    /// Admin requests for each core's queue (its scheduler wakes on them).
+    queue_commands: Vec<Inbox<queue::Command>>,
     /// Messages found by the startup recovery, per core.
     recovered: Vec<Mutex<Vec<crate::spool::Recovered>>>,
     spool_ids: Arc<AtomicU64>,
@@ -120,25 +146,24 @@ impl crate::admin::Server for Shared {
 }
 
 impl Shared {
-    pub(crate) fn take_queue_commands(&self, core: usize) -> Vec<queue::Command> {
-        match self.queue_commands.get(core) {
-            Some(m) => std::mem::take(&mut *m.lock().unwrap_or_else(|p| p.into_inner())),
-            None => Vec::new(),
-        }
+    pub(crate) fn take_queue_commands(
+        &self,
+        core: usize,
+    ) -> Option<tokio::sync::mpsc::UnboundedReceiver<queue::Command>> {
+        self.queue_commands.get(core)?.take()
     }
 
     /// Run a queue command on every core and collect the answers (empty ones left out).
     pub fn queue_command(&self, op: queue::Op) -> Vec<String> {
         let mut waiting = Vec::new();
-        for m in &self.queue_commands {
+        for inbox in &self.queue_commands {
             let (tx, rx) = mpsc::channel();
-            m.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(queue::Command {
-                    op: op.clone(),
-                    reply: tx,
-                });
-            waiting.push(rx);
+            if inbox.send(queue::Command {
+                op: op.clone(),
+                reply: tx,
+            }) {
+                waiting.push(rx);
+            }
         }
         waiting
             .into_iter()
@@ -171,13 +196,6 @@ impl Shared {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         m.entry(addr).or_default().clone()
-    }
-
-    fn take_new_listeners(&self, core: usize) -> Vec<(SocketAddr, std::net::TcpListener)> {
-        match self.new_listeners.get(core) {
-            Some(m) => std::mem::take(&mut *m.lock().unwrap_or_else(|p| p.into_inner())),
-            None => Vec::new(),
-        }
     }
 
     /// Ask the main thread to reload the configuration; returns the new generation or why not.
@@ -445,7 +463,7 @@ pub fn run(
     let (control_tx, control_rx) = mpsc::channel();
     let shared = Arc::new(Shared {
         aswl,
-        queue_commands: cpus.iter().map(|_| Mutex::new(Vec::new())).collect(),
+        queue_commands: cpus.iter().map(|_| Inbox::new()).collect(),
         recovered: recovered.into_iter().map(Mutex::new).collect(),
         spool_ids,
         generation: AtomicU64::new(1),
@@ -468,7 +486,7 @@ pub fn run(
         limits: ConnLimits::new(config.limits.max_connections),
         shutdown: AtomicBool::new(false),
         open_per_address: Mutex::new(HashMap::new()),
-        new_listeners: cpus.iter().map(|_| Mutex::new(Vec::new())).collect(),
+        new_listeners: cpus.iter().map(|_| Inbox::new()).collect(),
         control: Mutex::new(control_tx.clone()),
         auth_failures: crate::auth::Failures::new(AUTH_FAILURE_ADDRESSES),
         staging: Arc::new(crate::spool::staging::Budget::new(
@@ -553,6 +571,9 @@ pub fn run(
         "stopping: no new connections, finishing transactions in flight"
     );
     shared.shutdown.store(true, Ordering::SeqCst);
+    for inbox in &shared.new_listeners {
+        inbox.send(None);
+    }
     for fd in fds.values().flatten() {
         // Wakes a pending accept (it fails with EINVAL) without cancelling it.
         // SAFETY: `fd` is a listening socket owned by a core's listener, still open.
@@ -708,7 +729,7 @@ fn reload(
     for (core, addr, l) in added {
         fds.entry(addr).or_default().push(l.as_raw_fd());
         if let Some(q) = shared.new_listeners.get(core) {
-            q.lock().unwrap_or_else(|p| p.into_inner()).push((addr, l));
+            q.send(Some((addr, l)));
         }
     }
     for addr in old_addrs.difference(&new_addrs) {
@@ -799,17 +820,19 @@ fn core_main(c: CoreListeners, shared: Arc<Shared>, driver: Driver) {
         for r in recovered {
             queue.adopt(r);
         }
-        monoio::spawn(queue.clone().scheduler());
+        if let Some(commands) = shared.take_queue_commands(c.core) {
+            monoio::spawn(queue.clone().scheduler(commands));
+        }
         let ctx = Rc::new(conn::CoreCtx::new(c.core, shared.clone(), queue));
         for (addr, l) in c.listeners {
             monoio::spawn(accept_loop(l, addr, ctx.clone()));
         }
-        // Listeners added by a reload arrive here.
-        while !shared.shutdown.load(Ordering::SeqCst) {
-            for (addr, l) in shared.take_new_listeners(c.core) {
-                monoio::spawn(accept_loop(l, addr, ctx.clone()));
-            }
-            monoio::time::sleep(Duration::from_millis(50)).await;
+        // Listeners added by a reload arrive here, until the main thread says stop.
+        let mut inbox = shared.new_listeners.get(c.core).and_then(Inbox::take);
+        while let Some(rx) = inbox.as_mut()
+            && let Some(Some((addr, l))) = rx.recv().await
+        {
+            monoio::spawn(accept_loop(l, addr, ctx.clone()));
         }
         // Stopping: idle sessions get 421 now; those in a transaction finish it first (and
         // are woken once idle), as do delivery attempts in flight, up to the shutdown timeout

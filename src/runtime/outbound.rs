@@ -2,6 +2,7 @@
 //! [`relay::client::Client`] over plain TCP or TLS, and keep idle connections per next hop for
 //! reuse, with a per-hop connection limit on each core.
 
+use crate::relay::failure::Failure;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::io;
@@ -205,11 +206,7 @@ impl Pool {
             }
             let left = s.reply_timeout.saturating_sub(waited.elapsed());
             if left.is_zero() {
-                return Outcome::HopFailed(Reply::local(
-                    451,
-                    (4, 4, 5),
-                    "too many connections to the next hop",
-                ));
+                return Outcome::HopFailed(Failure::TooManyConnections.reply());
             }
             // Woken when a connection to this hop is freed or goes back to the pool (and at
             // least every second, so a wake-up lost to a waiter that timed out costs little).
@@ -230,11 +227,10 @@ impl Pool {
                 Outcome::Replies(r, passed)
             }
             Ok(Action::Failed(r)) | Err(r) => Outcome::HopFailed(r),
-            Ok(other) => Outcome::HopFailed(Reply::local(
-                451,
-                (4, 4, 2),
-                &format!("relay client stopped unexpectedly ({other:?})"),
-            )),
+            Ok(other) => Outcome::HopFailed(
+                Failure::Unexpected(format!("relay client stopped unexpectedly ({other:?})"))
+                    .reply(),
+            ),
         }
     }
 
@@ -247,7 +243,12 @@ impl Pool {
 }
 
 fn hop_error(host: &str, what: &str, e: &io::Error) -> Reply {
-    Reply::local(451, (4, 4, 1), &format!("{host}: {what}: {e}"))
+    Failure::Io {
+        host: host.to_string(),
+        what: what.to_string(),
+        error: e.to_string(),
+    }
+    .reply()
 }
 
 /// Connect to `addr`, from `source` when given, with TCP_NODELAY.
@@ -315,22 +316,14 @@ impl OutConn {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(hop_error(host, "TLS handshake", &e)),
                 Err(_) => {
-                    return Err(Reply::local(
-                        451,
-                        (4, 4, 2),
-                        &format!("{host}: TLS handshake timed out"),
-                    ));
+                    return Err(Failure::TlsHandshakeTimeout(host.to_string()).reply());
                 }
             }
         }
         match c.run(Action::Wait, s).await {
             Ok(Action::Ready) => Ok(c),
             Ok(Action::Failed(r)) | Err(r) => Err(r),
-            Ok(other) => Err(Reply::local(
-                451,
-                (4, 4, 2),
-                &format!("{host}: unexpected {other:?}"),
-            )),
+            Ok(other) => Err(Failure::Unexpected(format!("{host}: unexpected {other:?}")).reply()),
         }
     }
 
@@ -352,17 +345,10 @@ impl OutConn {
                     if !self.buf.is_empty() {
                         // Bytes after the 220 were injected before the handshake (the
                         // STARTTLS command-injection attack): never trust them.
-                        return Err(Reply::local(
-                            421,
-                            (4, 7, 0),
-                            &format!(
-                                "{}: data after the STARTTLS reply, connection dropped",
-                                self.host
-                            ),
-                        ));
+                        return Err(Failure::StartTlsInjection(self.host.clone()).reply());
                     }
                     let Some(cfg) = s.tls.clone() else {
-                        return Err(Reply::local(421, (4, 7, 0), "no TLS configuration"));
+                        return Err(Failure::TlsNotConfigured.reply());
                     };
                     self.transport = Transport::tls_client(cfg, &self.host)
                         .map_err(|e| hop_error(&self.host, "TLS setup", &e))?;
@@ -374,7 +360,7 @@ impl OutConn {
                         Ok(Ok(())) => self.client.tls_started(),
                         Ok(Err(e)) => return Err(hop_error(&self.host, "TLS handshake", &e)),
                         Err(_) => {
-                            return Err(Reply::local(451, (4, 4, 2), "TLS handshake timed out"));
+                            return Err(Failure::TlsHandshakeTimeout(self.host.clone()).reply());
                         }
                     }
                 }
@@ -387,20 +373,20 @@ impl OutConn {
         let read = self.transport.read_reply(&mut self.stream, &mut self.buf);
         match monoio::time::timeout(timeout, read).await {
             Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
-                Err(Reply::local(451, (4, 5, 0), &format!("{}: {e}", self.host)))
+            Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => Err(Failure::InvalidReply {
+                host: self.host.clone(),
+                error: e.to_string(),
             }
-            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Err(Reply::local(
-                451,
-                (4, 4, 2),
-                &format!("{}: connection closed by the next hop", self.host),
-            )),
+            .reply()),
+            Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                Err(Failure::ClosedByHop(self.host.clone()).reply())
+            }
             Ok(Err(e)) => Err(hop_error(&self.host, "read", &e)),
-            Err(_) => Err(Reply::local(
-                451,
-                (4, 4, 2),
-                &format!("{}: no reply within {}s", self.host, timeout.as_secs()),
-            )),
+            Err(_) => Err(Failure::NoReply {
+                host: self.host.clone(),
+                secs: timeout.as_secs(),
+            }
+            .reply()),
         }
     }
 }

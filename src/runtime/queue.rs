@@ -16,6 +16,7 @@ use crate::delivery::outcome;
 use crate::delivery::{self, Envelope, drop_folder, trace};
 use crate::relay::dns::{Dns, Targets};
 use crate::relay::dsn::{self, RcptStatus};
+use crate::relay::failure::Failure;
 use crate::relay::reply::Reply;
 use crate::spool::{CoreSpool, Recovered, Spooled};
 
@@ -87,6 +88,9 @@ pub struct Command {
 }
 
 pub use crate::delivery::QueueOp as Op;
+
+/// How often idle next-hop connections are swept and old segments copied forward.
+const MAINTENANCE: Duration = Duration::from_secs(1);
 
 pub(crate) struct CoreQueue {
     pub core: usize,
@@ -325,25 +329,44 @@ impl CoreQueue {
     }
 
     /// The scheduler: retries when due, admin commands, idle connections, copy-forward.
-    pub(crate) async fn scheduler(self: Rc<Self>) {
+    /// It sleeps until the next retry is due or the next maintenance (every second), and
+    /// wakes at once for an admin command.
+    pub(crate) async fn scheduler(
+        self: Rc<Self>,
+        mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
+    ) {
         let mut last_maintenance = Instant::now();
         while !self
             .shared
             .shutdown
             .load(std::sync::atomic::Ordering::SeqCst)
         {
-            for cmd in self.shared.take_queue_commands(self.core) {
-                let answer = self.command(&cmd.op);
-                let _ = cmd.reply.send(answer);
-            }
             self.start_due();
-            if last_maintenance.elapsed() >= Duration::from_secs(1) {
+            if last_maintenance.elapsed() >= MAINTENANCE {
                 last_maintenance = Instant::now();
                 let cfg = self.shared.live().config.clone();
                 self.pool.sweep(cfg.queue.idle_timeout.0).await;
                 self.copy_forward(cfg.queue.copy_forward_after.0).await;
             }
-            monoio::time::sleep(Duration::from_millis(50)).await;
+            // A retry already due that start_due left waits for a slot: the attempt that
+            // frees it starts it, so only future retries set the alarm.
+            let now = Instant::now();
+            let next_timer = self.timers.borrow().peek().map(|Reverse((at, _))| *at);
+            let wake = match next_timer {
+                Some(t) if t > now => t.min(last_maintenance + MAINTENANCE),
+                _ => last_maintenance + MAINTENANCE,
+            };
+            let wait = wake.saturating_duration_since(now);
+            monoio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => {
+                        let answer = self.command(&cmd.op);
+                        let _ = cmd.reply.send(answer);
+                    }
+                    None => return,
+                },
+                () = monoio::time::sleep(wait) => {}
+            }
         }
     }
 
@@ -364,7 +387,7 @@ impl CoreQueue {
             Ok(c) => c,
             Err(err) => {
                 tracing::error!(queue_id = %env.queue_id, error = %err, "cannot read the message from the spool");
-                let r = Reply::local(451, (4, 3, 0), &format!("spool read error: {err}"));
+                let r = Failure::SpoolRead(err.to_string()).reply();
                 let results = pending
                     .iter()
                     .map(|&i| (i, Result_::Deferred(r.clone())))
@@ -404,10 +427,7 @@ impl CoreQueue {
                         None => groups.push((ri, key, vec![i])),
                     }
                 }
-                None => results.push((
-                    i,
-                    Result_::Deferred(Reply::local(451, (4, 4, 0), "no route for this recipient")),
-                )),
+                None => results.push((i, Result_::Deferred(Failure::NoRoute.reply()))),
             }
         }
         let message: [&[u8]; 2] = [trace.as_bytes(), content.as_slice()];
@@ -447,14 +467,10 @@ impl CoreQueue {
                     .await;
                     let outcome = match res {
                         Ok(Ok(_)) => Result_::Delivered(Some(dsn::Kind::Delivered)),
-                        Ok(Err(err)) => Result_::Deferred(Reply::local(
-                            451,
-                            (4, 3, 0),
-                            &format!("drop folder: {err}"),
-                        )),
-                        Err(_) => {
-                            Result_::Deferred(Reply::local(451, (4, 3, 0), "blocking pool failed"))
+                        Ok(Err(err)) => {
+                            Result_::Deferred(Failure::DropFolder(err.to_string()).reply())
                         }
+                        Err(_) => Result_::Deferred(Failure::WorkerLost.reply()),
                     };
                     if let Result_::Deferred(r) = &outcome {
                         tracing::warn!(queue_id = %env.queue_id, error = %r.one_line(), "drop folder write failed");
@@ -544,10 +560,7 @@ impl CoreQueue {
         let s = match self.settings(generation, ri, route, cfg) {
             Ok(s) => s,
             Err(e) => {
-                return all(
-                    Reply::local(451, (4, 3, 5), &format!("relay TLS settings: {e}")),
-                    None,
-                );
+                return all(Failure::TlsSettings(e.to_string()).reply(), None);
             }
         };
         let hops = match self.hops(route, cfg, domain).await {
@@ -555,13 +568,13 @@ impl CoreQueue {
             Err(r) => return all(r, None),
         };
         if hops.is_empty() {
-            return all(Reply::local(451, (4, 4, 4), "no next hop address"), None);
+            return all(Failure::NoHopAddress.reply(), None);
         }
         let sender_domain = env.mail_from.rsplit_once('@').map_or("", |(_, d)| d);
         let source = route.source_ip_for(sender_domain);
         let n = hops.len();
         let start = attempts as usize % n;
-        let mut last = Reply::local(451, (4, 4, 1), "no next hop tried");
+        let mut last = Failure::NoHopTried.reply();
         let mut last_host = None;
         for k in 0..n {
             let Some((host, addr)) = hops.get((start + k) % n) else {
@@ -618,14 +631,10 @@ impl CoreQueue {
                 let sv = servers.clone();
                 let t = monoio::spawn_blocking(move || Dns::get(&sv)?.resolve_mx(&d))
                     .await
-                    .map_err(|_| Reply::local(451, (4, 4, 3), "DNS worker failed"))?;
+                    .map_err(|_| Failure::DnsWorkerLost.reply())?;
                 match t {
                     Ok(Targets::NullMx) => {
-                        return Err(Reply::local(
-                            556,
-                            (5, 1, 10),
-                            &format!("{domain} accepts no mail (null MX)"),
-                        ));
+                        return Err(Failure::NullMx(domain.to_string()).reply());
                     }
                     Ok(Targets::Hosts(hosts)) => {
                         for (name, ips) in hosts {
@@ -637,7 +646,7 @@ impl CoreQueue {
                             }
                         }
                     }
-                    Err(e) => return Err(Reply::local(451, (4, 4, 3), &e)),
+                    Err(e) => return Err(Failure::Dns(e).reply()),
                 }
                 continue;
             }
@@ -651,8 +660,8 @@ impl CoreQueue {
             let (hn, sv) = (host.clone(), servers.clone());
             let ips = monoio::spawn_blocking(move || Dns::get(&sv)?.resolve_host(&hn))
                 .await
-                .map_err(|_| Reply::local(451, (4, 4, 3), "DNS worker failed"))?
-                .map_err(|e| Reply::local(451, (4, 4, 3), &e))?;
+                .map_err(|_| Failure::DnsWorkerLost.reply())?
+                .map_err(|e| Failure::Dns(e).reply())?;
             for ip in ips {
                 out.push((host.clone(), std::net::SocketAddr::new(ip, port)));
             }
@@ -685,7 +694,7 @@ impl CoreQueue {
         } = outcome::conclude(&env, attempted, age, cfg.queue.max_lifetime.0);
         for (i, r, diagnostic) in &results {
             self.shared.metrics.delivery(r.name(), 1);
-            if *r != outcome::Result::Delivered {
+            if matches!(r, outcome::Result::Failed | outcome::Result::Expired) {
                 let to = env.rcpts.get(*i as usize).map_or("", String::as_str);
                 tracing::info!(queue_id = %env.queue_id, to = ?to, reply = ?diagnostic, result = r.name(), "delivery");
             }
