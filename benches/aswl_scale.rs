@@ -16,6 +16,10 @@ use std::time::Instant;
 use ringmx::aswl::{Aswl, Mode};
 use ringmx::config::Config;
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()

@@ -3,6 +3,8 @@
 # hit both: the working tree against git revision BASE, on the durable rows of compare.sh
 # (spool + fdatasync + hold route), driven by Postfix's smtp-source: 1 KiB with connections
 # reused, 1 KiB one message per connection, 100 KiB reused. Prints the median msg/s per build.
+# Scenario `idle` (not in the default set) instead holds IDLE greeted connections and reports
+# the server's RSS growth per connection in bytes (lower is better).
 #
 #   BASE=fe695f8 loadtest/ab.sh
 #   BASE=HEAD~3 RUNS=3 N=10000 SCENARIOS="reuse big" loadtest/ab.sh
@@ -16,6 +18,8 @@ SESSIONS=${SESSIONS:-50}
 SCENARIOS=${SCENARIOS:-"reuse churn big"}
 WORK=${WORK:-/tmp/ringmx-ab}
 TIMEOUT=${TIMEOUT:-300}
+IDLE=${IDLE:-5000}
+ulimit -n "$(ulimit -Hn)"  # the idle scenario holds thousands of descriptors
 
 command -v smtp-source >/dev/null || { echo "smtp-source missing: apt-get install postfix" >&2; exit 1; }
 rm -rf "$WORK"; mkdir -p "$WORK"
@@ -62,6 +66,28 @@ CONF
     wait_port "$PORT"
 }
 
+# Hold N greeted connections; print the server's RSS growth per connection (bytes).
+idle_rss() {
+    python3 - "$1" "$2" "$3" <<'PY'
+import resource, socket, sys, time
+port, pid, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+def rss():
+    for line in open("/proc/%s/status" % pid):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+time.sleep(0.5)
+before = rss()
+socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+for s in socks:
+    s.settimeout(10)
+    assert s.recv(512).startswith(b"220")
+time.sleep(0.5)
+print("%.0f" % ((rss() - before) / n))
+PY
+}
+
 declare -A RATES
 for scenario in $SCENARIOS; do
     for run in $(seq "$RUNS"); do
@@ -72,10 +98,15 @@ for scenario in $SCENARIOS; do
                 reuse) n=$N; timeout "$TIMEOUT" smtp-source -s "$SESSIONS" -m "$n" -l 1024 -d -f load@bench.test -t rcpt@remote.test 127.0.0.1:"$PORT" >/dev/null;;
                 churn) n=$N; timeout "$TIMEOUT" smtp-source -s "$SESSIONS" -m "$n" -l 1024 -f load@bench.test -t rcpt@remote.test 127.0.0.1:"$PORT" >/dev/null;;
                 big) n=$((N / 10)); timeout "$TIMEOUT" smtp-source -s "$SESSIONS" -m "$n" -l 102400 -d -f load@bench.test -t rcpt@remote.test 127.0.0.1:"$PORT" >/dev/null;;
+                idle) per=$(idle_rss "$PORT" "$SERVER" "$IDLE");;
             esac
             t1=$(date +%s.%N)
             kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; SERVER=
-            RATES[$scenario.$build]+="$(awk -v n="$n" -v a="$t0" -v b="$t1" 'BEGIN{printf "%.0f ", n/(b-a)}')"
+            if [ "$scenario" = idle ]; then
+                RATES[$scenario.$build]+="$per "
+            else
+                RATES[$scenario.$build]+="$(awk -v n="$n" -v a="$t0" -v b="$t1" 'BEGIN{printf "%.0f ", n/(b-a)}')"
+            fi
         done
     done
 done

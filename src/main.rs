@@ -5,6 +5,10 @@ use std::process::ExitCode;
 
 use ringmx::config::{Config, Driver, LogFormat};
 
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "\
 ringmx — SMTP front end for Linux edge hosts
 

@@ -22,9 +22,10 @@ pub enum Reason {
     TooManyConnections,
     Timeout,
     Busy,
+    RateLimited,
 }
 
-const REASONS: [(Reason, &str); 15] = [
+const REASONS: [(Reason, &str); 16] = [
     (Reason::RelayDenied, "relay_denied"),
     (Reason::AuthRequired, "auth_required"),
     (Reason::TooBig, "too_big"),
@@ -40,6 +41,7 @@ const REASONS: [(Reason, &str); 15] = [
     (Reason::TooManyConnections, "too_many_connections"),
     (Reason::Timeout, "timeout"),
     (Reason::Busy, "busy"),
+    (Reason::RateLimited, "rate_limited"),
 ];
 
 /// Upper bounds (seconds) of the session duration histogram.

@@ -164,3 +164,79 @@ for src in ["127.0.0.1", "127.0.0.2", "127.0.0.3"]:
         );
     }
 }
+
+/// `[rates]`: connections, messages and recipients per client network and minute, counted
+/// across connections; another address has its own allowance; exempt networks have none.
+#[test]
+fn rate_limits_per_network() {
+    const CLIENT: &str = r#"
+import os, smtplib
+port = int(os.environ["PORT"])
+def connect(src):
+    try:
+        return smtplib.SMTP("127.0.0.1", port, source_address=(src, 0), timeout=10)
+    except smtplib.SMTPConnectError as e:
+        print(src, "connect", e.smtp_code, e.smtp_error.decode())
+        return None
+s = connect("127.0.0.4")
+s.ehlo("client.test")
+print("mail", s.mail("a@remote.test")[0])
+print("rcpts", [s.rcpt("u%d@example.test" % i)[0] for i in range(2)])
+s.rset()
+print("mail", s.mail("a@remote.test")[0])
+print("rcpts", [s.rcpt("u%d@example.test" % i)[0] for i in range(3)])
+s.rset()
+code, msg = s.mail("a@remote.test")
+print("mail", code, msg.decode())
+s.quit()
+for _ in range(3):
+    c = connect("127.0.0.4")
+    if c:
+        print("127.0.0.4 connect", c.noop()[0])
+        c.quit()
+c = connect("127.0.0.2")
+print("127.0.0.2 connect", c.noop()[0])
+c.quit()
+for _ in range(5):
+    c = connect("127.0.0.3")
+    print("127.0.0.3 connect", c.noop()[0])
+    c.quit()
+"#;
+    // The client is 127.0.0.4: the harness itself connects from 127.0.0.1 to see the server up.
+    for driver in DRIVERS {
+        let s = Server::start_with(
+            &format!("rates-{driver}"),
+            driver,
+            "",
+            "[rates]\nconnections_per_minute = 3\nmessages_per_minute = 2\n\
+             recipients_per_minute = 4\nburst_percent = 100\nexempt = [\"127.0.0.3/32\"]\n",
+        );
+        let text = stdout(&python(CLIENT, s.inbound.port(), 0));
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            [
+                "mail 250",
+                "rcpts [250, 250]",
+                "mail 250",
+                "rcpts [250, 250, 450]",
+                "mail 450 4.7.1 Too many messages from your network, try again later",
+                "127.0.0.4 connect 250",
+                "127.0.0.4 connect 250",
+                "127.0.0.4 connect 421 4.7.0 Too many connections from your network, try again later",
+                "127.0.0.2 connect 250",
+                "127.0.0.3 connect 250",
+                "127.0.0.3 connect 250",
+                "127.0.0.3 connect 250",
+                "127.0.0.3 connect 250",
+                "127.0.0.3 connect 250",
+            ],
+            "[{driver}]"
+        );
+        assert!(
+            s.admin_get("/metrics")
+                .1
+                .contains("reason=\"rate_limited\"} 3"),
+            "[{driver}]"
+        );
+    }
+}

@@ -173,6 +173,46 @@ impl Default for ServerSection {
     }
 }
 
+/// `[rates]`: limits per client network and minute (`policy::rates`); 0 = no limit. Read at
+/// startup (a reload keeps the running limits).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RatesSection {
+    /// New connections (`421 4.7.0` instead of the greeting).
+    pub connections_per_minute: u32,
+    /// Transactions (`450 4.7.1` at MAIL).
+    pub messages_per_minute: u32,
+    /// Accepted recipients (`450 4.7.1` at RCPT).
+    pub recipients_per_minute: u32,
+    /// Recipients refused as unknown by `[[recipients]]` (`421 4.7.0`, and the session ends).
+    pub unknown_recipients_per_minute: u32,
+    /// The burst allowed at once, in percent of a minute's allowance (at least one event).
+    pub burst_percent: u32,
+    /// Client addresses counted together: IPv4 /32 and IPv6 /64 by default.
+    pub ipv4_prefix: u8,
+    pub ipv6_prefix: u8,
+    /// Networks never limited.
+    pub exempt: Vec<Cidr>,
+    /// Cells per limit (8 bytes each, shared by all cores; rounded up to a power of two).
+    pub table_size: usize,
+}
+
+impl Default for RatesSection {
+    fn default() -> Self {
+        RatesSection {
+            connections_per_minute: 0,
+            messages_per_minute: 0,
+            recipients_per_minute: 0,
+            unknown_recipients_per_minute: 0,
+            burst_percent: 10,
+            ipv4_prefix: 32,
+            ipv6_prefix: 64,
+            exempt: Vec::new(),
+            table_size: 1 << 16,
+        }
+    }
+}
+
 /// `[limits]` and per-binding overrides.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -603,6 +643,8 @@ struct RawConfig {
     queue: QueueSection,
     #[serde(default)]
     dns: DnsSection,
+    #[serde(default)]
+    rates: RatesSection,
     aswl: Option<AswlSection>,
     #[serde(default, rename = "recipients")]
     recipients: Vec<Spanned<RecipientsSection>>,
@@ -655,6 +697,7 @@ pub struct Config {
     pub spool: SpoolSection,
     pub queue: QueueSection,
     pub dns: DnsSection,
+    pub rates: RatesSection,
     /// The whitelist settings, compiled; `None` when `[aswl]` is absent or disabled.
     pub aswl: Option<Arc<crate::aswl::Settings>>,
     /// `[aswl.replication]`, compiled (with the whitelist on only; read at startup).
@@ -1150,6 +1193,27 @@ impl Config {
                 ),
             ));
         }
+        if raw.rates.ipv4_prefix > 32 || raw.rates.ipv6_prefix > 128 {
+            let at = source.find("[rates]").unwrap_or(0);
+            let k = if raw.rates.ipv4_prefix > 32 {
+                "ipv4_prefix"
+            } else {
+                "ipv6_prefix"
+            };
+            return Err(err(
+                key_line(source, k, at),
+                &format!("rates.{k}"),
+                "at most 32 (IPv4) or 128 (IPv6)".into(),
+            ));
+        }
+        if raw.rates.table_size == 0 || raw.rates.table_size > 1 << 26 {
+            let at = source.find("[rates]").unwrap_or(0);
+            return Err(err(
+                key_line(source, "table_size", at),
+                "rates.table_size",
+                "between 1 and 67108864 cells".into(),
+            ));
+        }
         let mut config = Config {
             source: source.to_string(),
             aswl,
@@ -1166,6 +1230,7 @@ impl Config {
             spool,
             queue: raw.queue,
             dns: raw.dns,
+            rates: raw.rates,
         };
         config.load_route_files(file)?;
         Ok(config)

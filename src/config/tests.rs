@@ -125,6 +125,16 @@ fn semantic_errors_name_the_key() {
             "binding[1] (in2).listen",
             Some(17),
         ),
+        (
+            format!("{MINIMAL}\n[rates]\nconnections_per_minute = 10\nipv4_prefix = 33\n"),
+            "rates.ipv4_prefix",
+            Some(17),
+        ),
+        (
+            format!("{MINIMAL}\n[rates]\ntable_size = 0\n"),
+            "rates.table_size",
+            Some(16),
+        ),
     ];
     for (src, key, line) in cases {
         let e = parse(&src).unwrap_err();

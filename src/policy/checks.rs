@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::pipeline::{Check, Decision, Mark, Pipeline, Refusal, Request, Stage};
+use super::rates::{Event, Rates};
 use super::recipients::{Lookup, RecipientMaps};
 use crate::aswl::Aswl;
 use crate::config::{AuthMode, Binding, Config, Direction};
@@ -19,15 +20,17 @@ pub struct Sources<'a> {
     pub recipients: &'a Arc<RecipientMaps>,
     /// The running whitelist (`None` when `[aswl]` is off).
     pub aswl: Option<&'a Arc<Aswl>>,
+    /// The rate limits (`None` when `[rates]` sets none).
+    pub rates: Option<&'a Arc<Rates>>,
 }
 
 /// The pipeline of a binding:
 ///
 /// | stage   | checks, in order |
 /// |---------|------------------|
-/// | connect | `client_access` (`clients_deny`, `clients_allow`) |
-/// | mail    | `auth_required` (`auth = "required"`) |
-/// | rcpt    | `relay_rights`, `known_recipients` (inbound, `[[recipients]]`), `whitelist` (inbound, `[aswl]`) |
+/// | connect | `client_access` (`clients_deny`, `clients_allow`), `connection_rate` (`[rates]`) |
+/// | mail    | `auth_required` (`auth = "required"`), `message_rate` |
+/// | rcpt    | `relay_rights`, `known_recipients` (inbound, `[[recipients]]`; with the unknown-recipient rate), `recipient_rate`, `whitelist` (inbound, `[aswl]`) |
 /// | data    | `header_size`, `hop_limit` |
 pub fn for_binding(s: Sources<'_>) -> Pipeline {
     let b = s.binding;
@@ -38,27 +41,44 @@ pub fn for_binding(s: Sources<'_>) -> Pipeline {
             allow: b.section.clients_allow.clone(),
         }));
     }
+    let rate = |event: Event| {
+        s.rates
+            .filter(|r| r.limits(event))
+            .map(|r| RateLimit::new(r.clone(), event))
+    };
+    if let Some(c) = rate(Event::Connection) {
+        checks.push(Arc::new(c));
+    }
     if b.section.auth == AuthMode::Required {
         checks.push(Arc::new(AuthRequired));
+    }
+    if let Some(c) = rate(Event::Message) {
+        checks.push(Arc::new(c));
     }
     checks.push(Arc::new(RelayRights {
         config: s.config.clone(),
         direction: b.section.direction,
         allowed_clients: b.section.allowed_clients.clone(),
     }));
-    if b.section.direction == Direction::Inbound {
-        if !s.recipients.is_empty() {
-            checks.push(Arc::new(KnownRecipients {
-                maps: s.recipients.clone(),
-                max_unknown: b.limits.max_unknown_recipients,
-            }));
-        }
-        if let (Some(a), Some(settings)) = (s.aswl, &s.config.aswl) {
-            checks.push(Arc::new(Whitelist {
-                aswl: a.clone(),
-                settings: settings.clone(),
-            }));
-        }
+    let inbound = b.section.direction == Direction::Inbound;
+    if inbound && !s.recipients.is_empty() {
+        checks.push(Arc::new(KnownRecipients {
+            maps: s.recipients.clone(),
+            max_unknown: b.limits.max_unknown_recipients,
+            rates: s
+                .rates
+                .filter(|r| r.limits(Event::UnknownRecipient))
+                .cloned(),
+        }));
+    }
+    if let Some(c) = rate(Event::Recipient) {
+        checks.push(Arc::new(c));
+    }
+    if inbound && let (Some(a), Some(settings)) = (s.aswl, &s.config.aswl) {
+        checks.push(Arc::new(Whitelist {
+            aswl: a.clone(),
+            settings: settings.clone(),
+        }));
     }
     checks.push(Arc::new(HeaderSize));
     checks.push(Arc::new(HopLimit {
@@ -165,6 +185,8 @@ impl Check for RelayRights {
 pub struct KnownRecipients {
     pub maps: Arc<RecipientMaps>,
     pub max_unknown: usize,
+    /// `[rates] unknown_recipients_per_minute`, across sessions.
+    pub rates: Option<Arc<Rates>>,
 }
 
 impl Check for KnownRecipients {
@@ -183,10 +205,62 @@ impl Check for KnownRecipients {
             Reason::UnknownRecipient,
             "refused: unknown recipient",
         );
+        if let Some(rates) = &self.rates
+            && !rates.take(Event::UnknownRecipient, r.ip, r.clock_ms)
+        {
+            refusal.close = Some((&reply::RATE_UNKNOWN, Reason::RateLimited));
+            return Decision::Reject(refusal);
+        }
         if r.unknown_rcpts + 1 >= self.max_unknown {
             refusal.close = Some((&reply::TOO_MANY_UNKNOWN, Reason::Harvest));
         }
         Decision::Reject(refusal)
+    }
+}
+
+/// `[rates]`: one event of the client's network counted at its stage — a connection at
+/// connect (`421 4.7.0`), a message at MAIL and a recipient at RCPT (`450 4.7.1`).
+#[derive(Debug)]
+pub struct RateLimit {
+    rates: Arc<Rates>,
+    event: Event,
+}
+
+impl RateLimit {
+    pub fn new(rates: Arc<Rates>, event: Event) -> RateLimit {
+        RateLimit { rates, event }
+    }
+}
+
+impl Check for RateLimit {
+    fn name(&self) -> &'static str {
+        match self.event {
+            Event::Connection => "connection_rate",
+            Event::Message => "message_rate",
+            Event::Recipient | Event::UnknownRecipient => "recipient_rate",
+        }
+    }
+    fn stage(&self) -> Stage {
+        match self.event {
+            Event::Connection => Stage::Connect,
+            Event::Message => Stage::Mail,
+            Event::Recipient | Event::UnknownRecipient => Stage::Rcpt,
+        }
+    }
+    fn check(&self, r: &Request<'_>) -> Decision {
+        if self.rates.take(self.event, r.ip, r.clock_ms) {
+            return Decision::Continue;
+        }
+        let reply = match self.event {
+            Event::Connection => &reply::RATE_CONNECTIONS,
+            Event::Message => &reply::RATE_MESSAGES,
+            Event::Recipient | Event::UnknownRecipient => &reply::RATE_RECIPIENTS,
+        };
+        Decision::Reject(Refusal::new(
+            reply,
+            Reason::RateLimited,
+            "refused: rate limit",
+        ))
     }
 }
 
@@ -311,6 +385,7 @@ folder = "/tmp/x"
             binding,
             recipients: &maps,
             aswl: None,
+            rates: None,
         })
     }
 
@@ -481,6 +556,71 @@ folder = "/tmp/x"
                 }
                 o => panic!("{o:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn rate_limits_on_their_stages() {
+        let c = cfg();
+        let rs = crate::config::RatesSection {
+            connections_per_minute: 2,
+            messages_per_minute: 1,
+            recipients_per_minute: 1,
+            unknown_recipients_per_minute: 1,
+            burst_percent: 100,
+            ..Default::default()
+        };
+        let rates = Arc::new(Rates::new(&rs, 7).unwrap());
+        let map = super::super::recipients::RecipientMap::parse("alice@example.test\n").unwrap();
+        let maps = Arc::new(RecipientMaps::new(vec![(vec!["example.test".into()], map)]));
+        let p = for_binding(Sources {
+            config: &c,
+            binding: &c.bindings[0],
+            recipients: &maps,
+            aswl: None,
+            rates: Some(&rates),
+        });
+        assert_eq!(
+            p.names(Stage::Connect),
+            ["client_access", "connection_rate"]
+        );
+        assert_eq!(p.names(Stage::Mail), ["message_rate"]);
+        assert_eq!(
+            p.names(Stage::Rcpt),
+            ["relay_rights", "known_recipients", "recipient_rate"]
+        );
+        let at = |ms: u64, r: Request<'static>| Request { clock_ms: ms, ..r };
+        let client = "203.0.113.9";
+        assert_eq!(reply_of(&p, Stage::Connect, &at(0, req(client))), None);
+        assert_eq!(reply_of(&p, Stage::Connect, &at(0, req(client))), None);
+        assert_eq!(
+            reply_of(&p, Stage::Connect, &at(0, req(client))),
+            Some(&reply::RATE_CONNECTIONS)
+        );
+        // 2 a minute: one more after 30 s.
+        assert_eq!(reply_of(&p, Stage::Connect, &at(30_000, req(client))), None);
+        assert_eq!(reply_of(&p, Stage::Mail, &at(0, req(client))), None);
+        assert_eq!(
+            reply_of(&p, Stage::Mail, &at(0, req(client))),
+            Some(&reply::RATE_MESSAGES)
+        );
+        let to = |a: &'static str| at(0, rcpt(client, false, a));
+        assert_eq!(reply_of(&p, Stage::Rcpt, &to("alice@example.test")), None);
+        assert_eq!(
+            reply_of(&p, Stage::Rcpt, &to("alice@example.test")),
+            Some(&reply::RATE_RECIPIENTS)
+        );
+        // Unknown recipients have their own allowance; over it the session is closed.
+        match p.run(Stage::Rcpt, &to("bob@example.test")) {
+            Outcome::Reject(f) => assert_eq!(f.close, None),
+            o => panic!("{o:?}"),
+        }
+        match p.run(Stage::Rcpt, &to("bob@example.test")) {
+            Outcome::Reject(f) => {
+                assert_eq!(f.reply, &reply::UNKNOWN_RECIPIENT);
+                assert_eq!(f.close.map(|(r, _)| r), Some(&reply::RATE_UNKNOWN));
+            }
+            o => panic!("{o:?}"),
         }
     }
 

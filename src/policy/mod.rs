@@ -13,4 +13,5 @@
 pub mod checks;
 pub mod hops;
 pub mod pipeline;
+pub mod rates;
 pub mod recipients;

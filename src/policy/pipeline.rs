@@ -74,6 +74,8 @@ pub struct Request<'a> {
     pub header_complete: bool,
     /// Seconds since the Unix epoch.
     pub now: u32,
+    /// A monotonic clock in milliseconds (rate limits).
+    pub clock_ms: u64,
 }
 
 impl<'a> Request<'a> {
@@ -90,6 +92,7 @@ impl<'a> Request<'a> {
             header: &[],
             header_complete: true,
             now,
+            clock_ms: 0,
         }
     }
 }

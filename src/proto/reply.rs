@@ -195,6 +195,30 @@ pub static TOO_MANY_UNKNOWN: Reply = Reply::new(
     "4.7.0",
     "Too many unknown recipients, closing connection",
 );
+/// `[rates] connections_per_minute` reached for the client's network.
+pub static RATE_CONNECTIONS: Reply = Reply::new(
+    421,
+    "4.7.0",
+    "Too many connections from your network, try again later",
+);
+/// `[rates] messages_per_minute` reached.
+pub static RATE_MESSAGES: Reply = Reply::new(
+    450,
+    "4.7.1",
+    "Too many messages from your network, try again later",
+);
+/// `[rates] recipients_per_minute` reached.
+pub static RATE_RECIPIENTS: Reply = Reply::new(
+    450,
+    "4.7.1",
+    "Too many recipients from your network, try again later",
+);
+/// `[rates] unknown_recipients_per_minute` reached.
+pub static RATE_UNKNOWN: Reply = Reply::new(
+    421,
+    "4.7.0",
+    "Too many unknown recipients from your network, closing connection",
+);
 /// More `Received:` fields than `max_hops` (RFC 5321 §6.3).
 pub static TOO_MANY_HOPS: Reply = Reply::new(
     554,

@@ -166,6 +166,12 @@ struct RcptArgs {
     dsn: RcptDsn,
 }
 
+/// Milliseconds on a monotonic clock shared by every core (rate limits).
+fn clock_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
 /// Why a connection ended (logged as `end`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -294,7 +300,10 @@ pub(crate) async fn handle(
         refuse_proxy_header: proxy_binding && !trusted_proxy,
         message_started: None,
     };
-    let connect = Request::new(peer.ip(), aswl::unix_now());
+    let connect = Request {
+        clock_ms: clock_ms(),
+        ..Request::new(peer.ip(), aswl::unix_now())
+    };
     let refused = match conn.decide(Stage::Connect, &connect).await {
         Err(f) => Some((f.reply, f.reason, f.log)),
         _ if guard.is_none() => Some((
@@ -601,6 +610,7 @@ impl Conn {
             rcpt,
             rcpt_domain,
             unknown_rcpts: self.unknown_rcpts,
+            clock_ms: clock_ms(),
             ..Request::new(self.peer.ip(), aswl::unix_now())
         }
     }

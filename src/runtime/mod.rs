@@ -109,6 +109,8 @@ pub struct Shared {
     pub auth_failures: crate::auth::Failures,
     /// The argon2 threads and their bounded queue.
     pub verifier: crate::auth::Verifier,
+    /// `[rates]` as of startup, shared by every core.
+    pub rates: Option<Arc<crate::policy::rates::Rates>>,
     /// Policy checks that deferred (DNS, callouts, signatures): their own threads and queue.
     pub policy_workers: crate::workers::Workers,
     /// Disk taken by spill files of messages being received, all cores together.
@@ -227,6 +229,14 @@ pub enum RunError {
 const POLICY_THREADS: usize = 4;
 const POLICY_QUEUE: usize = 4096;
 
+/// A per-process key for the rate tables' hash (so nobody outside can aim collisions).
+fn rate_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(std::process::id().into());
+    h.finish()
+}
+
 /// A binding with what it needs at run time, from one generation of the configuration.
 #[derive(Debug)]
 pub(crate) struct BindingRt {
@@ -264,6 +274,7 @@ fn binding_rt(shared: &Shared, live: &Live, listen: SocketAddr) -> Option<Bindin
             binding: &b,
             recipients: &live.recipients,
             aswl: shared.aswl.as_ref(),
+            rates: shared.rates.as_ref(),
         }),
         open: shared.open_counter(listen),
         b,
@@ -492,6 +503,7 @@ pub fn run(
         staging: Arc::new(crate::spool::staging::Budget::new(
             config.spool.max_staging.0,
         )),
+        rates: crate::policy::rates::Rates::new(&config.rates, rate_seed()).map(Arc::new),
         policy_workers: crate::workers::Workers::new("policy", POLICY_THREADS, POLICY_QUEUE)
             .map_err(|e| RunError::Io("spawning the policy threads".into(), e))?,
         verifier: crate::auth::Verifier::new(config.auth.verify_threads, config.auth.max_pending)
