@@ -7,6 +7,7 @@ pub mod aswl;
 pub mod auth;
 pub mod config;
 pub mod delivery;
+pub mod dnslist;
 pub mod domain;
 pub mod fuzz_targets;
 pub mod journal;

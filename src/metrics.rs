@@ -23,9 +23,10 @@ pub enum Reason {
     Timeout,
     Busy,
     RateLimited,
+    Listed,
 }
 
-const REASONS: [(Reason, &str); 16] = [
+const REASONS: [(Reason, &str); 17] = [
     (Reason::RelayDenied, "relay_denied"),
     (Reason::AuthRequired, "auth_required"),
     (Reason::TooBig, "too_big"),
@@ -42,6 +43,7 @@ const REASONS: [(Reason, &str); 16] = [
     (Reason::Timeout, "timeout"),
     (Reason::Busy, "busy"),
     (Reason::RateLimited, "rate_limited"),
+    (Reason::Listed, "dnsbl"),
 ];
 
 /// Upper bounds (seconds) of the session duration histogram.

@@ -345,40 +345,17 @@ fn tls_verification_failure_defers() {
     assert!(sink.records().is_empty());
 }
 
-struct Dnsmasq(Child);
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn mx_records_from_a_loopback_dns_server() {
     let dir = temp_dir("relay-mx");
     let sink = Sink::start(&dir, &[]);
-    let dns_port = free_port();
-    let dns = Dnsmasq(
-        support::peer("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--user=root",
-                &format!("--port={dns_port}"),
-                // Preference 5 has no address; 10 is the one that works.
-                "--mx-host=mxdomain.test,broken.mxdomain.test,5",
-                "--mx-host=mxdomain.test,mail.mxdomain.test,10",
-                "--host-record=mail.mxdomain.test,127.0.0.1",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("dnsmasq is installed"),
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    let dns = support::Dnsmasq::start(&[
+        // Preference 5 has no address; 10 is the one that works.
+        "--mx-host=mxdomain.test,broken.mxdomain.test,5",
+        "--mx-host=mxdomain.test,mail.mxdomain.test,10",
+        "--host-record=mail.mxdomain.test,127.0.0.1",
+    ]);
+    let dns_port = dns.port;
     let extra = format!(
         "{QUEUE_FAST}[dns]\nservers = [\"127.0.0.1:{dns_port}\"]\n{}",
         relay_route(

@@ -240,3 +240,57 @@ for _ in range(5):
         );
     }
 }
+
+/// `[dnsbl]` with dnsmasq serving the lists on loopback: a client listed with enough weight
+/// is refused before its first command naming the list (again from the cache); an allow
+/// list's negative weight, a pattern that does not match, and no listing let clients in.
+#[test]
+fn dns_block_and_allow_lists() {
+    let dns = support::Dnsmasq::start(&[
+        "--local=/zen.test/",
+        "--local=/wl.test/",
+        "--local=/bl.test/",
+        "--host-record=4.0.0.127.zen.test,127.0.0.2",
+        "--host-record=5.0.0.127.zen.test,127.0.0.2",
+        "--host-record=5.0.0.127.wl.test,127.0.0.2",
+        "--host-record=6.0.0.127.bl.test,127.0.0.20",
+    ]);
+    const CONNECT: &str = r#"
+import os, smtplib
+for src in ["127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7", "127.0.0.4"]:
+    try:
+        with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=(src, 0), timeout=10) as s:
+            print(src, s.noop()[0])
+    except smtplib.SMTPConnectError as e:
+        print(src, e.smtp_code, e.smtp_error.decode())
+"#;
+    for driver in DRIVERS {
+        let s = Server::start_with(
+            &format!("dnsbl-{driver}"),
+            driver,
+            "",
+            &format!(
+                "[dns]\nservers = [\"127.0.0.1:{}\"]\n[dnsbl]\nthreshold = 2\n\
+                 lists = [\"zen.test*2\", \"wl.test*-5\", \"bl.test=127.0.0.[2..11]*3\"]\n",
+                dns.port
+            ),
+        );
+        let text = stdout(&python(CONNECT, s.inbound.port(), 0));
+        let refused = "554 5.7.1 Service unavailable; client blocked using zen.test";
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            [
+                format!("127.0.0.4 {refused}"),
+                "127.0.0.5 250".to_string(),
+                "127.0.0.6 250".to_string(),
+                "127.0.0.7 250".to_string(),
+                format!("127.0.0.4 {refused}"),
+            ],
+            "[{driver}]"
+        );
+        assert!(
+            s.admin_get("/metrics").1.contains("reason=\"dnsbl\"} 2"),
+            "[{driver}]"
+        );
+    }
+}

@@ -213,6 +213,36 @@ impl Default for RatesSection {
     }
 }
 
+/// `[dnsbl]`: DNS block and allow lists asked when a client connects to an inbound binding
+/// (`policy::dnsbl`). Read at startup.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsblSection {
+    /// `domain[=pattern][*weight]` as in postscreen (`zen.example*2`,
+    /// `list.example=127.0.0.[2..11]*3`, `allow.example*-5`).
+    pub lists: Vec<Spanned<String>>,
+    /// A client whose weights add up to this is refused (`554 5.7.1`).
+    pub threshold: i32,
+    /// How long the lookups may take together; a list that has not answered is "not listed".
+    pub timeout: Secs,
+    /// Scores are cached per address for the answers' TTL, at most this long.
+    pub max_cache_ttl: Secs,
+    /// Addresses cached at most.
+    pub cache_size: usize,
+}
+
+impl Default for DnsblSection {
+    fn default() -> Self {
+        DnsblSection {
+            lists: Vec::new(),
+            threshold: 1,
+            timeout: Secs(Duration::from_secs(2)),
+            max_cache_ttl: Secs(Duration::from_secs(3600)),
+            cache_size: 100_000,
+        }
+    }
+}
+
 /// `[limits]` and per-binding overrides.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -645,6 +675,8 @@ struct RawConfig {
     dns: DnsSection,
     #[serde(default)]
     rates: RatesSection,
+    #[serde(default)]
+    dnsbl: DnsblSection,
     aswl: Option<AswlSection>,
     #[serde(default, rename = "recipients")]
     recipients: Vec<Spanned<RecipientsSection>>,
@@ -698,6 +730,9 @@ pub struct Config {
     pub queue: QueueSection,
     pub dns: DnsSection,
     pub rates: RatesSection,
+    pub dnsbl: DnsblSection,
+    /// `[dnsbl] lists`, parsed.
+    pub dns_lists: Vec<crate::dnslist::List>,
     /// The whitelist settings, compiled; `None` when `[aswl]` is absent or disabled.
     pub aswl: Option<Arc<crate::aswl::Settings>>,
     /// `[aswl.replication]`, compiled (with the whitelist on only; read at startup).
@@ -1214,6 +1249,20 @@ impl Config {
                 "between 1 and 67108864 cells".into(),
             ));
         }
+        let mut dns_lists = Vec::new();
+        for l in &raw.dnsbl.lists {
+            let list = crate::dnslist::List::parse(l.get_ref())
+                .map_err(|e| err(Some(line_of(source, l.span().start)), "dnsbl.lists", e))?;
+            dns_lists.push(list);
+        }
+        if !dns_lists.is_empty() && raw.dnsbl.threshold <= 0 {
+            let at = source.find("[dnsbl]").unwrap_or(0);
+            return Err(err(
+                key_line(source, "threshold", at),
+                "dnsbl.threshold",
+                "must be at least 1".into(),
+            ));
+        }
         let mut config = Config {
             source: source.to_string(),
             aswl,
@@ -1231,6 +1280,8 @@ impl Config {
             queue: raw.queue,
             dns: raw.dns,
             rates: raw.rates,
+            dnsbl: raw.dnsbl,
+            dns_lists,
         };
         config.load_route_files(file)?;
         Ok(config)

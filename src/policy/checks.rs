@@ -22,13 +22,15 @@ pub struct Sources<'a> {
     pub aswl: Option<&'a Arc<Aswl>>,
     /// The rate limits (`None` when `[rates]` sets none).
     pub rates: Option<&'a Arc<Rates>>,
+    /// The DNS lists (`None` when `[dnsbl]` lists none).
+    pub dnsbl: Option<&'a Arc<super::dnsbl::DnsLists>>,
 }
 
 /// The pipeline of a binding:
 ///
 /// | stage   | checks, in order |
 /// |---------|------------------|
-/// | connect | `client_access` (`clients_deny`, `clients_allow`), `connection_rate` (`[rates]`) |
+/// | connect | `client_access` (`clients_deny`, `clients_allow`), `connection_rate` (`[rates]`), `dnsbl` (inbound, `[dnsbl]`) |
 /// | mail    | `auth_required` (`auth = "required"`), `message_rate` |
 /// | rcpt    | `relay_rights`, `known_recipients` (inbound, `[[recipients]]`; with the unknown-recipient rate), `recipient_rate`, `whitelist` (inbound, `[aswl]`) |
 /// | data    | `header_size`, `hop_limit` |
@@ -48,6 +50,11 @@ pub fn for_binding(s: Sources<'_>) -> Pipeline {
     };
     if let Some(c) = rate(Event::Connection) {
         checks.push(Arc::new(c));
+    }
+    if b.section.direction == Direction::Inbound
+        && let Some(d) = s.dnsbl
+    {
+        checks.push(d.clone());
     }
     if b.section.auth == AuthMode::Required {
         checks.push(Arc::new(AuthRequired));
@@ -386,6 +393,7 @@ folder = "/tmp/x"
             recipients: &maps,
             aswl: None,
             rates: None,
+            dnsbl: None,
         })
     }
 
@@ -579,6 +587,7 @@ folder = "/tmp/x"
             recipients: &maps,
             aswl: None,
             rates: Some(&rates),
+            dnsbl: None,
         });
         assert_eq!(
             p.names(Stage::Connect),

@@ -11,6 +11,7 @@
 //! `allowed_clients` can send to a domain that is not local: that is the open-relay guarantee.
 
 pub mod checks;
+pub mod dnsbl;
 pub mod hops;
 pub mod pipeline;
 pub mod rates;

@@ -104,6 +104,39 @@ impl Dns {
         })
     }
 
+    /// The A records of each name, all asked at once, within `timeout` together: per name
+    /// the addresses and their smallest TTL (none and 300 s for a name that does not exist),
+    /// or `None` when it failed or did not answer in time. Blocking.
+    pub fn lookup_a_many(
+        &self,
+        names: &[String],
+        timeout: std::time::Duration,
+    ) -> Vec<Option<(Vec<std::net::Ipv4Addr>, u32)>> {
+        self.rt.block_on(async {
+            let asks = names.iter().map(|n| async move {
+                let fqdn = format!("{}.", n.trim_end_matches('.'));
+                match tokio::time::timeout(timeout, self.resolver.ipv4_lookup(fqdn.as_str())).await
+                {
+                    Ok(Ok(l)) => {
+                        let ttl = l.answers().iter().map(|r| r.ttl).min().unwrap_or(300);
+                        let addrs = l
+                            .answers()
+                            .iter()
+                            .filter_map(|r| match &r.data {
+                                RData::A(a) => Some(a.0),
+                                _ => None,
+                            })
+                            .collect();
+                        Some((addrs, ttl))
+                    }
+                    Ok(Err(e)) if e.is_no_records_found() => Some((Vec::new(), 300)),
+                    _ => None,
+                }
+            });
+            futures_util::future::join_all(asks).await
+        })
+    }
+
     /// Addresses of one host (a next hop given by name).
     pub fn resolve_host(&self, host: &str) -> Result<Vec<IpAddr>, String> {
         if let Ok(ip) = host.parse::<IpAddr>() {

@@ -304,14 +304,18 @@ pub(crate) async fn handle(
         clock_ms: clock_ms(),
         ..Request::new(peer.ip(), aswl::unix_now())
     };
-    let refused = match conn.decide(Stage::Connect, &connect).await {
-        Err(f) => Some((f.reply, f.reason, f.log)),
-        _ if guard.is_none() => Some((
+    // Over the connection limits no check runs (no DNS work for a flood).
+    let refused = if guard.is_none() {
+        Some((
             &reply::TOO_MANY_CONNECTIONS,
             Reason::TooManyConnections,
             "refused: too many connections",
-        )),
-        _ => None,
+        ))
+    } else {
+        match conn.decide(Stage::Connect, &connect).await {
+            Err(f) => Some((f.reply, f.reason, f.log)),
+            Ok(_) => None,
+        }
     };
     if let Some((r, reason, why)) = refused {
         shared.metrics.rejected(reason);

@@ -111,6 +111,8 @@ pub struct Shared {
     pub verifier: crate::auth::Verifier,
     /// `[rates]` as of startup, shared by every core.
     pub rates: Option<Arc<crate::policy::rates::Rates>>,
+    /// `[dnsbl]` as of startup (its cache is shared by every core).
+    pub dnsbl: Option<Arc<crate::policy::dnsbl::DnsLists>>,
     /// Policy checks that deferred (DNS, callouts, signatures): their own threads and queue.
     pub policy_workers: crate::workers::Workers,
     /// Disk taken by spill files of messages being received, all cores together.
@@ -229,6 +231,33 @@ pub enum RunError {
 const POLICY_THREADS: usize = 4;
 const POLICY_QUEUE: usize = 4096;
 
+/// The `[dnsbl]` check, asking through the resolver the MX routes use.
+fn dns_lists(config: &Config) -> Option<Arc<crate::policy::dnsbl::DnsLists>> {
+    if config.dns_lists.is_empty() {
+        return None;
+    }
+    let servers = config.dns.servers.clone();
+    let timeout = config.dnsbl.timeout.0;
+    let resolve: crate::policy::dnsbl::Resolve =
+        Arc::new(
+            move |names: &[String]| match crate::relay::dns::Dns::get(&servers) {
+                Ok(d) => d.lookup_a_many(names, timeout),
+                Err(e) => {
+                    tracing::warn!(error = %e, "dnsbl: no resolver; clients count as not listed");
+                    vec![None; names.len()]
+                }
+            },
+        );
+    let d = &config.dnsbl;
+    Some(Arc::new(crate::policy::dnsbl::DnsLists::new(
+        config.dns_lists.clone(),
+        d.threshold,
+        d.max_cache_ttl.0.as_secs().min(u64::from(u32::MAX)) as u32,
+        d.cache_size,
+        resolve,
+    )))
+}
+
 /// A per-process key for the rate tables' hash (so nobody outside can aim collisions).
 fn rate_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -275,6 +304,7 @@ fn binding_rt(shared: &Shared, live: &Live, listen: SocketAddr) -> Option<Bindin
             recipients: &live.recipients,
             aswl: shared.aswl.as_ref(),
             rates: shared.rates.as_ref(),
+            dnsbl: shared.dnsbl.as_ref(),
         }),
         open: shared.open_counter(listen),
         b,
@@ -503,6 +533,7 @@ pub fn run(
         staging: Arc::new(crate::spool::staging::Budget::new(
             config.spool.max_staging.0,
         )),
+        dnsbl: dns_lists(&config),
         rates: crate::policy::rates::Rates::new(&config.rates, rate_seed()).map(Arc::new),
         policy_workers: crate::workers::Workers::new("policy", POLICY_THREADS, POLICY_QUEUE)
             .map_err(|e| RunError::Io("spawning the policy threads".into(), e))?,

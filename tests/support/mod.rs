@@ -696,3 +696,46 @@ pub fn queue_cli(s: &Server, args: &[&str]) -> (bool, String) {
         format!("{}{}", stdout(&out), stderr(&out)),
     )
 }
+
+/// dnsmasq on 127.0.0.1 answering only the records given as its options (`--host-record=…`,
+/// `--mx-host=…`, `--local=/zone/`); stopped on drop.
+#[allow(dead_code)]
+pub struct Dnsmasq {
+    child: Child,
+    pub port: u16,
+}
+
+#[allow(dead_code)]
+impl Dnsmasq {
+    pub fn start(records: &[&str]) -> Dnsmasq {
+        let port = free_port();
+        let child = peer("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                "--user=root",
+                &format!("--port={port}"),
+            ])
+            .args(records)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("dnsmasq starts");
+        // Up once it answers on TCP.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Dnsmasq { child, port }
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,195 @@
+//! DNS block and allow lists (`[dnsbl]`), scored like Postfix's postscreen: each list is
+//! `domain[=pattern][*weight]` — `zen.example*2`, `list.example=127.0.0.[2..11]*3`,
+//! `allow.example*-5` (a negative weight is an allow list). A client listed where the pattern
+//! matches adds the weight; at `threshold` or more it is refused (`554 5.7.1` naming the list
+//! that weighed most) before its first command. All lists are asked at once when the client
+//! connects, on the policy workers; a timeout or a DNS failure counts as "not listed". Scores
+//! are cached per address for the answers' TTL (at most `max_cache_ttl`), in a bounded map.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::pipeline::{Check, Decision, Refusal, Request, Stage};
+pub use crate::dnslist::{Answer, List, score};
+use crate::metrics::Reason;
+use crate::proto::reply::Reply;
+
+/// Looks names up (all at once) and answers in the same order.
+pub type Resolve = Arc<dyn Fn(&[String]) -> Vec<Answer> + Send + Sync>;
+
+/// A cached verdict: the refusal (if any) and when it expires (seconds since the epoch).
+type Cached = (Option<&'static Reply>, u32);
+
+/// The `dnsbl` check (connect stage).
+pub struct DnsLists {
+    lists: Arc<Vec<List>>,
+    replies: Arc<Vec<&'static Reply>>,
+    threshold: i32,
+    max_ttl: u32,
+    cache_size: usize,
+    cache: Arc<Mutex<HashMap<IpAddr, Cached>>>,
+    resolve: Resolve,
+}
+
+impl std::fmt::Debug for DnsLists {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DnsLists")
+            .field("lists", &self.lists)
+            .field("threshold", &self.threshold)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The refusal naming `list`, made once per list name for the life of the process.
+fn reply_for(list: &str) -> &'static Reply {
+    static REPLIES: OnceLock<Mutex<HashMap<String, &'static Reply>>> = OnceLock::new();
+    let mut m = REPLIES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    // Bounded by the list names ever configured; list names are [a-z0-9.-] (no CR/LF).
+    m.entry(list.to_string()).or_insert_with(|| {
+        Box::leak(Box::new(Reply {
+            code: 554,
+            enhanced: "5.7.1",
+            text: format!("Service unavailable; client blocked using {list}").into(),
+        }))
+    })
+}
+
+impl DnsLists {
+    pub fn new(
+        lists: Vec<List>,
+        threshold: i32,
+        max_ttl: u32,
+        cache_size: usize,
+        resolve: Resolve,
+    ) -> DnsLists {
+        let replies = lists.iter().map(|l| reply_for(&l.domain)).collect();
+        DnsLists {
+            lists: Arc::new(lists),
+            replies: Arc::new(replies),
+            threshold,
+            max_ttl,
+            cache_size: cache_size.max(1),
+            cache: Arc::default(),
+            resolve,
+        }
+    }
+
+    fn refusal(reply: &'static Reply) -> Decision {
+        Decision::Reject(Refusal::new(
+            reply,
+            Reason::Listed,
+            "refused: DNS block list",
+        ))
+    }
+}
+
+impl Check for DnsLists {
+    fn name(&self) -> &'static str {
+        "dnsbl"
+    }
+    fn stage(&self) -> Stage {
+        Stage::Connect
+    }
+    fn check(&self, r: &Request<'_>) -> Decision {
+        let ip = r.ip;
+        let now = r.now;
+        if let Some((verdict, expires)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ip)
+            .copied()
+            && expires > now
+        {
+            return verdict.map_or(Decision::Continue, DnsLists::refusal);
+        }
+        let (lists, replies, cache) =
+            (self.lists.clone(), self.replies.clone(), self.cache.clone());
+        let (threshold, max_ttl, cache_size) = (self.threshold, self.max_ttl, self.cache_size);
+        let resolve = self.resolve.clone();
+        Decision::Defer(Box::new(move || {
+            let names: Vec<String> = lists.iter().map(|l| l.query(ip)).collect();
+            let answers = resolve(&names);
+            let (total, top, ttl) = score(&lists, &answers);
+            let verdict = if total >= threshold {
+                top.and_then(|i| replies.get(i).copied())
+            } else {
+                None
+            };
+            // Failed lookups are not remembered long: a minute at most.
+            let ttl = ttl.unwrap_or(60).min(max_ttl);
+            let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+            if c.len() >= cache_size {
+                c.retain(|_, (_, exp)| *exp > now);
+                if c.len() >= cache_size {
+                    c.clear();
+                }
+            }
+            c.insert(ip, (verdict, now.saturating_add(ttl)));
+            drop(c);
+            verdict.map_or(Decision::Continue, DnsLists::refusal)
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::pipeline::{Outcome, Pipeline};
+    use std::net::Ipv4Addr;
+
+    fn ip4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn deferred_lookup_then_cache() {
+        let asked = Arc::new(Mutex::new(0));
+        let counter = asked.clone();
+        let resolve: Resolve = Arc::new(move |names: &[String]| {
+            *counter.lock().unwrap() += 1;
+            names
+                .iter()
+                .map(|n| {
+                    if n.starts_with("4.0.0.127.") {
+                        Some((vec![ip4("127.0.0.2")], 100))
+                    } else {
+                        Some((Vec::new(), 100))
+                    }
+                })
+                .collect()
+        });
+        let lists = vec![List::parse("zen.example*2").unwrap()];
+        let p = Pipeline::new(vec![Arc::new(DnsLists::new(lists, 2, 3600, 10, resolve))]);
+        let run = |ip: &str, now: u32| {
+            let r = Request::new(ip.parse().unwrap(), now);
+            match p.run(Stage::Connect, &r) {
+                Outcome::Defer(d) => {
+                    let answer = (d.job)();
+                    p.resume(d.resume, answer, &r)
+                }
+                o => o,
+            }
+        };
+        let listed = |o: Outcome| match o {
+            Outcome::Reject(f) => Some(f.reply.text.to_string()),
+            _ => None,
+        };
+        assert_eq!(
+            listed(run("127.0.0.4", 1000)),
+            Some("Service unavailable; client blocked using zen.example".to_string())
+        );
+        assert_eq!(listed(run("127.0.0.5", 1000)), None);
+        assert_eq!(*asked.lock().unwrap(), 2);
+        // Cached for the TTL: no new lookup; after it, asked again.
+        let r = Request::new("127.0.0.4".parse().unwrap(), 1050);
+        assert!(matches!(p.run(Stage::Connect, &r), Outcome::Reject(_)));
+        assert_eq!(*asked.lock().unwrap(), 2);
+        assert!(listed(run("127.0.0.4", 1101)).is_some());
+        assert_eq!(*asked.lock().unwrap(), 3);
+    }
+}
