@@ -40,9 +40,14 @@ impl List {
             ),
             None => (rest, None),
         };
+        if !(-1000..=1000).contains(&weight) {
+            return Err(format!("{spec:?}: the weight must be within -1000..1000"));
+        }
         let domain = domain.trim().trim_end_matches('.').to_ascii_lowercase();
+        // An IPv6 query adds 64 characters; DNS names have at most 253, labels 63.
         let valid = !domain.is_empty()
-            && domain.len() <= 200
+            && domain.len() <= 189
+            && domain.split('.').all(|l| l.len() <= 63)
             && domain
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
@@ -57,10 +62,13 @@ impl List {
         })
     }
 
-    /// Whether an answer of this list counts (any answer, without a pattern).
+    /// Whether an answer of this list counts. Without a pattern: any 127.0.0.0/8 answer except
+    /// 127.255.255.0/24 (lists' error codes: over quota, open resolver), so an error answer or
+    /// a resolver that rewrites NXDOMAIN never lists everyone.
     pub fn matches(&self, answer: Ipv4Addr) -> bool {
         let Some(p) = &self.pattern else {
-            return true;
+            let [a, b, c, _] = answer.octets();
+            return a == 127 && !(b == 255 && c == 255);
         };
         p.iter().zip(answer.octets()).all(|(o, v)| match o {
             Octet::Any => true,
@@ -175,6 +183,10 @@ pub fn score(lists: &[List], answers: &[Answer]) -> (i32, Option<usize>, Option<
         }
         ttl = Some(ttl.map_or(*t, |m| m.min(*t)));
     }
+    // A list that did not answer may list the client: remember the score a minute at most.
+    if answers.iter().any(Option::is_none) {
+        ttl = Some(ttl.map_or(60, |t| t.min(60)));
+    }
     (total, top.map(|(_, i)| i), ttl)
 }
 
@@ -191,6 +203,8 @@ mod tests {
         let l = List::parse("zen.example*2").unwrap();
         assert_eq!((l.domain.as_str(), l.weight), ("zen.example", 2));
         assert!(l.matches(ip4("127.0.0.2")) && l.matches(ip4("127.255.0.1")));
+        // Without a pattern, error answers and rewritten NXDOMAINs do not count.
+        assert!(!l.matches(ip4("127.255.255.254")) && !l.matches(ip4("198.51.100.7")));
         let l = List::parse("List.Example.=127.0.0.[2..11]*3").unwrap();
         assert_eq!((l.domain.as_str(), l.weight), ("list.example", 3));
         assert!(l.matches(ip4("127.0.0.2")) && l.matches(ip4("127.0.0.11")));
@@ -208,6 +222,7 @@ mod tests {
             "l.example=127.0.0",
             "l.example=127.0.0.[9..2]",
             "l.example=127.0.0.256",
+            "zen.example*5000",
         ] {
             assert!(List::parse(bad).is_err(), "{bad:?}");
         }
@@ -259,8 +274,9 @@ mod tests {
                 vec![hit("127.0.0.2", 300), miss(), hit("127.0.0.2", 90)],
                 (-3, Some(0), Some(90)),
             ),
-            // Timeouts count as not listed.
-            (vec![None, None, None], (0, None, None)),
+            // Timeouts count as not listed, and keep the score a minute at most.
+            (vec![None, None, None], (0, None, Some(60))),
+            (vec![None, miss(), miss()], (0, None, Some(60))),
         ] {
             assert_eq!(score(&lists, &answers), want);
         }

@@ -20,6 +20,22 @@ fn with_map(name: &str, driver: &'static str, map: &str) -> Server {
     Server::start_with(name, driver, "", &extra)
 }
 
+/// smtplib connecting from each loopback source in turn: `source code` (NOOP's when let in,
+/// the refusal's code and text otherwise).
+fn connect_from(sources: &[&str]) -> String {
+    format!(
+        r#"
+import os, smtplib
+for src in {sources:?}:
+    try:
+        with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=(src, 0), timeout=10) as s:
+            print(src, s.noop()[0])
+    except smtplib.SMTPConnectError as e:
+        print(src, e.smtp_code, e.smtp_error.decode())
+"#
+    )
+}
+
 const SEND: &str = r#"
 import os, smtplib
 with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
@@ -120,15 +136,7 @@ fn loop_limit_refuses_more_than_max_hops() {
 /// the greeting (smtplib from loopback aliases), others are served.
 #[test]
 fn client_access_lists_per_binding() {
-    const CONNECT: &str = r#"
-import os, smtplib
-for src in ["127.0.0.1", "127.0.0.2", "127.0.0.3"]:
-    try:
-        with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=(src, 0), timeout=10) as s:
-            print(src, s.noop()[0])
-    except smtplib.SMTPConnectError as e:
-        print(src, e.smtp_code, e.smtp_error.decode())
-"#;
+    let connect = connect_from(&["127.0.0.1", "127.0.0.2", "127.0.0.3"]);
     for driver in DRIVERS {
         let s = Server::start_with(
             &format!("access-{driver}"),
@@ -136,7 +144,7 @@ for src in ["127.0.0.1", "127.0.0.2", "127.0.0.3"]:
             "clients_allow = [\"127.0.0.0/30\"]\nclients_deny = [\"127.0.0.2/32\"]\n",
             "",
         );
-        let text = stdout(&python(CONNECT, s.inbound.port(), 0));
+        let text = stdout(&python(&connect, s.inbound.port(), 0));
         assert_eq!(
             text.lines().collect::<Vec<_>>(),
             [
@@ -148,7 +156,7 @@ for src in ["127.0.0.1", "127.0.0.2", "127.0.0.3"]:
         );
         // Outside clients_allow.
         let out = python(
-            &CONNECT.replace("\"127.0.0.3\"", "\"127.0.0.5\""),
+            &connect_from(&["127.0.0.1", "127.0.0.2", "127.0.0.5"]),
             s.inbound.port(),
             0,
         );
@@ -255,15 +263,13 @@ fn dns_block_and_allow_lists() {
         "--host-record=5.0.0.127.wl.test,127.0.0.2",
         "--host-record=6.0.0.127.bl.test,127.0.0.20",
     ]);
-    const CONNECT: &str = r#"
-import os, smtplib
-for src in ["127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7", "127.0.0.4"]:
-    try:
-        with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=(src, 0), timeout=10) as s:
-            print(src, s.noop()[0])
-    except smtplib.SMTPConnectError as e:
-        print(src, e.smtp_code, e.smtp_error.decode())
-"#;
+    let connect = connect_from(&[
+        "127.0.0.4",
+        "127.0.0.5",
+        "127.0.0.6",
+        "127.0.0.7",
+        "127.0.0.4",
+    ]);
     for driver in DRIVERS {
         let s = Server::start_with(
             &format!("dnsbl-{driver}"),
@@ -275,7 +281,7 @@ for src in ["127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7", "127.0.0.4"]:
                 dns.port
             ),
         );
-        let text = stdout(&python(CONNECT, s.inbound.port(), 0));
+        let text = stdout(&python(&connect, s.inbound.port(), 0));
         let refused = "554 5.7.1 Service unavailable; client blocked using zen.test";
         assert_eq!(
             text.lines().collect::<Vec<_>>(),

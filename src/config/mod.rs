@@ -1228,17 +1228,40 @@ impl Config {
                 ),
             ));
         }
-        if raw.rates.ipv4_prefix > 32 || raw.rates.ipv6_prefix > 128 {
-            let at = source.find("[rates]").unwrap_or(0);
-            let k = if raw.rates.ipv4_prefix > 32 {
-                "ipv4_prefix"
-            } else {
-                "ipv6_prefix"
-            };
-            return Err(err(
-                key_line(source, k, at),
+        let rates_at = source.find("[rates]").unwrap_or(0);
+        let rate_error = |k: &str, m: &str| {
+            err(
+                key_line(source, k, rates_at),
                 &format!("rates.{k}"),
-                "at most 32 (IPv4) or 128 (IPv6)".into(),
+                m.to_string(),
+            )
+        };
+        if !(8..=32).contains(&raw.rates.ipv4_prefix) {
+            return Err(rate_error("ipv4_prefix", "between 8 and 32"));
+        }
+        if !(16..=128).contains(&raw.rates.ipv6_prefix) {
+            return Err(rate_error("ipv6_prefix", "between 16 and 128"));
+        }
+        for (k, v) in [
+            ("connections_per_minute", raw.rates.connections_per_minute),
+            ("messages_per_minute", raw.rates.messages_per_minute),
+            ("recipients_per_minute", raw.rates.recipients_per_minute),
+            (
+                "unknown_recipients_per_minute",
+                raw.rates.unknown_recipients_per_minute,
+            ),
+        ] {
+            if v > 60_000 {
+                return Err(rate_error(k, "at most 60000 a minute (0 = no limit)"));
+            }
+        }
+        let timeout = raw.dnsbl.timeout.0;
+        if timeout < Duration::from_millis(100) || timeout > Duration::from_secs(30) {
+            let at = source.find("[dnsbl]").unwrap_or(0);
+            return Err(err(
+                key_line(source, "timeout", at),
+                "dnsbl.timeout",
+                "between 100ms and 30s".into(),
             ));
         }
         if raw.rates.table_size == 0 || raw.rates.table_size > 1 << 26 {

@@ -135,6 +135,21 @@ fn semantic_errors_name_the_key() {
             "rates.table_size",
             Some(16),
         ),
+        (
+            format!("{MINIMAL}\n[rates]\nipv6_prefix = 0\n"),
+            "rates.ipv6_prefix",
+            Some(16),
+        ),
+        (
+            format!("{MINIMAL}\n[dnsbl]\nlists = [\"zen.example\"]\ntimeout = \"0s\"\n"),
+            "dnsbl.timeout",
+            Some(17),
+        ),
+        (
+            format!("{MINIMAL}\n[dnsbl]\nlists = [\"zen.example\",\n \"bad list\"]\n"),
+            "dnsbl.lists",
+            Some(17),
+        ),
     ];
     for (src, key, line) in cases {
         let e = parse(&src).unwrap_err();

@@ -7,6 +7,37 @@ pub mod trace;
 use std::net::IpAddr;
 use std::time::SystemTime;
 
+/// The route chosen for each recipient when the message was accepted (index into the
+/// configuration's `[[route]]` list), valid for configuration `generation`: a delivery
+/// attempt under the same configuration uses it as it is; after a reload (or a restart, which
+/// does not keep it) the routes are chosen again from the configuration then in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routing {
+    pub generation: u64,
+    /// One per recipient of the envelope, in order.
+    pub routes: Vec<usize>,
+}
+
+impl Routing {
+    /// The route of recipient `i`, when this routing is of configuration `generation`.
+    pub fn route(&self, generation: u64, i: usize) -> Option<usize> {
+        (self.generation == generation)
+            .then(|| self.routes.get(i).copied())
+            .flatten()
+    }
+
+    /// The routing of a copy holding recipients `indexes` of this one.
+    pub fn select(&self, indexes: &[usize]) -> Routing {
+        Routing {
+            generation: self.generation,
+            routes: indexes
+                .iter()
+                .filter_map(|&i| self.routes.get(i).copied())
+                .collect(),
+        }
+    }
+}
+
 /// An operator's request to the queue (`ringmx queue …`, the admin endpoint).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QueueOp {
@@ -198,6 +229,20 @@ impl Envelope {
 mod tests {
     use super::*;
     use crate::proto::command::notify;
+
+    #[test]
+    fn routing_holds_for_its_generation_and_selects_with_copies() {
+        let r = Routing {
+            generation: 3,
+            routes: vec![0, 2, 1],
+        };
+        assert_eq!(r.route(3, 1), Some(2));
+        assert_eq!(r.route(4, 1), None, "another configuration: routed again");
+        assert_eq!(r.route(3, 7), None);
+        let copy = r.select(&[0, 2]);
+        assert_eq!(copy.routes, [0, 1]);
+        assert_eq!(copy.route(3, 1), Some(1));
+    }
 
     #[test]
     fn notify_defaults_and_selection() {

@@ -578,7 +578,7 @@ folder = "/tmp/x"
             burst_percent: 100,
             ..Default::default()
         };
-        let rates = Arc::new(Rates::new(&rs, 7).unwrap());
+        let rates = Arc::new(Rates::new(&rs).unwrap());
         let map = super::super::recipients::RecipientMap::parse("alice@example.test\n").unwrap();
         let maps = Arc::new(RecipientMaps::new(vec![(vec!["example.test".into()], map)]));
         let p = for_binding(Sources {

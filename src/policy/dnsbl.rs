@@ -30,6 +30,8 @@ pub struct DnsLists {
     cache_size: usize,
     cache: Arc<Mutex<HashMap<IpAddr, Cached>>>,
     resolve: Resolve,
+    /// How long a session waits for the lookups (the lookups' own timeout and a margin).
+    time_limit: std::time::Duration,
 }
 
 impl std::fmt::Debug for DnsLists {
@@ -65,6 +67,7 @@ impl DnsLists {
         max_ttl: u32,
         cache_size: usize,
         resolve: Resolve,
+        time_limit: std::time::Duration,
     ) -> DnsLists {
         let replies = lists.iter().map(|l| reply_for(&l.domain)).collect();
         DnsLists {
@@ -75,6 +78,7 @@ impl DnsLists {
             cache_size: cache_size.max(1),
             cache: Arc::default(),
             resolve,
+            time_limit,
         }
     }
 
@@ -93,6 +97,13 @@ impl Check for DnsLists {
     }
     fn stage(&self) -> Stage {
         Stage::Connect
+    }
+    fn time_limit(&self) -> Option<std::time::Duration> {
+        Some(self.time_limit)
+    }
+    /// No answer in time (or no worker free) is "not listed".
+    fn unavailable(&self) -> Decision {
+        Decision::Continue
     }
     fn check(&self, r: &Request<'_>) -> Decision {
         let ip = r.ip;
@@ -124,9 +135,14 @@ impl Check for DnsLists {
             let ttl = ttl.unwrap_or(60).min(max_ttl);
             let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
             if c.len() >= cache_size {
+                // Full: drop what expired, and if that is not an eighth, an eighth of the rest
+                // (rare, amortized; no client can flush every verdict at once).
                 c.retain(|_, (_, exp)| *exp > now);
-                if c.len() >= cache_size {
-                    c.clear();
+                if c.len() >= cache_size - cache_size / 8 {
+                    let drop: Vec<IpAddr> = c.keys().take(cache_size / 8 + 1).copied().collect();
+                    for k in drop {
+                        c.remove(&k);
+                    }
                 }
             }
             c.insert(ip, (verdict, now.saturating_add(ttl)));
@@ -164,7 +180,14 @@ mod tests {
                 .collect()
         });
         let lists = vec![List::parse("zen.example*2").unwrap()];
-        let p = Pipeline::new(vec![Arc::new(DnsLists::new(lists, 2, 3600, 10, resolve))]);
+        let p = Pipeline::new(vec![Arc::new(DnsLists::new(
+            lists,
+            2,
+            3600,
+            10,
+            resolve,
+            std::time::Duration::from_secs(3),
+        ))]);
         let run = |ip: &str, now: u32| {
             let r = Request::new(ip.parse().unwrap(), now);
             match p.run(Stage::Connect, &r) {

@@ -155,6 +155,20 @@ pub trait Check: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
     fn stage(&self) -> Stage;
     fn check(&self, r: &Request<'_>) -> Decision;
+    /// How long its deferred work may take (`None`: the command timeout).
+    fn time_limit(&self) -> Option<std::time::Duration> {
+        None
+    }
+    /// The answer when its deferred work cannot run or does not finish in time: by default
+    /// `451 4.3.0` (never a pass); a check whose failure means "no information", such as a
+    /// DNS list, answers `Continue`.
+    fn unavailable(&self) -> Decision {
+        Decision::Reject(Refusal::new(
+            &crate::proto::reply::POLICY_BUSY,
+            Reason::Busy,
+            "deferred: policy workers busy, failed or too slow",
+        ))
+    }
 }
 
 /// Where a stage's run stopped.
@@ -235,6 +249,24 @@ impl Pipeline {
     /// Run a stage's checks in order.
     pub fn run(&self, stage: Stage, r: &Request<'_>) -> Outcome {
         self.run_from(stage, 0, Effects::default(), r)
+    }
+
+    /// The check a deferred run waits for.
+    fn deferred_check(&self, r: &Resume) -> Option<&Arc<dyn Check>> {
+        self.checks(r.stage).get(r.at)
+    }
+
+    /// How long the deferred check may take (`None`: the caller's default).
+    pub fn time_limit(&self, r: &Resume) -> Option<std::time::Duration> {
+        self.deferred_check(r).and_then(|c| c.time_limit())
+    }
+
+    /// The deferred check's answer when its work cannot run or times out.
+    pub fn unavailable(&self, r: &Resume) -> Decision {
+        match self.deferred_check(r) {
+            Some(c) => c.unavailable(),
+            None => Decision::Continue,
+        }
     }
 
     /// Go on after a deferred check answered `decision`.

@@ -91,12 +91,13 @@ pub struct Rates {
     ipv4_prefix: u8,
     ipv6_prefix: u8,
     exempt: Vec<Cidr>,
-    seed: u64,
+    /// SipHash keyed per process: nobody outside can aim two networks at one cell.
+    hasher: std::collections::hash_map::RandomState,
 }
 
 impl Rates {
     /// `None` when no limit is set.
-    pub fn new(s: &RatesSection, seed: u64) -> Option<Rates> {
+    pub fn new(s: &RatesSection) -> Option<Rates> {
         let limit = |per_minute: u32| {
             (per_minute > 0).then(|| {
                 let burst = (u64::from(per_minute) * u64::from(s.burst_percent) / 100).max(1);
@@ -115,7 +116,7 @@ impl Rates {
             ipv4_prefix: s.ipv4_prefix.min(32),
             ipv6_prefix: s.ipv6_prefix.min(128),
             exempt: s.exempt.clone(),
-            seed,
+            hasher: std::collections::hash_map::RandomState::new(),
         };
         (r.connections.is_some()
             || r.messages.is_some()
@@ -165,12 +166,8 @@ impl Rates {
         } else {
             u128::MAX << (128 - u32::from(prefix))
         };
-        let net = bits & mask;
-        // SplitMix-style mixing of the network, its family and the per-process seed.
-        let mut x = (net as u64) ^ ((net >> 64) as u64).rotate_left(29) ^ family ^ self.seed;
-        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        x ^ (x >> 31)
+        use std::hash::BuildHasher;
+        self.hasher.hash_one((family, bits & mask))
     }
 }
 
@@ -214,7 +211,7 @@ mod tests {
 
     #[test]
     fn networks_are_counted_apart_and_by_prefix() {
-        let r = Rates::new(&settings(), 42).unwrap();
+        let r = Rates::new(&settings()).unwrap();
         let t = 5_000;
         for _ in 0..3 {
             assert!(r.take(Event::Connection, ip("203.0.113.1"), t));
@@ -244,13 +241,10 @@ mod tests {
 
     #[test]
     fn wider_prefixes_group_clients() {
-        let r = Rates::new(
-            &RatesSection {
-                ipv4_prefix: 24,
-                ..settings()
-            },
-            1,
-        )
+        let r = Rates::new(&RatesSection {
+            ipv4_prefix: 24,
+            ..settings()
+        })
         .unwrap();
         for last in 1..=3 {
             assert!(r.take(Event::Connection, ip(&format!("198.51.100.{last}")), 0));
@@ -265,14 +259,14 @@ mod tests {
             connections_per_minute: 0,
             ..settings()
         };
-        assert!(Rates::new(&s, 0).is_none());
+        assert!(Rates::new(&s).is_none());
     }
 
     #[test]
     fn memory_is_fixed_under_many_sources() {
         // A million sources through a 1,024-cell table: no growth, and a client whose cell
         // was taken over gets a fresh allowance (never a refusal it did not earn).
-        let r = Rates::new(&settings(), 9).unwrap();
+        let r = Rates::new(&settings()).unwrap();
         let victim = ip("203.0.113.50");
         for n in 0..1_000_000u32 {
             let a = std::net::Ipv4Addr::from(0x0a00_0000 | n);

@@ -632,34 +632,31 @@ impl Conn {
                 Outcome::Accept(e) => return Ok(e),
                 Outcome::Reject(f) => return Err(f),
                 Outcome::Defer(d) => {
-                    let answer = self.run_deferred(d.job).await;
+                    let answer = self.run_deferred(d.job, &d.resume).await;
                     outcome = self.binding.pipeline.resume(d.resume, answer, r);
                 }
             }
         }
     }
 
-    /// A deferred check's job on the policy workers; a full queue or a lost job is a
-    /// temporary refusal, never a pass.
+    /// A deferred check's job on the policy workers, within the check's time limit (else the
+    /// command timeout); a full queue, a lost job or a timeout gets the check's own
+    /// `unavailable` answer (`451 4.3.0` unless the check says otherwise).
     async fn run_deferred(
         &self,
         job: crate::policy::pipeline::Job,
+        resume: &crate::policy::pipeline::Resume,
     ) -> crate::policy::pipeline::Decision {
-        use crate::policy::pipeline::Decision;
-        let busy = || {
-            Decision::Reject(Refusal::new(
-                &reply::POLICY_BUSY,
-                Reason::Busy,
-                "deferred: policy workers busy, failed or too slow",
-            ))
-        };
+        let pipeline = &self.binding.pipeline;
         let Some(rx) = self.ctx.shared.policy_workers.submit(job) else {
-            return busy();
+            return pipeline.unavailable(resume);
         };
-        // Bounded like a command: a hung lookup never holds the session.
-        match monoio::time::timeout(self.binding.b.limits.command_timeout.0, rx).await {
+        let limit = pipeline
+            .time_limit(resume)
+            .unwrap_or(self.binding.b.limits.command_timeout.0);
+        match monoio::time::timeout(limit, rx).await {
             Ok(Ok(d)) => d,
-            _ => busy(),
+            _ => pipeline.unavailable(resume),
         }
     }
 
@@ -696,7 +693,7 @@ impl Conn {
 
     /// Finish a MAIL or RCPT after its deferred check answered.
     async fn decide_later(&mut self, session: &mut Session, pending: Pending, d: Deferred) {
-        let answer = self.run_deferred(d.job).await;
+        let answer = self.run_deferred(d.job, &d.resume).await;
         let settled = {
             let r = match &pending {
                 Pending::Rcpt(a) => {
@@ -859,7 +856,13 @@ impl Conn {
         let verdicts = std::mem::take(&mut self.txn.verdicts);
         let verdict = |i: usize| verdicts.get(i).copied().flatten();
         let sender_domain = env.mail_from.rsplit_once('@').map_or("", |(_, d)| d);
+        // Routing happens here, once: the queue uses these routes while the configuration
+        // stays the same.
         let mut all_discard = true;
+        let mut routing = crate::delivery::Routing {
+            generation: self.binding.generation,
+            routes: Vec::with_capacity(env.rcpts.len()),
+        };
         for (i, r) in env.rcpts.iter().enumerate() {
             let domain = r.rsplit_once('@').map_or("", |(_, d)| d);
             match self
@@ -867,7 +870,10 @@ impl Conn {
                 .config
                 .route_for(domain, sender_domain, env.direction, verdict(i))
             {
-                Some((_, route)) => all_discard &= route.action == RouteAction::Discard,
+                Some((ri, route)) => {
+                    all_discard &= route.action == RouteAction::Discard;
+                    routing.routes.push(ri);
+                }
                 None => {
                     self.ctx.shared.metrics.rejected(Reason::NoRoute);
                     session.reject(&reply::NO_ROUTE);
@@ -960,6 +966,7 @@ impl Conn {
             let mut result = Ok("queued");
             for (n, &v) in kinds.iter().enumerate() {
                 let mut e = env.clone();
+                let mut copy_routing = routing.clone();
                 if n > 0 {
                     e.queue_id = self.ctx.queue.next_queue_id();
                 }
@@ -972,6 +979,7 @@ impl Conn {
                         .filter_map(|&i| env.rcpts.get(i).cloned())
                         .collect();
                     e.dsn = env.dsn.select(&mine);
+                    copy_routing = routing.select(&mine);
                 }
                 e.aswl = v;
                 let mut received = trace::received(&e, &self.binding.config.server.hostname);
@@ -998,6 +1006,7 @@ impl Conn {
                             memory.clone(),
                             spooled,
                             crate::spool::all_indexes(k),
+                            Some(copy_routing),
                         );
                     }
                     Err(err) => {

@@ -255,15 +255,8 @@ fn dns_lists(config: &Config) -> Option<Arc<crate::policy::dnsbl::DnsLists>> {
         d.max_cache_ttl.0.as_secs().min(u64::from(u32::MAX)) as u32,
         d.cache_size,
         resolve,
+        timeout + Duration::from_secs(1),
     )))
-}
-
-/// A per-process key for the rate tables' hash (so nobody outside can aim collisions).
-fn rate_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(std::process::id().into());
-    h.finish()
 }
 
 /// A binding with what it needs at run time, from one generation of the configuration.
@@ -534,7 +527,7 @@ pub fn run(
             config.spool.max_staging.0,
         )),
         dnsbl: dns_lists(&config),
-        rates: crate::policy::rates::Rates::new(&config.rates, rate_seed()).map(Arc::new),
+        rates: crate::policy::rates::Rates::new(&config.rates).map(Arc::new),
         policy_workers: crate::workers::Workers::new("policy", POLICY_THREADS, POLICY_QUEUE)
             .map_err(|e| RunError::Io("spawning the policy threads".into(), e))?,
         verifier: crate::auth::Verifier::new(config.auth.verify_threads, config.auth.max_pending)

@@ -78,6 +78,8 @@ struct Entry {
     delay_notified: bool,
     /// Set by `delete`: drop without bouncing when the running attempt ends.
     deleted: bool,
+    /// The routes chosen at acceptance (`None` for notices and recovered messages).
+    routing: Option<delivery::Routing>,
 }
 
 /// A request from the admin endpoint, answered on `reply`.
@@ -190,9 +192,11 @@ impl CoreQueue {
         content: Option<Arc<Vec<u8>>>,
         spooled: Spooled,
         pending: Vec<u32>,
+        routing: Option<delivery::Routing>,
     ) {
         let id = env.queue_id.clone();
         let e = self.insert(env, trace, content, spooled, pending);
+        e.borrow_mut().routing = routing;
         self.try_start(id, e);
     }
 
@@ -228,6 +232,7 @@ impl CoreQueue {
             last_error: String::new(),
             delay_notified: false,
             deleted: false,
+            routing: None,
         };
         self.count(State::Active, 1);
         let e = Rc::new(RefCell::new(e));
@@ -374,6 +379,7 @@ impl CoreQueue {
     async fn attempt(self: &Rc<Self>, e: &Rc<RefCell<Entry>>) {
         let live = self.shared.live();
         let cfg = live.config.clone();
+        let routing = e.borrow().routing.clone();
         let (env, trace, pending, attempts) = {
             let b = e.borrow();
             (
@@ -412,7 +418,13 @@ impl CoreQueue {
                 .rsplit_once('@')
                 .map_or("", |(_, d)| d)
                 .to_ascii_lowercase();
-            match cfg.route_for(&domain, &sender_domain, env.direction, env.aswl) {
+            // The route chosen at acceptance, unless the configuration changed since.
+            let chosen = routing
+                .as_ref()
+                .and_then(|r| r.route(live.generation, i as usize))
+                .and_then(|ri| cfg.routes.get(ri).map(|r| (ri, r)));
+            match chosen.or_else(|| cfg.route_for(&domain, &sender_domain, env.direction, env.aswl))
+            {
                 Some((ri, r)) => {
                     let key = if r.next_hops.iter().any(|h| h.get_ref() == "mx") {
                         domain
@@ -825,7 +837,7 @@ impl CoreQueue {
         let spooled = self.spool.store(&benv, &t, &content, None).await?;
         tracing::info!(queue_id = %benv.queue_id, original = %env.queue_id, to = ?env.mail_from, kind = ?kind, "bounce");
         self.shared.metrics.delivery("bounces_sent", 1);
-        self.enqueue(benv, t, Some(Arc::new(content)), spooled, vec![0]);
+        self.enqueue(benv, t, Some(Arc::new(content)), spooled, vec![0], None);
         Ok(())
     }
 
