@@ -24,9 +24,11 @@ pub enum Reason {
     Busy,
     RateLimited,
     Listed,
+    EarlyTalker,
+    UnofferedPipelining,
 }
 
-const REASONS: [(Reason, &str); 17] = [
+const REASONS: [(Reason, &str); 19] = [
     (Reason::RelayDenied, "relay_denied"),
     (Reason::AuthRequired, "auth_required"),
     (Reason::TooBig, "too_big"),
@@ -44,6 +46,8 @@ const REASONS: [(Reason, &str); 17] = [
     (Reason::Busy, "busy"),
     (Reason::RateLimited, "rate_limited"),
     (Reason::Listed, "dnsbl"),
+    (Reason::EarlyTalker, "early_talker"),
+    (Reason::UnofferedPipelining, "unoffered_pipelining"),
 ];
 
 /// Upper bounds (seconds) of the session duration histogram.

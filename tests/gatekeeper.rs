@@ -300,3 +300,84 @@ fn dns_block_and_allow_lists() {
         );
     }
 }
+
+/// `greet_delay`: a `220-` first line, a client that talks before the last one is refused and
+/// remembered, one that waits is remembered as good and greeted at once next time; a HELO
+/// client that pipelines is refused and remembered too. The binding's own hostname and banner.
+#[test]
+fn early_talkers_and_the_greeting_delay() {
+    const CLIENT: &str = r#"
+import os, smtplib, socket
+port = int(os.environ["PORT"])
+def raw(src):
+    s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(src, 0))
+    return s, s.makefile("rb")
+def line(f):
+    return f.readline().decode().rstrip()
+s, f = raw("127.0.0.6")
+print("first", line(f))
+s.sendall(b"EHLO early.test\r\n")
+print("talker", line(f))
+print("closed", f.read() == b"")
+s, f = raw("127.0.0.6")
+print("again", line(f))
+s, f = raw("127.0.0.7")
+print("waiter0", line(f), "|", line(f))
+s.close()
+s, f = raw("127.0.0.7")
+print("waiter1", line(f))
+s.close()
+with smtplib.SMTP("127.0.0.1", port, source_address=("127.0.0.9", 0), timeout=10) as c:
+    print("smtplib", c.sendmail("a@remote.test", ["u@example.test"], b"Subject: waited\r\n\r\nhi\r\n"))
+s, f = raw("127.0.0.8")
+print("helo", line(f), line(f))
+s.sendall(b"HELO pipe.test\r\nMAIL FROM:<a@remote.test>\r\n")
+print("pipelined", line(f), "|", line(f))
+s, f = raw("127.0.0.8")
+print("pipelined again", line(f))
+"#;
+    for driver in DRIVERS {
+        let s = Server::start_with(
+            &format!("greet-{driver}"),
+            driver,
+            "greet_delay = \"1s\"\nhostname = \"edge.test\"\nbanner = \"hello\"\n",
+            "",
+        );
+        let out = python(CLIENT, s.inbound.port(), 0);
+        let text = stdout(&out);
+        assert!(
+            out.status.success(),
+            "[{driver}] {text}\n{}",
+            support::stderr(&out)
+        );
+        let refused = "554 5.5.0 Protocol error: talking before the greeting, closing connection";
+        for want in [
+            "first 220-edge.test ESMTP hello".to_string(),
+            format!("talker {refused}"),
+            "closed True".into(),
+            format!("again {refused}"),
+            // The first wait, then greeted at once.
+            "waiter0 220-edge.test ESMTP hello | 220 edge.test ESMTP hello".into(),
+            "waiter1 220 edge.test ESMTP hello".into(),
+            "smtplib {}".into(),
+            "helo 220-edge.test ESMTP hello 220 edge.test ESMTP hello".into(),
+            "pipelined 250 edge.test | 554 5.5.0 Commands sent before their replies without PIPELINING, closing connection".into(),
+            format!("pipelined again {refused}"),
+        ] {
+            assert!(text.lines().any(|l| l == want), "[{driver}] {want:?} in {text}");
+        }
+        let metrics = s.admin_get("/metrics").1;
+        for want in [
+            "reason=\"early_talker\"} 3",
+            "reason=\"unoffered_pipelining\"} 1",
+        ] {
+            assert!(metrics.contains(want), "[{driver}] {want} in {metrics}");
+        }
+        assert!(
+            s.dropped()
+                .iter()
+                .any(|m| m.contains("by edge.test") && m.contains("Subject: waited")),
+            "[{driver}] the Received line names the binding's hostname"
+        );
+    }
+}

@@ -356,6 +356,15 @@ pub struct BindingSection {
     pub proxy_protocol: Option<Vec<Cidr>>,
     #[serde(default)]
     pub limits: LimitsOverride,
+    /// The name in this binding's greeting, EHLO reply and `Received:` lines (default
+    /// `server.hostname`).
+    pub hostname: Option<String>,
+    /// The text after `220 hostname ESMTP` (default `smtp.banner`).
+    pub banner: Option<String>,
+    /// Wait this long between a `220-` first greeting line and the last one; a client that
+    /// talks before the end is refused and remembered (`smtp.early_talker_ttl`), one that
+    /// waits is remembered as good (`smtp.greet_pass_ttl`) and skips the wait next time.
+    pub greet_delay: Option<Secs>,
 }
 
 /// `[domains]`.
@@ -380,6 +389,11 @@ pub struct SmtpSection {
     pub smtputf8: bool,
     pub dsn: bool,
     pub enhanced_status_codes: bool,
+    /// How long a client that waited for a delayed greeting skips the delay.
+    pub greet_pass_ttl: Secs,
+    /// How long a client that talked before the greeting, or pipelined without PIPELINING,
+    /// is refused at connect (`554 5.5.0`).
+    pub early_talker_ttl: Secs,
 }
 
 impl Default for SmtpSection {
@@ -395,6 +409,8 @@ impl Default for SmtpSection {
             smtputf8: true,
             dsn: true,
             enhanced_status_codes: true,
+            greet_pass_ttl: Secs(Duration::from_secs(86_400)),
+            early_talker_ttl: Secs(Duration::from_secs(600)),
         }
     }
 }
@@ -977,6 +993,42 @@ impl Config {
                 }
                 _ => {}
             }
+            if let Some(h) = &sec.hostname
+                && (h.is_empty() || !h.bytes().all(|b| b.is_ascii_graphic()))
+            {
+                return Err(err(
+                    kline("hostname"),
+                    &key("hostname"),
+                    "must be a host name without spaces".into(),
+                ));
+            }
+            if sec
+                .banner
+                .as_ref()
+                .is_some_and(|b| b.bytes().any(|c| c.is_ascii_control()))
+            {
+                return Err(err(
+                    kline("banner"),
+                    &key("banner"),
+                    "must not contain control characters".into(),
+                ));
+            }
+            if let Some(d) = sec.greet_delay {
+                if d.0 > Duration::from_secs(60) {
+                    return Err(err(
+                        kline("greet_delay"),
+                        &key("greet_delay"),
+                        "at most 60s: clients give up on a greeting after a few minutes, and every waiting connection holds a slot".into(),
+                    ));
+                }
+                if sec.tls == TlsMode::Implicit {
+                    return Err(err(
+                        kline("greet_delay"),
+                        &key("greet_delay"),
+                        "a client cannot talk early on tls = \"implicit\" (the greeting follows its handshake); remove greet_delay".into(),
+                    ));
+                }
+            }
             if sec.proxy_protocol.as_ref().is_some_and(Vec::is_empty) {
                 return Err(err(
                     kline("proxy_protocol"),
@@ -1362,8 +1414,11 @@ fn session_settings(
     b: &BindingSection,
 ) -> Result<proto::Settings, proto::SettingsError> {
     let cfg = proto::SessionConfig {
-        hostname: server.hostname.clone(),
-        banner: smtp.banner.clone(),
+        hostname: b
+            .hostname
+            .clone()
+            .unwrap_or_else(|| server.hostname.clone()),
+        banner: b.banner.clone().unwrap_or_else(|| smtp.banner.clone()),
         max_line: limits.max_line,
         max_message_size: limits.max_message_size.0,
         max_recipients: limits.max_recipients,

@@ -354,6 +354,30 @@ fn configuration_traps_are_errors() {
             "limits.max_message_size",
             Some(2),
         ),
+        (
+            MINIMAL.replace(
+                "direction = \"inbound\"",
+                "direction = \"inbound\"\ngreet_delay = \"2m\"",
+            ),
+            "binding[0] (in).greet_delay",
+            Some(6),
+        ),
+        (
+            MINIMAL.replace(
+                "direction = \"inbound\"",
+                "direction = \"inbound\"\nhostname = \"edge one\"",
+            ),
+            "binding[0] (in).hostname",
+            Some(6),
+        ),
+        (
+            MINIMAL.replace(
+                "direction = \"inbound\"",
+                "direction = \"inbound\"\nbanner = \"a\\tb\"",
+            ),
+            "binding[0] (in).banner",
+            Some(6),
+        ),
     ];
     for (src, key, line) in cases {
         let e = parse(&src).expect_err(&src);

@@ -12,6 +12,7 @@
 
 pub mod checks;
 pub mod dnsbl;
+pub mod greet;
 pub mod hops;
 pub mod pipeline;
 pub mod rates;

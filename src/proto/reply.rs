@@ -269,6 +269,18 @@ pub static STARTTLS_PIPELINED: Reply = Reply::new(
     "5.5.1",
     "Commands pipelined after STARTTLS are refused, closing connection",
 );
+/// Commands sent ahead of their replies when PIPELINING was not offered (RFC 2920 §3.1).
+pub static PIPELINING_NOT_OFFERED: Reply = Reply::new(
+    554,
+    "5.5.0",
+    "Commands sent before their replies without PIPELINING, closing connection",
+);
+/// A client that talked before the greeting ended (now, or recently: remembered a while).
+pub static EARLY_TALKER: Reply = Reply::new(
+    554,
+    "5.5.0",
+    "Protocol error: talking before the greeting, closing connection",
+);
 /// STARTTLS not offered or already active.
 pub static TLS_NOT_AVAILABLE: Reply = Reply::new(454, "4.7.0", "TLS not available");
 

@@ -174,6 +174,8 @@ pub struct Session {
     errors: u32,
     last_activity: Instant,
     stop: Stop,
+    /// Closed for sending commands ahead of their replies without PIPELINING.
+    unauth_pipelining: bool,
 }
 
 impl Session {
@@ -196,6 +198,7 @@ impl Session {
             errors: 0,
             last_activity: now,
             stop: Stop::NeedInput,
+            unauth_pipelining: false,
         }
     }
 
@@ -280,6 +283,21 @@ impl Session {
         }
         self.close_with(&reply::TIMEOUT);
         true
+    }
+
+    /// Whether the session was closed because the client sent commands ahead of their replies
+    /// without PIPELINING offered to it (a spam engine's shortcut, like postscreen's
+    /// pipelining test).
+    pub fn pipelined_unoffered(&self) -> bool {
+        self.unauth_pipelining
+    }
+
+    /// Whether this client may send commands ahead of their replies: the binding offers
+    /// PIPELINING and the client said EHLO (or has not greeted yet: errors before EHLO are
+    /// answered, not punished). After HELO there is no PIPELINING (RFC 2920 needs EHLO).
+    fn pipelining_offered(&self) -> bool {
+        self.settings.cfg.extensions.pipelining
+            && (self.esmtp || matches!(self.state, State::Fresh))
     }
 
     /// Queue `reply` and close (server policy: too many connections, shutdown, …).
@@ -972,7 +990,19 @@ impl<'a> Feed<'_, 'a> {
                         command::Framed::Command(parsed, consumed) => {
                             self.pos += consumed;
                             let more = self.pos < self.input.len();
-                            if let Some(ev) = s.on_command(parsed, more) {
+                            // A BDAT chunk follows its command; QUIT ends everything anyway.
+                            let carries_data =
+                                matches!(parsed, Ok(Command::Bdat { .. } | Command::Quit));
+                            let ev = s.on_command(parsed, more);
+                            if more && !carries_data && !s.closed && !s.pipelining_offered() {
+                                // Whatever this command produced is not answered: the client
+                                // did not wait for our reply, which it was never allowed not to.
+                                s.unauth_pipelining = true;
+                                s.pending = None;
+                                s.close_with(&reply::PIPELINING_NOT_OFFERED);
+                                return None;
+                            }
+                            if let Some(ev) = ev {
                                 return Some(ev);
                             }
                         }

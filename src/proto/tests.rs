@@ -163,6 +163,15 @@ fn run(settings: &Arc<Settings>, input: &[u8]) -> (String, Vec<String>) {
     whole
 }
 
+/// Feed each piece only after the replies to the one before: a client that waits.
+fn lockstep(settings: &Arc<Settings>, pieces: &[&str]) -> String {
+    let mut h = Harness::new(settings.clone());
+    for p in pieces {
+        h.push(p.as_bytes());
+    }
+    String::from_utf8_lossy(&h.out).into_owned()
+}
+
 fn default_settings() -> Arc<Settings> {
     settings(|_| {})
 }
@@ -372,16 +381,16 @@ fn extensions_that_are_off_refuse_their_parameters() {
         "MAIL FROM:<a@b.test> RET=HDRS",
         "MAIL FROM:<a@b.test> AUTH=<>",
     ] {
-        let (out, _) = run(&off, format!("EHLO c\r\n{cmd}\r\n").as_bytes());
+        let out = lockstep(&off, &["EHLO c\r\n", &format!("{cmd}\r\n")]);
         assert!(
             out.ends_with("555 5.5.4 Unsupported parameter\r\n"),
             "{cmd}: {out}"
         );
     }
     // HELO (not EHLO) means no extensions at all.
-    let (out, _) = run(
+    let out = lockstep(
         &default_settings(),
-        b"HELO c\r\nMAIL FROM:<a@b.test> SIZE=10\r\n",
+        &["HELO c\r\n", "MAIL FROM:<a@b.test> SIZE=10\r\n"],
     );
     assert_eq!(
         out,
@@ -392,6 +401,62 @@ fn extensions_that_are_off_refuse_their_parameters() {
         out,
         "220 mx.test ESMTP ringmx\r\n250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n"
     );
+}
+
+#[test]
+fn pipelining_without_the_offer_closes() {
+    let off = settings(|c| c.extensions.pipelining = false);
+    let refused =
+        "554 5.5.0 Commands sent before their replies without PIPELINING, closing connection\r\n";
+    // (settings, what was sent in one write after the greeting, replies before the refusal)
+    let cases: [(&Arc<Settings>, &str, &str); 5] = [
+        (
+            &off,
+            "EHLO c\r\nMAIL FROM:<a@b.test>\r\n",
+            "250-mx.test\r\n",
+        ),
+        (&off, "HELO c\r\nNOOP\r\n", "250 mx.test\r\n"),
+        // HELO means no PIPELINING even where the binding offers it.
+        (
+            &default_settings(),
+            "HELO c\r\nMAIL FROM:<a@b.test>\r\n",
+            "250 mx.test\r\n",
+        ),
+        (&default_settings(), "HELO c\r\nDATA\r\n", "250 mx.test\r\n"),
+        (&off, "NOOP\r\nNOOP\r\n", "250 2.0.0 Ok\r\n"),
+    ];
+    for (s, sent, before) in cases {
+        let mut h = Harness::new(s.clone());
+        h.push(sent.as_bytes());
+        let out = String::from_utf8_lossy(&h.out).into_owned();
+        assert!(
+            out.starts_with("220 mx.test ESMTP ringmx\r\n"),
+            "{sent:?}: {out}"
+        );
+        assert!(out.contains(before), "{sent:?}: {out}");
+        assert!(out.ends_with(refused), "{sent:?}: {out}");
+        assert!(
+            h.session.is_closed() && h.session.pipelined_unoffered(),
+            "{sent:?}"
+        );
+    }
+    // The same commands one at a time, and pipelining after EHLO where it is offered, pass.
+    let out = lockstep(
+        &off,
+        &["EHLO c\r\n", "MAIL FROM:<a@b.test>\r\n", "QUIT\r\n"],
+    );
+    assert!(out.contains("250 2.1.0") && !out.contains("554"), "{out}");
+    let mut h = Harness::new(default_settings());
+    h.push(b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nQUIT\r\n");
+    assert!(!h.session.pipelined_unoffered());
+    // A BDAT chunk follows its command in the same write: that is not pipelining.
+    let mut h = Harness::new(off.clone());
+    h.push(b"EHLO c\r\n");
+    h.push(b"MAIL FROM:<a@b.test>\r\n");
+    h.push(b"RCPT TO:<c@d.test>\r\n");
+    h.push(b"BDAT 4 LAST\r\nhi\r\n");
+    let out = String::from_utf8_lossy(&h.out).into_owned();
+    assert!(!h.session.pipelined_unoffered(), "{out}");
 }
 
 #[test]

@@ -21,6 +21,7 @@ use crate::aswl;
 use crate::config::{Direction, RouteAction, TlsMode};
 use crate::delivery::{DsnRequest, DsnRet, Envelope, RcptDsn, drop_folder, trace};
 use crate::metrics::Reason;
+use crate::policy::greet::Known;
 use crate::policy::pipeline::{Deferred, Effects, Outcome, Refusal, Request, Stage};
 use crate::proto::AbortReason;
 use crate::proto::command::{Body, Ret};
@@ -304,12 +305,29 @@ pub(crate) async fn handle(
         clock_ms: clock_ms(),
         ..Request::new(peer.ip(), aswl::unix_now())
     };
+    let greet_delay = conn
+        .binding
+        .b
+        .section
+        .greet_delay
+        .map(|d| d.0)
+        .filter(|d| !d.is_zero());
+    let known = match greet_delay {
+        Some(_) => shared.greet.recall(peer.ip(), u64::from(connect.now)),
+        None => Known::Unknown,
+    };
     // Over the connection limits no check runs (no DNS work for a flood).
     let refused = if guard.is_none() {
         Some((
             &reply::TOO_MANY_CONNECTIONS,
             Reason::TooManyConnections,
             "refused: too many connections",
+        ))
+    } else if let Known::Bad(_) = known {
+        Some((
+            &reply::EARLY_TALKER,
+            Reason::EarlyTalker,
+            "refused: talked early or pipelined without the offer recently",
         ))
     } else {
         match conn.decide(Stage::Connect, &connect).await {
@@ -331,10 +349,49 @@ pub(crate) async fn handle(
         tracing::info!(client = %peer, binding = %conn.binding.b.section.name, "{why}");
         return;
     }
+    if let (Some(delay), Known::Unknown) = (greet_delay, known) {
+        match greet_test(&mut stream, &session, delay, &early).await {
+            Greet::Waited => {
+                let until = u64::from(aswl::unix_now());
+                let ttl = conn.binding.config.smtp.greet_pass_ttl.0.as_secs();
+                shared.greet.remember(peer.ip(), false, until + ttl);
+            }
+            Greet::Talked => {
+                conn.remember_bad();
+                shared.metrics.rejected(Reason::EarlyTalker);
+                // After a `220-` line: the client broke the reply, it gets the refusal as the
+                // reply's last line (as postscreen does). What it sent is read and dropped
+                // first: closing a socket with unread bytes resets it, and the reset would
+                // overtake the refusal.
+                discard_pending(&stream);
+                session.clear_output();
+                session.close_with(&reply::EARLY_TALKER);
+                let _ = write_out(
+                    &mut conn.transport,
+                    &mut stream,
+                    &mut session,
+                    &mut Vec::new(),
+                )
+                .await;
+                tracing::info!(client = %peer, binding = %conn.binding.b.section.name, "refused: talked before the greeting");
+                return;
+            }
+            Greet::Gone => {
+                tracing::info!(client = %peer, binding = %conn.binding.b.section.name, "closed during the greeting delay");
+                return;
+            }
+        }
+    }
     shared
         .metrics
         .connection_opened(conn.binding.index, conn.ctx.core);
     let result = conn.serve(&mut stream, &mut session, early).await;
+    if session.pipelined_unoffered() {
+        shared.metrics.rejected(Reason::UnofferedPipelining);
+        if greet_delay.is_some() {
+            conn.remember_bad();
+        }
+    }
     shared
         .metrics
         .connection_closed(started.elapsed().as_secs_f64());
@@ -349,6 +406,79 @@ pub(crate) async fn handle(
         "connection closed"
     );
     drop(guard);
+}
+
+/// How the greeting test ended.
+enum Greet {
+    /// The client waited for the whole greeting.
+    Waited,
+    /// It sent something before the greeting ended.
+    Talked,
+    /// It closed the connection.
+    Gone,
+}
+
+/// postscreen's greeting test: send the greeting's first line as `220-`, wait `delay`, and
+/// see whether the client sent anything meanwhile (RFC 5321 clients wait for the last line).
+/// The socket is only peeked (no read is started and cancelled, RUNTIME.md §1.3); `early`
+/// holds bytes that came with a PROXY header.
+async fn greet_test(
+    stream: &mut TcpStream,
+    session: &Session,
+    delay: std::time::Duration,
+    early: &[u8],
+) -> Greet {
+    use monoio::io::AsyncWriteRentExt;
+    let mut first = session.output().to_vec();
+    if let Some(sep) = first.get_mut(3) {
+        *sep = b'-';
+    }
+    if stream.write_all(first).await.0.is_err() {
+        return Greet::Gone;
+    }
+    monoio::time::sleep(delay).await;
+    if !early.is_empty() {
+        return Greet::Talked;
+    }
+    let mut byte = 0u8;
+    // SAFETY: `byte` is a valid one-byte buffer for the duration of the call; MSG_PEEK leaves
+    // the data in the socket and MSG_DONTWAIT never blocks the core.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        0 => Greet::Gone,
+        n if n > 0 => Greet::Talked,
+        _ => match std::io::Error::last_os_error().kind() {
+            std::io::ErrorKind::WouldBlock => Greet::Waited,
+            _ => Greet::Gone,
+        },
+    }
+}
+
+/// Read and drop what the client has sent so far (at most 64 KiB, never waiting).
+fn discard_pending(stream: &TcpStream) {
+    let mut buf = [0u8; 4096];
+    for _ in 0..16 {
+        // SAFETY: `buf` is a valid writable buffer of its length for the duration of the call;
+        // MSG_DONTWAIT never blocks the core.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n <= 0 {
+            return;
+        }
+    }
 }
 
 /// Read a PROXY v1/v2 header; returns the original client (None for LOCAL/UNKNOWN) and the
@@ -504,6 +634,13 @@ impl Conn {
                 Ok((Err(_), _)) => return End::ReadError,
             }
         }
+    }
+
+    /// Remember this client as one that broke the protocol (`smtp.early_talker_ttl`).
+    fn remember_bad(&self) {
+        let until =
+            u64::from(aswl::unix_now()) + self.binding.config.smtp.early_talker_ttl.0.as_secs();
+        self.ctx.shared.greet.remember(self.peer.ip(), true, until);
     }
 
     /// Check credentials on the AUTH threads (argon2 is slow by design). A client address
@@ -982,7 +1119,7 @@ impl Conn {
                     copy_routing = routing.select(&mine);
                 }
                 e.aswl = v;
-                let mut received = trace::received(&e, &self.binding.config.server.hostname);
+                let mut received = trace::received(&e, &self.binding.b.settings.config().hostname);
                 for h in &added {
                     received.push_str(h);
                     received.push_str("\r\n");

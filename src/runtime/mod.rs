@@ -113,6 +113,8 @@ pub struct Shared {
     pub rates: Option<Arc<crate::policy::rates::Rates>>,
     /// `[dnsbl]` as of startup (its cache is shared by every core).
     pub dnsbl: Option<Arc<crate::policy::dnsbl::DnsLists>>,
+    /// What the greeting test learnt about client addresses (bindings with `greet_delay`).
+    pub greet: crate::policy::greet::Memory,
     /// Policy checks that deferred (DNS, callouts, signatures): their own threads and queue.
     pub policy_workers: crate::workers::Workers,
     /// Disk taken by spill files of messages being received, all cores together.
@@ -228,6 +230,8 @@ pub enum RunError {
 
 /// Threads for deferred policy checks, and the checks that may wait for one: a check that
 /// cannot be queued answers `451 4.3.0`.
+/// Cells of the greeting test's memory (8 bytes each: 1 MiB).
+const GREET_CELLS: usize = 1 << 17;
 const POLICY_THREADS: usize = 4;
 const POLICY_QUEUE: usize = 4096;
 
@@ -528,6 +532,7 @@ pub fn run(
         )),
         dnsbl: dns_lists(&config),
         rates: crate::policy::rates::Rates::new(&config.rates).map(Arc::new),
+        greet: crate::policy::greet::Memory::new(GREET_CELLS),
         policy_workers: crate::workers::Workers::new("policy", POLICY_THREADS, POLICY_QUEUE)
             .map_err(|e| RunError::Io("spawning the policy threads".into(), e))?,
         verifier: crate::auth::Verifier::new(config.auth.verify_threads, config.auth.max_pending)
