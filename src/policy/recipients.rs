@@ -16,11 +16,11 @@ use foldhash::fast::RandomState;
 /// The addresses of one `[[recipients]]` file.
 #[derive(Debug, Default, Clone)]
 pub struct RecipientMap {
-    exact: HashSet<String, RandomState>,
+    exact: HashSet<Box<[u8]>, RandomState>,
     /// `*@domain`
-    domains: HashSet<String, RandomState>,
+    domains: HashSet<Box<[u8]>, RandomState>,
     /// `user@*`
-    users: HashSet<String, RandomState>,
+    users: HashSet<Box<[u8]>, RandomState>,
 }
 
 /// `local@domain` in the form the map compares: sub-address folded, lower case, A-labels.
@@ -32,6 +32,43 @@ fn key(address: &str) -> Option<(String, String)> {
     }
     let domain = crate::domain::canonical_domain(domain.trim_end_matches('.'));
     Some((local.to_lowercase(), domain.into_owned()))
+}
+
+/// Longest address the allocation-free path handles (RFC 5321: 64 + 1 + 255).
+const ASCII_KEY_MAX: usize = 320;
+
+/// [`key`] for an ASCII address, written into `buf` as `local@domain` without allocating:
+/// the key and the position of its `@`. `None` for anything else (the general path decides).
+fn ascii_key<'b>(address: &str, buf: &'b mut [u8; ASCII_KEY_MAX]) -> Option<(&'b [u8], usize)> {
+    let a = address.as_bytes();
+    if !a.is_ascii() {
+        return None;
+    }
+    let at = memchr::memrchr(b'@', a)?;
+    let (local, domain) = (a.get(..at)?, a.get(at + 1..)?);
+    let local = memchr::memchr(b'+', local)
+        .and_then(|p| local.get(..p))
+        .unwrap_or(local);
+    // Trailing dots go (`a@example.com.`); nothing left is no domain.
+    let last = domain.iter().rposition(|&b| b != b'.')?;
+    let domain = domain.get(..=last)?;
+    if local.is_empty() {
+        return None;
+    }
+    let len = local.len() + 1 + domain.len();
+    let out = buf.get_mut(..len)?;
+    let (l, rest) = out.split_at_mut(local.len());
+    let (sign, d) = rest.split_first_mut()?;
+    l.copy_from_slice(local);
+    l.make_ascii_lowercase();
+    *sign = b'@';
+    d.copy_from_slice(domain);
+    d.make_ascii_lowercase();
+    Some((buf.get(..len)?, local.len()))
+}
+
+fn bytes(s: String) -> Box<[u8]> {
+    s.into_bytes().into_boxed_slice()
 }
 
 impl RecipientMap {
@@ -58,10 +95,10 @@ impl RecipientMap {
             match line.rsplit_once('@') {
                 Some(("*", d)) if !d.is_empty() && d != "*" => {
                     m.domains
-                        .insert(crate::domain::canonical_domain(d).into_owned());
+                        .insert(bytes(crate::domain::canonical_domain(d).into_owned()));
                 }
                 Some((u, "*")) if !u.is_empty() && u != "*" => {
-                    m.users.insert(u.to_lowercase());
+                    m.users.insert(bytes(u.to_lowercase()));
                 }
                 Some(_) => {
                     let (l, d) = key(line).ok_or_else(bad)?;
@@ -69,7 +106,7 @@ impl RecipientMap {
                     if l.contains(odd) || d.contains(odd) {
                         return Err(bad());
                     }
-                    m.exact.insert(format!("{l}@{d}"));
+                    m.exact.insert(bytes(format!("{l}@{d}")));
                 }
                 None => return Err(bad()),
             }
@@ -79,12 +116,22 @@ impl RecipientMap {
 
     /// Whether `address` (as given at RCPT) is a known recipient.
     pub fn knows(&self, address: &str) -> bool {
+        let mut buf = [0u8; ASCII_KEY_MAX];
+        if let Some((key, at)) = ascii_key(address, &mut buf) {
+            let (local, domain) = (
+                key.get(..at).unwrap_or(b""),
+                key.get(at + 1..).unwrap_or(b""),
+            );
+            return self.domains.contains(domain)
+                || self.users.contains(local)
+                || self.exact.contains(key);
+        }
         let Some((local, domain)) = key(address) else {
             return false;
         };
-        self.domains.contains(&domain)
-            || self.users.contains(&local)
-            || self.exact.contains(&format!("{local}@{domain}"))
+        self.domains.contains(domain.as_bytes())
+            || self.users.contains(local.as_bytes())
+            || self.exact.contains(format!("{local}@{domain}").as_bytes())
     }
 
     /// Entries loaded.
@@ -120,7 +167,9 @@ impl RecipientMaps {
 
     /// Look `address` up in the first map whose domains cover its domain.
     pub fn lookup(&self, address: &str) -> Lookup {
-        let domain = address.rsplit_once('@').map_or("", |(_, d)| d);
+        let domain = memchr::memrchr(b'@', address.as_bytes())
+            .and_then(|at| address.get(at + 1..))
+            .unwrap_or("");
         match self
             .maps
             .iter()
@@ -157,6 +206,8 @@ mod tests {
             "Postmaster@other.example",
             "zoë@xn--bcher-kva.example",
             "ZOË@Bücher.example",
+            "alice@example.com.",
+            "Alice+a+b@EXAMPLE.com",
         ] {
             assert!(m.knows(a), "{a}");
         }
@@ -166,6 +217,8 @@ mod tests {
             "+x@example.com",
             "noat",
             "@example.com",
+            "alice@...",
+            "alice@",
         ] {
             assert!(!m.knows(a), "{a}");
         }
