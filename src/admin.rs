@@ -46,6 +46,9 @@ pub trait Server: Send + Sync {
     fn reload(&self) -> Result<u64, String>;
     /// Ask every core's queue; one answer per core.
     fn queue(&self, op: QueueOp) -> Vec<String>;
+    /// What the caches and counters hold about a client (`ringmx why`); `forget` drops the
+    /// greeting test's and the DNS lists' memory of it.
+    fn client(&self, ip: std::net::IpAddr, forget: bool) -> String;
 }
 
 /// Requests served at once; more are answered `503` at once (a slow client cannot hold the
@@ -427,6 +430,7 @@ fn handle(
             Err(e) => ("400 Bad Request", "text/plain", format!("{e}\n")),
         },
         (m, p) if p.starts_with("/queue") => queue(shared, m, p),
+        (m, p) if p.starts_with("/client/") => client(shared, m, p),
         (m, p) if p.starts_with("/aswl") => aswl(shared, m, p, &body),
         (_, "/metrics" | "/healthz" | "/reload") => (
             "405 Method Not Allowed",
@@ -460,6 +464,34 @@ fn aswl(shared: &dyn Server, method: &str, path: &str, body: &[u8]) -> Response 
             },
             "text/plain; charset=utf-8",
             format!("{f}\n"),
+        ),
+    }
+}
+
+/// `GET /client/IP`, `POST /client/IP/forget`.
+fn client(shared: &dyn Server, method: &str, path: &str) -> Response {
+    let rest = path.strip_prefix("/client/").unwrap_or("");
+    let (ip, forget) = match (method, rest.strip_suffix("/forget")) {
+        ("POST", Some(ip)) => (ip, true),
+        ("GET", None) => (rest, false),
+        _ => {
+            return (
+                "404 Not Found",
+                "text/plain",
+                "no such client request\n".into(),
+            );
+        }
+    };
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(ip) => (
+            "200 OK",
+            "text/plain; charset=utf-8",
+            shared.client(ip, forget),
+        ),
+        Err(_) => (
+            "400 Bad Request",
+            "text/plain",
+            "expected an IPv4 or IPv6 address\n".into(),
         ),
     }
 }

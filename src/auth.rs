@@ -128,6 +128,14 @@ impl Failures {
                 })
     }
 
+    /// Failures of `ip` within `window` before `now`.
+    pub fn failures(&self, ip: IpAddr, now: Instant, window: Duration) -> u32 {
+        self.lock()
+            .get(&failure_key(ip))
+            .filter(|(_, since)| now.saturating_duration_since(*since) < window)
+            .map_or(0, |(n, _)| *n)
+    }
+
     /// Count one failure of `ip` at `now`; a window that has passed starts again.
     pub fn record(&self, ip: IpAddr, now: Instant, window: Duration) {
         let key = failure_key(ip);

@@ -29,6 +29,10 @@ USAGE:
         The delivery queue of the running server: list (id, state, age, attempts, sender,
         pending recipients, last error), one message's details, retry now, delete without a
         bounce, hold, release.
+    ringmx why IP [--forget] [--admin ADDR]
+        What the running server holds about a client address: connections open, access per
+        binding, the greeting test's memory, the cached DNS list verdict, its rate-limit
+        counts, AUTH failures. --forget drops the greeting test's and DNS lists' memory of it.
     ringmx aswl [stats | check SENDER RECIPIENT | list [--local MASK] [--external MASK] |
                 add LOCAL EXTERNAL | remove EXTERNAL [LOCAL] | import FILE|- |
                 export [--format csv|jsonl]] [--admin ADDR] [--config FILE] [--offline]
@@ -44,7 +48,7 @@ USAGE:
 
 --admin takes host:port, or https://host:port for an endpoint with a certificate (verified
 against the PEM roots in $RINGMX_ADMIN_CA, else the web PKI).
-The admin commands (reload, queue, aswl) send a bearer token when the admin endpoint has
+The admin commands (reload, queue, why, aswl) send a bearer token when the admin endpoint has
 [admin] token_file: from $RINGMX_ADMIN_TOKEN_FILE (a file whose first token line is used), else
 $RINGMX_ADMIN_TOKEN, else (aswl with --config) the configuration's token_file. Never on the
 command line, where other users could read it.
@@ -101,6 +105,7 @@ fn main() -> ExitCode {
         }
         Some("reload") => reload(&args[1..]),
         Some("queue") => queue(&args[1..]),
+        Some("why") => why(&args[1..]),
         Some("aswl") => aswl(&args[1..]),
         Some("print-default-config") => {
             print!("{}", ringmx::config::DEFAULT_CONFIG);
@@ -392,6 +397,19 @@ fn queue(args: &[String]) -> ExitCode {
         }
     };
     admin_request(&addr, method, &path, "queue request failed")
+}
+
+fn why(args: &[String]) -> ExitCode {
+    let (addr, args) = admin_addr(args);
+    let strs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (method, path) = match strs.as_slice() {
+        [ip] if ip.parse::<std::net::IpAddr>().is_ok() => ("GET", format!("/client/{ip}")),
+        [ip, "--forget"] if ip.parse::<std::net::IpAddr>().is_ok() => {
+            ("POST", format!("/client/{ip}/forget"))
+        }
+        _ => return usage_error("why takes an IP address, then optionally --forget"),
+    };
+    admin_request(&addr, method, &path, "client request failed")
 }
 
 fn usage_error(msg: &str) -> ExitCode {

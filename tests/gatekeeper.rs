@@ -246,6 +246,14 @@ for _ in range(5):
                 .contains("reason=\"rate_limited\"} 3"),
             "[{driver}]"
         );
+        let why = stdout(&s.cli(&["why", "127.0.0.3"]));
+        assert!(why.contains("rate connections: exempt"), "[{driver}] {why}");
+        let why = stdout(&s.cli(&["why", "127.0.0.9"]));
+        assert!(
+            why.contains("rate connections: 0 counted now")
+                && why.contains("rate unknown recipients: not limited"),
+            "[{driver}] {why}"
+        );
     }
 }
 
@@ -255,6 +263,7 @@ for _ in range(5):
 #[test]
 fn dns_block_and_allow_lists() {
     let dns = support::Dnsmasq::start(&[
+        "--local-ttl=300",
         "--local=/zen.test/",
         "--local=/wl.test/",
         "--local=/bl.test/",
@@ -297,6 +306,17 @@ fn dns_block_and_allow_lists() {
         assert!(
             s.admin_get("/metrics").1.contains("reason=\"dnsbl\"} 2"),
             "[{driver}]"
+        );
+        // `ringmx why` shows the cached verdicts.
+        let why = stdout(&s.cli(&["why", "127.0.0.4"]));
+        assert!(
+            why.contains(&format!("dnsbl: listed: {refused} (cached ")),
+            "[{driver}] {why}"
+        );
+        let why = stdout(&s.cli(&["why", "127.0.0.5"]));
+        assert!(
+            why.contains("dnsbl: not listed (cached "),
+            "[{driver}] {why}"
         );
     }
 }
@@ -373,6 +393,39 @@ print("pipelined again", line(f))
         ] {
             assert!(metrics.contains(want), "[{driver}] {want} in {metrics}");
         }
+        // `ringmx why` shows the memory; --forget lets the client be greeted afresh.
+        let why = |ip: &str, more: &[&str]| {
+            let out = s.cli(&[&["why", ip], more].concat());
+            assert!(out.status.success(), "{}", support::stderr(&out));
+            stdout(&out)
+        };
+        let talker = why("127.0.0.6", &[]);
+        assert!(
+            talker.contains("greeting test: talked early or pipelined without the offer")
+                && talker.contains("binding inbound: may connect")
+                && talker.contains("dnsbl: off"),
+            "[{driver}] {talker}"
+        );
+        assert!(
+            why("127.0.0.7", &[]).contains("greeting test: passed"),
+            "[{driver}]"
+        );
+        assert!(why("127.0.0.6", &["--forget"]).contains("forgotten"));
+        assert!(why("127.0.0.6", &[]).contains("greeting test: nothing remembered"));
+        let out = python(
+            r#"
+import os, socket
+s = socket.create_connection(("127.0.0.1", int(os.environ["PORT"])), timeout=10, source_address=("127.0.0.6", 0))
+print(s.makefile("rb").readline().decode().rstrip())
+"#,
+            s.inbound.port(),
+            0,
+        );
+        assert_eq!(
+            stdout(&out).trim(),
+            "220-edge.test ESMTP hello",
+            "[{driver}]"
+        );
         assert!(
             s.dropped()
                 .iter()

@@ -82,6 +82,25 @@ impl DnsLists {
         }
     }
 
+    /// For `ringmx why`: the cached verdict on `ip` (the refusal, if listed) and when it
+    /// expires (seconds since the epoch); `None` when nothing is cached at `now`.
+    pub fn cached(&self, ip: IpAddr, now: u32) -> Option<(Option<&'static Reply>, u32)> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ip)
+            .copied()
+            .filter(|(_, expires)| *expires > now)
+    }
+
+    /// Drop the cached verdict on `ip` (the next connection asks the lists again).
+    pub fn forget(&self, ip: IpAddr) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ip);
+    }
+
     fn refusal(reply: &'static Reply) -> Decision {
         Decision::Reject(Refusal::new(
             reply,

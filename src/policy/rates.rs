@@ -72,6 +72,27 @@ impl Limit {
     }
 }
 
+impl Limit {
+    /// Events of the network hashed to `h` counted in the current window at `now_ms`, and
+    /// the burst a window holds (nothing is counted).
+    pub fn used(&self, h: u64, now_ms: u64) -> (u64, u64) {
+        let burst = self.tolerance / self.interval + 1;
+        let Some(cell) = self
+            .cells
+            .get((h as usize) & (self.cells.len().saturating_sub(1)))
+        else {
+            return (0, burst);
+        };
+        let cur = cell.load(Ordering::Relaxed);
+        let (ctag, tat) = (cur >> (64 - TAG_BITS), cur & TIME_MASK);
+        let now = now_ms & TIME_MASK;
+        if ctag != h >> (64 - TAG_BITS) || tat <= now {
+            return (0, burst);
+        }
+        ((tat - now).div_ceil(self.interval), burst)
+    }
+}
+
 /// What is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -151,6 +172,14 @@ impl Rates {
         l.take(self.network_hash(ip), now_ms)
     }
 
+    /// For `ringmx why`: `None` when `e` is not limited, else whether `ip` is exempt, the
+    /// events counted against its network now, and the burst.
+    pub fn used(&self, e: Event, ip: IpAddr, now_ms: u64) -> Option<(bool, u64, u64)> {
+        let l = self.limit(e)?;
+        let (used, burst) = l.used(self.network_hash(ip), now_ms);
+        Some((any_contains(&self.exempt, ip), used, burst))
+    }
+
     /// A keyed hash of the client's network (IPv4-mapped IPv6 counts as IPv4).
     fn network_hash(&self, ip: IpAddr) -> u64 {
         let ip = match ip {
@@ -198,6 +227,16 @@ mod tests {
         // 60 a minute (one a second), bursts of 3.
         let l = Limit::new(60, 3, 16);
         let t = 1_000_000;
+        assert_eq!(l.used(7, t), (0, 3));
+        assert!(l.take(7, t) && l.take(7, t));
+        assert_eq!(l.used(7, t), (2, 3));
+        assert_eq!(
+            l.used(7, t + 1_000),
+            (1, 3),
+            "one has drained a second later"
+        );
+        assert_eq!(l.used(8, t), (0, 3), "another network");
+        let l = Limit::new(60, 3, 16);
         assert!(l.take(7, t) && l.take(7, t) && l.take(7, t));
         assert!(!l.take(7, t), "the fourth at once is over");
         assert!(!l.take(7, t + 500), "half an interval later: still over");

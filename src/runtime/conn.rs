@@ -168,7 +168,7 @@ struct RcptArgs {
 }
 
 /// Milliseconds on a monotonic clock shared by every core (rate limits).
-fn clock_ms() -> u64 {
+pub(crate) fn clock_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }

@@ -51,13 +51,24 @@ impl ConnLimits {
         }
     }
 
-    /// Take a slot for a connection from `ip`, or None when a limit is reached.
-    pub fn acquire(&self, ip: IpAddr, max_per_ip: usize) -> Option<ConnGuard<'_>> {
+    fn slot(&self, ip: IpAddr) -> usize {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
-        let slot = (self.hasher.hash_one(ip) as usize) % SLOTS;
+        (self.hasher.hash_one(ip) as usize) % SLOTS
+    }
+
+    /// Connections open from `ip` now (with any address that shares its slot).
+    pub fn open_from(&self, ip: IpAddr) -> u32 {
+        self.per_ip
+            .get(self.slot(ip))
+            .map_or(0, |s| s.load(Ordering::Relaxed))
+    }
+
+    /// Take a slot for a connection from `ip`, or None when a limit is reached.
+    pub fn acquire(&self, ip: IpAddr, max_per_ip: usize) -> Option<ConnGuard<'_>> {
+        let slot = self.slot(ip);
         let guard = ConnGuard { limits: self, slot };
         let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
         let per_ip = self
@@ -103,7 +114,9 @@ mod tests {
             "total reached"
         );
         assert_eq!(l.open(), 3);
+        assert_eq!(l.open_from(a), 2);
         drop((g1, g2, g3));
+        assert_eq!(l.open_from(a), 0);
         assert_eq!(l.open(), 0);
         assert!(l.acquire(a, 2).is_some());
     }

@@ -21,6 +21,7 @@ pub mod listener;
 mod outbound;
 pub mod queue;
 pub mod transport;
+mod why;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -148,6 +149,10 @@ impl crate::admin::Server for Shared {
 
     fn queue(&self, op: queue::Op) -> Vec<String> {
         self.queue_command(op)
+    }
+
+    fn client(&self, ip: std::net::IpAddr, forget: bool) -> String {
+        why::report(self, ip, forget)
     }
 }
 

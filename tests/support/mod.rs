@@ -241,6 +241,15 @@ impl Server {
             .unwrap()
     }
 
+    /// `ringmx ARGS… --admin ADDR` against this server's admin endpoint.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_ringmx"))
+            .args(args)
+            .args(["--admin", &self.admin.to_string()])
+            .output()
+            .unwrap()
+    }
+
     /// Write `config` as this server's configuration and reload it; the reload must succeed.
     pub fn reconfigure(&self, config: &str) {
         std::fs::write(self.dir.join("ringmx.toml"), config).unwrap();
