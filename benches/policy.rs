@@ -38,7 +38,7 @@ fn benches(c: &mut Criterion) {
     assert!(map.len() >= ENTRIES);
     let maps = RecipientMaps::new(vec![(
         vec!["example.com".into(), "catchall.example".into()],
-        map,
+        Some(map),
     )]);
     for (name, address) in [
         ("lookup_known", "user0512345@example.com"),

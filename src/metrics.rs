@@ -26,9 +26,10 @@ pub enum Reason {
     Listed,
     EarlyTalker,
     UnofferedPipelining,
+    CalloutUnavailable,
 }
 
-const REASONS: [(Reason, &str); 19] = [
+const REASONS: [(Reason, &str); 20] = [
     (Reason::RelayDenied, "relay_denied"),
     (Reason::AuthRequired, "auth_required"),
     (Reason::TooBig, "too_big"),
@@ -48,6 +49,7 @@ const REASONS: [(Reason, &str); 19] = [
     (Reason::Listed, "dnsbl"),
     (Reason::EarlyTalker, "early_talker"),
     (Reason::UnofferedPipelining, "unoffered_pipelining"),
+    (Reason::CalloutUnavailable, "callout_unavailable"),
 ];
 
 /// Upper bounds (seconds) of the session duration histogram.

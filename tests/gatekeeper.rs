@@ -434,3 +434,125 @@ print(s.makefile("rb").readline().decode().rstrip())
         );
     }
 }
+
+/// `[[recipients]] callout = true`: RCPT is verified by a probe to the route's next hop (an
+/// aiosmtpd hop that accepts some recipients, refuses others and answers 451 for some); the
+/// answers are cached (the probes are counted at the hop), survive a restart, and a hop that
+/// is down gives `450 4.1.1` — or, with `unavailable = "accept"`, a 250.
+#[test]
+fn callouts_verify_recipients_at_the_next_hop() {
+    const CLIENT: &str = r#"
+import os, smtplib, sys
+with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=30) as s:
+    s.ehlo("client.test")
+    s.mail("sender@remote.test")
+    for r in sys.argv[1:]:
+        code, text = s.rcpt(r)
+        print(r, code, text.decode())
+"#;
+    for driver in DRIVERS {
+        let dir = support::temp_dir(&format!("callout-hop-{driver}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("rcpts.log");
+        let hop = support::Sink::start(
+            &dir,
+            &[
+                "--reject",
+                "nobody",
+                "--defer",
+                "later",
+                "--rcpt-log",
+                log.to_str().unwrap(),
+            ],
+        );
+        let routes = format!(
+            "[callout]\ntimeout = \"2s\"\n\
+             [[recipients]]\ndomains = [\"example.test\"]\ncallout = true\n\
+             [[route]]\ndomains = [\"example.test\"]\naction = \"relay\"\n\
+             next_hops = [\"127.0.0.1:{}\"]\ntls = \"none\"\n",
+            hop.port
+        );
+        let mut s = Server::start_with(&format!("callout-{driver}"), driver, "", &routes);
+        let rcpt = |s: &Server, rcpts: &[&str]| {
+            let out = support::run_with_stdin(
+                std::process::Command::new("python3")
+                    .args(["-c", CLIENT])
+                    .args(rcpts)
+                    .env("PORT", s.inbound.port().to_string()),
+                b"",
+            );
+            assert!(out.status.success(), "{}", support::stderr(&out));
+            stdout(&out)
+        };
+        let probes = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.strip_prefix("<>\t"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let text = rcpt(
+            &s,
+            &[
+                "alice@example.test",
+                "nobody@example.test",
+                "later@example.test",
+                "Alice@example.test",
+            ],
+        );
+        for want in [
+            "alice@example.test 250",
+            "nobody@example.test 550 5.1.1",
+            "later@example.test 450 4.1.1 Recipient address not verified yet",
+            "Alice@example.test 250",
+        ] {
+            assert!(
+                text.lines().any(|l| l.starts_with(want)),
+                "[{driver}] {want} in {text}"
+            );
+        }
+        // One probe each: the second alice came from the cache.
+        assert_eq!(
+            probes(),
+            [
+                "alice@example.test",
+                "nobody@example.test",
+                "later@example.test"
+            ],
+            "[{driver}]"
+        );
+        // After a crash the answers are still known: no new probes.
+        s.restart();
+        let text = rcpt(&s, &["alice@example.test", "nobody@example.test"]);
+        assert!(text.contains("alice@example.test 250"), "[{driver}] {text}");
+        assert!(
+            text.contains("nobody@example.test 550 5.1.1"),
+            "[{driver}] {text}"
+        );
+        assert_eq!(probes().len(), 3, "[{driver}] {:?}", probes());
+        // The hop goes down: an address not cached is deferred, never refused.
+        drop(hop);
+        let text = rcpt(&s, &["carol@example.test"]);
+        assert!(
+            text.contains("carol@example.test 450 4.1.1"),
+            "[{driver}] {text}"
+        );
+        assert!(
+            s.admin_get("/metrics")
+                .1
+                .contains("reason=\"callout_unavailable\"} 1"),
+            "[{driver}]"
+        );
+        // With unavailable = "accept" the same is taken.
+        drop(s);
+        let s = Server::start_with(
+            &format!("callout-accept-{driver}"),
+            driver,
+            "",
+            &routes.replace("[callout]\n", "[callout]\nunavailable = \"accept\"\n"),
+        );
+        let text = rcpt(&s, &["carol@example.test"]);
+        assert!(text.contains("carol@example.test 250"), "[{driver}] {text}");
+    }
+}

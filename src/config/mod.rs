@@ -693,6 +693,8 @@ struct RawConfig {
     rates: RatesSection,
     #[serde(default)]
     dnsbl: DnsblSection,
+    #[serde(default)]
+    callout: CalloutSection,
     aswl: Option<AswlSection>,
     #[serde(default, rename = "recipients")]
     recipients: Vec<Spanned<RecipientsSection>>,
@@ -702,10 +704,53 @@ struct RawConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RecipientsSection {
-    /// Local domains (patterns as in `[domains] local`) whose recipients must be in `file`.
+    /// Local domains (patterns as in `[domains] local`) whose recipients must be in `file`,
+    /// or verified by a callout.
     pub domains: Vec<String>,
     /// Addresses, `*@domain` and `user@*`, one a line.
-    pub file: PathBuf,
+    pub file: Option<PathBuf>,
+    /// Ask the route's next hop instead of a file (`[callout]`).
+    #[serde(default)]
+    pub callout: bool,
+}
+
+/// `[callout]`: recipient verification against the next hop (`policy::callout`). Read at
+/// startup.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CalloutSection {
+    /// How long a recipient the next hop accepted stays known.
+    pub positive_ttl: Secs,
+    /// How long one it refused (5xx) stays unknown.
+    pub negative_ttl: Secs,
+    /// Addresses cached at most (both kinds together).
+    pub cache_size: usize,
+    /// Each step of a probe: connecting, and every reply.
+    pub timeout: Secs,
+    /// When the next hop cannot answer (down, slow, 4xx): `"defer"` (`450 4.1.1`) or
+    /// `"accept"`.
+    pub unavailable: CalloutUnavailable,
+}
+
+/// `[callout] unavailable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CalloutUnavailable {
+    #[default]
+    Defer,
+    Accept,
+}
+
+impl Default for CalloutSection {
+    fn default() -> Self {
+        CalloutSection {
+            positive_ttl: Secs(Duration::from_secs(7 * 86_400)),
+            negative_ttl: Secs(Duration::from_secs(3 * 3600)),
+            cache_size: 100_000,
+            timeout: Secs(Duration::from_secs(10)),
+            unavailable: CalloutUnavailable::Defer,
+        }
+    }
 }
 
 /// A binding ready to serve: its section plus the SMTP settings derived from it.
@@ -747,6 +792,7 @@ pub struct Config {
     pub dns: DnsSection,
     pub rates: RatesSection,
     pub dnsbl: DnsblSection,
+    pub callout: CalloutSection,
     /// `[dnsbl] lists`, parsed.
     pub dns_lists: Vec<crate::dnslist::List>,
     /// The whitelist settings, compiled; `None` when `[aswl]` is absent or disabled.
@@ -1242,6 +1288,14 @@ impl Config {
                     "list the local domains whose recipients the file holds".into(),
                 ));
             }
+            if sec.file.is_some() == sec.callout {
+                return Err(err(
+                    key_line(source, "file", r.span().start).or(line),
+                    &format!("recipients[{i}].file"),
+                    "give either file (the known addresses) or callout = true (ask the next hop)"
+                        .into(),
+                ));
+            }
             for d in &mut sec.domains {
                 *d = canonical_pattern(d);
                 if !domains.contains(d) {
@@ -1316,6 +1370,32 @@ impl Config {
                 "between 100ms and 30s".into(),
             ));
         }
+        let c = &raw.callout;
+        let at = source.find("[callout]").unwrap_or(0);
+        let callout_error = |k: &str, problem: &str| {
+            err(
+                key_line(source, k, at),
+                &format!("callout.{k}"),
+                problem.into(),
+            )
+        };
+        if c.timeout.0 < Duration::from_millis(100) || c.timeout.0 > Duration::from_secs(60) {
+            return Err(callout_error("timeout", "between 100ms and 60s"));
+        }
+        if c.cache_size == 0 || c.cache_size > 10_000_000 {
+            return Err(callout_error(
+                "cache_size",
+                "between 1 and 10000000 addresses",
+            ));
+        }
+        if c.positive_ttl.0.is_zero() || c.negative_ttl.0.is_zero() {
+            let k = if c.positive_ttl.0.is_zero() {
+                "positive_ttl"
+            } else {
+                "negative_ttl"
+            };
+            return Err(callout_error(k, "must be longer than 0s"));
+        }
         if raw.rates.table_size == 0 || raw.rates.table_size > 1 << 26 {
             let at = source.find("[rates]").unwrap_or(0);
             return Err(err(
@@ -1356,6 +1436,7 @@ impl Config {
             dns: raw.dns,
             rates: raw.rates,
             dnsbl: raw.dnsbl,
+            callout: raw.callout,
             dns_lists,
         };
         config.load_route_files(file)?;

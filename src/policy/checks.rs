@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
+use super::callout::{Callout, Callouts};
 use super::pipeline::{Check, Decision, Mark, Pipeline, Refusal, Request, Stage};
 use super::rates::{Event, Rates};
-use super::recipients::{Lookup, RecipientMaps};
+use super::recipients::{Lookup, RecipientMaps, UnknownRecipient};
 use crate::aswl::Aswl;
 use crate::config::{AuthMode, Binding, Config, Direction};
 use crate::metrics::Reason;
@@ -24,6 +25,8 @@ pub struct Sources<'a> {
     pub rates: Option<&'a Arc<Rates>>,
     /// The DNS lists (`None` when `[dnsbl]` lists none).
     pub dnsbl: Option<&'a Arc<super::dnsbl::DnsLists>>,
+    /// The callout cache (`None` in tests without one).
+    pub callouts: Option<&'a Arc<Callouts>>,
 }
 
 /// The pipeline of a binding:
@@ -32,7 +35,7 @@ pub struct Sources<'a> {
 /// |---------|------------------|
 /// | connect | `client_access` (`clients_deny`, `clients_allow`), `connection_rate` (`[rates]`), `dnsbl` (inbound, `[dnsbl]`) |
 /// | mail    | `auth_required` (`auth = "required"`), `message_rate` |
-/// | rcpt    | `relay_rights`, `known_recipients` (inbound, `[[recipients]]`; with the unknown-recipient rate), `recipient_rate`, `whitelist` (inbound, `[aswl]`) |
+/// | rcpt    | `relay_rights`, `known_recipients` (inbound, `[[recipients]]`; with the unknown-recipient rate), `callout` (inbound, `[[recipients]] callout = true`), `recipient_rate`, `whitelist` (inbound, `[aswl]`) |
 /// | data    | `header_size`, `hop_limit` |
 pub fn for_binding(s: Sources<'_>) -> Pipeline {
     let b = s.binding;
@@ -69,14 +72,27 @@ pub fn for_binding(s: Sources<'_>) -> Pipeline {
     }));
     let inbound = b.section.direction == Direction::Inbound;
     if inbound && !s.recipients.is_empty() {
-        checks.push(Arc::new(KnownRecipients {
-            maps: s.recipients.clone(),
+        let unknown = UnknownRecipient {
             max_unknown: b.limits.max_unknown_recipients,
             rates: s
                 .rates
                 .filter(|r| r.limits(Event::UnknownRecipient))
                 .cloned(),
+        };
+        checks.push(Arc::new(KnownRecipients {
+            maps: s.recipients.clone(),
+            unknown: unknown.clone(),
         }));
+        if let Some(c) = s.callouts
+            && s.recipients.has_callouts()
+        {
+            checks.push(Arc::new(Callout {
+                callouts: c.clone(),
+                maps: s.recipients.clone(),
+                config: s.config.clone(),
+                unknown,
+            }));
+        }
     }
     if let Some(c) = rate(Event::Recipient) {
         checks.push(Arc::new(c));
@@ -191,9 +207,7 @@ impl Check for RelayRights {
 #[derive(Debug)]
 pub struct KnownRecipients {
     pub maps: Arc<RecipientMaps>,
-    pub max_unknown: usize,
-    /// `[rates] unknown_recipients_per_minute`, across sessions.
-    pub rates: Option<Arc<Rates>>,
+    pub unknown: UnknownRecipient,
 }
 
 impl Check for KnownRecipients {
@@ -207,21 +221,7 @@ impl Check for KnownRecipients {
         if self.maps.lookup(r.rcpt) != Lookup::Unknown {
             return Decision::Continue;
         }
-        let mut refusal = Refusal::new(
-            &reply::UNKNOWN_RECIPIENT,
-            Reason::UnknownRecipient,
-            "refused: unknown recipient",
-        );
-        if let Some(rates) = &self.rates
-            && !rates.take(Event::UnknownRecipient, r.ip, r.clock_ms)
-        {
-            refusal.close = Some((&reply::RATE_UNKNOWN, Reason::RateLimited));
-            return Decision::Reject(refusal);
-        }
-        if r.unknown_rcpts + 1 >= self.max_unknown {
-            refusal.close = Some((&reply::TOO_MANY_UNKNOWN, Reason::Harvest));
-        }
-        Decision::Reject(refusal)
+        self.unknown.refuse(r.ip, r.clock_ms, r.unknown_rcpts)
     }
 }
 
@@ -386,7 +386,10 @@ folder = "/tmp/x"
 
     fn pipeline_of(c: &Arc<Config>, binding: &Binding, known: &str) -> Pipeline {
         let map = super::super::recipients::RecipientMap::parse(known).unwrap();
-        let maps = Arc::new(RecipientMaps::new(vec![(vec!["example.test".into()], map)]));
+        let maps = Arc::new(RecipientMaps::new(vec![(
+            vec!["example.test".into()],
+            Some(map),
+        )]));
         for_binding(Sources {
             config: c,
             binding,
@@ -394,6 +397,7 @@ folder = "/tmp/x"
             aswl: None,
             rates: None,
             dnsbl: None,
+            callouts: None,
         })
     }
 
@@ -580,7 +584,10 @@ folder = "/tmp/x"
         };
         let rates = Arc::new(Rates::new(&rs).unwrap());
         let map = super::super::recipients::RecipientMap::parse("alice@example.test\n").unwrap();
-        let maps = Arc::new(RecipientMaps::new(vec![(vec!["example.test".into()], map)]));
+        let maps = Arc::new(RecipientMaps::new(vec![(
+            vec!["example.test".into()],
+            Some(map),
+        )]));
         let p = for_binding(Sources {
             config: &c,
             binding: &c.bindings[0],
@@ -588,6 +595,7 @@ folder = "/tmp/x"
             aswl: None,
             rates: Some(&rates),
             dnsbl: None,
+            callouts: None,
         });
         assert_eq!(
             p.names(Stage::Connect),

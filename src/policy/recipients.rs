@@ -9,9 +9,46 @@
 //! lower-cased copy.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 
 use foldhash::fast::RandomState;
+
+use super::pipeline::{Decision, Refusal};
+use super::rates::{Event, Rates};
+use crate::metrics::Reason;
+use crate::proto::reply;
+
+/// How an unknown recipient is refused, whoever found it unknown (a map or a callout):
+/// `550 5.1.1`; with the client's network over `[rates] unknown_recipients_per_minute`, or
+/// its session at `max_unknown_recipients` (a directory harvest), also `421 4.7.0` and close.
+#[derive(Debug, Clone)]
+pub struct UnknownRecipient {
+    pub max_unknown: usize,
+    /// `[rates] unknown_recipients_per_minute`, across sessions.
+    pub rates: Option<Arc<Rates>>,
+}
+
+impl UnknownRecipient {
+    /// The refusal of one more unknown recipient from `ip` (`clock_ms` for the rate), after
+    /// `so_far` in this session.
+    pub fn refuse(&self, ip: IpAddr, clock_ms: u64, so_far: usize) -> Decision {
+        let mut refusal = Refusal::new(
+            &reply::UNKNOWN_RECIPIENT,
+            Reason::UnknownRecipient,
+            "refused: unknown recipient",
+        );
+        if let Some(rates) = &self.rates
+            && !rates.take(Event::UnknownRecipient, ip, clock_ms)
+        {
+            refusal.close = Some((&reply::RATE_UNKNOWN, Reason::RateLimited));
+        } else if so_far + 1 >= self.max_unknown {
+            refusal.close = Some((&reply::TOO_MANY_UNKNOWN, Reason::Harvest));
+        }
+        Decision::Reject(refusal)
+    }
+}
 
 /// The addresses of one `[[recipients]]` file.
 #[derive(Debug, Default, Clone)]
@@ -144,10 +181,11 @@ impl RecipientMap {
     }
 }
 
-/// Every `[[recipients]]` section: which local domains each map covers.
+/// Every `[[recipients]]` section: which local domains each map covers (`None`: verified by a
+/// callout to the next hop).
 #[derive(Debug, Default, Clone)]
 pub struct RecipientMaps {
-    maps: Vec<(Vec<String>, RecipientMap)>,
+    maps: Vec<(Vec<String>, Option<RecipientMap>)>,
 }
 
 /// What RCPT validation says of one recipient.
@@ -157,11 +195,14 @@ pub enum Lookup {
     Unchecked,
     Known,
     Unknown,
+    /// Its domain is verified by asking the next hop (`policy::callout`).
+    Callout,
 }
 
 impl RecipientMaps {
-    /// Maps with the domain patterns they cover (as in `[domains] local`).
-    pub fn new(maps: Vec<(Vec<String>, RecipientMap)>) -> RecipientMaps {
+    /// Maps with the domain patterns they cover (as in `[domains] local`); `None` for domains
+    /// verified by callout.
+    pub fn new(maps: Vec<(Vec<String>, Option<RecipientMap>)>) -> RecipientMaps {
         RecipientMaps { maps }
     }
 
@@ -176,13 +217,19 @@ impl RecipientMaps {
             .find(|(patterns, _)| crate::domain::domain_matches(patterns, domain))
         {
             None => Lookup::Unchecked,
-            Some((_, m)) if m.knows(address) => Lookup::Known,
+            Some((_, None)) => Lookup::Callout,
+            Some((_, Some(m))) if m.knows(address) => Lookup::Known,
             Some(_) => Lookup::Unknown,
         }
     }
 
     pub fn is_empty(&self) -> bool {
         self.maps.is_empty()
+    }
+
+    /// Whether some domains are verified by callout.
+    pub fn has_callouts(&self) -> bool {
+        self.maps.iter().any(|(_, m)| m.is_none())
     }
 }
 
@@ -236,10 +283,14 @@ mod tests {
 
     #[test]
     fn maps_cover_their_domains_only() {
-        let maps = RecipientMaps::new(vec![(
-            vec!["example.com".into(), "*.example.com".into()],
-            RecipientMap::parse("alice@example.com\nbob@eu.example.com\n").unwrap(),
-        )]);
+        let maps = RecipientMaps::new(vec![
+            (
+                vec!["example.com".into(), "*.example.com".into()],
+                Some(RecipientMap::parse("alice@example.com\nbob@eu.example.com\n").unwrap()),
+            ),
+            (vec!["callout.example".into()], None),
+        ]);
+        assert_eq!(maps.lookup("anyone@callout.example"), Lookup::Callout);
         assert_eq!(maps.lookup("alice@example.com"), Lookup::Known);
         assert_eq!(maps.lookup("bob@EU.example.com"), Lookup::Known);
         assert_eq!(maps.lookup("carol@example.com"), Lookup::Unknown);

@@ -186,7 +186,13 @@ pub static TOO_MANY_RECIPIENTS: Reply = Reply::new(452, "4.5.3", "Too many recip
 pub static MESSAGE_TOO_BIG: Reply = Reply::new(552, "5.3.4", "Message size exceeds fixed limit");
 /// A client network the binding's access lists refuse (sent instead of the greeting).
 pub static ACCESS_DENIED: Reply = Reply::new(554, "5.7.1", "Access denied, closing connection");
-/// RCPT for a local recipient not in `[[recipients]]`.
+/// A recipient the next hop could not confirm yet (callout unavailable): try later.
+pub static RECIPIENT_UNVERIFIED: Reply = Reply::new(
+    450,
+    "4.1.1",
+    "Recipient address not verified yet, try again later",
+);
+/// RCPT for a local recipient not in `[[recipients]]` (or refused by the next hop).
 pub static UNKNOWN_RECIPIENT: Reply =
     Reply::new(550, "5.1.1", "Recipient address rejected: user unknown");
 /// After `max_unknown_recipients` (directory harvest).

@@ -6,6 +6,7 @@ pub mod client;
 pub mod dns;
 pub mod dsn;
 pub mod failure;
+pub mod probe;
 pub mod reply;
 pub mod tls;
 

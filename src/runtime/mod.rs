@@ -114,6 +114,8 @@ pub struct Shared {
     pub rates: Option<Arc<crate::policy::rates::Rates>>,
     /// `[dnsbl]` as of startup (its cache is shared by every core).
     pub dnsbl: Option<Arc<crate::policy::dnsbl::DnsLists>>,
+    /// Callout answers (`[callout]` as of startup), kept over reloads and restarts.
+    pub callouts: Arc<crate::policy::callout::Callouts>,
     /// What the greeting test learnt about client addresses (bindings with `greet_delay`).
     pub greet: crate::policy::greet::Memory,
     /// Policy checks that deferred (DNS, callouts, signatures): their own threads and queue.
@@ -307,6 +309,7 @@ fn binding_rt(shared: &Shared, live: &Live, listen: SocketAddr) -> Option<Bindin
             aswl: shared.aswl.as_ref(),
             rates: shared.rates.as_ref(),
             dnsbl: shared.dnsbl.as_ref(),
+            callouts: Some(&shared.callouts),
         }),
         open: shared.open_counter(listen),
         b,
@@ -349,8 +352,12 @@ pub fn load_recipients(
     use crate::policy::recipients::{RecipientMap, RecipientMaps};
     let mut maps = Vec::new();
     for (i, r) in config.recipients.iter().enumerate() {
-        let m = RecipientMap::load(&r.file)
-            .map_err(|e| RunError::Io(format!("recipients[{i}].file"), std::io::Error::other(e)))?;
+        let m = match &r.file {
+            Some(f) => Some(RecipientMap::load(f).map_err(|e| {
+                RunError::Io(format!("recipients[{i}].file"), std::io::Error::other(e))
+            })?),
+            None => None,
+        };
         maps.push((r.domains.clone(), m));
     }
     Ok(RecipientMaps::new(maps))
@@ -538,6 +545,11 @@ pub fn run(
         dnsbl: dns_lists(&config),
         rates: crate::policy::rates::Rates::new(&config.rates).map(Arc::new),
         greet: crate::policy::greet::Memory::new(GREET_CELLS),
+        callouts: Arc::new(crate::policy::callout::Callouts::open(
+            &config.callout,
+            Some(&config.server.data_dir),
+            u64::from(crate::aswl::unix_now()),
+        )),
         policy_workers: crate::workers::Workers::new("policy", POLICY_THREADS, POLICY_QUEUE)
             .map_err(|e| RunError::Io("spawning the policy threads".into(), e))?,
         verifier: crate::auth::Verifier::new(config.auth.verify_threads, config.auth.max_pending)

@@ -4,6 +4,8 @@ Every accepted message is appended to --out as one JSON line: sender, recipients
 whether the session used TLS, and the raw message. Behaviour switches:
   --tempfail N    the first N transactions get "451 4.3.0" at end of data
   --reject WORD   recipients containing WORD get "550 5.1.1"
+  --defer WORD    recipients containing WORD get "451 4.3.0"
+  --rcpt-log FILE every RCPT appended as "sender<TAB>recipient" (callout probes: "<>")
   --tls CERT KEY  offer STARTTLS;  --require-tls  refuse MAIL before it
   --auth USER:PASS  offer AUTH (over TLS) and require it
 Prints "ready" once listening; runs until SIGTERM.
@@ -17,6 +19,8 @@ p.add_argument("--port", type=int, required=True)
 p.add_argument("--out", required=True)
 p.add_argument("--tempfail", type=int, default=0)
 p.add_argument("--reject", default=None)
+p.add_argument("--defer", default=None)
+p.add_argument("--rcpt-log", default=None)
 p.add_argument("--tls", nargs=2, default=None)
 p.add_argument("--require-tls", action="store_true")
 p.add_argument("--auth", default=None)
@@ -28,6 +32,11 @@ state = {"tempfail": a.tempfail}
 
 class Handler:
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if a.rcpt_log:
+            with lock, open(a.rcpt_log, "a") as f:
+                f.write("%s\t%s\n" % (envelope.mail_from or "", address))
+        if a.defer and a.defer in address:
+            return "451 4.3.0 <%s>: try again later" % address
         if a.reject and a.reject in address:
             return "550 5.1.1 <%s>: no such user here" % address
         envelope.rcpt_tos.append(address)
