@@ -648,3 +648,83 @@ fn redis_entries_expire_with_the_lifetime() {
     });
     assert_eq!(records(&c), 0);
 }
+
+/// `[rates] fleet = true`: two nodes count one client network's connections together through
+/// one `redis-server`; the node that did not see the first ones refuses once the fleet's count
+/// reaches the limit. With Redis gone, each node's own limit still holds.
+#[test]
+fn fleet_wide_rate_limits() {
+    const CONNECT: &str = r#"
+import os, smtplib, sys, time
+src, n = sys.argv[1], int(sys.argv[2])
+for _ in range(n):
+    try:
+        with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=(src, 0), timeout=10) as s:
+            print(s.noop()[0])
+    except smtplib.SMTPConnectError as e:
+        print(e.smtp_code)
+"#;
+    let connect = |s: &Server, src: &str, n: usize| -> Vec<String> {
+        let out = run_with_stdin(
+            Command::new("python3")
+                .args(["-c", CONNECT, src, &n.to_string()])
+                .env("PORT", s.inbound.port().to_string()),
+            b"",
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out).lines().map(str::to_string).collect()
+    };
+    // The fleet counts per Unix minute: keep the test inside one.
+    let second = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        % 60;
+    if second > 40 {
+        std::thread::sleep(Duration::from_secs(61 - second));
+    }
+    let mut redis = Redis::start("fleet-redis");
+    let node = |name: &str| {
+        Server::start_with(
+            name,
+            "auto",
+            "",
+            &format!(
+                "[rates]\nconnections_per_minute = 4\nburst_percent = 100\nfleet = true\n\
+                 [aswl]\n[aswl.replication]\nnode_id = \"{name}\"\nurls = [\"{}\"]\n\
+                 prefix = \"fleet:\"\n",
+                redis.url()
+            ),
+        )
+    };
+    let a = node("fleet-a");
+    let b = node("fleet-b");
+    let fleet_count = |redis: &Redis| -> u64 {
+        let keys = redis.cli(&["--raw", "KEYS", "fleet:rate:0:127.0.0.2:*"]);
+        keys.lines().next().map_or(0, |k| {
+            redis.cli(&["--raw", "GET", k]).trim().parse().unwrap_or(0)
+        })
+    };
+    assert_eq!(connect(&a, "127.0.0.2", 4), ["250", "250", "250", "250"]);
+    wait_until(Duration::from_secs(10), "node a's count in Redis", || {
+        fleet_count(&redis) == 4
+    });
+    // Node b has its own allowance of 4, but the fleet has used it: its first connection
+    // tells it so, and the next is refused.
+    assert_eq!(connect(&b, "127.0.0.2", 1), ["250"]);
+    wait_until(Duration::from_secs(10), "node b's count in Redis", || {
+        fleet_count(&redis) == 5
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(connect(&b, "127.0.0.2", 1), ["421"]);
+    let why = stdout(&b.cli(&["why", "127.0.0.2"]));
+    assert!(why.contains("5 fleet-wide this minute"), "{why}");
+    // Redis gone: the local limit is the fallback, and nobody waits for Redis.
+    redis.stop();
+    let started = Instant::now();
+    assert_eq!(
+        connect(&b, "127.0.0.3", 5),
+        ["250", "250", "250", "250", "421"]
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}

@@ -195,6 +195,9 @@ pub struct RatesSection {
     pub exempt: Vec<Cidr>,
     /// Cells per limit (8 bytes each, shared by all cores; rounded up to a power of two).
     pub table_size: usize,
+    /// Count through the Redis of `[aswl.replication]` too: one limit per network for the
+    /// whole fleet, each host's own limit as the fallback.
+    pub fleet: bool,
 }
 
 impl Default for RatesSection {
@@ -209,6 +212,7 @@ impl Default for RatesSection {
             ipv6_prefix: 64,
             exempt: Vec::new(),
             table_size: 1 << 16,
+            fleet: false,
         }
     }
 }
@@ -1402,6 +1406,14 @@ impl Config {
                 key_line(source, "table_size", at),
                 "rates.table_size",
                 "between 1 and 67108864 cells".into(),
+            ));
+        }
+        if raw.rates.fleet && replication.is_none() {
+            let at = source.find("[rates]").unwrap_or(0);
+            return Err(err(
+                key_line(source, "fleet", at),
+                "rates.fleet",
+                "fleet-wide limits count through Redis: configure [aswl.replication]".into(),
             ));
         }
         let mut dns_lists = Vec::new();

@@ -355,6 +355,16 @@ fn configuration_traps_are_errors() {
             Some(2),
         ),
         (
+            format!("[rates]\nfleet = true\n{MINIMAL}"),
+            "rates.fleet",
+            Some(2),
+        ),
+        (
+            format!("{MINIMAL}\n[[recipients]]\ndomains = [\"example.test\"]\n"),
+            "recipients[0].file",
+            Some(16),
+        ),
+        (
             MINIMAL.replace(
                 "direction = \"inbound\"",
                 "direction = \"inbound\"\ngreet_delay = \"2m\"",

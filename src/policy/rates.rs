@@ -12,9 +12,11 @@
 //! networks is still limited as long as its cell survives.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::config::RatesSection;
+use crate::replication::fleet::{Fleet, Net};
 use crate::units::{Cidr, any_contains};
 
 const TAG_BITS: u32 = 16;
@@ -114,6 +116,9 @@ pub struct Rates {
     exempt: Vec<Cidr>,
     /// SipHash keyed per process: nobody outside can aim two networks at one cell.
     hasher: std::collections::hash_map::RandomState,
+    /// Fleet-wide counts (`fleet = true`), with each limit's allowance a minute.
+    fleet: Option<Arc<Fleet>>,
+    per_minute: [u32; 4],
 }
 
 impl Rates {
@@ -138,6 +143,13 @@ impl Rates {
             ipv6_prefix: s.ipv6_prefix.min(128),
             exempt: s.exempt.clone(),
             hasher: std::collections::hash_map::RandomState::new(),
+            fleet: None,
+            per_minute: [
+                s.connections_per_minute,
+                s.messages_per_minute,
+                s.recipients_per_minute,
+                s.unknown_recipients_per_minute,
+            ],
         };
         (r.connections.is_some()
             || r.messages.is_some()
@@ -160,7 +172,14 @@ impl Rates {
         self.limit(e).is_some()
     }
 
-    /// Count an event from `ip` at `now_ms`; `false` when its network is over the limit.
+    /// Count events through the fleet too (see `replication::fleet`).
+    pub fn with_fleet(mut self, fleet: Arc<Fleet>) -> Rates {
+        self.fleet = Some(fleet);
+        self
+    }
+
+    /// Count an event from `ip` at `now_ms`; `false` when its network is over the limit —
+    /// this host's, or with a fleet the fleet's count this minute as last heard from Redis.
     /// Exempt networks and unlimited events always pass.
     pub fn take(&self, e: Event, ip: IpAddr, now_ms: u64) -> bool {
         let Some(l) = self.limit(e) else {
@@ -169,7 +188,27 @@ impl Rates {
         if any_contains(&self.exempt, ip) {
             return true;
         }
-        l.take(self.network_hash(ip), now_ms)
+        if !l.take(self.network_hash(ip), now_ms) {
+            return false;
+        }
+        if let Some(f) = &self.fleet {
+            let (kind, net) = (e as u8, self.network(ip));
+            if f.total(kind, net) >= self.allowance(e) {
+                return false;
+            }
+            f.count(kind, net);
+        }
+        true
+    }
+
+    fn allowance(&self, e: Event) -> u32 {
+        self.per_minute.get(e as usize).copied().unwrap_or(0)
+    }
+
+    /// The fleet's count of `e` for `ip`'s network this minute (`None` without a fleet).
+    pub fn fleet_total(&self, e: Event, ip: IpAddr) -> Option<u32> {
+        let f = self.fleet.as_ref()?;
+        Some(f.total(e as u8, self.network(ip)))
     }
 
     /// For `ringmx why`: `None` when `e` is not limited, else whether `ip` is exempt, the
@@ -180,13 +219,20 @@ impl Rates {
         Some((any_contains(&self.exempt, ip), used, burst))
     }
 
-    /// A keyed hash of the client's network (IPv4-mapped IPv6 counts as IPv4).
+    /// A keyed hash of the client's network.
     fn network_hash(&self, ip: IpAddr) -> u64 {
+        use std::hash::BuildHasher;
+        let n = self.network(ip);
+        self.hasher.hash_one((u64::from(n.family), n.bits))
+    }
+
+    /// The client's network: masked to its prefix (IPv4-mapped IPv6 counts as IPv4).
+    fn network(&self, ip: IpAddr) -> Net {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
             v4 => v4,
         };
-        let (bits, prefix, family): (u128, u8, u64) = match ip {
+        let (bits, prefix, family): (u128, u8, u8) = match ip {
             IpAddr::V4(a) => (u128::from(u32::from(a)) << 96, self.ipv4_prefix, 4),
             IpAddr::V6(a) => (u128::from(a), self.ipv6_prefix, 6),
         };
@@ -195,8 +241,10 @@ impl Rates {
         } else {
             u128::MAX << (128 - u32::from(prefix))
         };
-        use std::hash::BuildHasher;
-        self.hasher.hash_one((family, bits & mask))
+        Net {
+            family,
+            bits: bits & mask,
+        }
     }
 }
 
@@ -219,6 +267,7 @@ mod tests {
             ipv6_prefix: 64,
             exempt: vec![Cidr::parse("192.0.2.0/24").unwrap()],
             table_size: 1024,
+            fleet: false,
         }
     }
 

@@ -39,6 +39,7 @@
 //! id, then load every set member and tombstone (`ZSCAN`, `HGETALL`), then follow the stream
 //! from that id — whatever was published during the load is read again, harmlessly.
 
+pub mod fleet;
 pub mod outbox;
 mod redis_io;
 

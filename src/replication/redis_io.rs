@@ -181,7 +181,7 @@ impl Conn {
     }
 
     /// Run independent single-slot commands concurrently.
-    async fn all(&self, cmds: Vec<Cmd>) -> RedisResult<Vec<Value>> {
+    pub(super) async fn all(&self, cmds: Vec<Cmd>) -> RedisResult<Vec<Value>> {
         try_join_all(cmds.into_iter().map(|cmd| {
             let mut c = self.clone();
             async move { cmd.query_async::<Value>(&mut c).await }

@@ -511,6 +511,16 @@ pub fn run(
         None => None,
     };
     let (control_tx, control_rx) = mpsc::channel();
+    // `[rates] fleet`: counts go through the Redis of `[aswl.replication]` too.
+    let fleet = match (&config.replication, config.rates.fleet) {
+        (Some(r), true) => {
+            let f = Arc::new(crate::replication::fleet::Fleet::new());
+            let h = crate::replication::fleet::start(r.clone(), f.clone())
+                .map_err(|e| RunError::Io("spawning the fleet rates thread".into(), e))?;
+            Some((f, h))
+        }
+        _ => None,
+    };
     let shared = Arc::new(Shared {
         aswl,
         queue_commands: cpus.iter().map(|_| Inbox::new()).collect(),
@@ -543,7 +553,12 @@ pub fn run(
             config.spool.max_staging.0,
         )),
         dnsbl: dns_lists(&config),
-        rates: crate::policy::rates::Rates::new(&config.rates).map(Arc::new),
+        rates: crate::policy::rates::Rates::new(&config.rates)
+            .map(|r| match &fleet {
+                Some((f, _)) => r.with_fleet(f.clone()),
+                None => r,
+            })
+            .map(Arc::new),
         greet: crate::policy::greet::Memory::new(GREET_CELLS),
         callouts: Arc::new(crate::policy::callout::Callouts::open(
             &config.callout,
@@ -652,6 +667,9 @@ pub fn run(
     // After the cores: what they collected is in the outbox before the state says "clean".
     if let Some(r) = replication {
         r.stop();
+    }
+    if let Some((_, h)) = fleet {
+        h.stop();
     }
     if let (Some(a), Some(_)) = (&shared.aswl, &shared.live().config.aswl) {
         // A clean stop leaves a snapshot, so the next start replays no logs.

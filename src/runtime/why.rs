@@ -81,7 +81,12 @@ pub(crate) fn report(shared: &Shared, ip: IpAddr, forget: bool) -> String {
             None => "not limited".to_string(),
             Some((true, _, _)) => "exempt".to_string(),
             Some((false, used, burst)) => {
-                format!("{used} counted now, {burst} at once allowed")
+                let fleet = shared
+                    .rates
+                    .as_ref()
+                    .and_then(|r| r.fleet_total(event, ip))
+                    .map_or(String::new(), |n| format!(", {n} fleet-wide this minute"));
+                format!("{used} counted now, {burst} at once allowed{fleet}")
             }
         };
         let _ = writeln!(o, "rate {name}: {line}");
