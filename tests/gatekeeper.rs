@@ -262,7 +262,15 @@ for _ in range(5):
 /// list's negative weight, a pattern that does not match, and no listing let clients in.
 #[test]
 fn dns_block_and_allow_lists() {
+    // A list whose server never answers: dnsmasq forwards slow.test to a UDP socket nobody
+    // reads. It counts as "not listed" after [dnsbl] timeout.
+    let blackhole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let slow = format!(
+        "--server=/slow.test/127.0.0.1#{}",
+        blackhole.local_addr().unwrap().port()
+    );
     let dns = support::Dnsmasq::start(&[
+        &slow,
         "--local-ttl=300",
         "--local=/zen.test/",
         "--local=/wl.test/",
@@ -285,8 +293,8 @@ fn dns_block_and_allow_lists() {
             driver,
             "",
             &format!(
-                "[dns]\nservers = [\"127.0.0.1:{}\"]\n[dnsbl]\nthreshold = 2\n\
-                 lists = [\"zen.test*2\", \"wl.test*-5\", \"bl.test=127.0.0.[2..11]*3\"]\n",
+                "[dns]\nservers = [\"127.0.0.1:{}\"]\n[dnsbl]\nthreshold = 2\ntimeout = \"500ms\"\n\
+                 lists = [\"zen.test*2\", \"wl.test*-5\", \"bl.test=127.0.0.[2..11]*3\", \"slow.test*9\"]\n",
                 dns.port
             ),
         );
