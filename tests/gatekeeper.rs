@@ -361,6 +361,7 @@ s, f = raw("127.0.0.8")
 print("helo", line(f), line(f))
 s.sendall(b"HELO pipe.test\r\nMAIL FROM:<a@remote.test>\r\n")
 print("pipelined", line(f), "|", line(f))
+print("pipelined closed", f.read() == b"")
 s, f = raw("127.0.0.8")
 print("pipelined again", line(f))
 "#;
@@ -390,6 +391,7 @@ print("pipelined again", line(f))
             "smtplib {}".into(),
             "helo 220-edge.test ESMTP hello 220 edge.test ESMTP hello".into(),
             "pipelined 250 edge.test | 554 5.5.0 Commands sent before their replies without PIPELINING, closing connection".into(),
+            "pipelined closed True".into(),
             format!("pipelined again {refused}"),
         ] {
             assert!(text.lines().any(|l| l == want), "[{driver}] {want:?} in {text}");

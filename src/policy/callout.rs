@@ -9,11 +9,13 @@
 //! "accept"`, the recipient is taken). The cache is bounded (`cache_size`; when full, expired
 //! entries go, then an eighth of the rest) and survives restarts: each answer is appended to
 //! a file in the data directory, read back (and compacted) at startup. Probes run on the
-//! policy workers; a full worker queue is "unavailable".
+//! policy workers, at most [`MAX_PROBES`] at once; beyond that, or with a full worker queue,
+//! the answer is "unavailable".
 
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,8 +37,23 @@ pub struct Callouts {
     /// address (lower case) → (exists, expires at, Unix seconds)
     cache: Mutex<HashMap<String, (bool, u64)>>,
     file: Option<PathBuf>,
-    /// Lines in the file (compacted when it holds twice `cache_size`).
+    /// Lines in the file (compacted when it holds twice `cache_size`); held while the file
+    /// is written.
     lines: Mutex<usize>,
+    /// Probes running now (at most [`MAX_PROBES`]).
+    probing: Arc<AtomicUsize>,
+}
+
+/// Probes at once, so callouts never take every policy worker (DNS lists need them too).
+pub const MAX_PROBES: usize = 2;
+
+/// One running probe; gives its slot back when dropped (also when its job never ran).
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Callouts {
@@ -66,6 +83,7 @@ impl Callouts {
             cache: Mutex::new(cache),
             file,
             lines: Mutex::new(0),
+            probing: Arc::new(AtomicUsize::new(0)),
         };
         c.evict_if_full(now);
         if had_file {
@@ -112,8 +130,7 @@ impl Callouts {
         };
         let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
         if *lines >= self.settings.cache_size.saturating_mul(2) {
-            drop(lines);
-            self.rewrite();
+            *lines = self.rewrite_locked();
             return;
         }
         let line = format!("{key}\t{}\t{expires}\n", if exists { '+' } else { '-' });
@@ -149,22 +166,40 @@ impl Callouts {
 
     /// Write the whole cache to the file (a temporary file renamed over it).
     fn rewrite(&self) {
+        let mut lines = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        *lines = self.rewrite_locked();
+    }
+
+    /// [`Callouts::rewrite`] with the `lines` lock held (one writer at a time); the lines now
+    /// in the file.
+    fn rewrite_locked(&self) -> usize {
         let Some(file) = &self.file else {
-            return;
+            return 0;
         };
-        let mut text = String::new();
-        let n = {
-            let m = self.lock();
-            for (a, (known, exp)) in m.iter() {
-                text.push_str(&format!("{a}\t{}\t{exp}\n", if *known { '+' } else { '-' }));
-            }
-            m.len()
-        };
+        let snapshot: Vec<(String, bool, u64)> = self
+            .lock()
+            .iter()
+            .map(|(a, (known, exp))| (a.clone(), *known, *exp))
+            .collect();
+        let mut text = String::with_capacity(snapshot.len() * 40);
+        for (a, known, exp) in &snapshot {
+            text.push_str(&format!("{a}\t{}\t{exp}\n", if *known { '+' } else { '-' }));
+        }
         let tmp = file.with_extension("tmp");
         match std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, file)) {
-            Ok(()) => *self.lines.lock().unwrap_or_else(|p| p.into_inner()) = n,
-            Err(e) => tracing::warn!(file = %file.display(), error = %e, "callout cache not saved"),
+            Ok(()) => snapshot.len(),
+            Err(e) => {
+                tracing::warn!(file = %file.display(), error = %e, "callout cache not saved");
+                0
+            }
         }
+    }
+
+    /// A probe slot, or `None` when [`MAX_PROBES`] are running.
+    fn slot(&self) -> Option<Slot> {
+        let n = self.probing.fetch_add(1, Ordering::Relaxed);
+        let slot = Slot(self.probing.clone());
+        (n < MAX_PROBES).then_some(slot)
     }
 
     /// The answer when the hop cannot give one.
@@ -244,12 +279,20 @@ impl Check for Callout {
             );
             return self.callouts.unavailable();
         }
+        let Some(slot) = self.callouts.slot() else {
+            tracing::warn!(
+                rcpt = r.rcpt,
+                "callout: {MAX_PROBES} probes running already"
+            );
+            return self.callouts.unavailable();
+        };
         let unknown = self.unknown.clone();
         let (ip, clock_ms, so_far) = (r.ip, r.clock_ms, r.unknown_rcpts);
         let callouts = self.callouts.clone();
         let address = r.rcpt.to_string();
         let ehlo = self.config.server.hostname.clone();
         Decision::Defer(Box::new(move || {
+            let _slot = slot;
             let step = callouts.settings.timeout.0;
             match probe(&hops, &ehlo, &address, step) {
                 Verdict::Exists => {

@@ -35,7 +35,7 @@ pub struct Sources<'a> {
 /// |---------|------------------|
 /// | connect | `client_access` (`clients_deny`, `clients_allow`), `connection_rate` (`[rates]`), `dnsbl` (inbound, `[dnsbl]`) |
 /// | mail    | `auth_required` (`auth = "required"`), `message_rate` |
-/// | rcpt    | `relay_rights`, `known_recipients` (inbound, `[[recipients]]`; with the unknown-recipient rate), `callout` (inbound, `[[recipients]] callout = true`), `recipient_rate`, `whitelist` (inbound, `[aswl]`) |
+/// | rcpt    | `relay_rights`, `known_recipients` (inbound, `[[recipients]]`; with the unknown-recipient rate), `recipient_rate`, `callout` (inbound, `[[recipients]] callout = true`), `whitelist` (inbound, `[aswl]`) |
 /// | data    | `header_size`, `hop_limit` |
 pub fn for_binding(s: Sources<'_>) -> Pipeline {
     let b = s.binding;
@@ -83,6 +83,10 @@ pub fn for_binding(s: Sources<'_>) -> Pipeline {
             maps: s.recipients.clone(),
             unknown: unknown.clone(),
         }));
+        if let Some(c) = rate(Event::Recipient) {
+            checks.push(Arc::new(c));
+        }
+        // After the recipient rate: a client over it costs no probe.
         if let Some(c) = s.callouts
             && s.recipients.has_callouts()
         {
@@ -93,8 +97,7 @@ pub fn for_binding(s: Sources<'_>) -> Pipeline {
                 unknown,
             }));
         }
-    }
-    if let Some(c) = rate(Event::Recipient) {
+    } else if let Some(c) = rate(Event::Recipient) {
         checks.push(Arc::new(c));
     }
     if inbound && let (Some(a), Some(settings)) = (s.aswl, &s.config.aswl) {

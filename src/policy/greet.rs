@@ -5,8 +5,9 @@
 //! A fixed table of cells shared by every core, each updated with one atomic store: 16 bits of
 //! the address's hash as a tag, one bit for the verdict, and the expiry in seconds. Memory is
 //! fixed at startup (8 bytes a cell); an address whose cell another address took over is
-//! simply unknown again (it gets the delay once more — never a wrong "good" beyond the tag's
-//! 1 in 65,536 chance, and the hash is keyed per process so nobody can aim at a cell).
+//! simply unknown again (it gets the delay once more). A stranger is taken for the cell's
+//! address — good or bad — only with the tag's 1 in 65,536 chance, and the hash is keyed per
+//! process so nobody can aim at a cell. Addresses are remembered one by one (not by network).
 
 use std::hash::BuildHasher;
 use std::net::IpAddr;

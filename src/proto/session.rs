@@ -1000,7 +1000,8 @@ impl<'a> Feed<'_, 'a> {
                                 s.unauth_pipelining = true;
                                 s.pending = None;
                                 s.close_with(&reply::PIPELINING_NOT_OFFERED);
-                                return None;
+                                // The loop's top says Stop::Close.
+                                continue;
                             }
                             if let Some(ev) = ev {
                                 return Some(ev);

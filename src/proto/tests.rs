@@ -439,6 +439,8 @@ fn pipelining_without_the_offer_closes() {
             h.session.is_closed() && h.session.pipelined_unoffered(),
             "{sent:?}"
         );
+        // The runtime is told to close, not to read on.
+        assert_eq!(h.session.stop(), Stop::Close, "{sent:?}");
     }
     // The same commands one at a time, and pipelining after EHLO where it is offered, pass.
     let out = lockstep(

@@ -30,12 +30,22 @@ pub enum Verdict {
 /// Probe `address` at the first of `hops` (`host:port`) that answers, saying `ehlo`; each
 /// step (connect, each reply) may take `step` at most.
 pub fn probe(hops: &[String], ehlo: &str, address: &str, step: Duration) -> Verdict {
-    if address.bytes().any(|b| !b.is_ascii_graphic() && b < 0x80) {
+    // A quoted local part may hold spaces; control characters never reach here (the parser
+    // refuses them) but are refused again. Non-ASCII addresses would need SMTPUTF8.
+    if address.bytes().any(|b| b < 0x20 || b == 0x7f) {
         return Verdict::Unavailable("address not probed: control characters".into());
+    }
+    if !address.is_ascii() {
+        return Verdict::Unavailable("address not probed: not ASCII (SMTPUTF8)".into());
     }
     let mut why = String::from("no next hop");
     for hop in hops {
-        let addrs: Vec<SocketAddr> = match hop.to_socket_addrs() {
+        // `host`, `host:port`, `[address]`, `[address]:port`, as routes write them.
+        let Some((host, port)) = super::parse_hop(hop) else {
+            why = format!("{hop}: not host:port");
+            continue;
+        };
+        let addrs: Vec<SocketAddr> = match (host.as_str(), port).to_socket_addrs() {
             Ok(a) => a.collect(),
             Err(e) => {
                 why = format!("{hop}: {e}");
@@ -78,9 +88,13 @@ fn transaction(mut s: TcpStream, ehlo: &str, address: &str, step: Duration) -> V
             Err(e) => return Verdict::Unavailable(format!("{name}: {e}")),
         };
         if name == "RCPT" {
+            // Only a refusal of the mailbox itself means "unknown" (550/551/553, 5.1.x when
+            // an enhanced code is given); a policy or syntax 5xx is no verdict on the user.
+            let mailbox = matches!(r.code, 550 | 551 | 553)
+                && r.enhanced.is_none_or(|(_, subject, _)| subject == 1);
             verdict = if r.is_positive() {
                 Verdict::Exists
-            } else if r.is_permanent() {
+            } else if r.is_permanent() && mailbox {
                 Verdict::Unknown(r.one_line())
             } else {
                 Verdict::Unavailable(format!("RCPT: {}", r.one_line()))
@@ -159,7 +173,7 @@ mod tests {
         let step = Duration::from_secs(5);
         let ok = ["220 hop\r\n", "250-hop\r\n250 PIPELINING\r\n", "250 ok\r\n"];
         type Case = (Vec<&'static str>, fn(&Verdict) -> bool);
-        let cases: [Case; 5] = [
+        let cases: [Case; 6] = [
             (vec![ok[0], ok[1], ok[2], "250 2.1.5 ok\r\n"], |v| {
                 *v == Verdict::Exists
             }),
@@ -174,6 +188,10 @@ mod tests {
             (
                 vec!["554 go away\r\n"],
                 |v| matches!(v, Verdict::Unavailable(t) if t.starts_with("greeting")),
+            ),
+            (
+                vec![ok[0], ok[1], ok[2], "554 5.7.1 policy\r\n"],
+                |v| matches!(v, Verdict::Unavailable(t) if t.contains("554")),
             ),
             (
                 vec![ok[0], ok[1], "garbage\r\n"],
@@ -221,5 +239,26 @@ mod tests {
             probe(&[], "e", "u\r\n@x.test", Duration::from_secs(1)),
             Verdict::Unavailable(_)
         ));
+        // Routes' hop forms: a bare host (port 25: nothing listens, refused) and brackets.
+        let v = probe(
+            &["[127.0.0.1]:1".into()],
+            "e",
+            "u@x.test",
+            Duration::from_secs(1),
+        );
+        assert!(
+            matches!(&v, Verdict::Unavailable(t) if t.contains("127.0.0.1:1")),
+            "{v:?}"
+        );
+        let v = probe(
+            &["2001:db8::1".into()],
+            "e",
+            "u@x.test",
+            Duration::from_secs(1),
+        );
+        assert!(
+            matches!(&v, Verdict::Unavailable(t) if t.contains("not host:port")),
+            "{v:?}"
+        );
     }
 }
