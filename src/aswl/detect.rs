@@ -163,6 +163,16 @@ pub fn headers(content: &[u8]) -> Vec<(&str, String)> {
 /// downstream would find them (a lone CR or LF ends a line), so no field hidden behind a bare
 /// line ending survives to be read as ours.
 pub fn strip_header(content: &[u8], name: &str) -> Option<Vec<u8>> {
+    strip_header_if(content, name, |_| true)
+}
+
+/// [`strip_header`] for the `name:` fields whose whole value (continuation lines included,
+/// as received) `drop` says to remove.
+pub fn strip_header_if(
+    content: &[u8],
+    name: &str,
+    drop: impl Fn(&[u8]) -> bool,
+) -> Option<Vec<u8>> {
     let block = header_block(content, usize::MAX);
     let is_field = |line: &[u8]| {
         line.get(..name.len())
@@ -174,18 +184,35 @@ pub fn strip_header(content: &[u8], name: &str) -> Option<Vec<u8>> {
     if !lenient_lines(block).any(|(text, _)| is_field(text)) {
         return None;
     }
+    // Each field (its lines, whole) decided at once.
     let mut out = Vec::with_capacity(content.len());
-    let mut dropping = false;
+    let mut field: Vec<u8> = Vec::new();
+    let mut ours = false;
+    let mut dropped = false;
     let mut at = 0;
+    let mut flush = |field: &mut Vec<u8>, ours: bool, out: &mut Vec<u8>| {
+        if ours {
+            let colon = field.iter().position(|b| *b == b':').map_or(0, |c| c + 1);
+            if drop(field.get(colon..).unwrap_or_default()) {
+                dropped = true;
+                field.clear();
+                return;
+            }
+        }
+        out.append(field);
+    };
     for (_, line) in lenient_lines(block) {
         at += line.len();
         let cont = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
         if !cont {
-            dropping = is_field(line);
+            flush(&mut field, ours, &mut out);
+            ours = is_field(line);
         }
-        if !dropping {
-            out.extend_from_slice(line);
-        }
+        field.extend_from_slice(line);
+    }
+    flush(&mut field, ours, &mut out);
+    if !dropped {
+        return None;
     }
     out.extend_from_slice(content.get(at..).unwrap_or_default());
     Some(out)

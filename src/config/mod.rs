@@ -699,6 +699,8 @@ struct RawConfig {
     dnsbl: DnsblSection,
     #[serde(default)]
     callout: CalloutSection,
+    #[serde(default)]
+    authentication: AuthenticationSection,
     aswl: Option<AswlSection>,
     #[serde(default, rename = "recipients")]
     recipients: Vec<Spanned<RecipientsSection>>,
@@ -734,6 +736,38 @@ pub struct CalloutSection {
     /// When the next hop cannot answer (down, slow, 4xx): `"defer"` (`450 4.1.1`) or
     /// `"accept"`.
     pub unavailable: CalloutUnavailable,
+}
+
+/// `[authentication]`: SPF, DKIM and DMARC on inbound mail (`policy::authenticate`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthenticationSection {
+    /// Verify every message accepted on an inbound binding and add `Authentication-Results:`.
+    pub verify: bool,
+    /// The authserv-id of the results (default `server.hostname`).
+    pub authserv_id: Option<String>,
+    /// All lookups of one message together; what has not answered is `temperror`.
+    pub timeout: Secs,
+}
+
+impl Default for AuthenticationSection {
+    fn default() -> Self {
+        AuthenticationSection {
+            verify: false,
+            authserv_id: None,
+            timeout: Secs(Duration::from_secs(10)),
+        }
+    }
+}
+
+impl Config {
+    /// The authserv-id of `Authentication-Results:`.
+    pub fn authserv_id(&self) -> &str {
+        self.authentication
+            .authserv_id
+            .as_deref()
+            .unwrap_or(&self.server.hostname)
+    }
 }
 
 /// `[callout] unavailable`.
@@ -797,6 +831,7 @@ pub struct Config {
     pub rates: RatesSection,
     pub dnsbl: DnsblSection,
     pub callout: CalloutSection,
+    pub authentication: AuthenticationSection,
     /// `[dnsbl] lists`, parsed.
     pub dns_lists: Vec<crate::dnslist::List>,
     /// The whitelist settings, compiled; `None` when `[aswl]` is absent or disabled.
@@ -1374,6 +1409,27 @@ impl Config {
                 "between 100ms and 30s".into(),
             ));
         }
+        let a = &raw.authentication;
+        let at = source.find("[authentication]").unwrap_or(0);
+        if let Some(id) = &a.authserv_id
+            && (id.is_empty()
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)))
+        {
+            return Err(err(
+                key_line(source, "authserv_id", at),
+                "authentication.authserv_id",
+                "a host name: letters, digits, '-', '.' and '_'".into(),
+            ));
+        }
+        if a.timeout.0 < Duration::from_millis(100) || a.timeout.0 > Duration::from_secs(60) {
+            return Err(err(
+                key_line(source, "timeout", at),
+                "authentication.timeout",
+                "between 100ms and 60s".into(),
+            ));
+        }
         let c = &raw.callout;
         let at = source.find("[callout]").unwrap_or(0);
         let callout_error = |k: &str, problem: &str| {
@@ -1449,6 +1505,7 @@ impl Config {
             rates: raw.rates,
             dnsbl: raw.dnsbl,
             callout: raw.callout,
+            authentication: raw.authentication,
             dns_lists,
         };
         config.load_route_files(file)?;

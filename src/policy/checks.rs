@@ -27,6 +27,8 @@ pub struct Sources<'a> {
     pub dnsbl: Option<&'a Arc<super::dnsbl::DnsLists>>,
     /// The callout cache (`None` in tests without one).
     pub callouts: Option<&'a Arc<Callouts>>,
+    /// The resolver for SPF, DKIM and DMARC (`None`: no verification).
+    pub dns: Option<&'a Arc<crate::relay::dns::Dns>>,
 }
 
 /// The pipeline of a binding:
@@ -36,7 +38,7 @@ pub struct Sources<'a> {
 /// | connect | `client_access` (`clients_deny`, `clients_allow`), `connection_rate` (`[rates]`), `dnsbl` (inbound, `[dnsbl]`) |
 /// | mail    | `auth_required` (`auth = "required"`), `message_rate` |
 /// | rcpt    | `relay_rights`, `known_recipients` (inbound, `[[recipients]]`; with the unknown-recipient rate), `recipient_rate`, `callout` (inbound, `[[recipients]] callout = true`), `whitelist` (inbound, `[aswl]`) |
-/// | data    | `header_size`, `hop_limit` |
+/// | data    | `header_size`, `hop_limit`, `authenticate` (inbound, `[authentication] verify`) |
 pub fn for_binding(s: Sources<'_>) -> Pipeline {
     let b = s.binding;
     let mut checks: Vec<Arc<dyn Check>> = Vec::new();
@@ -110,6 +112,16 @@ pub fn for_binding(s: Sources<'_>) -> Pipeline {
     checks.push(Arc::new(HopLimit {
         max: b.limits.max_hops,
     }));
+    if inbound
+        && s.config.authentication.verify
+        && let Some(dns) = s.dns
+    {
+        checks.push(Arc::new(super::authenticate::Authenticate {
+            dns: dns.clone(),
+            authserv_id: s.config.authserv_id().to_string(),
+            timeout: s.config.authentication.timeout.0,
+        }));
+    }
     Pipeline::new(checks)
 }
 
@@ -401,6 +413,7 @@ folder = "/tmp/x"
             rates: None,
             dnsbl: None,
             callouts: None,
+            dns: None,
         })
     }
 
@@ -599,6 +612,7 @@ folder = "/tmp/x"
             rates: Some(&rates),
             dnsbl: None,
             callouts: None,
+            dns: None,
         });
         assert_eq!(
             p.names(Stage::Connect),

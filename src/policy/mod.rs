@@ -10,6 +10,7 @@
 //! There is no combination of settings under which an unauthenticated client outside
 //! `allowed_clients` can send to a domain that is not local: that is the open-relay guarantee.
 
+pub mod authenticate;
 pub mod callout;
 pub mod checks;
 pub mod dnsbl;

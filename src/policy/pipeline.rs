@@ -72,6 +72,8 @@ pub struct Request<'a> {
     pub header: &'a [u8],
     /// At `Data`: `header` is the whole header section.
     pub header_complete: bool,
+    /// At `Data`: the whole message as staged (memory and spill file).
+    pub content: Option<&'a crate::spool::staging::Staged>,
     /// Seconds since the Unix epoch.
     pub now: u32,
     /// A monotonic clock in milliseconds (rate limits).
@@ -91,6 +93,7 @@ impl<'a> Request<'a> {
             unknown_rcpts: 0,
             header: &[],
             header_complete: true,
+            content: None,
             now,
             clock_ms: 0,
         }

@@ -1038,6 +1038,7 @@ impl Conn {
                 mail_from: &env.mail_from,
                 header: content.prefix().get(..header_len).unwrap_or_default(),
                 header_complete: content.header_fits(header_len),
+                content: Some(&content),
                 ..self.request(session, "", "")
             };
             self.decide(Stage::Data, &r).await
@@ -1061,6 +1062,16 @@ impl Conn {
                 return;
             }
         };
+        // RFC 8601 §5: results a client wrote in our name are removed (ours are added).
+        if self.binding.config.authentication.verify
+            && env.direction == Direction::Inbound
+            && let Some(stripped) = crate::policy::authenticate::strip_ours(
+                content.prefix(),
+                self.binding.config.authserv_id(),
+            )
+        {
+            content.set_prefix(stripped);
+        }
         let verdict_header = match (&self.binding.config.aswl, &self.ctx.shared.aswl) {
             (Some(s), Some(a)) if env.direction == Direction::Inbound => {
                 a.saw_inbound(s, &env.mail_from, &env.rcpts, aswl::unix_now());

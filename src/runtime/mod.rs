@@ -293,6 +293,13 @@ fn binding_rt(shared: &Shared, live: &Live, listen: SocketAddr) -> Option<Bindin
         .iter()
         .position(|b| *b.section.listen.get_ref() == listen)?;
     let b = live.config.bindings.get(i)?.clone();
+    let dns = if live.config.authentication.verify {
+        crate::relay::dns::Dns::get(&live.config.dns.servers)
+            .map_err(|e| tracing::warn!(error = %e, "authentication: no resolver; no verification"))
+            .ok()
+    } else {
+        None
+    };
     Some(BindingRt {
         generation: live.generation,
         index: shared
@@ -310,6 +317,7 @@ fn binding_rt(shared: &Shared, live: &Live, listen: SocketAddr) -> Option<Bindin
             rates: shared.rates.as_ref(),
             dnsbl: shared.dnsbl.as_ref(),
             callouts: Some(&shared.callouts),
+            dns: dns.as_ref(),
         }),
         open: shared.open_counter(listen),
         b,

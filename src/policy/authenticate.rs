@@ -1,0 +1,322 @@
+//! SPF (RFC 7208), DKIM (RFC 6376) and DMARC (RFC 7489) on inbound mail, with the `mail-auth`
+//! crate, reported in an `Authentication-Results:` field (RFC 8601) added to every copy
+//! (`[authentication] verify = true`).
+//!
+//! The `authenticate` check runs at end of data and defers: the job reads the message (its
+//! in-memory part copied, the rest from the staging file through a duplicated descriptor)
+//! on a policy worker and runs the lookups on the resolver's runtime (the MX resolver's:
+//! one caching resolver, off the cores), all within `[authentication] timeout`. A lookup that
+//! fails or is too slow is the mechanism's `temperror`, never a pass; with no answer at all
+//! in time the message gets no results field. A field a client sent with our authserv-id is
+//! removed before ours is added (RFC 8601 §5); others are kept.
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mail_auth::common::headers::HeaderWriter;
+use mail_auth::dmarc::verify::DmarcParameters;
+use mail_auth::spf::verify::SpfParameters;
+use mail_auth::{AuthenticatedMessage, AuthenticationResults, MessageAuthenticator};
+
+use super::pipeline::{Check, Decision, Request, Stage};
+use crate::relay::dns::Dns;
+
+/// The `authenticate` check (end of data, inbound bindings).
+pub struct Authenticate {
+    pub dns: Arc<Dns>,
+    pub authserv_id: String,
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for Authenticate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticate")
+            .field("authserv_id", &self.authserv_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The organizational domain of `d` (RFC 7489 §3.2) from the Public Suffix List shipped
+/// with the `psl` crate; `d` itself when the list does not know its suffix.
+pub fn organizational_domain(d: &str) -> &str {
+    psl::domain_str(d).unwrap_or(d)
+}
+
+/// `content` without the `Authentication-Results:` fields that carry `authserv_id` (RFC 8601
+/// §5: a client must not speak for us), or `None` when it has none.
+pub fn strip_ours(content: &[u8], authserv_id: &str) -> Option<Vec<u8>> {
+    crate::aswl::detect::strip_header_if(content, "Authentication-Results", |value| {
+        authserv_id_of(value).eq_ignore_ascii_case(authserv_id)
+    })
+}
+
+/// The authserv-id that starts a field's value: after folding white space and comments, up
+/// to white space or `;`.
+fn authserv_id_of(value: &[u8]) -> String {
+    let mut depth = 0u32;
+    let mut id = String::new();
+    for &b in value {
+        if depth > 0 {
+            match b {
+                b'(' => depth += 1,
+                b')' => depth -= 1,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'(' if id.is_empty() => depth = 1,
+            b' ' | b'\t' | b'\r' | b'\n' if id.is_empty() => {}
+            b' ' | b'\t' | b'\r' | b'\n' | b';' | b'(' => break,
+            _ => id.push(char::from(b)),
+        }
+    }
+    id
+}
+
+impl Check for Authenticate {
+    fn name(&self) -> &'static str {
+        "authenticate"
+    }
+    fn stage(&self) -> Stage {
+        Stage::Data
+    }
+    fn time_limit(&self) -> Option<Duration> {
+        Some(self.timeout + Duration::from_secs(1))
+    }
+    /// No results in time: the message goes on without the field (no verdict is a pass).
+    fn unavailable(&self) -> Decision {
+        Decision::Continue
+    }
+    fn check(&self, r: &Request<'_>) -> Decision {
+        let Some(content) = r.content else {
+            return Decision::Continue;
+        };
+        let mut message = content.prefix().to_vec();
+        let tail = match content.tail() {
+            None => None,
+            Some((f, len, _)) => match f.try_clone() {
+                Ok(f) => Some((f, len)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "authenticate: cannot read the staged message");
+                    return Decision::Continue;
+                }
+            },
+        };
+        let (ip, helo, mail_from) = (r.ip, r.helo.to_string(), r.mail_from.to_string());
+        let (dns, id, timeout) = (self.dns.clone(), self.authserv_id.clone(), self.timeout);
+        Decision::Defer(Box::new(move || {
+            if let Some((f, len)) = tail {
+                let at = message.len();
+                message.resize(at + len as usize, 0);
+                if let Err(e) = f.read_exact_at(message.get_mut(at..).unwrap_or_default(), 0) {
+                    tracing::warn!(error = %e, "authenticate: cannot read the staged message");
+                    return Decision::Continue;
+                }
+            }
+            match verify(&dns, &id, timeout, ip, &helo, &mail_from, &message) {
+                Some(field) => Decision::AddHeader(field),
+                None => Decision::Continue,
+            }
+        }))
+    }
+}
+
+/// Verify one message; the `Authentication-Results:` field (with CRLF), or `None` when the
+/// lookups did not finish within `timeout`.
+pub fn verify(
+    dns: &Dns,
+    authserv_id: &str,
+    timeout: Duration,
+    ip: std::net::IpAddr,
+    helo: &str,
+    mail_from: &str,
+    message: &[u8],
+) -> Option<String> {
+    let auth = MessageAuthenticator(dns.resolver().clone());
+    let helo = if helo.is_empty() { "unknown" } else { helo };
+    let parsed = AuthenticatedMessage::parse(message);
+    dns.block_on(async {
+        tokio::time::timeout(timeout, async {
+            let spf_params = || {
+                if mail_from.is_empty() {
+                    SpfParameters::verify_ehlo(ip, helo, authserv_id)
+                } else {
+                    SpfParameters::verify_mail_from(ip, helo, authserv_id, mail_from)
+                }
+            };
+            let spf = auth.verify_spf(spf_params()).await;
+            let mut results = AuthenticationResults::new(authserv_id);
+            let mut dmarc_field: Option<String> = None;
+            let spf_domain = mail_from.rsplit_once('@').map_or(helo, |(_, d)| d);
+            match &parsed {
+                Some(m) => {
+                    let dkim = auth.verify_dkim(m).await;
+                    let dmarc = auth
+                        .verify_dmarc(
+                            DmarcParameters::new(m, &dkim, spf_domain, &spf)
+                                .with_domain_suffix_fn(organizational_domain),
+                        )
+                        .await;
+                    results = results.with_dkim_results(&dkim, m.from());
+                    results = if mail_from.is_empty() {
+                        results.with_spf_ehlo_result(&spf, ip, helo)
+                    } else {
+                        results.with_spf_mailfrom_result(&spf, ip, mail_from, helo)
+                    };
+                    dmarc_field = Some(dmarc_clause(
+                        dmarc.spf_result(),
+                        dmarc.dkim_result(),
+                        dmarc.dmarc_record().is_some(),
+                        dmarc.domain(),
+                        &dmarc.policy().to_string(),
+                    ));
+                    tracing::info!(
+                        client = %ip,
+                        spf = ?spf.result(),
+                        dkim = ?dkim.iter().map(|d| format!("{:?}", d.result())).collect::<Vec<_>>(),
+                        dmarc_spf = ?dmarc.spf_result(),
+                        dmarc_dkim = ?dmarc.dkim_result(),
+                        "authentication results"
+                    );
+                }
+                None => {
+                    results = if mail_from.is_empty() {
+                        results.with_spf_ehlo_result(&spf, ip, helo)
+                    } else {
+                        results.with_spf_mailfrom_result(&spf, ip, mail_from, helo)
+                    };
+                }
+            }
+            // As an added field: no line end (the caller ends each field).
+            let mut field = results.to_header().trim_end().to_string();
+            if let Some(c) = dmarc_field {
+                field.push_str(&c);
+            }
+            field
+        })
+        .await
+        .ok()
+    })
+}
+
+/// A value for a `ptype.property=value` of the results: only the characters a domain or
+/// policy name is made of (a From domain is the sender's to choose).
+fn pvalue(v: &str) -> String {
+    let v: String = v
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-._".contains(*c))
+        .collect();
+    if v.is_empty() { "unknown".into() } else { v }
+}
+
+/// The `dmarc=` clause (RFC 7489 §11.2): `pass` when SPF or DKIM passed aligned; a lookup
+/// error as such; `fail` when the From domain publishes a record and neither aligned;
+/// `none` without a record.
+pub fn dmarc_clause(
+    spf: &mail_auth::DmarcResult,
+    dkim: &mail_auth::DmarcResult,
+    record: bool,
+    from_domain: &str,
+    policy: &str,
+) -> String {
+    use mail_auth::DmarcResult as R;
+    let any = |f: fn(&R) -> bool| f(spf) || f(dkim);
+    let result = if any(|r| *r == R::Pass) {
+        "pass"
+    } else if any(|r| matches!(r, R::TempError(_))) {
+        "temperror"
+    } else if any(|r| matches!(r, R::PermError(_))) {
+        "permerror"
+    } else if record {
+        "fail"
+    } else {
+        "none"
+    };
+    format!(
+        ";\r\n\tdmarc={result} header.from={} policy.dmarc={}",
+        pvalue(from_domain),
+        pvalue(policy)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_our_results_are_removed() {
+        let msg = b"Authentication-Results: mx.test; spf=pass\r\n\
+Authentication-Results: other.test; dkim=pass\r\n\
+Authentication-Results:\r\n (folded) MX.TEST;\r\n dkim=pass\r\n\
+Authentication-Results: mx.test.evil; spf=pass\r\n\
+Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n";
+        let out = strip_ours(msg, "mx.test").unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(
+            out,
+            "Authentication-Results: other.test; dkim=pass\r\n\
+Authentication-Results: mx.test.evil; spf=pass\r\n\
+Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
+        );
+        assert_eq!(strip_ours(b"Subject: x\r\n\r\n", "mx.test"), None);
+        assert_eq!(
+            strip_ours(b"Authentication-Results: other; x\r\n\r\n", "mx.test"),
+            None
+        );
+    }
+
+    #[test]
+    fn authserv_ids() {
+        for (value, id) in [
+            (&b" mx.test; spf=pass"[..], "mx.test"),
+            (b"mx.test 1; none", "mx.test"),
+            (b" (comment) mx.test;", "mx.test"),
+            (b"\r\n\tmx.test(c);", "mx.test"),
+            (b"; none", ""),
+        ] {
+            assert_eq!(
+                authserv_id_of(value),
+                id,
+                "{:?}",
+                String::from_utf8_lossy(value)
+            );
+        }
+    }
+
+    #[test]
+    fn dmarc_clauses() {
+        use mail_auth::{DmarcResult as R, Error};
+        let fail = || R::Fail(Error::NotAligned);
+        // (spf, dkim, record, result)
+        let table = [
+            (R::Pass, R::None, true, "pass"),
+            (fail(), R::Pass, true, "pass"),
+            (R::None, R::None, true, "fail"),
+            (fail(), fail(), true, "fail"),
+            (R::None, R::None, false, "none"),
+            (R::TempError(Error::ParseError), R::None, true, "temperror"),
+        ];
+        for (spf, dkim, record, want) in table {
+            let c = dmarc_clause(&spf, &dkim, record, "Partner.test", "reject");
+            assert!(c.starts_with(&format!(";\r\n\tdmarc={want} ")), "{c}");
+        }
+        let c = dmarc_clause(&R::None, &R::None, true, "a b;\r\nX-Evil: 1", "none");
+        assert!(
+            !c.contains("\r\nX-Evil") && c.contains("header.from=abX-Evil1"),
+            "{c}"
+        );
+    }
+
+    #[test]
+    fn organizational_domains() {
+        for (d, org) in [
+            ("mail.example.com", "example.com"),
+            ("a.b.example.co.uk", "example.co.uk"),
+            ("example.com", "example.com"),
+        ] {
+            assert_eq!(organizational_domain(d), org);
+        }
+    }
+}

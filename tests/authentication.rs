@@ -1,0 +1,165 @@
+//! SPF, DKIM and DMARC on inbound mail (`[authentication] verify = true`), end to end: dnsmasq
+//! serves the SPF, DKIM key and DMARC records on loopback, Python's dkimpy (an independent
+//! signer) signs with an RSA-2048 key made by openssl, smtplib sends from loopback aliases
+//! that SPF allows or not, and the delivered copies carry `Authentication-Results:`.
+
+mod support;
+
+use support::{Server, openssl};
+
+/// The base64 public key of `key.pem` (DER SubjectPublicKeyInfo), for a DKIM record.
+fn public_key(dir: &std::path::Path) -> String {
+    openssl(
+        dir,
+        &[
+            "rsa", "-in", "key.pem", "-pubout", "-outform", "DER", "-out", "pub.der",
+        ],
+    );
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(std::fs::read(dir.join("pub.der")).unwrap())
+}
+
+/// `--txt-record` for `name`, the text cut into strings of at most 200 bytes (dnsmasq takes
+/// each comma-separated part as one string; the records here hold no comma).
+fn txt(name: &str, text: &str) -> String {
+    assert!(!text.contains(','));
+    let parts: Vec<String> = text
+        .as_bytes()
+        .chunks(200)
+        .map(|c| String::from_utf8_lossy(c).into_owned())
+        .collect();
+    format!("--txt-record={name},{}", parts.join(","))
+}
+
+const SEND: &str = r#"
+import os, smtplib, sys, dkim
+key = open(os.environ["KEY"], "rb").read()
+def message(subject, extra=""):
+    return ("From: Bob <bob@partner.test>\r\nTo: alice@example.test\r\nSubject: %s\r\n"
+            "Message-ID: <%s@partner.test>\r\n%s\r\nHello Alice.\r\n" % (subject, subject, extra)).encode()
+def sign(m):
+    return dkim.sign(m, b"sel", b"partner.test", key, include_headers=[b"from", b"to", b"subject", b"message-id"]) + m
+def send(src, m):
+    with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=(src, 0), timeout=30) as s:
+        s.ehlo("client.partner.test")
+        s.sendmail("bob@partner.test", ["alice@example.test"], m)
+# Signed, from an address SPF allows.
+send("127.0.0.5", sign(message("signed")))
+# Signed, then changed in transit.
+send("127.0.0.5", sign(message("tampered")).replace(b"Hello Alice.", b"Pay Mallory."))
+# Forged: no signature, from outside the SPF record, with results written in our name.
+send("127.0.0.6", message("forged",
+    "Authentication-Results: mx.test; dkim=pass header.d=partner.test\r\n"
+    "Authentication-Results: relay.other.test; spf=pass\r\n"))
+print("sent")
+"#;
+
+#[test]
+fn spf_dkim_and_dmarc_results_on_every_copy() {
+    let keys = support::temp_dir("auth-keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    openssl(&keys, &["genrsa", "-out", "key.pem", "2048"]);
+    let dkim_record = format!("v=DKIM1; k=rsa; p={}", public_key(&keys));
+    let dns = support::Dnsmasq::start(&[
+        "--local=/partner.test/",
+        "--local=/example.test/",
+        &txt("partner.test", "v=spf1 ip4:127.0.0.5 -all"),
+        &txt("sel._domainkey.partner.test", &dkim_record),
+        &txt("_dmarc.partner.test", "v=DMARC1; p=reject"),
+    ]);
+    let s = Server::start_with(
+        "authentication",
+        "auto",
+        "",
+        &format!(
+            "[dns]\nservers = [\"127.0.0.1:{}\"]\n[authentication]\nverify = true\ntimeout = \"5s\"\n",
+            dns.port
+        ),
+    );
+    let out = {
+        let mut cmd = std::process::Command::new("python3");
+        cmd.args(["-c", SEND])
+            .env("PORT", s.inbound.port().to_string())
+            .env("KEY", keys.join("key.pem"));
+        support::run_with_stdin(&mut cmd, b"")
+    };
+    assert!(out.status.success(), "{}", support::stderr(&out));
+    let copies = s.dropped();
+    let copy = |subject: &str| -> String {
+        copies
+            .iter()
+            .find(|m| m.contains(&format!("Subject: {subject}\r\n")))
+            .unwrap_or_else(|| panic!("no copy of {subject:?} in {copies:?}"))
+            .clone()
+    };
+    // The results field, unfolded.
+    let results = |m: &str| -> Vec<String> {
+        let mut fields = Vec::new();
+        for line in m.split("\r\n") {
+            if line.is_empty() {
+                break;
+            }
+            if line.starts_with([' ', '\t']) {
+                if let Some(last) = fields.last_mut() {
+                    let last: &mut String = last;
+                    last.push(' ');
+                    last.push_str(line.trim());
+                }
+            } else {
+                fields.push(line.to_string());
+            }
+        }
+        fields
+            .into_iter()
+            .filter(|f| f.starts_with("Authentication-Results:"))
+            .collect()
+    };
+    // The field is part of the header section: the message's own fields follow it.
+    assert!(
+        copy("signed").contains("policy.dmarc=reject\r\nDKIM-Signature: "),
+        "{copies:?}"
+    );
+    assert!(
+        copy("forged").contains("policy.dmarc=reject\r\nFrom: Bob"),
+        "{copies:?}"
+    );
+    let signed = results(&copy("signed"));
+    assert_eq!(signed.len(), 1, "{signed:?}");
+    for want in [
+        "Authentication-Results: mx.test;",
+        "dkim=pass",
+        "spf=pass",
+        "dmarc=pass",
+    ] {
+        assert!(signed[0].contains(want), "{want} in {signed:?}");
+    }
+    let tampered = results(&copy("tampered"));
+    // mail-auth reports a body hash mismatch as `neutral`; never a pass.
+    assert!(
+        !tampered[0].contains("dkim=pass")
+            && tampered[0].contains("body hash did not verify")
+            && tampered[0].contains("spf=pass"),
+        "{tampered:?}"
+    );
+    let forged = results(&copy("forged"));
+    // Ours, and the other host's that the client sent; the one in our name is gone.
+    assert_eq!(forged.len(), 2, "{forged:?}");
+    let ours = forged
+        .iter()
+        .find(|f| f.starts_with("Authentication-Results: mx.test;"))
+        .unwrap();
+    assert!(
+        ours.contains("spf=fail")
+            && ours.contains("dmarc=fail header.from=partner.test policy.dmarc=reject")
+            && !ours.contains("dkim=pass"),
+        "{ours:?}"
+    );
+    assert!(
+        forged
+            .iter()
+            .any(|f| f.contains("relay.other.test; spf=pass")),
+        "{forged:?}"
+    );
+    drop(dns);
+    let _ = std::fs::remove_dir_all(&keys);
+}
