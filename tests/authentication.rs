@@ -1,6 +1,6 @@
 //! SPF, DKIM and DMARC on inbound mail (`[authentication] verify = true`), end to end: dnsmasq
 //! serves the SPF, DKIM key and DMARC records on loopback, Python's dkimpy (an independent
-//! signer) signs with an RSA-2048 key made by openssl, smtplib sends from loopback aliases
+//! signer) signs with RSA-2048 and Ed25519 keys made by openssl, smtplib sends from loopback aliases
 //! that SPF allows or not, and the delivered copies carry `Authentication-Results:`.
 
 mod support;
@@ -31,9 +31,39 @@ fn txt(name: &str, text: &str) -> String {
     format!("--txt-record={name},{}", parts.join(","))
 }
 
+/// The raw 32-byte Ed25519 private seed and public key of `ed.pem`, base64 (the forms dkimpy
+/// and DKIM records take).
+fn ed25519(dir: &std::path::Path) -> (String, String) {
+    use base64::Engine;
+    openssl(dir, &["genpkey", "-algorithm", "ed25519", "-out", "ed.pem"]);
+    openssl(
+        dir,
+        &["pkey", "-in", "ed.pem", "-outform", "DER", "-out", "ed.der"],
+    );
+    openssl(
+        dir,
+        &[
+            "pkey",
+            "-in",
+            "ed.pem",
+            "-pubout",
+            "-outform",
+            "DER",
+            "-out",
+            "edpub.der",
+        ],
+    );
+    let tail = |f: &str| {
+        let der = std::fs::read(dir.join(f)).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(&der[der.len() - 32..])
+    };
+    (tail("ed.der"), tail("edpub.der"))
+}
+
 const SEND: &str = r#"
 import os, smtplib, sys, dkim
 key = open(os.environ["KEY"], "rb").read()
+ed_key = os.environ["ED_KEY"].encode()
 def message(subject, extra=""):
     return ("From: Bob <bob@partner.test>\r\nTo: alice@example.test\r\nSubject: %s\r\n"
             "Message-ID: <%s@partner.test>\r\n%s\r\nHello Alice.\r\n" % (subject, subject, extra)).encode()
@@ -45,6 +75,10 @@ def send(src, m):
         s.sendmail("bob@partner.test", ["alice@example.test"], m)
 # Signed, from an address SPF allows.
 send("127.0.0.5", sign(message("signed")))
+# Signed with Ed25519 (RFC 8463).
+m = message("ed25519")
+send("127.0.0.5", dkim.sign(m, b"ed", b"partner.test", ed_key, signature_algorithm=b"ed25519-sha256",
+                            include_headers=[b"from", b"to", b"subject", b"message-id"]) + m)
 # Signed, then changed in transit.
 send("127.0.0.5", sign(message("tampered")).replace(b"Hello Alice.", b"Pay Mallory."))
 # Forged: no signature, from outside the SPF record, with results written in our name.
@@ -60,11 +94,14 @@ fn spf_dkim_and_dmarc_results_on_every_copy() {
     std::fs::create_dir_all(&keys).unwrap();
     openssl(&keys, &["genrsa", "-out", "key.pem", "2048"]);
     let dkim_record = format!("v=DKIM1; k=rsa; p={}", public_key(&keys));
+    let (ed_key, ed_public) = ed25519(&keys);
+    let ed_record = format!("v=DKIM1; k=ed25519; p={ed_public}");
     let dns = support::Dnsmasq::start(&[
         "--local=/partner.test/",
         "--local=/example.test/",
         &txt("partner.test", "v=spf1 ip4:127.0.0.5 -all"),
         &txt("sel._domainkey.partner.test", &dkim_record),
+        &txt("ed._domainkey.partner.test", &ed_record),
         &txt("_dmarc.partner.test", "v=DMARC1; p=reject"),
     ]);
     let s = Server::start_with(
@@ -80,7 +117,8 @@ fn spf_dkim_and_dmarc_results_on_every_copy() {
         let mut cmd = std::process::Command::new("python3");
         cmd.args(["-c", SEND])
             .env("PORT", s.inbound.port().to_string())
-            .env("KEY", keys.join("key.pem"));
+            .env("KEY", keys.join("key.pem"))
+            .env("ED_KEY", &ed_key);
         support::run_with_stdin(&mut cmd, b"")
     };
     assert!(out.status.success(), "{}", support::stderr(&out));
@@ -133,6 +171,13 @@ fn spf_dkim_and_dmarc_results_on_every_copy() {
     ] {
         assert!(signed[0].contains(want), "{want} in {signed:?}");
     }
+    let ed = results(&copy("ed25519"));
+    assert!(
+        ed[0].contains("dkim=pass")
+            && ed[0].contains("header.s=ed")
+            && ed[0].contains("dmarc=pass"),
+        "{ed:?}"
+    );
     let tampered = results(&copy("tampered"));
     // mail-auth reports a body hash mismatch as `neutral`; never a pass.
     assert!(
