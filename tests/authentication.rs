@@ -208,3 +208,100 @@ fn spf_dkim_and_dmarc_results_on_every_copy() {
     drop(dns);
     let _ = std::fs::remove_dir_all(&keys);
 }
+
+const WHITELIST: &str = r#"
+import os, smtplib, dkim
+key = open(os.environ["KEY"], "rb").read()
+def message(subject):
+    return ("From: Bob <bob@partner.test>\r\nTo: alice@example.test\r\nSubject: %s\r\n"
+            "Message-ID: <%s@partner.test>\r\n\r\nHello Alice.\r\n" % (subject, subject)).encode()
+def sign(m):
+    return dkim.sign(m, b"sel", b"partner.test", key, include_headers=[b"from", b"to", b"subject", b"message-id"]) + m
+def send(port, src, sender, rcpt, m):
+    with smtplib.SMTP("127.0.0.1", port, source_address=(src, 0), timeout=30) as s:
+        s.sendmail(sender, [rcpt], m)
+# Alice writes to Bob: the whitelist learns bob@partner.test for her.
+send(int(os.environ["OUT"]), "127.0.0.1", "alice@example.test", "bob@partner.test",
+     b"From: alice@example.test\r\nTo: bob@partner.test\r\nSubject: hello bob\r\n\r\nhi\r\n")
+# From an address outside partner.test's SPF record: only a signature can authenticate Bob.
+send(int(os.environ["PORT"]), "127.0.0.6", "bob@partner.test", "alice@example.test", sign(message("signed")))
+send(int(os.environ["PORT"]), "127.0.0.6", "bob@partner.test", "alice@example.test", message("forged"))
+send(int(os.environ["PORT"]), "127.0.0.6", "bob@partner.test", "alice@example.test",
+     sign(message("tampered")).replace(b"Hello Alice.", b"Pay Mallory."))
+print("sent")
+"#;
+
+/// `[aswl] require_authentication`: bob@partner.test is whitelisted for alice; mail from him
+/// passes only when it is authenticated (here by his DKIM signature, SPF failing); a forgery
+/// without a signature, or with a body changed in transit, is `none reason=unauthenticated`;
+/// with `"off"` the envelope alone decides (the old behaviour).
+#[test]
+fn the_whitelist_needs_an_authenticated_sender() {
+    let keys = support::temp_dir("aswl-auth-keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    openssl(&keys, &["genrsa", "-out", "key.pem", "2048"]);
+    let dkim_record = format!("v=DKIM1; k=rsa; p={}", public_key(&keys));
+    let dns = support::Dnsmasq::start(&[
+        "--local=/partner.test/",
+        "--local=/example.test/",
+        &txt("partner.test", "v=spf1 ip4:127.0.0.5 -all"),
+        &txt("sel._domainkey.partner.test", &dkim_record),
+        &txt("_dmarc.partner.test", "v=DMARC1; p=none"),
+    ]);
+    for (name, require, want) in [
+        (
+            "aswl-auth-aligned",
+            "",
+            [
+                ("signed", "X-ASWL: pass mode=per-recipient auth=dkim\r\n"),
+                (
+                    "forged",
+                    "X-ASWL: none mode=per-recipient reason=unauthenticated\r\n",
+                ),
+                (
+                    "tampered",
+                    "X-ASWL: none mode=per-recipient reason=unauthenticated\r\n",
+                ),
+            ],
+        ),
+        (
+            "aswl-auth-off",
+            "require_authentication = \"off\"\n",
+            [
+                ("signed", "X-ASWL: pass mode=per-recipient\r\n"),
+                ("forged", "X-ASWL: pass mode=per-recipient\r\n"),
+                ("tampered", "X-ASWL: pass mode=per-recipient\r\n"),
+            ],
+        ),
+    ] {
+        let s = Server::start_with(
+            name,
+            "auto",
+            "",
+            &format!(
+                "[dns]\nservers = [\"127.0.0.1:{}\"]\n[authentication]\nverify = true\n\
+                 [aswl]\nauto_response_window = \"0s\"\n{require}",
+                dns.port
+            ),
+        );
+        let mut cmd = std::process::Command::new("python3");
+        cmd.args(["-c", WHITELIST])
+            .env("PORT", s.inbound.port().to_string())
+            .env("OUT", s.outbound.port().to_string())
+            .env("KEY", keys.join("key.pem"));
+        let out = support::run_with_stdin(&mut cmd, b"");
+        assert!(out.status.success(), "{}", support::stderr(&out));
+        let copies = s.dropped();
+        for (subject, header) in want {
+            let copy = copies
+                .iter()
+                .find(|m| m.contains(&format!("Subject: {subject}\r\n")))
+                .unwrap_or_else(|| panic!("[{name}] no copy of {subject}"));
+            assert!(
+                copy.contains(header),
+                "[{name}] {subject}: {header:?} in {copy}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&keys);
+}

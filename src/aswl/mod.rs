@@ -48,7 +48,7 @@ use std::time::{Duration, SystemTime};
 pub use store::Mode;
 
 use detect::{Masks, Signals, Skip};
-pub use section::AswlSection;
+pub use section::{AswlSection, RequireAuth};
 
 /// An outbound message as [`Aswl::collect`] reads it.
 #[derive(Debug, Clone, Copy)]
@@ -82,6 +82,8 @@ pub struct Settings {
     pub log_additions: bool,
     pub header: String,
     pub normalize: addr::Normalize,
+    /// Resolved against `[authentication] verify` by the configuration.
+    pub require_authentication: section::RequireAuth,
 }
 
 impl Settings {
@@ -158,6 +160,9 @@ impl Settings {
                 .collect(),
             log_additions: a.log_additions,
             header: a.header.clone(),
+            require_authentication: a
+                .require_authentication
+                .unwrap_or(section::RequireAuth::Off),
             normalize: addr::Normalize {
                 case_sensitive_local_part: a.case_sensitive_local_part,
                 local_delimiters: a.local_delimiters.clone(),
@@ -169,12 +174,22 @@ impl Settings {
     /// The verdict header for a copy of an inbound message (`X-ASWL: pass mode=…` with its
     /// line ending); `whitelisted` is `None` for no verdict (`none`).
     pub fn verdict_header(&self, whitelisted: Option<bool>) -> String {
+        self.verdict_header_why(whitelisted, "")
+    }
+
+    /// [`Settings::verdict_header`] with why, e.g. `auth=dkim` or `reason=unauthenticated`.
+    pub fn verdict_header_why(&self, whitelisted: Option<bool>, why: &str) -> String {
         let word = if whitelisted == Some(true) {
             "pass"
         } else {
             "none"
         };
-        format!("{}: {word} mode={}\r\n", self.header, self.mode.as_str())
+        let sep = if why.is_empty() { "" } else { " " };
+        format!(
+            "{}: {word} mode={}{sep}{why}\r\n",
+            self.header,
+            self.mode.as_str()
+        )
     }
 
     /// The header section without any verdict header a client sent (`None`: there was none).

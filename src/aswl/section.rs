@@ -50,6 +50,10 @@ pub struct AswlSection<R> {
     pub case_sensitive_local_part: bool,
     /// Also fold `+tag` on external addresses.
     pub external_plus_fold: bool,
+    /// Whether a record matches only for an authenticated sender (`[authentication]`):
+    /// `aligned`, `spf-or-dkim` or `off`. Default `aligned` when `[authentication] verify`
+    /// is on, `off` otherwise.
+    pub require_authentication: Option<RequireAuth>,
     /// `[aswl.replication]`: share the whitelist with other nodes through Redis (its section
     /// type belongs to `crate::replication`, which builds on this module).
     pub replication: Option<R>,
@@ -80,7 +84,22 @@ impl<R> Default for AswlSection<R> {
             local_delimiters: "+".into(),
             case_sensitive_local_part: false,
             external_plus_fold: false,
+            require_authentication: None,
             replication: None,
         }
     }
+}
+
+/// `[aswl] require_authentication`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RequireAuth {
+    /// SPF passed for the sender's domain, or DKIM passed for a domain with the same
+    /// organizational domain (DMARC's relaxed alignment).
+    #[default]
+    Aligned,
+    /// SPF passed for the sender's domain, or DKIM passed for exactly that domain.
+    SpfOrDkim,
+    /// The envelope sender alone (forgeable).
+    Off,
 }

@@ -1264,7 +1264,21 @@ impl Config {
                     };
                     err(line, &format!("aswl.{k}"), m)
                 };
-                let s = crate::aswl::Settings::compile(&a, dir, &domains).map_err(error)?;
+                let mut s = crate::aswl::Settings::compile(&a, dir, &domains).map_err(error)?;
+                // A whitelist pass needs an authenticated sender where ringmx verifies.
+                let verify = raw.authentication.verify;
+                s.require_authentication = match a.require_authentication {
+                    None if verify => crate::aswl::RequireAuth::Aligned,
+                    None => crate::aswl::RequireAuth::Off,
+                    Some(r) if r != crate::aswl::RequireAuth::Off && !verify => {
+                        return Err(err(
+                            key_line(source, "require_authentication", 0),
+                            "aswl.require_authentication",
+                            "needs [authentication] verify = true (or \"off\")".into(),
+                        ));
+                    }
+                    Some(r) => r,
+                };
                 let r = match &a.replication {
                     Some(r) => Some(Arc::new(
                         crate::replication::Settings::compile(r).map_err(error)?,

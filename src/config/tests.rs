@@ -355,6 +355,11 @@ fn configuration_traps_are_errors() {
             Some(2),
         ),
         (
+            format!("{MINIMAL}\n[aswl]\nrequire_authentication = \"aligned\"\n"),
+            "aswl.require_authentication",
+            Some(16),
+        ),
+        (
             format!("[rates]\nfleet = true\n{MINIMAL}"),
             "rates.fleet",
             Some(2),

@@ -19,7 +19,7 @@ use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{AuthenticatedMessage, AuthenticationResults, MessageAuthenticator};
 
-use super::pipeline::{Check, Decision, Request, Stage};
+use super::pipeline::{Authenticated, Check, Decision, Mark, Request, Stage};
 use crate::relay::dns::Dns;
 
 /// The `authenticate` check (end of data, inbound bindings).
@@ -116,15 +116,18 @@ impl Check for Authenticate {
                 }
             }
             match verify(&dns, &id, timeout, ip, &helo, &mail_from, &message) {
-                Some(field) => Decision::AddHeader(field),
+                Some((field, auth)) => Decision::All(vec![
+                    Decision::AddHeader(field),
+                    Decision::Mark(Mark::Authenticated(Arc::new(auth))),
+                ]),
                 None => Decision::Continue,
             }
         }))
     }
 }
 
-/// Verify one message; the `Authentication-Results:` field (with CRLF), or `None` when the
-/// lookups did not finish within `timeout`.
+/// Verify one message: the `Authentication-Results:` field (without its line end) and what
+/// passed, or `None` when the lookups did not finish within `timeout`.
 pub fn verify(
     dns: &Dns,
     authserv_id: &str,
@@ -133,7 +136,7 @@ pub fn verify(
     helo: &str,
     mail_from: &str,
     message: &[u8],
-) -> Option<String> {
+) -> Option<(String, Authenticated)> {
     let auth = MessageAuthenticator(dns.resolver().clone());
     let helo = if helo.is_empty() { "unknown" } else { helo };
     let parsed = AuthenticatedMessage::parse(message);
@@ -147,12 +150,22 @@ pub fn verify(
                 }
             };
             let spf = auth.verify_spf(spf_params()).await;
+            let mut passed = Authenticated {
+                spf: (spf.result() == mail_auth::SpfResult::Pass && !mail_from.is_empty())
+                    .then(|| spf.domain().to_ascii_lowercase()),
+                dkim: Vec::new(),
+            };
             let mut results = AuthenticationResults::new(authserv_id);
             let mut dmarc_field: Option<String> = None;
             let spf_domain = mail_from.rsplit_once('@').map_or(helo, |(_, d)| d);
             match &parsed {
                 Some(m) => {
                     let dkim = auth.verify_dkim(m).await;
+                    passed.dkim = dkim
+                        .iter()
+                        .filter(|d| *d.result() == mail_auth::DkimResult::Pass)
+                        .filter_map(|d| d.signature().map(|s| s.d.to_ascii_lowercase()))
+                        .collect();
                     let dmarc = auth
                         .verify_dmarc(
                             DmarcParameters::new(m, &dkim, spf_domain, &spf)
@@ -194,11 +207,36 @@ pub fn verify(
             if let Some(c) = dmarc_field {
                 field.push_str(&c);
             }
-            field
+            (field, passed)
         })
         .await
         .ok()
     })
+}
+
+/// How the whitelist's sender is authenticated under `require`: `Some("spf")`/`Some("dkim")`
+/// (the `auth=` of the verdict header), or `None` when it is not (its pass does not count).
+/// `sender_domain` is the MAIL FROM domain the record matched.
+pub fn whitelist_authentication(
+    require: crate::aswl::RequireAuth,
+    auth: Option<&Authenticated>,
+    sender_domain: &str,
+) -> Option<&'static str> {
+    use crate::aswl::RequireAuth;
+    if require == RequireAuth::Off {
+        return Some("");
+    }
+    let auth = auth?;
+    let sender = sender_domain.trim_end_matches('.').to_ascii_lowercase();
+    if auth.spf.as_deref() == Some(sender.as_str()) {
+        return Some("spf");
+    }
+    let org = organizational_domain(&sender);
+    let dkim = auth.dkim.iter().any(|d| match require {
+        RequireAuth::SpfOrDkim => *d == sender,
+        _ => organizational_domain(d).eq_ignore_ascii_case(org),
+    });
+    dkim.then_some("dkim")
 }
 
 /// A value for a `ptype.property=value` of the results: only the characters a domain or
@@ -307,6 +345,43 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
             !c.contains("\r\nX-Evil") && c.contains("header.from=abX-Evil1"),
             "{c}"
         );
+    }
+
+    #[test]
+    fn whitelist_authentication_modes() {
+        use crate::aswl::RequireAuth::{Aligned, Off, SpfOrDkim};
+        let a = |spf: Option<&str>, dkim: &[&str]| Authenticated {
+            spf: spf.map(str::to_string),
+            dkim: dkim.iter().map(|d| d.to_string()).collect(),
+        };
+        let none = a(None, &[]);
+        let spf = a(Some("partner.test"), &[]);
+        let dkim_parent = a(None, &["partner.test"]);
+        let dkim_other = a(None, &["evil.test"]);
+        // (require, results, sender domain, answer)
+        let table = [
+            (Off, None, "partner.test", Some("")),
+            (Aligned, None, "partner.test", None),
+            (Aligned, Some(&none), "partner.test", None),
+            (Aligned, Some(&spf), "partner.test", Some("spf")),
+            (Aligned, Some(&spf), "other.test", None),
+            (
+                Aligned,
+                Some(&dkim_parent),
+                "mail.partner.test",
+                Some("dkim"),
+            ),
+            (SpfOrDkim, Some(&dkim_parent), "mail.partner.test", None),
+            (SpfOrDkim, Some(&dkim_parent), "Partner.test", Some("dkim")),
+            (Aligned, Some(&dkim_other), "partner.test", None),
+        ];
+        for (require, auth, domain, want) in table {
+            assert_eq!(
+                whitelist_authentication(require, auth, domain),
+                want,
+                "{require:?} {auth:?} {domain}"
+            );
+        }
     }
 
     #[test]

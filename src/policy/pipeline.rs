@@ -124,11 +124,22 @@ impl Refusal {
 /// Work off the core; its answer is the check's decision.
 pub type Job = Box<dyn FnOnce() -> Decision + Send>;
 
-/// A property of a recipient set by a check (at `Rcpt`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What SPF and DKIM established about a message (the `authenticate` check).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Authenticated {
+    /// The MAIL FROM domain, when SPF passed for it (lower case).
+    pub spf: Option<String>,
+    /// The `d=` domains of the DKIM signatures that passed (lower case).
+    pub dkim: Vec<String>,
+}
+
+/// A property set by a check: of a recipient (at `Rcpt`) or of the message (at `Data`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mark {
     /// The Auto Sender Whitelist's verdict for this sender and recipient.
     Whitelisted(bool),
+    /// The sender authentication results of the message.
+    Authenticated(Arc<Authenticated>),
 }
 
 /// A check's answer.
@@ -138,6 +149,8 @@ pub enum Decision {
     Defer(Job),
     AddHeader(String),
     Mark(Mark),
+    /// Several answers in order (e.g. a header and a mark); the first stop ends it.
+    All(Vec<Decision>),
 }
 
 impl std::fmt::Debug for Decision {
@@ -148,6 +161,7 @@ impl std::fmt::Debug for Decision {
             Decision::Defer(_) => f.write_str("Defer"),
             Decision::AddHeader(h) => f.debug_tuple("AddHeader").field(h).finish(),
             Decision::Mark(m) => f.debug_tuple("Mark").field(m).finish(),
+            Decision::All(d) => f.debug_tuple("All").field(d).finish(),
         }
     }
 }
@@ -194,7 +208,18 @@ pub struct Effects {
 impl Effects {
     /// The whitelist verdict, when a check set one.
     pub fn whitelisted(&self) -> Option<bool> {
-        self.marks.iter().map(|&Mark::Whitelisted(v)| v).next()
+        self.marks.iter().find_map(|m| match m {
+            Mark::Whitelisted(v) => Some(*v),
+            Mark::Authenticated(_) => None,
+        })
+    }
+
+    /// The sender authentication results, when the `authenticate` check gave them.
+    pub fn authenticated(&self) -> Option<Arc<Authenticated>> {
+        self.marks.iter().find_map(|m| match m {
+            Mark::Authenticated(a) => Some(a.clone()),
+            Mark::Whitelisted(_) => None,
+        })
     }
 }
 
@@ -330,6 +355,7 @@ fn apply(d: Decision, effects: &mut Effects) -> Option<Applied> {
         }
         Decision::Reject(r) => Some(Applied::Stop(Outcome::Reject(r))),
         Decision::Defer(job) => Some(Applied::Defer(job)),
+        Decision::All(all) => all.into_iter().find_map(|d| apply(d, effects)),
     }
 }
 

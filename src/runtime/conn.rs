@@ -990,9 +990,70 @@ impl Conn {
             dsn: std::mem::take(&mut self.txn.dsn),
             binary: self.txn.binary,
         };
-        let verdicts = std::mem::take(&mut self.txn.verdicts);
-        let verdict = |i: usize| verdicts.get(i).copied().flatten();
+        let mut content = std::mem::replace(&mut self.txn.content, self.ctx.queue.spool.staged());
+        let size = content.len();
+        if let Some(e) = content.take_error() {
+            tracing::error!(queue_id = %queue_id, error = %e, "cannot stage the message content");
+            self.ctx.shared.metrics.rejected(Reason::Storage);
+            session.reject(if drop_folder::is_storage_full(&e) {
+                &reply::STORAGE_FULL
+            } else {
+                &reply::STORAGE_ERROR
+            });
+            self.txn.clear();
+            return;
+        }
+        let header_len = aswl::detect::header_len(content.prefix());
+        let outcome = {
+            let r = Request {
+                mail_from: &env.mail_from,
+                header: content.prefix().get(..header_len).unwrap_or_default(),
+                header_complete: content.header_fits(header_len),
+                content: Some(&content),
+                ..self.request(session, "", "")
+            };
+            self.decide(Stage::Data, &r).await
+        };
+        let (added, authenticated) = match outcome {
+            Ok(e) => {
+                let a = e.authenticated();
+                (e.headers, a)
+            }
+            Err(f) => {
+                tracing::info!(queue_id = %queue_id, client = %self.peer.ip(), reason = f.log, "message refused");
+                self.refuse(session, f);
+                self.txn.clear();
+                return;
+            }
+        };
+        // A whitelist pass counts only for an authenticated sender (`require_authentication`):
+        // passes of an unauthenticated one become `none` before the routes are chosen.
+        let mut verdicts = std::mem::take(&mut self.txn.verdicts);
         let sender_domain = env.mail_from.rsplit_once('@').map_or("", |(_, d)| d);
+        let mut downgraded = vec![false; verdicts.len()];
+        let mut auth_word = "";
+        if let Some(s) = &self.binding.config.aswl
+            && env.direction == Direction::Inbound
+            && verdicts.contains(&Some(true))
+        {
+            match crate::policy::authenticate::whitelist_authentication(
+                s.require_authentication,
+                authenticated.as_deref(),
+                sender_domain,
+            ) {
+                Some(w) => auth_word = w,
+                None => {
+                    for (v, d) in verdicts.iter_mut().zip(downgraded.iter_mut()) {
+                        if *v == Some(true) {
+                            *v = Some(false);
+                            *d = true;
+                        }
+                    }
+                    tracing::info!(queue_id = %queue_id, sender = %env.mail_from, "aswl: whitelisted sender not authenticated; verdict none");
+                }
+            }
+        }
+        let verdict = |i: usize| verdicts.get(i).copied().flatten();
         // Routing happens here, once: the queue uses these routes while the configuration
         // stays the same.
         let mut all_discard = true;
@@ -1019,39 +1080,6 @@ impl Conn {
                 }
             }
         }
-        let mut content = std::mem::replace(&mut self.txn.content, self.ctx.queue.spool.staged());
-        let size = content.len();
-        if let Some(e) = content.take_error() {
-            tracing::error!(queue_id = %queue_id, error = %e, "cannot stage the message content");
-            self.ctx.shared.metrics.rejected(Reason::Storage);
-            session.reject(if drop_folder::is_storage_full(&e) {
-                &reply::STORAGE_FULL
-            } else {
-                &reply::STORAGE_ERROR
-            });
-            self.txn.clear();
-            return;
-        }
-        let header_len = aswl::detect::header_len(content.prefix());
-        let outcome = {
-            let r = Request {
-                mail_from: &env.mail_from,
-                header: content.prefix().get(..header_len).unwrap_or_default(),
-                header_complete: content.header_fits(header_len),
-                content: Some(&content),
-                ..self.request(session, "", "")
-            };
-            self.decide(Stage::Data, &r).await
-        };
-        let added = match outcome {
-            Ok(e) => e.headers,
-            Err(f) => {
-                tracing::info!(queue_id = %queue_id, client = %self.peer.ip(), reason = f.log, "message refused");
-                self.refuse(session, f);
-                self.txn.clear();
-                return;
-            }
-        };
         let mut log = match self.collect_aswl(&env, content.prefix()) {
             Ok(l) => l,
             Err(e) => {
@@ -1136,7 +1164,18 @@ impl Conn {
                     received.push_str("\r\n");
                 }
                 if let Some(s) = &verdict_header {
-                    received.push_str(&s.verdict_header(v));
+                    // Why: how a pass was authenticated; `none` because authentication failed
+                    // when that is so for every recipient of this copy.
+                    let unauthenticated = v == Some(false)
+                        && (0..verdicts.len())
+                            .filter(|&i| verdict(i) == Some(false))
+                            .all(|i| downgraded.get(i) == Some(&true));
+                    let why = match v {
+                        Some(true) if !auth_word.is_empty() => format!("auth={auth_word}"),
+                        _ if unauthenticated => "reason=unauthenticated".to_string(),
+                        _ => String::new(),
+                    };
+                    received.push_str(&s.verdict_header_why(v, &why));
                 }
                 let extra = log.as_ref().map(|(seg, b)| (seg, b.as_slice()));
                 let spool = &self.ctx.queue.spool;
