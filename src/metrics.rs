@@ -27,9 +27,11 @@ pub enum Reason {
     EarlyTalker,
     UnofferedPipelining,
     CalloutUnavailable,
+    DmarcReject,
+    SpfFail,
 }
 
-const REASONS: [(Reason, &str); 20] = [
+const REASONS: [(Reason, &str); 22] = [
     (Reason::RelayDenied, "relay_denied"),
     (Reason::AuthRequired, "auth_required"),
     (Reason::TooBig, "too_big"),
@@ -50,6 +52,8 @@ const REASONS: [(Reason, &str); 20] = [
     (Reason::EarlyTalker, "early_talker"),
     (Reason::UnofferedPipelining, "unoffered_pipelining"),
     (Reason::CalloutUnavailable, "callout_unavailable"),
+    (Reason::DmarcReject, "dmarc_reject"),
+    (Reason::SpfFail, "spf_fail"),
 ];
 
 /// Upper bounds (seconds) of the session duration histogram.
@@ -87,7 +91,22 @@ pub struct Metrics {
     /// Relay connections opened, and transactions sent over a reused one.
     relay_opened: AtomicU64,
     relay_reused: AtomicU64,
+    /// `[authentication]` results, by method and result.
+    authentication: [[AtomicU64; AUTH_RESULTS.len()]; AUTH_METHODS.len()],
 }
+
+/// `ringmx_authentication_total{method,result}` labels.
+pub const AUTH_METHODS: [&str; 3] = ["spf", "dkim", "dmarc"];
+pub const AUTH_RESULTS: [&str; 8] = [
+    "pass",
+    "fail",
+    "softfail",
+    "neutral",
+    "none",
+    "temperror",
+    "permerror",
+    "policy",
+];
 
 /// `ringmx_deliveries_total{result}` labels.
 const DELIVERY_RESULTS: [&str; 7] = [
@@ -129,6 +148,17 @@ impl Metrics {
             commit: Default::default(),
             relay_opened: AtomicU64::new(0),
             relay_reused: AtomicU64::new(0),
+            authentication: Default::default(),
+        }
+    }
+
+    /// Count one result of an authentication method (names as in [`AUTH_METHODS`] and
+    /// [`AUTH_RESULTS`]; others are not counted).
+    pub fn authentication(&self, method: &str, result: &str) {
+        let m = AUTH_METHODS.iter().position(|x| *x == method);
+        let r = AUTH_RESULTS.iter().position(|x| *x == result);
+        if let (Some(m), Some(r)) = (m, r) {
+            Self::add(self.authentication.get(m).and_then(|a| a.get(r)), 1);
         }
     }
 
@@ -353,7 +383,30 @@ impl Metrics {
         );
         let _ = writeln!(o, "ringmx_session_duration_seconds_count {count}");
         self.render_queue(&mut o);
+        self.render_authentication(&mut o);
         o
+    }
+
+    fn render_authentication(&self, o: &mut String) {
+        describe(
+            o,
+            "ringmx_authentication_total",
+            "counter",
+            "SPF, DKIM (per signature) and DMARC results of inbound messages.",
+        );
+        for (m, method) in AUTH_METHODS.iter().enumerate() {
+            for (r, result) in AUTH_RESULTS.iter().enumerate() {
+                let v = self
+                    .authentication
+                    .get(m)
+                    .and_then(|a| a.get(r))
+                    .map_or(0, |c| c.load(Ordering::Relaxed));
+                let _ = writeln!(
+                    o,
+                    "ringmx_authentication_total{{method=\"{method}\",result=\"{result}\"}} {v}"
+                );
+            }
+        }
     }
 
     fn render_queue(&self, o: &mut String) {

@@ -85,8 +85,40 @@ send("127.0.0.5", sign(message("tampered")).replace(b"Hello Alice.", b"Pay Mallo
 send("127.0.0.6", message("forged",
     "Authentication-Results: mx.test; dkim=pass header.d=partner.test\r\n"
     "Authentication-Results: relay.other.test; spf=pass\r\n"))
+# SPF records of every kind: include, ~all, a loop, too many lookups, a zone that times out.
+for domain in ["inc", "soft", "loop", "many", "slow"]:
+    with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=("127.0.0.5", 0), timeout=30) as s:
+        s.ehlo("client.partner.test")
+        s.sendmail("x@%s.test" % domain, ["alice@example.test"], message("spf-" + domain))
 print("sent")
 "#;
+
+/// The DNS records of the tests: partner.test's SPF, DKIM keys and DMARC, SPF records of
+/// every kind, and slow.test served by a silent socket (`blackhole`).
+fn zone(blackhole: &std::net::UdpSocket, dkim: &[(&str, &str)], dmarc: &str) -> Vec<String> {
+    let mut r = vec![
+        format!(
+            "--server=/slow.test/127.0.0.1#{}",
+            blackhole.local_addr().unwrap().port()
+        ),
+        "--local=/test/".to_string(),
+        txt("partner.test", "v=spf1 ip4:127.0.0.5 -all"),
+        txt("_dmarc.partner.test", dmarc),
+        txt("inc.test", "v=spf1 include:partner.test -all"),
+        txt("soft.test", "v=spf1 ~all"),
+        txt("loop.test", "v=spf1 include:loop.test -all"),
+        txt("relay.test", "v=spf1 ip4:127.0.0.6 -all"),
+    ];
+    let many: Vec<String> = (1..=11).map(|i| format!("include:m{i}.test")).collect();
+    r.push(txt("many.test", &format!("v=spf1 {} -all", many.join(" "))));
+    for i in 1..=11 {
+        r.push(txt(&format!("m{i}.test"), "v=spf1 ?all"));
+    }
+    for (selector, record) in dkim {
+        r.push(txt(&format!("{selector}._domainkey.partner.test"), record));
+    }
+    r
+}
 
 #[test]
 fn spf_dkim_and_dmarc_results_on_every_copy() {
@@ -96,20 +128,20 @@ fn spf_dkim_and_dmarc_results_on_every_copy() {
     let dkim_record = format!("v=DKIM1; k=rsa; p={}", public_key(&keys));
     let (ed_key, ed_public) = ed25519(&keys);
     let ed_record = format!("v=DKIM1; k=ed25519; p={ed_public}");
-    let dns = support::Dnsmasq::start(&[
-        "--local=/partner.test/",
-        "--local=/example.test/",
-        &txt("partner.test", "v=spf1 ip4:127.0.0.5 -all"),
-        &txt("sel._domainkey.partner.test", &dkim_record),
-        &txt("ed._domainkey.partner.test", &ed_record),
-        &txt("_dmarc.partner.test", "v=DMARC1; p=reject"),
-    ]);
+    let blackhole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let records = zone(
+        &blackhole,
+        &[("sel", &dkim_record), ("ed", &ed_record)],
+        "v=DMARC1; p=reject",
+    );
+    let args: Vec<&str> = records.iter().map(String::as_str).collect();
+    let dns = support::Dnsmasq::start(&args);
     let s = Server::start_with(
         "authentication",
         "auto",
         "",
         &format!(
-            "[dns]\nservers = [\"127.0.0.1:{}\"]\n[authentication]\nverify = true\ntimeout = \"5s\"\n",
+            "[dns]\nservers = [\"127.0.0.1:{}\"]\n[authentication]\nverify = true\ntimeout = \"8s\"\n",
             dns.port
         ),
     );
@@ -205,6 +237,24 @@ fn spf_dkim_and_dmarc_results_on_every_copy() {
             .any(|f| f.contains("relay.other.test; spf=pass")),
         "{forged:?}"
     );
+    for (domain, want) in [
+        ("inc", "spf=pass"),
+        ("soft", "spf=softfail"),
+        ("loop", "spf=permerror"),
+        ("many", "spf=permerror"),
+        ("slow", "spf=temperror"),
+    ] {
+        let r = results(&copy(&format!("spf-{domain}")));
+        assert!(r[0].contains(want), "{domain}: {want} in {r:?}");
+    }
+    let metrics = s.admin_get("/metrics").1;
+    for want in [
+        "ringmx_authentication_total{method=\"dkim\",result=\"pass\"} 2",
+        "ringmx_authentication_total{method=\"spf\",result=\"fail\"} 1",
+        "ringmx_authentication_total{method=\"dmarc\",result=\"fail\"} ",
+    ] {
+        assert!(metrics.contains(want), "{want} in {metrics}");
+    }
     drop(dns);
     let _ = std::fs::remove_dir_all(&keys);
 }
@@ -241,13 +291,10 @@ fn the_whitelist_needs_an_authenticated_sender() {
     std::fs::create_dir_all(&keys).unwrap();
     openssl(&keys, &["genrsa", "-out", "key.pem", "2048"]);
     let dkim_record = format!("v=DKIM1; k=rsa; p={}", public_key(&keys));
-    let dns = support::Dnsmasq::start(&[
-        "--local=/partner.test/",
-        "--local=/example.test/",
-        &txt("partner.test", "v=spf1 ip4:127.0.0.5 -all"),
-        &txt("sel._domainkey.partner.test", &dkim_record),
-        &txt("_dmarc.partner.test", "v=DMARC1; p=none"),
-    ]);
+    let blackhole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let records = zone(&blackhole, &[("sel", &dkim_record)], "v=DMARC1; p=none");
+    let args: Vec<&str> = records.iter().map(String::as_str).collect();
+    let dns = support::Dnsmasq::start(&args);
     for (name, require, want) in [
         (
             "aswl-auth-aligned",
@@ -304,4 +351,81 @@ fn the_whitelist_needs_an_authenticated_sender() {
         }
     }
     let _ = std::fs::remove_dir_all(&keys);
+}
+
+const ENFORCE: &str = r#"
+import os, smtplib
+def message(subject):
+    return ("From: Bob <bob@partner.test>\r\nTo: alice@example.test\r\nSubject: %s\r\n"
+            "Message-ID: <%s@partner.test>\r\n\r\nHello Alice.\r\n" % (subject, subject)).encode()
+def send(src, sender, subject):
+    try:
+        with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=(src, 0), timeout=30) as s:
+            s.sendmail(sender, ["alice@example.test"], message(subject))
+        print(subject, "250")
+    except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as e:
+        print(subject, e.smtp_code, e.smtp_error.decode())
+# MAIL FROM partner.test from outside its SPF record (-all).
+send("127.0.0.6", "bob@partner.test", "spf-fail")
+# SPF passes for relay.test, but the From domain partner.test (p=reject) is not aligned.
+send("127.0.0.6", "x@relay.test", "dmarc-fail")
+# SPF passes for partner.test itself.
+send("127.0.0.5", "bob@partner.test", "good")
+"#;
+
+/// `[authentication] spf_reject` and `dmarc_reject`, each on and off.
+#[test]
+fn enforcement_switches() {
+    let blackhole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let records = zone(&blackhole, &[], "v=DMARC1; p=reject");
+    let args: Vec<&str> = records.iter().map(String::as_str).collect();
+    let dns = support::Dnsmasq::start(&args);
+    let dmarc = "550 5.7.1 Message rejected: the sender's domain DMARC policy";
+    for (name, switches, want) in [
+        (
+            "enforce-off",
+            "",
+            [
+                "spf-fail 250".to_string(),
+                "dmarc-fail 250".into(),
+                "good 250".into(),
+            ],
+        ),
+        (
+            "enforce-spf",
+            "spf_reject = true\n",
+            [
+                "spf-fail 550 5.7.23 SPF validation failed".to_string(),
+                "dmarc-fail 250".into(),
+                "good 250".into(),
+            ],
+        ),
+        (
+            "enforce-dmarc",
+            "dmarc_reject = true\n",
+            [
+                format!("spf-fail {dmarc}"),
+                format!("dmarc-fail {dmarc}"),
+                "good 250".into(),
+            ],
+        ),
+    ] {
+        let s = Server::start_with(
+            name,
+            "auto",
+            "",
+            &format!(
+                "[dns]\nservers = [\"127.0.0.1:{}\"]\n[authentication]\nverify = true\n{switches}",
+                dns.port
+            ),
+        );
+        let out = support::python(ENFORCE, s.inbound.port(), 0);
+        let text = support::stdout(&out);
+        assert_eq!(
+            text.lines().collect::<Vec<_>>(),
+            want,
+            "[{name}] {}",
+            support::stderr(&out)
+        );
+    }
 }

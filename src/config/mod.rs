@@ -748,6 +748,11 @@ pub struct AuthenticationSection {
     pub authserv_id: Option<String>,
     /// All lookups of one message together; what has not answered is `temperror`.
     pub timeout: Secs,
+    /// Refuse (`550 5.7.1`) a message whose From domain's DMARC policy is `reject` and that
+    /// fails DMARC.
+    pub dmarc_reject: bool,
+    /// Refuse (`550 5.7.23`) MAIL FROM a domain whose SPF record fails the client (`-all`).
+    pub spf_reject: bool,
 }
 
 impl Default for AuthenticationSection {
@@ -756,6 +761,8 @@ impl Default for AuthenticationSection {
             verify: false,
             authserv_id: None,
             timeout: Secs(Duration::from_secs(10)),
+            dmarc_reject: false,
+            spf_reject: false,
         }
     }
 }
@@ -1435,6 +1442,18 @@ impl Config {
                 key_line(source, "authserv_id", at),
                 "authentication.authserv_id",
                 "a host name: letters, digits, '-', '.' and '_'".into(),
+            ));
+        }
+        if (a.dmarc_reject || a.spf_reject) && !a.verify {
+            let k = if a.dmarc_reject {
+                "dmarc_reject"
+            } else {
+                "spf_reject"
+            };
+            return Err(err(
+                key_line(source, k, at),
+                &format!("authentication.{k}"),
+                "needs verify = true".into(),
             ));
         }
         if a.timeout.0 < Duration::from_millis(100) || a.timeout.0 > Duration::from_secs(60) {

@@ -29,6 +29,8 @@ pub struct Sources<'a> {
     pub callouts: Option<&'a Arc<Callouts>>,
     /// The resolver for SPF, DKIM and DMARC (`None`: no verification).
     pub dns: Option<&'a Arc<crate::relay::dns::Dns>>,
+    /// Where checks that count results count them.
+    pub metrics: Option<&'a Arc<crate::metrics::Metrics>>,
 }
 
 /// The pipeline of a binding:
@@ -36,7 +38,7 @@ pub struct Sources<'a> {
 /// | stage   | checks, in order |
 /// |---------|------------------|
 /// | connect | `client_access` (`clients_deny`, `clients_allow`), `connection_rate` (`[rates]`), `dnsbl` (inbound, `[dnsbl]`) |
-/// | mail    | `auth_required` (`auth = "required"`), `message_rate` |
+/// | mail    | `auth_required` (`auth = "required"`), `message_rate`, `spf_reject` (inbound, `[authentication] spf_reject`) |
 /// | rcpt    | `relay_rights`, `known_recipients` (inbound, `[[recipients]]`; with the unknown-recipient rate), `recipient_rate`, `callout` (inbound, `[[recipients]] callout = true`), `whitelist` (inbound, `[aswl]`) |
 /// | data    | `header_size`, `hop_limit`, `authenticate` (inbound, `[authentication] verify`) |
 pub fn for_binding(s: Sources<'_>) -> Pipeline {
@@ -66,6 +68,18 @@ pub fn for_binding(s: Sources<'_>) -> Pipeline {
     }
     if let Some(c) = rate(Event::Message) {
         checks.push(Arc::new(c));
+    }
+    let auth = &s.config.authentication;
+    if b.section.direction == Direction::Inbound
+        && auth.verify
+        && auth.spf_reject
+        && let Some(dns) = s.dns
+    {
+        checks.push(Arc::new(super::authenticate::SpfAtMail {
+            dns: dns.clone(),
+            authserv_id: s.config.authserv_id().to_string(),
+            timeout: auth.timeout.0,
+        }));
     }
     checks.push(Arc::new(RelayRights {
         config: s.config.clone(),
@@ -120,6 +134,8 @@ pub fn for_binding(s: Sources<'_>) -> Pipeline {
             dns: dns.clone(),
             authserv_id: s.config.authserv_id().to_string(),
             timeout: s.config.authentication.timeout.0,
+            dmarc_reject: s.config.authentication.dmarc_reject,
+            metrics: s.metrics.cloned(),
         }));
     }
     Pipeline::new(checks)
@@ -414,6 +430,7 @@ folder = "/tmp/x"
             dnsbl: None,
             callouts: None,
             dns: None,
+            metrics: None,
         })
     }
 
@@ -613,6 +630,7 @@ folder = "/tmp/x"
             dnsbl: None,
             callouts: None,
             dns: None,
+            metrics: None,
         });
         assert_eq!(
             p.names(Stage::Connect),

@@ -131,6 +131,12 @@ pub struct Authenticated {
     pub spf: Option<String>,
     /// The `d=` domains of the DKIM signatures that passed (lower case).
     pub dkim: Vec<String>,
+    /// The results as RFC 8601 words: SPF, each DKIM signature, DMARC.
+    pub spf_result: &'static str,
+    pub dkim_results: Vec<&'static str>,
+    pub dmarc_result: &'static str,
+    /// The From domain's DMARC policy is `reject`.
+    pub dmarc_policy_reject: bool,
 }
 
 /// A property set by a check: of a recipient (at `Rcpt`) or of the message (at `Data`).

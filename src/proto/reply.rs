@@ -186,6 +186,16 @@ pub static TOO_MANY_RECIPIENTS: Reply = Reply::new(452, "4.5.3", "Too many recip
 pub static MESSAGE_TOO_BIG: Reply = Reply::new(552, "5.3.4", "Message size exceeds fixed limit");
 /// A client network the binding's access lists refuse (sent instead of the greeting).
 pub static ACCESS_DENIED: Reply = Reply::new(554, "5.7.1", "Access denied, closing connection");
+/// A message failing DMARC whose From domain asks for rejection (`[authentication]
+/// dmarc_reject`).
+pub static DMARC_REJECT: Reply = Reply::new(
+    550,
+    "5.7.1",
+    "Message rejected: the sender's domain DMARC policy",
+);
+/// MAIL FROM a domain whose SPF record fails this client (`[authentication] spf_reject`,
+/// RFC 7372).
+pub static SPF_FAIL: Reply = Reply::new(550, "5.7.23", "SPF validation failed");
 /// A recipient the next hop could not confirm yet (callout unavailable): try later.
 pub static RECIPIENT_UNVERIFIED: Reply = Reply::new(
     450,

@@ -91,7 +91,7 @@ pub struct Shared {
     live: RwLock<Arc<Live>>,
     /// `live`'s generation, so accept loops notice a reload without taking the lock.
     generation: AtomicU64,
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub limits: ConnLimits,
     pub shutdown: AtomicBool,
     /// Open connections per listen address (a binding's `max_connections`), kept over reloads.
@@ -318,6 +318,7 @@ fn binding_rt(shared: &Shared, live: &Live, listen: SocketAddr) -> Option<Bindin
             dnsbl: shared.dnsbl.as_ref(),
             callouts: Some(&shared.callouts),
             dns: dns.as_ref(),
+            metrics: Some(&shared.metrics),
         }),
         open: shared.open_counter(listen),
         b,
@@ -543,14 +544,14 @@ pub fn run(
             admin_tokens,
             recipients,
         })),
-        metrics: crate::metrics::Metrics::new(
+        metrics: Arc::new(crate::metrics::Metrics::new(
             config
                 .bindings
                 .iter()
                 .map(|b| b.section.name.clone())
                 .collect(),
             cpus.len(),
-        ),
+        )),
         limits: ConnLimits::new(config.limits.max_connections),
         shutdown: AtomicBool::new(false),
         open_per_address: Mutex::new(HashMap::new()),
