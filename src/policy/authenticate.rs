@@ -459,6 +459,7 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
         let a = |spf: Option<&str>, dkim: &[&str]| Authenticated {
             spf: spf.map(str::to_string),
             dkim: dkim.iter().map(|d| d.to_string()).collect(),
+            ..Authenticated::default()
         };
         let none = a(None, &[]);
         let spf = a(Some("partner.test"), &[]);
