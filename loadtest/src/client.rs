@@ -41,6 +41,9 @@ pub struct Opts {
     pub senders: u64,
     pub to_domain: String,
     pub run_id: String,
+    /// `--message FILE`: every message is this content (CRLF lines, dot-stuffed) instead of
+    /// a generated one, e.g. a DKIM-signed message.
+    pub message: Option<std::sync::Arc<Vec<u8>>>,
 }
 
 /// The budget all connections draw messages from.
@@ -148,6 +151,9 @@ fn sender(opts: &Opts, k: u64) -> String {
 /// A message body of `size` bytes (at least the headers), unique Message-ID, no line starts
 /// with a dot.
 fn message(opts: &Opts, k: u64, size: usize) -> Vec<u8> {
+    if let Some(m) = &opts.message {
+        return m.to_vec();
+    }
     let mut m = format!(
         "From: <{}>\r\nTo: <rcpt0@{}>\r\nSubject: ringmx-loadtest {k}\r\nMessage-ID: <{}.{k}@loadtest.ringmx>\r\n\r\n",
         sender(opts, k),
@@ -366,4 +372,23 @@ async fn send_message(
     };
     st.record(6, micros(scheduled));
     Ok(r.is_positive())
+}
+
+/// A file as message content: line ends made CRLF, lines starting with a dot stuffed.
+pub fn load_message(path: &str) -> std::io::Result<Vec<u8>> {
+    let raw = std::fs::read(path)?;
+    let mut out = Vec::with_capacity(raw.len() + 64);
+    for line in raw.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.first() == Some(&b'.') {
+            out.push(b'.');
+        }
+        out.extend_from_slice(line);
+        out.extend_from_slice(b"\r\n");
+    }
+    // The split leaves one empty piece after a final line end.
+    if raw.ends_with(b"\n") {
+        out.truncate(out.len() - 2);
+    }
+    Ok(out)
 }

@@ -35,6 +35,7 @@ USAGE: ringmx-loadtest [OPTIONS] HOST:PORT
                            replaced by the message number modulo --senders
       --senders N          distinct senders for {k} (default 1000000)
       --to-domain DOMAIN   recipients are rcptN@DOMAIN (default example.test)
+      --message FILE       send this message (e.g. DKIM-signed) instead of generated ones
       --json               one JSON object on stdout instead of the text report
       --allow-remote       allow a target that is not a loopback address
 ";
@@ -71,6 +72,7 @@ fn parse_args() -> Opts {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_micros())
         ),
+        message: None,
     };
     let mut target = None;
     let mut allow_remote = false;
@@ -119,6 +121,15 @@ fn parse_args() -> Opts {
                 o.to_domain = args
                     .next()
                     .unwrap_or_else(|| fail("--to-domain needs a domain"))
+            }
+            "--message" => {
+                let path = args
+                    .next()
+                    .unwrap_or_else(|| fail("--message needs a file"));
+                let m = client::load_message(&path)
+                    .unwrap_or_else(|e| fail(&format!("--message {path}: {e}")));
+                o.size = (m.len(), m.len());
+                o.message = Some(std::sync::Arc::new(m));
             }
             "--json" => o.json = true,
             "--allow-remote" => allow_remote = true,

@@ -17,7 +17,14 @@ use std::time::Duration;
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::spf::verify::SpfParameters;
-use mail_auth::{AuthenticatedMessage, AuthenticationResults, MessageAuthenticator};
+use mail_auth::{
+    AuthenticatedMessage, AuthenticationResults, MessageAuthenticator, Parameters, ResolverCache,
+    Txt,
+};
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::Instant;
 
 use super::pipeline::{Authenticated, Check, Decision, Mark, Refusal, Request, Stage};
 use crate::metrics::Reason;
@@ -39,6 +46,50 @@ impl std::fmt::Debug for Authenticate {
         f.debug_struct("Authenticate")
             .field("authserv_id", &self.authserv_id)
             .finish_non_exhaustive()
+    }
+}
+
+/// Parsed TXT records (SPF, DKIM keys, DMARC) for their TTL, shared by every verification:
+/// a record is fetched and parsed once, not per message. At most [`TXT_CACHE_SIZE`] names;
+/// when full, expired entries go, then everything (it refills from the resolver's cache).
+struct TxtCache(std::sync::Mutex<HashMap<Box<str>, (Txt, Instant)>>);
+
+const TXT_CACHE_SIZE: usize = 100_000;
+
+fn txt_cache() -> &'static TxtCache {
+    static CACHE: std::sync::OnceLock<TxtCache> = std::sync::OnceLock::new();
+    CACHE.get_or_init(|| TxtCache(std::sync::Mutex::new(HashMap::new())))
+}
+
+impl ResolverCache<Box<str>, Txt> for TxtCache {
+    fn get<Q>(&self, name: &Q) -> Option<Txt>
+    where
+        Box<str>: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.get(name)
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(t, _)| t.clone())
+    }
+    fn remove<Q>(&self, name: &Q) -> Option<Txt>
+    where
+        Box<str>: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.remove(name).map(|(t, _)| t)
+    }
+    fn insert(&self, key: Box<str>, value: Txt, valid_until: Instant) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= TXT_CACHE_SIZE {
+            let now = Instant::now();
+            m.retain(|_, (_, until)| *until > now);
+            if m.len() >= TXT_CACHE_SIZE {
+                m.clear();
+            }
+        }
+        m.insert(key, (value, valid_until));
     }
 }
 
@@ -191,7 +242,10 @@ impl Check for SpfAtMail {
             let result = dns.block_on(async {
                 tokio::time::timeout(
                     timeout,
-                    auth.verify_spf(SpfParameters::verify_mail_from(ip, helo, &id, &mail_from)),
+                    auth.verify_spf(
+                        Parameters::new(SpfParameters::verify_mail_from(ip, helo, &id, &mail_from))
+                            .with_txt_cache(txt_cache()),
+                    ),
                 )
                 .await
                 .ok()
@@ -233,7 +287,10 @@ pub fn verify(
                     SpfParameters::verify_mail_from(ip, helo, authserv_id, mail_from)
                 }
             };
-            let spf = auth.verify_spf(spf_params()).await;
+            let cache = txt_cache();
+            let spf = auth
+                .verify_spf(Parameters::new(spf_params()).with_txt_cache(cache))
+                .await;
             let mut passed = Authenticated {
                 spf: (spf.result() == mail_auth::SpfResult::Pass && !mail_from.is_empty())
                     .then(|| spf.domain().to_ascii_lowercase()),
@@ -246,7 +303,9 @@ pub fn verify(
             let spf_domain = mail_from.rsplit_once('@').map_or(helo, |(_, d)| d);
             match &parsed {
                 Some(m) => {
-                    let dkim = auth.verify_dkim(m).await;
+                    let dkim = auth
+                        .verify_dkim(Parameters::new(m).with_txt_cache(cache))
+                        .await;
                     passed.dkim = dkim
                         .iter()
                         .filter(|d| *d.result() == mail_auth::DkimResult::Pass)
@@ -255,8 +314,11 @@ pub fn verify(
                     passed.dkim_results = dkim.iter().map(|d| dkim_word(d.result())).collect();
                     let dmarc = auth
                         .verify_dmarc(
-                            DmarcParameters::new(m, &dkim, spf_domain, &spf)
-                                .with_domain_suffix_fn(organizational_domain),
+                            Parameters::new(
+                                DmarcParameters::new(m, &dkim, spf_domain, &spf)
+                                    .with_domain_suffix_fn(organizational_domain),
+                            )
+                            .with_txt_cache(cache),
                         )
                         .await;
                     results = results.with_dkim_results(&dkim, m.from());
