@@ -338,6 +338,15 @@ fn the_whitelist_needs_an_authenticated_sender() {
             .env("KEY", keys.join("key.pem"));
         let out = support::run_with_stdin(&mut cmd, b"");
         assert!(out.status.success(), "{}", support::stderr(&out));
+        // `ringmx aswl check` says what the pass needs.
+        let check = s.cli(&["aswl", "check", "bob@partner.test", "alice@example.test"]);
+        let check = support::stdout(&check);
+        assert!(check.starts_with("verdict: pass"), "[{name}] {check}");
+        assert_eq!(
+            check.contains("authentication: required (aligned)"),
+            require.is_empty(),
+            "[{name}] {check}"
+        );
         let copies = s.dropped();
         for (subject, header) in want {
             let copy = copies

@@ -85,8 +85,20 @@ pub fn run(a: &Aswl, s: &Settings, op: &Op, body: &[u8]) -> Result<String, Failu
                 Verdict::None => "none",
                 Verdict::Excepted(_) => "none (exception)",
             };
+            let domain = sender.rsplit_once('@').map_or("", |(_, d)| d);
+            let needs = match (s.require_authentication, &v) {
+                (crate::aswl::RequireAuth::Off, _) | (_, Verdict::None | Verdict::Excepted(_)) => {
+                    String::new()
+                }
+                (crate::aswl::RequireAuth::Aligned, _) => format!(
+                    "authentication: required (aligned): the pass counts only for a message with an SPF pass for {domain} or a DKIM signature passing for a domain of the same organization; otherwise: none reason=unauthenticated\n"
+                ),
+                (crate::aswl::RequireAuth::SpfOrDkim, _) => format!(
+                    "authentication: required (spf-or-dkim): the pass counts only for a message with an SPF pass for {domain} or a DKIM signature passing for {domain}; otherwise: none reason=unauthenticated\n"
+                ),
+            };
             Ok(format!(
-                "verdict: {word}\nmode: {}\n{why}\n",
+                "verdict: {word}\nmode: {}\n{why}\n{needs}",
                 s.mode.as_str()
             ))
         }
