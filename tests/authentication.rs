@@ -364,13 +364,13 @@ fn the_whitelist_needs_an_authenticated_sender() {
 
 const ENFORCE: &str = r#"
 import os, smtplib
-def message(subject):
-    return ("From: Bob <bob@partner.test>\r\nTo: alice@example.test\r\nSubject: %s\r\n"
-            "Message-ID: <%s@partner.test>\r\n\r\nHello Alice.\r\n" % (subject, subject)).encode()
-def send(src, sender, subject):
+def message(subject, frm):
+    return ("From: %s\r\nTo: alice@example.test\r\nSubject: %s\r\n"
+            "Message-ID: <%s@partner.test>\r\n\r\nHello Alice.\r\n" % (frm, subject, subject)).encode()
+def send(src, sender, subject, frm="Bob <bob@partner.test>"):
     try:
         with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=(src, 0), timeout=30) as s:
-            s.sendmail(sender, ["alice@example.test"], message(subject))
+            s.sendmail(sender, ["alice@example.test"], message(subject, frm))
         print(subject, "250")
     except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as e:
         print(subject, e.smtp_code, e.smtp_error.decode())
@@ -380,6 +380,8 @@ send("127.0.0.6", "bob@partner.test", "spf-fail")
 send("127.0.0.6", "x@relay.test", "dmarc-fail")
 # SPF passes for partner.test itself.
 send("127.0.0.5", "bob@partner.test", "good")
+# From: names two domains: DMARC has no single answer.
+send("127.0.0.5", "bob@partner.test", "two-from", "bob@partner.test, ceo@bank.test")
 "#;
 
 /// `[authentication] spf_reject` and `dmarc_reject`, each on and off.
@@ -398,6 +400,7 @@ fn enforcement_switches() {
                 "spf-fail 250".to_string(),
                 "dmarc-fail 250".into(),
                 "good 250".into(),
+                "two-from 250".into(),
             ],
         ),
         (
@@ -407,6 +410,7 @@ fn enforcement_switches() {
                 "spf-fail 550 5.7.23 SPF validation failed".to_string(),
                 "dmarc-fail 250".into(),
                 "good 250".into(),
+                "two-from 250".into(),
             ],
         ),
         (
@@ -416,6 +420,7 @@ fn enforcement_switches() {
                 format!("spf-fail {dmarc}"),
                 format!("dmarc-fail {dmarc}"),
                 "good 250".into(),
+                format!("two-from {dmarc}"),
             ],
         ),
     ] {

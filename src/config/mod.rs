@@ -746,7 +746,8 @@ pub struct AuthenticationSection {
     pub verify: bool,
     /// The authserv-id of the results (default `server.hostname`).
     pub authserv_id: Option<String>,
-    /// All lookups of one message together; what has not answered is `temperror`.
+    /// All lookups of one message together (a failed lookup is `temperror`; past this the
+    /// message gets no results and its sender counts as unauthenticated).
     pub timeout: Secs,
     /// Refuse (`550 5.7.1`) a message whose From domain's DMARC policy is `reject` and that
     /// fails DMARC.

@@ -54,7 +54,7 @@ impl std::fmt::Debug for Authenticate {
 /// when full, expired entries go, then everything (it refills from the resolver's cache).
 struct TxtCache(std::sync::Mutex<HashMap<Box<str>, (Txt, Instant)>>);
 
-const TXT_CACHE_SIZE: usize = 100_000;
+const TXT_CACHE_SIZE: usize = 20_000;
 
 fn txt_cache() -> &'static TxtCache {
     static CACHE: std::sync::OnceLock<TxtCache> = std::sync::OnceLock::new();
@@ -81,6 +81,12 @@ impl ResolverCache<Box<str>, Txt> for TxtCache {
         m.remove(name).map(|(t, _)| t)
     }
     fn insert(&self, key: Box<str>, value: Txt, valid_until: Instant) {
+        // A record that did not parse as the type asked for is not kept: the name may be
+        // asked for as another type (an SPF `include:` aimed at a DKIM key), and a cached
+        // error would stand in for the real record.
+        if matches!(value, Txt::Error(_)) {
+            return;
+        }
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         if m.len() >= TXT_CACHE_SIZE {
             let now = Instant::now();
@@ -107,14 +113,19 @@ pub fn strip_ours(content: &[u8], authserv_id: &str) -> Option<Vec<u8>> {
     })
 }
 
-/// The authserv-id that starts a field's value: after folding white space and comments, up
-/// to white space or `;`.
+/// The authserv-id that starts a field's value, the way an RFC 5322 reader finds it: folding
+/// white space and comments (nested, with `\` escapes) skipped, a quoted string unquoted,
+/// up to white space, `;` or a comment.
 fn authserv_id_of(value: &[u8]) -> String {
     let mut depth = 0u32;
     let mut id = String::new();
-    for &b in value {
+    let mut it = value.iter().copied();
+    while let Some(b) = it.next() {
         if depth > 0 {
             match b {
+                b'\\' => {
+                    it.next();
+                }
                 b'(' => depth += 1,
                 b')' => depth -= 1,
                 _ => {}
@@ -123,6 +134,24 @@ fn authserv_id_of(value: &[u8]) -> String {
         }
         match b {
             b'(' if id.is_empty() => depth = 1,
+            b'"' => {
+                while let Some(q) = it.next() {
+                    match q {
+                        b'\\' => {
+                            if let Some(e) = it.next() {
+                                id.push(char::from(e));
+                            }
+                        }
+                        b'"' => break,
+                        _ => id.push(char::from(q)),
+                    }
+                }
+            }
+            b'\\' => {
+                if let Some(e) = it.next() {
+                    id.push(char::from(e));
+                }
+            }
             b' ' | b'\t' | b'\r' | b'\n' if id.is_empty() => {}
             b' ' | b'\t' | b'\r' | b'\n' | b';' | b'(' => break,
             _ => id.push(char::from(b)),
@@ -163,7 +192,12 @@ impl Check for Authenticate {
         let (ip, helo, mail_from) = (r.ip, r.helo.to_string(), r.mail_from.to_string());
         let (dns, id, timeout) = (self.dns.clone(), self.authserv_id.clone(), self.timeout);
         let (dmarc_reject, metrics) = (self.dmarc_reject, self.metrics.clone());
+        // A job that starts after its session stopped waiting does no work.
+        let deadline = Instant::now() + timeout + Duration::from_secs(1);
         Decision::Defer(Box::new(move || {
+            if Instant::now() >= deadline {
+                return Decision::Continue;
+            }
             if let Some((f, len)) = tail {
                 let at = message.len();
                 message.resize(at + len as usize, 0);
@@ -183,7 +217,12 @@ impl Check for Authenticate {
                 }
                 m.authentication("dmarc", auth.dmarc_result);
             }
-            if dmarc_reject && auth.dmarc_result == "fail" && auth.dmarc_policy_reject {
+            // With enforcement on, a From: naming several domains (where DMARC has no single
+            // answer) is refused too (RFC 7489 §6.6.1).
+            if dmarc_reject
+                && ((auth.dmarc_result == "fail" && auth.dmarc_policy_reject)
+                    || auth.ambiguous_from)
+            {
                 return Decision::Reject(Refusal::new(
                     &reply::DMARC_REJECT,
                     Reason::DmarcReject,
@@ -232,7 +271,11 @@ impl Check for SpfAtMail {
         }
         let (ip, helo, mail_from) = (r.ip, r.helo.to_string(), r.mail_from.to_string());
         let (dns, id, timeout) = (self.dns.clone(), self.authserv_id.clone(), self.timeout);
+        let deadline = Instant::now() + timeout + Duration::from_secs(1);
         Decision::Defer(Box::new(move || {
+            if Instant::now() >= deadline {
+                return Decision::Continue;
+            }
             let auth = MessageAuthenticator(dns.resolver().clone());
             let helo = if helo.is_empty() {
                 "unknown"
@@ -264,6 +307,9 @@ impl Check for SpfAtMail {
     }
 }
 
+/// DKIM signatures verified per message (the rest are ignored).
+const MAX_SIGNATURES: usize = 8;
+
 /// Verify one message: the `Authentication-Results:` field (without its line end) and what
 /// passed, or `None` when the lookups did not finish within `timeout`.
 pub fn verify(
@@ -277,7 +323,11 @@ pub fn verify(
 ) -> Option<(String, Authenticated)> {
     let auth = MessageAuthenticator(dns.resolver().clone());
     let helo = if helo.is_empty() { "unknown" } else { helo };
-    let parsed = AuthenticatedMessage::parse(message);
+    let mut parsed = AuthenticatedMessage::parse(message);
+    if let Some(m) = parsed.as_mut() {
+        // Every signature costs a key lookup and a verification: the first few are enough.
+        m.dkim_headers.truncate(MAX_SIGNATURES);
+    }
     dns.block_on(async {
         tokio::time::timeout(timeout, async {
             let spf_params = || {
@@ -300,7 +350,12 @@ pub fn verify(
             };
             let mut results = AuthenticationResults::new(authserv_id);
             let mut dmarc_field: Option<String> = None;
-            let spf_domain = mail_from.rsplit_once('@').map_or(helo, |(_, d)| d);
+            let spf_domain = mail_from
+                .rsplit_once('@')
+                .map_or(helo, |(_, d)| d)
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
+            let spf_domain = spf_domain.as_str();
             match &parsed {
                 Some(m) => {
                     let dkim = auth
@@ -332,6 +387,24 @@ pub fn verify(
                         dmarc.dkim_result(),
                         dmarc.dmarc_record().is_some(),
                     );
+                    // A mechanism that could not be evaluated is no failure: a DNS hiccup
+                    // must never turn into a DMARC `fail` (and a 550 with dmarc_reject).
+                    if passed.dmarc_result == "fail"
+                        && (passed.spf_result == "temperror"
+                            || passed.dkim_results.contains(&"temperror"))
+                    {
+                        passed.dmarc_result = "temperror";
+                    }
+                    // One From: address, or none for the whitelist (which one would count?).
+                    if let [one] = m.from.as_slice() {
+                        passed.from = one.trim().to_ascii_lowercase();
+                    }
+                    let domains: std::collections::HashSet<String> = m
+                        .from
+                        .iter()
+                        .map(|f| f.rsplit_once('@').map_or("", |(_, d)| d).to_ascii_lowercase())
+                        .collect();
+                    passed.ambiguous_from = domains.len() > 1;
                     passed.dmarc_policy_reject =
                         dmarc.policy() == mail_auth::dmarc::Policy::Reject;
                     dmarc_field = Some(format!(
@@ -371,24 +444,38 @@ pub fn verify(
 
 /// How the whitelist's sender is authenticated under `require`: `Some("spf")`/`Some("dkim")`
 /// (the `auth=` of the verdict header), or `None` when it is not (its pass does not count).
-/// `sender_domain` is the MAIL FROM domain the record matched.
+/// `sender` is the MAIL FROM address the record matched.
+///
+/// SPF vouches for the envelope sender's domain. A DKIM signature vouches for the message,
+/// From: included: it counts only when the signed From: is the envelope sender itself, so a
+/// message signed for someone else of the same domain (or replayed) does not pass.
 pub fn whitelist_authentication(
     require: crate::aswl::RequireAuth,
     auth: Option<&Authenticated>,
-    sender_domain: &str,
+    sender: &str,
 ) -> Option<&'static str> {
     use crate::aswl::RequireAuth;
     if require == RequireAuth::Off {
         return Some("");
     }
     let auth = auth?;
-    let sender = sender_domain.trim_end_matches('.').to_ascii_lowercase();
-    if auth.spf.as_deref() == Some(sender.as_str()) {
+    let sender = sender.trim().to_ascii_lowercase();
+    let domain = sender
+        .rsplit_once('@')
+        .map_or("", |(_, d)| d)
+        .trim_end_matches('.');
+    if domain.is_empty() {
+        return None;
+    }
+    if auth.spf.as_deref() == Some(domain) {
         return Some("spf");
     }
-    let org = organizational_domain(&sender);
+    if auth.from != sender {
+        return None;
+    }
+    let org = organizational_domain(domain);
     let dkim = auth.dkim.iter().any(|d| match require {
-        RequireAuth::SpfOrDkim => *d == sender,
+        RequireAuth::SpfOrDkim => d == domain,
         _ => organizational_domain(d).eq_ignore_ascii_case(org),
     });
     dkim.then_some("dkim")
@@ -486,6 +573,10 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
             (b" (comment) mx.test;", "mx.test"),
             (b"\r\n\tmx.test(c);", "mx.test"),
             (b"; none", ""),
+            (b" \"mx.test\"; dkim=pass", "mx.test"),
+            (b" (\\() mx.test; x", "mx.test"),
+            (b" (\\)) mx.test;", "mx.test"),
+            (b" mx\\.test;", "mx.test"),
         ] {
             assert_eq!(
                 authserv_id_of(value),
@@ -518,37 +609,49 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
     #[test]
     fn whitelist_authentication_modes() {
         use crate::aswl::RequireAuth::{Aligned, Off, SpfOrDkim};
-        let a = |spf: Option<&str>, dkim: &[&str]| Authenticated {
+        let a = |spf: Option<&str>, dkim: &[&str], from: &str| Authenticated {
             spf: spf.map(str::to_string),
             dkim: dkim.iter().map(|d| d.to_string()).collect(),
+            from: from.to_string(),
             ..Authenticated::default()
         };
-        let none = a(None, &[]);
-        let spf = a(Some("partner.test"), &[]);
-        let dkim_parent = a(None, &["partner.test"]);
-        let dkim_other = a(None, &["evil.test"]);
-        // (require, results, sender domain, answer)
+        let none = a(None, &[], "");
+        let spf = a(Some("partner.test"), &[], "");
+        let bob = "bob@partner.test";
+        let dkim_parent = a(None, &["partner.test"], "bob@mail.partner.test");
+        let dkim_exact = a(None, &["partner.test"], bob);
+        let dkim_other = a(None, &["evil.test"], bob);
+        // Signed for partner.test, but From: is someone else there (a replay).
+        let dkim_replay = a(None, &["partner.test"], "eve@partner.test");
+        // (require, results, envelope sender, answer)
         let table = [
-            (Off, None, "partner.test", Some("")),
-            (Aligned, None, "partner.test", None),
-            (Aligned, Some(&none), "partner.test", None),
-            (Aligned, Some(&spf), "partner.test", Some("spf")),
-            (Aligned, Some(&spf), "other.test", None),
+            (Off, None, bob, Some("")),
+            (Aligned, None, bob, None),
+            (Aligned, Some(&none), bob, None),
+            (Aligned, Some(&spf), bob, Some("spf")),
+            (Aligned, Some(&spf), "bob@other.test", None),
             (
                 Aligned,
                 Some(&dkim_parent),
-                "mail.partner.test",
+                "bob@mail.partner.test",
                 Some("dkim"),
             ),
-            (SpfOrDkim, Some(&dkim_parent), "mail.partner.test", None),
-            (SpfOrDkim, Some(&dkim_parent), "Partner.test", Some("dkim")),
-            (Aligned, Some(&dkim_other), "partner.test", None),
+            (SpfOrDkim, Some(&dkim_parent), "bob@mail.partner.test", None),
+            (
+                SpfOrDkim,
+                Some(&dkim_exact),
+                "Bob@Partner.test",
+                Some("dkim"),
+            ),
+            (Aligned, Some(&dkim_other), bob, None),
+            (Aligned, Some(&dkim_replay), bob, None),
+            (Aligned, Some(&spf), "<>", None),
         ];
-        for (require, auth, domain, want) in table {
+        for (require, auth, sender, want) in table {
             assert_eq!(
-                whitelist_authentication(require, auth, domain),
+                whitelist_authentication(require, auth, sender),
                 want,
-                "{require:?} {auth:?} {domain}"
+                "{require:?} {auth:?} {sender}"
             );
         }
     }

@@ -137,6 +137,10 @@ pub struct Authenticated {
     pub dmarc_result: &'static str,
     /// The From domain's DMARC policy is `reject`.
     pub dmarc_policy_reject: bool,
+    /// The From: address, lower case (empty unless the message has exactly one).
+    pub from: String,
+    /// From: names addresses in more than one domain.
+    pub ambiguous_from: bool,
 }
 
 /// A property set by a check: of a recipient (at `Rcpt`) or of the message (at `Data`).

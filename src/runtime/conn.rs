@@ -1039,7 +1039,7 @@ impl Conn {
             match crate::policy::authenticate::whitelist_authentication(
                 s.require_authentication,
                 authenticated.as_deref(),
-                sender_domain,
+                &env.mail_from,
             ) {
                 Some(w) => auth_word = w,
                 None => {
