@@ -152,21 +152,9 @@ impl Drop for Handle {
 pub fn start(settings: Arc<Settings>, fleet: Arc<Fleet>) -> std::io::Result<Handle> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("ringmx-fleet".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "fleet rates: cannot start a runtime");
-                    return;
-                }
-            };
-            rt.block_on(run(&settings, &fleet, &flag));
-        })?;
+    let thread = super::spawn_on_runtime("ringmx-fleet", "fleet rates", async move {
+        run(&settings, &fleet, &flag).await;
+    })?;
     Ok(Handle {
         stop,
         thread: Some(thread),

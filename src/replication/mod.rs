@@ -309,6 +309,26 @@ impl Handle {
     }
 }
 
+/// A thread named `name` running `work` on a current-thread tokio runtime of its own (what the
+/// Redis client needs); `what` names it in the log if the runtime cannot start.
+pub(crate) fn spawn_on_runtime(
+    name: &str,
+    what: &'static str,
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(work),
+                Err(e) => tracing::error!(error = %e, "{what}: cannot start a runtime"),
+            }
+        })
+}
+
 /// Open the outbox and state in `{aswl dir}/replication` and start the thread.
 pub fn start(
     aswl: Arc<Aswl>,
@@ -366,21 +386,9 @@ pub fn start(
         saved: Mutex::new(None),
     };
     ctx.note_outbox();
-    let thread = std::thread::Builder::new()
-        .name("ringmx-replication".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "aswl replication: cannot start its runtime");
-                    return;
-                }
-            };
-            rt.block_on(run(&ctx, rx));
-        })?;
+    let thread = spawn_on_runtime("ringmx-replication", "aswl replication", async move {
+        run(&ctx, rx).await;
+    })?;
     Ok(Handle {
         stop,
         thread: Some(thread),

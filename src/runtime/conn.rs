@@ -337,16 +337,8 @@ pub(crate) async fn handle(
     };
     if let Some((r, reason, why)) = refused {
         shared.metrics.rejected(reason);
-        session.clear_output();
-        session.close_with(r);
-        let _ = write_out(
-            &mut conn.transport,
-            &mut stream,
-            &mut session,
-            &mut Vec::new(),
-        )
-        .await;
-        tracing::info!(client = %peer, binding = %conn.binding.b.section.name, "{why}");
+        conn.close_at_connect(&mut stream, &mut session, r, why)
+            .await;
         return;
     }
     if let (Some(delay), Known::Unknown) = (greet_delay, known) {
@@ -364,16 +356,13 @@ pub(crate) async fn handle(
                 // first: closing a socket with unread bytes resets it, and the reset would
                 // overtake the refusal.
                 discard_pending(&stream);
-                session.clear_output();
-                session.close_with(&reply::EARLY_TALKER);
-                let _ = write_out(
-                    &mut conn.transport,
+                conn.close_at_connect(
                     &mut stream,
                     &mut session,
-                    &mut Vec::new(),
+                    &reply::EARLY_TALKER,
+                    "refused: talked before the greeting",
                 )
                 .await;
-                tracing::info!(client = %peer, binding = %conn.binding.b.section.name, "refused: talked before the greeting");
                 return;
             }
             Greet::Gone => {
@@ -634,6 +623,20 @@ impl Conn {
                 Ok((Err(_), _)) => return End::ReadError,
             }
         }
+    }
+
+    /// Answer `r` instead of (the rest of) the greeting, close, and log `why`.
+    async fn close_at_connect(
+        &mut self,
+        stream: &mut TcpStream,
+        session: &mut Session,
+        r: &reply::Reply,
+        why: &str,
+    ) {
+        session.clear_output();
+        session.close_with(r);
+        let _ = write_out(&mut self.transport, stream, session, &mut Vec::new()).await;
+        tracing::info!(client = %self.peer, binding = %self.binding.b.section.name, "{why}");
     }
 
     /// Remember this client as one that broke the protocol (`smtp.early_talker_ttl`).
