@@ -31,8 +31,7 @@ cargo build --release -q -p ringmx -p ringmx-loadtest
 BIN="$PWD/target/release/ringmx"
 LOAD="$PWD/target/release/ringmx-loadtest"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+. loadtest/lib.sh  # (the script runs from the repository root)
 
 openssl genrsa -out "$WORK/key.pem" 2048 2>/dev/null
 pub=$(openssl rsa -in "$WORK/key.pem" -pubout -outform DER 2>/dev/null | base64 -w0)
@@ -101,7 +100,6 @@ for run in $(seq "$RUNS"); do
     done
 done
 
-med() { printf '%s\n' $1 | sort -g | awk '{a[NR]=$1} END {printf "%.0f", a[int((NR+1)/2)]}'; }
 off=$(med "${RATE[false]}"); on=$(med "${RATE[true]}")
 printf '| verification | msg/s (runs) | p99 final reply ms (runs) |\n|---|---|---|\n'
 printf '| off | %s (%s) | %s |\n' "$off" "${RATE[false]% }" "${P99[false]% }"

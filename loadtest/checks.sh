@@ -37,8 +37,7 @@ trap cleanup EXIT
 cargo build --release -q -p ringmx
 BIN="$PWD/target/release/ringmx"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+. loadtest/lib.sh  # (the script runs from the repository root)
 
 DNS_PORT=$(free_port)
 dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts --bind-interfaces \
@@ -123,7 +122,6 @@ for scenario in $SCENARIOS; do
     done
 done
 
-med() { printf '%s\n' $1 | sort -g | awk '{a[NR]=$1} END {printf "%.0f", a[int((NR+1)/2)]}'; }
 printf '| scenario | load | checks off msg/s (runs) | checks on msg/s (runs) | on/off |\n|---|---|---|---|---|\n'
 for scenario in $SCENARIOS; do
     for load in $LOADS; do
