@@ -15,7 +15,7 @@ use ringmx::config::Config;
 
 fn settings(dir: &std::path::Path) -> ringmx::aswl::Settings {
     let src = format!(
-        "[server]\ndata_dir = \"{}\"\n[[binding]]\nname = \"in\"\nlisten = \"127.0.0.1:2525\"\ndirection = \"inbound\"\n[domains]\nlocal = [\"corp.example\"]\n[[route]]\ndomains = [\"*\"]\naction = \"discard\"\n[aswl]\n",
+        "[server]\ndata_dir = \"{}\"\n[[binding]]\nname = \"in\"\nlisten = \"127.0.0.1:2525\"\ndirection = \"inbound\"\n[domains]\nlocal = [\"corp.example\"]\n[[route]]\ndomains = [\"*\"]\naction = \"discard\"\n[authentication]\nverify = false\n[aswl]\n",
         dir.display()
     );
     (*Config::parse(&src, "bench").unwrap().aswl.unwrap()).clone()

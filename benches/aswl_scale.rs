@@ -72,7 +72,7 @@ fn percentile(v: &mut [u64], p: f64) -> u64 {
 
 fn settings(dir: &std::path::Path, mode: &str) -> ringmx::aswl::Settings {
     let src = format!(
-        "[server]\ndata_dir = \"{}\"\n[[binding]]\nname = \"in\"\nlisten = \"127.0.0.1:2525\"\ndirection = \"inbound\"\n[domains]\nlocal = [\"dom0.example\", \"dom1.example\", \"dom2.example\", \"dom3.example\", \"dom4.example\", \"dom5.example\", \"dom6.example\", \"dom7.example\", \"dom8.example\", \"dom9.example\"]\n[[route]]\ndomains = [\"*\"]\naction = \"discard\"\n[aswl]\nmode = \"{mode}\"\nlifetime = \"120d\"\n",
+        "[server]\ndata_dir = \"{}\"\n[[binding]]\nname = \"in\"\nlisten = \"127.0.0.1:2525\"\ndirection = \"inbound\"\n[domains]\nlocal = [\"dom0.example\", \"dom1.example\", \"dom2.example\", \"dom3.example\", \"dom4.example\", \"dom5.example\", \"dom6.example\", \"dom7.example\", \"dom8.example\", \"dom9.example\"]\n[[route]]\ndomains = [\"*\"]\naction = \"discard\"\n[authentication]\nverify = false\n[aswl]\nmode = \"{mode}\"\nlifetime = \"120d\"\n",
         dir.display()
     );
     (*Config::parse(&src, "bench")

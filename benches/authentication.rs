@@ -184,15 +184,14 @@ fn benches(c: &mut Criterion) {
     });
     let msg = AuthenticatedMessage::parse(&rsa_msg).unwrap();
     let dkim = rt.block_on(auth.verify_dkim(Parameters::new(&msg).with_txt_cache(&cache)));
+    let suffixes = ringmx::domain::Suffixes::default();
     c.bench_function("dmarc/warm", |b| {
         b.iter(|| {
             rt.block_on(
                 auth.verify_dmarc(
                     Parameters::new(
                         DmarcParameters::new(&msg, &dkim, "bench.test", &spf)
-                            .with_domain_suffix_fn(
-                                ringmx::policy::authenticate::organizational_domain,
-                            ),
+                            .with_domain_suffix_fn(|d| suffixes.organizational_domain(d)),
                     )
                     .with_txt_cache(&cache),
                 ),

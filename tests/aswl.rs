@@ -9,8 +9,14 @@ use std::time::Duration;
 use support::aswl::*;
 use support::*;
 
+/// These tests are about the whitelist's own logic, with senders nobody authenticates
+/// (`tests/authentication.rs` has the authenticated whitelist).
+const NO_VERIFY: &str = "[authentication]\nverify = false\n";
+
 fn aswl_section(dir_extra: &str) -> String {
-    format!("[aswl]\nmode = \"per-recipient\"\nauto_response_window = \"0s\"\n{dir_extra}\n")
+    format!(
+        "{NO_VERIFY}[aswl]\nmode = \"per-recipient\"\nauto_response_window = \"0s\"\n{dir_extra}\n"
+    )
 }
 
 #[test]
@@ -166,7 +172,7 @@ fn lifetime_expiry_and_sliding_reset() {
 
 #[test]
 fn collection_and_check_exceptions() {
-    let extra = "[aswl]\nmode = \"global\"\nauto_response_window = \"30s\"\nip_exceptions = [\"127.0.0.2\"]\ncheck_exceptions = [\"*@partner.test\", \"/^spam[0-9]+@/\"]\nlog_additions = true\n";
+    let extra = "[authentication]\nverify = false\n[aswl]\nmode = \"global\"\nauto_response_window = \"30s\"\nip_exceptions = [\"127.0.0.2\"]\ncheck_exceptions = [\"*@partner.test\", \"/^spam[0-9]+@/\"]\nlog_additions = true\n";
     let s = Server::start_with("aswl-exceptions", "auto", "", extra);
     let check = |sender: &str| aswl_cli(&s, &["check", sender, "x@example.test"]).1;
     // Client IP exception.

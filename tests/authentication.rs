@@ -443,3 +443,142 @@ fn enforcement_switches() {
         );
     }
 }
+
+const ALIGNMENT: &str = r#"
+import os, smtplib, dkim
+key = open(os.environ["KEY"], "rb").read()
+def message(subject, frm):
+    return ("From: Bob <%s>\r\nTo: alice@example.test\r\nSubject: %s\r\n"
+            "Message-ID: <%s@example.test>\r\n\r\nHello Alice.\r\n" % (frm, subject, subject)).encode()
+def sign(m, domain, **kw):
+    return dkim.sign(m, b"sel", domain.encode(), key,
+                     include_headers=[b"from", b"to", b"subject", b"message-id"], **kw) + m
+def send(src, sender, m):
+    with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=(src, 0), timeout=30) as s:
+        s.sendmail(sender, ["alice@example.test"], m)
+for kind in ["strict", "relaxed"]:
+    # SPF passes for the subdomain mail.<kind>.test; From: is bob@<kind>.test.
+    send("127.0.0.5", "x@mail.%s.test" % kind, message("spf-" + kind, "bob@%s.test" % kind))
+    # Signed by the subdomain, sent from outside any SPF record.
+    send("127.0.0.6", "bob@%s.test" % kind,
+         sign(message("dkim-" + kind, "bob@%s.test" % kind), "mail.%s.test" % kind))
+# rsa-sha1 (RFC 8301: not valid), signed by the From domain itself.
+send("127.0.0.6", "bob@relaxed.test",
+     sign(message("sha1", "bob@relaxed.test"), "relaxed.test", signature_algorithm=b"rsa-sha1"))
+# A body length tag covering the whole body; then one with text added after the signed part.
+send("127.0.0.6", "bob@relaxed.test",
+     sign(message("length", "bob@relaxed.test"), "relaxed.test", length=True))
+send("127.0.0.6", "bob@relaxed.test",
+     sign(message("appended", "bob@relaxed.test"), "relaxed.test", length=True) + b"Appended.\r\n")
+print("sent")
+"#;
+
+/// DMARC alignment strict (`aspf=s; adkim=s`) and relaxed, an rsa-sha1 signature, body
+/// length tags (covering the body, and with text added after them), and `[[route]] dmarc = "quarantine"` taking what fails under `p=quarantine`.
+#[test]
+fn alignment_signatures_and_quarantine_routes() {
+    let keys = support::temp_dir("align-keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    openssl(&keys, &["genrsa", "-out", "key.pem", "2048"]);
+    let key = format!("v=DKIM1; k=rsa; p={}", public_key(&keys));
+    let quarantine = support::temp_dir("quarantine");
+    let blackhole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut records = zone(&blackhole, &[], "v=DMARC1; p=none");
+    for kind in ["strict", "relaxed"] {
+        records.push(txt(
+            &format!("mail.{kind}.test"),
+            "v=spf1 ip4:127.0.0.5 -all",
+        ));
+        records.push(txt(&format!("sel._domainkey.mail.{kind}.test"), &key));
+    }
+    records.push(txt("sel._domainkey.relaxed.test", &key));
+    records.push(txt(
+        "_dmarc.strict.test",
+        "v=DMARC1; p=quarantine; aspf=s; adkim=s",
+    ));
+    records.push(txt("_dmarc.relaxed.test", "v=DMARC1; p=quarantine"));
+    let args: Vec<&str> = records.iter().map(String::as_str).collect();
+    let dns = support::Dnsmasq::start(&args);
+    let s = Server::start_with(
+        "alignment",
+        "auto",
+        "",
+        &format!(
+            "[dns]\nservers = [\"127.0.0.1:{}\"]\n[authentication]\nverify = true\n\
+             [[route]]\ndomains = [\"*\"]\ndmarc = \"quarantine\"\naction = \"drop\"\nfolder = \"{}\"\n",
+            dns.port,
+            quarantine.display()
+        ),
+    );
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", ALIGNMENT])
+        .env("PORT", s.inbound.port().to_string())
+        .env("KEY", keys.join("key.pem"));
+    let out = support::run_with_stdin(&mut cmd, b"");
+    assert!(out.status.success(), "{}", support::stderr(&out));
+    let inbox = s.dropped();
+    let held: Vec<String> = std::fs::read_dir(&quarantine)
+        .map(|d| {
+            d.flatten()
+                .map(|e| std::fs::read_to_string(e.path()).unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    let find = |subject: &str| -> (bool, String) {
+        let has = |m: &&String| m.contains(&format!("Subject: {subject}\r\n"));
+        match (inbox.iter().find(has), held.iter().find(has)) {
+            (Some(m), None) => (false, m.clone()),
+            (None, Some(m)) => (true, m.clone()),
+            other => panic!("{subject}: {other:?}"),
+        }
+    };
+    // (subject, quarantined, what the results say)
+    for (subject, quarantined, want) in [
+        ("spf-strict", true, &["spf=pass", "dmarc=fail"][..]),
+        ("spf-relaxed", false, &["spf=pass", "dmarc=pass"]),
+        (
+            "dkim-strict",
+            true,
+            &["dkim=pass header.d=mail.strict.test", "dmarc=fail"],
+        ),
+        (
+            "dkim-relaxed",
+            false,
+            &[
+                "dkim=pass header.d=mail.relaxed.test header.s=sel header.a=rsa-sha256",
+                "dmarc=pass",
+            ],
+        ),
+        (
+            "sha1",
+            true,
+            &[
+                "dkim=policy (rsa-sha1 is not accepted, RFC 8301) header.d=relaxed.test header.s=sel header.a=rsa-sha1",
+                "dmarc=fail",
+            ],
+        ),
+        (
+            "length",
+            false,
+            &["dkim=pass (l=14) header.d=relaxed.test", "dmarc=pass"],
+        ),
+        (
+            "appended",
+            true,
+            &[
+                "dkim=policy (l=14: 11 body bytes are not signed) header.d=relaxed.test",
+                "dmarc=fail",
+            ],
+        ),
+    ] {
+        let (q, m) = find(subject);
+        let head = m.split("\r\n\r\n").next().unwrap().replace("\r\n\t", " ");
+        assert_eq!(q, quarantined, "{subject}: {head}");
+        for w in want {
+            assert!(head.contains(w), "{subject}: {w:?} in {head}");
+        }
+    }
+    drop(dns);
+    let _ = std::fs::remove_dir_all(&keys);
+    let _ = std::fs::remove_dir_all(&quarantine);
+}

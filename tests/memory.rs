@@ -87,7 +87,7 @@ fn large_messages_are_streamed_intact_through_data_and_bdat() {
         let sink = Sink::start(&dir, &[]);
         let later = support::free_port();
         let extra = format!(
-            "[aswl]\nmode = \"per-recipient\"\n[[route]]\ndomains = [\"relay.test\"]\naction = \"relay\"\nnext_hops = [\"127.0.0.1:{}\"]\n[[route]]\ndomains = [\"later.test\"]\naction = \"relay\"\nnext_hops = [\"127.0.0.1:{later}\"]\n",
+            "[authentication]\nverify = false\n[aswl]\nmode = \"per-recipient\"\n[[route]]\ndomains = [\"relay.test\"]\naction = \"relay\"\nnext_hops = [\"127.0.0.1:{}\"]\n[[route]]\ndomains = [\"later.test\"]\naction = \"relay\"\nnext_hops = [\"127.0.0.1:{later}\"]\n",
             sink.port
         );
         let mut s = Server::start_with(&format!("memory-big-{driver}"), driver, "", &extra);

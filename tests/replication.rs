@@ -159,7 +159,7 @@ fn node(name: &str, redis: &Redis, prefix: &str, mode: &str) -> Server {
 /// A ringmx node with `repl` as the body of `[aswl.replication]`.
 fn node_with(name: &str, repl: &str, mode: &str) -> Server {
     let extra = format!(
-        "[aswl]\nmode = \"{mode}\"\nauto_response_window = \"0s\"\n\
+        "[authentication]\nverify = false\n[aswl]\nmode = \"{mode}\"\nauto_response_window = \"0s\"\n\
          [aswl.replication]\nnode_id = \"{name}\"\n{repl}\n"
     );
     Server::start_with(name, "auto", "", &extra)
@@ -621,7 +621,7 @@ fn redis_entries_expire_with_the_lifetime() {
     let redis = Redis::start("repl-expiry-redis");
     let extra = |name: &str| {
         format!(
-            "[aswl]\nmode = \"per-recipient\"\nlifetime = \"3s\"\nsweep_interval = \"500ms\"\n\
+            "[authentication]\nverify = false\n[aswl]\nmode = \"per-recipient\"\nlifetime = \"3s\"\nsweep_interval = \"500ms\"\n\
              [aswl.replication]\nnode_id = \"{name}\"\nurls = [\"{}\"]\nprefix = \"exp:\"\n",
             redis.url()
         )
@@ -691,7 +691,7 @@ for _ in range(n):
             "",
             &format!(
                 "[rates]\nconnections_per_minute = 4\nburst_percent = 100\nfleet = true\n\
-                 [aswl]\n[aswl.replication]\nnode_id = \"{name}\"\nurls = [\"{}\"]\n\
+                 [authentication]\nverify = false\n[aswl]\n[aswl.replication]\nnode_id = \"{name}\"\nurls = [\"{}\"]\n\
                  prefix = \"fleet:\"\n",
                 redis.url()
             ),

@@ -198,7 +198,7 @@ for p in sorted(glob.glob(os.path.join(sys.argv[1], "*.eml"))):
             &format!("smuggle-verdict-{driver}"),
             driver,
             "",
-            "[aswl]\nmode = \"per-recipient\"\n",
+            "[authentication]\nverify = false\n[aswl]\nmode = \"per-recipient\"\n",
         );
         let attempts: [(&str, &[u8]); 3] = [
             (

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-pub use crate::delivery::Direction;
+pub use crate::delivery::{Direction, RouteFacts};
 use crate::domain::canonical_pattern;
 pub use crate::domain::{canonical_domain, domain_matches};
 use crate::proto::{self, BareLinePolicy};
@@ -537,6 +537,9 @@ pub struct RouteSection {
     pub max_connections_per_hop: usize,
     /// Only mail with this whitelist verdict (`pass` or `none`; inbound mail only).
     pub aswl: Option<AswlMatch>,
+    /// `"quarantine"`: only mail that failed DMARC where the From domain asks for quarantine
+    /// (or reject, when `[authentication] dmarc_reject` is off).
+    pub dmarc: Option<DmarcMatch>,
     /// Password read from `auth_password_file` at load time.
     #[serde(skip)]
     pub auth_password: Option<String>,
@@ -548,6 +551,13 @@ pub struct RouteSection {
 pub enum AswlMatch {
     Pass,
     None,
+}
+
+/// A route's condition on the DMARC result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DmarcMatch {
+    Quarantine,
 }
 
 fn default_mx_port() -> u16 {
@@ -562,15 +572,12 @@ fn default_hop_connections() -> usize {
 
 impl RouteSection {
     /// Whether this route takes a recipient in `domain` from `sender_domain`.
-    pub fn matches(
-        &self,
-        domain: &str,
-        sender_domain: &str,
-        direction: Direction,
-        aswl: Option<bool>,
-    ) -> bool {
-        self.direction.is_none_or(|d| d == direction)
-            && self.aswl.is_none_or(|m| match (m, aswl) {
+    pub fn matches(&self, domain: &str, sender_domain: &str, facts: RouteFacts) -> bool {
+        self.direction.is_none_or(|d| d == facts.direction)
+            && self
+                .dmarc
+                .is_none_or(|DmarcMatch::Quarantine| facts.dmarc_quarantine)
+            && self.aswl.is_none_or(|m| match (m, facts.aswl) {
                 (AswlMatch::Pass, Some(pass)) => pass,
                 (AswlMatch::None, Some(pass)) => !pass,
                 (_, None) => false,
@@ -742,7 +749,12 @@ pub struct CalloutSection {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthenticationSection {
-    /// Verify every message accepted on an inbound binding and add `Authentication-Results:`.
+    /// `verify` as written: verify every message accepted on an inbound binding and add
+    /// `Authentication-Results:`. Default: on when `[aswl]` is.
+    #[serde(rename = "verify")]
+    pub verify_key: Option<bool>,
+    /// `verify` in effect.
+    #[serde(skip)]
     pub verify: bool,
     /// The authserv-id of the results (default `server.hostname`).
     pub authserv_id: Option<String>,
@@ -754,16 +766,24 @@ pub struct AuthenticationSection {
     pub dmarc_reject: bool,
     /// Refuse (`550 5.7.23`) MAIL FROM a domain whose SPF record fails the client (`-all`).
     pub spf_reject: bool,
+    /// A Public Suffix List file (publicsuffix.org format) instead of the built-in one.
+    pub public_suffix_list: Option<PathBuf>,
+    /// The list in use, read at load.
+    #[serde(skip)]
+    pub suffixes: crate::domain::Suffixes,
 }
 
 impl Default for AuthenticationSection {
     fn default() -> Self {
         AuthenticationSection {
+            verify_key: None,
             verify: false,
             authserv_id: None,
             timeout: Secs(Duration::from_secs(10)),
             dmarc_reject: false,
             spf_reject: false,
+            public_suffix_list: None,
+            suffixes: crate::domain::Suffixes::default(),
         }
     }
 }
@@ -899,7 +919,7 @@ impl Config {
             key: key.to_string(),
             message,
         };
-        let raw: RawConfig = toml::from_str(source).map_err(|e| {
+        let mut raw: RawConfig = toml::from_str(source).map_err(|e| {
             let line = e.span().map(|s| line_of(source, s.start));
             // The reader's message is multi-line with a source excerpt; keep its first sentence.
             let message = e
@@ -917,6 +937,12 @@ impl Config {
                 .unwrap_or_default();
             err(line, &key, message)
         })?;
+        // Verification is on by default where the whitelist is: a whitelist pass must not rest on
+        // a forgeable envelope sender.
+        raw.authentication.verify = raw
+            .authentication
+            .verify_key
+            .unwrap_or(raw.aswl.as_ref().is_some_and(|a| a.enabled));
 
         let server = raw.server;
         if server.hostname.is_empty() || !server.hostname.bytes().all(|b| b.is_ascii_graphic()) {
@@ -1229,6 +1255,13 @@ impl Config {
                 }
                 RouteAction::Drop | RouteAction::Discard | RouteAction::Hold => {}
             }
+            if sec.dmarc.is_some() && !raw.authentication.verify {
+                return Err(err(
+                    key_line(source, "dmarc", at).or(line),
+                    &key("dmarc"),
+                    "DMARC results need [authentication] verify = true".into(),
+                ));
+            }
             if sec.action != RouteAction::Relay && !sec.next_hops.is_empty() {
                 return Err(err(
                     line,
@@ -1319,7 +1352,7 @@ impl Config {
                 let routed = verdicts.iter().all(|&v| {
                     routes
                         .iter()
-                        .any(|r| r.matches(&domain, "", Direction::Inbound, v))
+                        .any(|r| r.matches(&domain, "", RouteFacts::inbound(v)))
                 });
                 if !routed {
                     let what = if domain.is_empty() {
@@ -1464,6 +1497,21 @@ impl Config {
                 "between 100ms and 60s".into(),
             ));
         }
+        if let Some(path) = &a.public_suffix_list {
+            let list = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))
+                .and_then(|text| crate::domain::Suffixes::parse(&text));
+            match list {
+                Ok(l) => raw.authentication.suffixes = l,
+                Err(m) => {
+                    return Err(err(
+                        key_line(source, "public_suffix_list", at),
+                        "authentication.public_suffix_list",
+                        m,
+                    ));
+                }
+            }
+        }
         let c = &raw.callout;
         let at = source.find("[callout]").unwrap_or(0);
         let callout_error = |k: &str, problem: &str| {
@@ -1581,13 +1629,12 @@ impl Config {
         &self,
         domain: &str,
         sender_domain: &str,
-        direction: Direction,
-        aswl: Option<bool>,
+        facts: RouteFacts,
     ) -> Option<(usize, &RouteSection)> {
         self.routes
             .iter()
             .enumerate()
-            .find(|(_, r)| r.matches(domain, sender_domain, direction, aswl))
+            .find(|(_, r)| r.matches(domain, sender_domain, facts))
     }
 }
 

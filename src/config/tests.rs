@@ -220,7 +220,7 @@ ehlo = "edge.test"
 fn relay_routes_match_by_recipient_and_sender_domain() {
     let c = parse(&format!("{RELAY}{MINIMAL}")).unwrap();
     let (i, r) = c
-        .route_for("Remote.Test", "example.test", Direction::Inbound, None)
+        .route_for("Remote.Test", "example.test", RouteFacts::inbound(None))
         .unwrap();
     assert_eq!(
         (i, r.action, r.tls),
@@ -236,12 +236,46 @@ fn relay_routes_match_by_recipient_and_sender_domain() {
     );
     // Another sender domain falls through to the catch-all drop route.
     let (i, r) = c
-        .route_for("remote.test", "other.test", Direction::Inbound, None)
+        .route_for("remote.test", "other.test", RouteFacts::inbound(None))
         .unwrap();
     assert_eq!((i, r.action), (1, RouteAction::Drop));
     assert_eq!(c.spool.dir, Some(PathBuf::from("./ringmx-data/spool")));
     assert_eq!(c.queue.retry.len(), 5);
     assert_eq!(c.spool.commit_delay.0, Duration::from_micros(300));
+}
+
+#[test]
+fn the_whitelist_verifies_senders_by_default() {
+    let c = parse(&format!("{MINIMAL}\n[aswl]\n")).unwrap();
+    assert!(c.authentication.verify);
+    let s = c.aswl.as_ref().unwrap();
+    assert_eq!(s.require_authentication, crate::aswl::RequireAuth::Aligned);
+    let c = parse(&format!(
+        "{MINIMAL}\n[authentication]\nverify = false\n[aswl]\n"
+    ))
+    .unwrap();
+    assert!(!c.authentication.verify);
+    let s = c.aswl.as_ref().unwrap();
+    assert_eq!(s.require_authentication, crate::aswl::RequireAuth::Off);
+    assert!(!parse(MINIMAL).unwrap().authentication.verify);
+}
+
+#[test]
+fn quarantine_routes_take_dmarc_failures_only() {
+    let src = format!(
+        "[authentication]\nverify = true\n[[route]]\ndomains = [\"*\"]\ndmarc = \"quarantine\"\naction = \"hold\"\n{MINIMAL}"
+    );
+    let c = parse(&src).unwrap();
+    let failed = RouteFacts {
+        dmarc_quarantine: true,
+        ..RouteFacts::inbound(None)
+    };
+    let (i, r) = c.route_for("example.test", "x.test", failed).unwrap();
+    assert_eq!((i, r.action), (0, RouteAction::Hold));
+    let (i, r) = c
+        .route_for("example.test", "x.test", RouteFacts::inbound(None))
+        .unwrap();
+    assert_eq!((i, r.action), (1, RouteAction::Drop));
 }
 
 #[test]
@@ -355,9 +389,21 @@ fn configuration_traps_are_errors() {
             Some(2),
         ),
         (
-            format!("{MINIMAL}\n[aswl]\nrequire_authentication = \"aligned\"\n"),
+            format!(
+                "{MINIMAL}\n[authentication]\nverify = false\n[aswl]\nrequire_authentication = \"aligned\"\n"
+            ),
             "aswl.require_authentication",
-            Some(16),
+            Some(18),
+        ),
+        (
+            format!("[authentication]\npublic_suffix_list = \"/nonexistent/psl.dat\"\n{MINIMAL}"),
+            "authentication.public_suffix_list",
+            Some(2),
+        ),
+        (
+            format!("{}\ndmarc = \"quarantine\"\n", MINIMAL.trim_end()),
+            "route[0].dmarc",
+            Some(14),
         ),
         (
             format!("[rates]\nfleet = true\n{MINIMAL}"),
@@ -429,11 +475,13 @@ fn idn_forms_are_one_domain() {
         ("bücher.example", "xn--caf-dma.example"),
         ("xn--bcher-kva.example", "CAFÉ.example"),
     ] {
-        let (i, _) = c.route_for(rcpt, sender, Direction::Inbound, None).unwrap();
+        let (i, _) = c
+            .route_for(rcpt, sender, RouteFacts::inbound(None))
+            .unwrap();
         assert_eq!(i, 0, "{rcpt} from {sender}");
     }
     assert_eq!(
-        c.route_for("bücher.example", "other.example", Direction::Inbound, None)
+        c.route_for("bücher.example", "other.example", RouteFacts::inbound(None))
             .unwrap()
             .0,
         1

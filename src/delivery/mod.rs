@@ -50,6 +50,27 @@ pub enum QueueOp {
     Release(String),
 }
 
+/// What routes may look at besides the addresses: decided at end of data, kept in the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteFacts {
+    pub direction: Direction,
+    /// The whitelist verdict (`None`: not checked).
+    pub aswl: Option<bool>,
+    /// Failed DMARC under a quarantine (or unenforced reject) policy.
+    pub dmarc_quarantine: bool,
+}
+
+impl RouteFacts {
+    /// Inbound mail with this whitelist verdict that did not fail DMARC.
+    pub fn inbound(aswl: Option<bool>) -> RouteFacts {
+        RouteFacts {
+            direction: Direction::Inbound,
+            aswl,
+            dmarc_quarantine: false,
+        }
+    }
+}
+
 /// Which way mail flows through a binding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -81,11 +102,24 @@ pub struct Envelope {
     pub received_at: SystemTime,
     /// The whitelist verdict of inbound mail (`Some(true)` = pass); `None` = not checked.
     pub aswl: Option<bool>,
+    /// Failed DMARC under a quarantine (or unenforced reject) policy.
+    pub dmarc_quarantine: bool,
     /// What the sender asked of delivery status notifications (RFC 3461).
     pub dsn: DsnRequest,
     /// Declared `BODY=BINARYMIME` (RFC 3030): the content may hold any bytes and is relayed
     /// only to hops that take BINARYMIME.
     pub binary: bool,
+}
+
+impl Envelope {
+    /// What routes may look at besides the addresses.
+    pub fn route_facts(&self) -> RouteFacts {
+        RouteFacts {
+            direction: self.direction,
+            aswl: self.aswl,
+            dmarc_quarantine: self.dmarc_quarantine,
+        }
+    }
 }
 
 /// `RET=` (RFC 3461 §4.3): what a DSN returns of the message.
@@ -219,6 +253,7 @@ impl Envelope {
             direction: Direction::Inbound,
             received_at: SystemTime::UNIX_EPOCH,
             aswl: None,
+            dmarc_quarantine: false,
             dsn: DsnRequest::default(),
             binary: false,
         }

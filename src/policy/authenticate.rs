@@ -14,12 +14,13 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mail_auth::common::crypto::{Algorithm, CryptoError};
 use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
-    AuthenticatedMessage, AuthenticationResults, MessageAuthenticator, Parameters, ResolverCache,
-    Txt,
+    AuthenticatedMessage, AuthenticationResults, DkimOutput, MessageAuthenticator, Parameters,
+    ResolverCache, Txt,
 };
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -27,15 +28,33 @@ use std::hash::Hash;
 use std::time::Instant;
 
 use super::pipeline::{Authenticated, Check, Decision, Mark, Refusal, Request, Stage};
+use crate::domain::Suffixes;
 use crate::metrics::Reason;
 use crate::proto::reply;
 use crate::relay::dns::Dns;
 
-/// The `authenticate` check (end of data, inbound bindings).
-pub struct Authenticate {
+/// What verifying a message needs.
+#[derive(Clone)]
+pub struct Verifier {
     pub dns: Arc<Dns>,
     pub authserv_id: String,
+    /// All lookups of one message together.
     pub timeout: Duration,
+    pub suffixes: Suffixes,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("authserv_id", &self.authserv_id)
+            .field("suffixes", &self.suffixes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `authenticate` check (end of data, inbound bindings).
+pub struct Authenticate {
+    pub verifier: Verifier,
     /// `[authentication] dmarc_reject`.
     pub dmarc_reject: bool,
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
@@ -44,7 +63,7 @@ pub struct Authenticate {
 impl std::fmt::Debug for Authenticate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authenticate")
-            .field("authserv_id", &self.authserv_id)
+            .field("verifier", &self.verifier)
             .finish_non_exhaustive()
     }
 }
@@ -97,12 +116,6 @@ impl ResolverCache<Box<str>, Txt> for TxtCache {
         }
         m.insert(key, (value, valid_until));
     }
-}
-
-/// The organizational domain of `d` (RFC 7489 §3.2) from the Public Suffix List shipped
-/// with the `psl` crate; `d` itself when the list does not know its suffix.
-pub fn organizational_domain(d: &str) -> &str {
-    psl::domain_str(d).unwrap_or(d)
 }
 
 /// `content` without the `Authentication-Results:` fields that carry `authserv_id` (RFC 8601
@@ -168,7 +181,7 @@ impl Check for Authenticate {
         Stage::Data
     }
     fn time_limit(&self) -> Option<Duration> {
-        Some(self.timeout + Duration::from_secs(1))
+        Some(self.verifier.timeout + Duration::from_secs(1))
     }
     /// No results in time: the message goes on without the field (no verdict is a pass).
     fn unavailable(&self) -> Decision {
@@ -190,10 +203,10 @@ impl Check for Authenticate {
             },
         };
         let (ip, helo, mail_from) = (r.ip, r.helo.to_string(), r.mail_from.to_string());
-        let (dns, id, timeout) = (self.dns.clone(), self.authserv_id.clone(), self.timeout);
+        let verifier = self.verifier.clone();
         let (dmarc_reject, metrics) = (self.dmarc_reject, self.metrics.clone());
         // A job that starts after its session stopped waiting does no work.
-        let deadline = Instant::now() + timeout + Duration::from_secs(1);
+        let deadline = Instant::now() + verifier.timeout + Duration::from_secs(1);
         Decision::Defer(Box::new(move || {
             if Instant::now() >= deadline {
                 return Decision::Continue;
@@ -206,8 +219,7 @@ impl Check for Authenticate {
                     return Decision::Continue;
                 }
             }
-            let Some((field, auth)) = verify(&dns, &id, timeout, ip, &helo, &mail_from, &message)
-            else {
+            let Some((field, auth)) = verifier.verify(ip, &helo, &mail_from, &message) else {
                 return Decision::Continue;
             };
             if let Some(m) = &metrics {
@@ -310,25 +322,27 @@ impl Check for SpfAtMail {
 /// DKIM signatures verified per message (the rest are ignored).
 const MAX_SIGNATURES: usize = 8;
 
-/// Verify one message: the `Authentication-Results:` field (without its line end) and what
-/// passed, or `None` when the lookups did not finish within `timeout`.
-pub fn verify(
-    dns: &Dns,
-    authserv_id: &str,
-    timeout: Duration,
-    ip: std::net::IpAddr,
-    helo: &str,
-    mail_from: &str,
-    message: &[u8],
-) -> Option<(String, Authenticated)> {
-    let auth = MessageAuthenticator(dns.resolver().clone());
-    let helo = if helo.is_empty() { "unknown" } else { helo };
-    let mut parsed = AuthenticatedMessage::parse(message);
-    if let Some(m) = parsed.as_mut() {
-        // Every signature costs a key lookup and a verification: the first few are enough.
-        m.dkim_headers.truncate(MAX_SIGNATURES);
-    }
-    dns.block_on(async {
+impl Verifier {
+    /// Verify one message: the `Authentication-Results:` field (without its line end) and what
+    /// passed, or `None` when the lookups did not finish within `timeout`.
+    pub fn verify(
+        &self,
+        ip: std::net::IpAddr,
+        helo: &str,
+        mail_from: &str,
+        message: &[u8],
+    ) -> Option<(String, Authenticated)> {
+        let (dns, authserv_id, timeout) = (&self.dns, self.authserv_id.as_str(), self.timeout);
+        let suffixes = &self.suffixes;
+        let auth = MessageAuthenticator(dns.resolver().clone());
+        let helo = if helo.is_empty() { "unknown" } else { helo };
+        // Not strict: signatures with a body length tag are verified too (and judged below).
+        let mut parsed = AuthenticatedMessage::parse_with_opts(message, None, false);
+        if let Some(m) = parsed.as_mut() {
+            // Every signature costs a key lookup and a verification: the first few are enough.
+            m.dkim_headers.truncate(MAX_SIGNATURES);
+        }
+        dns.block_on(async {
         tokio::time::timeout(timeout, async {
             let spf_params = || {
                 if mail_from.is_empty() {
@@ -350,6 +364,7 @@ pub fn verify(
             };
             let mut results = AuthenticationResults::new(authserv_id);
             let mut dmarc_field: Option<String> = None;
+            let mut dkim_field = String::new();
             let spf_domain = mail_from
                 .rsplit_once('@')
                 .map_or(helo, |(_, d)| d)
@@ -361,6 +376,29 @@ pub fn verify(
                     let dkim = auth
                         .verify_dkim(Parameters::new(m).with_txt_cache(cache))
                         .await;
+                    let body_len =
+                        m.raw_message.len().saturating_sub(m.body_offset as usize) as u64;
+                    for d in &dkim {
+                        dkim_field.push_str(&dkim_clause(d, body_len));
+                    }
+                    // A pass we do not accept (rsa-sha1, or `l=` leaving text unsigned) is
+                    // as if it failed, for DMARC and the whitelist.
+                    let dkim: Vec<DkimOutput> = dkim
+                        .into_iter()
+                        .map(|d| match d.signature().and_then(|s| {
+                            // The same signature, borrowed from the message (not from `d`).
+                            m.dkim_headers
+                                .iter()
+                                .map(|h| &h.header)
+                                .find(|h| std::ptr::eq(*h, s))
+                        }) {
+                            Some(s) if unacceptable(&d, body_len).is_some() => DkimOutput::perm_err(
+                                mail_auth::Error::Crypto(CryptoError::IncompatibleAlgorithms),
+                            )
+                            .with_signature(s),
+                            _ => d,
+                        })
+                        .collect();
                     passed.dkim = dkim
                         .iter()
                         .filter(|d| *d.result() == mail_auth::DkimResult::Pass)
@@ -371,12 +409,11 @@ pub fn verify(
                         .verify_dmarc(
                             Parameters::new(
                                 DmarcParameters::new(m, &dkim, spf_domain, &spf)
-                                    .with_domain_suffix_fn(organizational_domain),
+                                    .with_domain_suffix_fn(|d| suffixes.organizational_domain(d)),
                             )
                             .with_txt_cache(cache),
                         )
                         .await;
-                    results = results.with_dkim_results(&dkim, m.from());
                     results = if mail_from.is_empty() {
                         results.with_spf_ehlo_result(&spf, ip, helo)
                     } else {
@@ -407,6 +444,8 @@ pub fn verify(
                     passed.ambiguous_from = domains.len() > 1;
                     passed.dmarc_policy_reject =
                         dmarc.policy() == mail_auth::dmarc::Policy::Reject;
+                    passed.dmarc_policy_quarantine =
+                        dmarc.policy() == mail_auth::dmarc::Policy::Quarantine;
                     dmarc_field = Some(format!(
                         ";\r\n\tdmarc={} header.from={} policy.dmarc={}",
                         passed.dmarc_result,
@@ -432,6 +471,7 @@ pub fn verify(
             }
             // As an added field: no line end (the caller ends each field).
             let mut field = results.to_header().trim_end().to_string();
+            field.push_str(&dkim_field);
             if let Some(c) = dmarc_field {
                 field.push_str(&c);
             }
@@ -440,6 +480,7 @@ pub fn verify(
         .await
         .ok()
     })
+    }
 }
 
 /// How the whitelist's sender is authenticated under `require`: `Some("spf")`/`Some("dkim")`
@@ -451,6 +492,7 @@ pub fn verify(
 /// message signed for someone else of the same domain (or replayed) does not pass.
 pub fn whitelist_authentication(
     require: crate::aswl::RequireAuth,
+    suffixes: &Suffixes,
     auth: Option<&Authenticated>,
     sender: &str,
 ) -> Option<&'static str> {
@@ -473,12 +515,66 @@ pub fn whitelist_authentication(
     if auth.from != sender {
         return None;
     }
-    let org = organizational_domain(domain);
+    let org = suffixes.organizational_domain(domain);
     let dkim = auth.dkim.iter().any(|d| match require {
         RequireAuth::SpfOrDkim => d == domain,
-        _ => organizational_domain(d).eq_ignore_ascii_case(org),
+        _ => suffixes.organizational_domain(d).eq_ignore_ascii_case(org),
     });
     dkim.then_some("dkim")
+}
+
+/// Why a signature that verified is not accepted: rsa-sha1 (RFC 8301 §3.1), or a body
+/// length tag that leaves part of the body (`body_len` bytes) unsigned, where anyone could
+/// have added text (RFC 6376 §8.2). `None` for a good pass, and for anything but a pass.
+fn unacceptable(d: &DkimOutput, body_len: u64) -> Option<String> {
+    let s = d.signature()?;
+    if *d.result() != mail_auth::DkimResult::Pass {
+        None
+    } else if s.a == Algorithm::RsaSha1 {
+        Some("rsa-sha1 is not accepted, RFC 8301".into())
+    } else if s.l > 0 && s.l < body_len {
+        Some(format!(
+            "l={}: {} body bytes are not signed",
+            s.l,
+            body_len - s.l
+        ))
+    } else {
+        None
+    }
+}
+
+/// One signature's `dkim=` clause of the results (RFC 8601 §2.7.1): the result with
+/// mail-auth's reason, `policy` with the reason for a pass that is [`unacceptable`], a note
+/// of a body length tag, and the signature's domain, selector, algorithm and first bytes.
+fn dkim_clause(d: &DkimOutput, body_len: u64) -> String {
+    use base64::Engine;
+    use mail_auth::common::auth_results::AsAuthResult;
+    let mut c = String::from(";\r\n\tdkim=");
+    match unacceptable(d, body_len) {
+        Some(why) => c.push_str(&format!("policy ({why})")),
+        None => d.result().as_auth_result(&mut c),
+    }
+    let Some(s) = d.signature() else {
+        return c;
+    };
+    if s.l > 0 && s.l >= body_len {
+        c.push_str(&format!(" (l={})", s.l));
+    }
+    let alg = match s.a {
+        Algorithm::RsaSha1 => "rsa-sha1",
+        Algorithm::RsaSha256 => "rsa-sha256",
+        Algorithm::Ed25519Sha256 => "ed25519-sha256",
+    };
+    c.push_str(&format!(
+        " header.d={} header.s={} header.a={alg}",
+        pvalue(&s.d),
+        pvalue(&s.s)
+    ));
+    if let Some(b) = s.b.get(..6) {
+        c.push_str(" header.b=");
+        c.push_str(&base64::engine::general_purpose::STANDARD.encode(b));
+    }
+    c
 }
 
 /// A value for a `ptype.property=value` of the results: only the characters a domain or
@@ -649,21 +745,10 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
         ];
         for (require, auth, sender, want) in table {
             assert_eq!(
-                whitelist_authentication(require, auth, sender),
+                whitelist_authentication(require, &Suffixes::default(), auth, sender),
                 want,
                 "{require:?} {auth:?} {sender}"
             );
-        }
-    }
-
-    #[test]
-    fn organizational_domains() {
-        for (d, org) in [
-            ("mail.example.com", "example.com"),
-            ("a.b.example.co.uk", "example.co.uk"),
-            ("example.com", "example.com"),
-        ] {
-            assert_eq!(organizational_domain(d), org);
         }
     }
 }

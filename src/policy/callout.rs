@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use super::pipeline::{Check, Decision, Refusal, Request, Stage};
 use super::recipients::{Lookup, RecipientMaps, UnknownRecipient};
-use crate::config::{CalloutSection, CalloutUnavailable, Config, Direction};
+use crate::config::{CalloutSection, CalloutUnavailable, Config, RouteFacts};
 use crate::metrics::Reason;
 use crate::proto::reply;
 use crate::relay::RelayTls;
@@ -257,7 +257,7 @@ impl Check for Callout {
         let sender_domain = r.mail_from.rsplit_once('@').map_or("", |(_, d)| d);
         let route = self
             .config
-            .route_for(r.rcpt_domain, sender_domain, Direction::Inbound, None);
+            .route_for(r.rcpt_domain, sender_domain, RouteFacts::inbound(None));
         // The probe speaks plain SMTP: a route that requires TLS is not probed.
         let hops: Vec<String> = match route {
             Some((_, route))

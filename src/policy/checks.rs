@@ -131,9 +131,12 @@ pub fn for_binding(s: Sources<'_>) -> Pipeline {
         && let Some(dns) = s.dns
     {
         checks.push(Arc::new(super::authenticate::Authenticate {
-            dns: dns.clone(),
-            authserv_id: s.config.authserv_id().to_string(),
-            timeout: s.config.authentication.timeout.0,
+            verifier: super::authenticate::Verifier {
+                dns: dns.clone(),
+                authserv_id: s.config.authserv_id().to_string(),
+                timeout: s.config.authentication.timeout.0,
+                suffixes: s.config.authentication.suffixes.clone(),
+            },
             dmarc_reject: s.config.authentication.dmarc_reject,
             metrics: s.metrics.cloned(),
         }));

@@ -137,10 +137,20 @@ pub struct Authenticated {
     pub dmarc_result: &'static str,
     /// The From domain's DMARC policy is `reject`.
     pub dmarc_policy_reject: bool,
+    /// The From domain's DMARC policy is `quarantine`.
+    pub dmarc_policy_quarantine: bool,
     /// The From: address, lower case (empty unless the message has exactly one).
     pub from: String,
     /// From: names addresses in more than one domain.
     pub ambiguous_from: bool,
+}
+
+impl Authenticated {
+    /// Failed DMARC where the From domain asks for quarantine, or for reject (a message that
+    /// reaches the routes was not refused: `dmarc_reject` is off).
+    pub fn quarantine(&self) -> bool {
+        self.dmarc_result == "fail" && (self.dmarc_policy_quarantine || self.dmarc_policy_reject)
+    }
 }
 
 /// A property set by a check: of a recipient (at `Rcpt`) or of the message (at `Data`).

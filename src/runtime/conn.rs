@@ -18,7 +18,7 @@ use super::queue::CoreQueue;
 use super::transport::Transport;
 use super::{BindingRt, Shared};
 use crate::aswl;
-use crate::config::{Direction, RouteAction, TlsMode};
+use crate::config::{Direction, RouteAction, RouteFacts, TlsMode};
 use crate::delivery::{DsnRequest, DsnRet, Envelope, RcptDsn, drop_folder, trace};
 use crate::metrics::Reason;
 use crate::policy::greet::Known;
@@ -976,7 +976,7 @@ impl Conn {
     /// a true verdict header.
     async fn deliver(&mut self, session: &mut Session) {
         let queue_id = self.ctx.queue.next_queue_id();
-        let env = Envelope {
+        let mut env = Envelope {
             queue_id: queue_id.clone(),
             mail_from: std::mem::take(&mut self.txn.mail_from),
             rcpts: std::mem::take(&mut self.txn.rcpts),
@@ -990,6 +990,7 @@ impl Conn {
             direction: self.binding.b.section.direction,
             received_at: SystemTime::now(),
             aswl: None,
+            dmarc_quarantine: false,
             dsn: std::mem::take(&mut self.txn.dsn),
             binary: self.txn.binary,
         };
@@ -1029,6 +1030,7 @@ impl Conn {
                 return;
             }
         };
+        env.dmarc_quarantine = authenticated.as_ref().is_some_and(|a| a.quarantine());
         // A whitelist pass counts only for an authenticated sender (`require_authentication`):
         // passes of an unauthenticated one become `none` before the routes are chosen.
         let mut verdicts = std::mem::take(&mut self.txn.verdicts);
@@ -1041,6 +1043,7 @@ impl Conn {
         {
             match crate::policy::authenticate::whitelist_authentication(
                 s.require_authentication,
+                &self.binding.config.authentication.suffixes,
                 authenticated.as_deref(),
                 &env.mail_from,
             ) {
@@ -1066,11 +1069,14 @@ impl Conn {
         };
         for (i, r) in env.rcpts.iter().enumerate() {
             let domain = r.rsplit_once('@').map_or("", |(_, d)| d);
-            match self
-                .binding
-                .config
-                .route_for(domain, sender_domain, env.direction, verdict(i))
-            {
+            match self.binding.config.route_for(
+                domain,
+                sender_domain,
+                RouteFacts {
+                    aswl: verdict(i),
+                    ..env.route_facts()
+                },
+            ) {
                 Some((ri, route)) => {
                     all_discard &= route.action == RouteAction::Discard;
                     routing.routes.push(ri);

@@ -423,8 +423,7 @@ impl CoreQueue {
                 .as_ref()
                 .and_then(|r| r.route(live.generation, i as usize))
                 .and_then(|ri| cfg.routes.get(ri).map(|r| (ri, r)));
-            match chosen.or_else(|| cfg.route_for(&domain, &sender_domain, env.direction, env.aswl))
-            {
+            match chosen.or_else(|| cfg.route_for(&domain, &sender_domain, env.route_facts())) {
                 Some((ri, r)) => {
                     let key = if r.next_hops.iter().any(|h| h.get_ref() == "mx") {
                         domain
@@ -830,6 +829,7 @@ impl CoreQueue {
             },
             received_at: SystemTime::now(),
             aswl: None,
+            dmarc_quarantine: false,
             dsn: Default::default(),
             binary: false,
         };

@@ -167,7 +167,8 @@ pub fn encode_message_head(
             | (u8::from(env.aswl.is_some()) << 2)
             | (u8::from(env.aswl == Some(true)) << 3)
             | (u8::from(has_dsn) << 4)
-            | (u8::from(env.binary) << 5),
+            | (u8::from(env.binary) << 5)
+            | (u8::from(env.dmarc_quarantine) << 6),
     );
     put_str(&mut r, &env.mail_from);
     put_str(&mut r, &env.client_ip.to_string());
@@ -382,6 +383,7 @@ fn decode_message(rd: &mut Reader<'_>, payload_at: u64) -> Result<MessageRecord,
             aswl: (flags & 4 != 0).then_some(flags & 8 != 0),
             dsn,
             binary: flags & 32 != 0,
+            dmarc_quarantine: flags & 64 != 0,
         },
         trace,
         content_at,
@@ -400,6 +402,7 @@ mod tests {
             direction: Direction::Outbound,
             received_at: SystemTime::UNIX_EPOCH + Duration::from_micros(1_234_567),
             aswl: Some(true),
+            dmarc_quarantine: true,
             ..Envelope::example("Q1", &["x@d.test", "y@d.test"])
         }
     }
