@@ -5,12 +5,19 @@
 # SPF, DKIM key and DMARC records with a TTL, so after the first message the answers come
 # from the resolver's cache. Prints the median msg/s and p99 of the final reply per mode.
 #
+# With DELAY_MS set, the records have TTL 0 (every message looks them up again: a cold cache
+# each time) and reach ringmx through loadtest/dns-delay.py, which answers DELAY_MS late;
+# only verification on is run, and its p99 shows what DNS costs a message while the cores
+# go on (CPU use is printed too).
+#
 #   loadtest/auth.sh
 #   RUNS=5 N=20000 loadtest/auth.sh
+#   DELAY_MS=50 N=3000 loadtest/auth.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNS=${RUNS:-3}
+DELAY_MS=${DELAY_MS:-}
 N=${N:-20000}
 CONNS=${CONNS:-50}
 WORK=${WORK:-/tmp/ringmx-auth-bench}
@@ -23,6 +30,7 @@ rm -rf "$WORK"; mkdir -p "$WORK"
 cleanup() {
     [ -n "${SERVER:-}" ] && kill "$SERVER" 2>/dev/null || true
     [ -n "${DNS:-}" ] && kill "$DNS" 2>/dev/null || true
+    [ -n "${PROXY:-}" ] && kill "$PROXY" 2>/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -47,11 +55,17 @@ open(d + "/signed.eml", "wb").write(dkim.sign(m, b"sel", b"bench.test", key,
 PY
 DNS_PORT=$(free_port)
 dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts --bind-interfaces \
-    --listen-address=127.0.0.1 --user=root --port="$DNS_PORT" --local=/test/ --local-ttl=3600 \
+    --listen-address=127.0.0.1 --user=root --port="$DNS_PORT" --local=/test/ \
+    --local-ttl="$([ -n "$DELAY_MS" ] && echo 0 || echo 3600)" \
     "--txt-record=bench.test,v=spf1 ip4:127.0.0.1 -all" \
     "--txt-record=_dmarc.bench.test,v=DMARC1; p=reject" \
     "--txt-record=sel._domainkey.bench.test,v=DKIM1; k=rsa; p=${pub:0:200},${pub:200}" &
 DNS=$!
+if [ -n "$DELAY_MS" ]; then
+    UPSTREAM=$DNS_PORT; DNS_PORT=$(free_port)
+    python3 loadtest/dns-delay.py "$DNS_PORT" "$UPSTREAM" "$DELAY_MS" &
+    PROXY=$!
+fi
 
 start() {
     local d="$WORK/run"
@@ -85,23 +99,28 @@ CONF
     wait_port "$PORT"
 }
 
-declare -A RATE P99
+declare -A RATE P99 CPU
+MODES="false true"; [ -n "$DELAY_MS" ] && MODES=true
 for run in $(seq "$RUNS"); do
-    for mode in false true; do
+    for mode in $MODES; do
         start "$mode"
         out=$("$LOAD" 127.0.0.1:"$PORT" -c "$CONNS" -n "$N" --from bob@bench.test \
             --message "$WORK/signed.eml" --json)
         if [ "$mode" = true ] && ! curl -s "http://127.0.0.1:$ADMIN/metrics" | grep -q 'method="dkim",result="pass"} [1-9]'; then
             echo "no DKIM pass counted: the verification did not run" >&2
         fi
+        CPU[$mode]+="$(awk '{printf "%.2f", ($14+$15)/100}' "/proc/$SERVER/stat") "
         kill "$SERVER"; wait "$SERVER" 2>/dev/null || true; SERVER=
         RATE[$mode]+="$(python3 -c 'import json,sys; print(round(json.load(sys.stdin)["msgs_per_sec"]))' <<<"$out") "
         P99[$mode]+="$(python3 -c 'import json,sys; d=json.load(sys.stdin); print("%.1f" % (d["latency_us"]["final"]["p99"] / 1000))' <<<"$out") "
     done
 done
 
+printf '| verification | msg/s (runs) | p99 final reply ms (runs) | server CPU-s (runs) |\n|---|---|---|---|\n'
+for mode in $MODES; do
+    printf '| %s | %s (%s) | %s | %s |\n' "$([ "$mode" = true ] && echo on || echo off)" \
+        "$(med "${RATE[$mode]}")" "${RATE[$mode]% }" "${P99[$mode]% }" "${CPU[$mode]% }"
+done
+[ -n "$DELAY_MS" ] && { echo "DNS answers ${DELAY_MS} ms late, TTL 0"; exit 0; }
 off=$(med "${RATE[false]}"); on=$(med "${RATE[true]}")
-printf '| verification | msg/s (runs) | p99 final reply ms (runs) |\n|---|---|---|\n'
-printf '| off | %s (%s) | %s |\n' "$off" "${RATE[false]% }" "${P99[false]% }"
-printf '| on | %s (%s) | %s |\n' "$on" "${RATE[true]% }" "${P99[true]% }"
 awk -v a="$off" -v b="$on" 'BEGIN{printf "on/off: %.2f\n", b/a}'

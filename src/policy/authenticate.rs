@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::Instant;
 
-use super::pipeline::{Authenticated, Check, Decision, Mark, Refusal, Request, Stage};
+use super::pipeline::{Authenticated, Check, Decision, Job, Mark, Refusal, Request, Stage};
 use crate::domain::Suffixes;
 use crate::metrics::Reason;
 use crate::proto::reply;
@@ -191,6 +191,12 @@ impl Check for Authenticate {
         let Some(content) = r.content else {
             return Decision::Continue;
         };
+        // Memory: the verifications under way hold at most `MAX_HELD` bytes of messages; past
+        // that (a flood of big messages) a message goes on unverified, as if out of time.
+        let Some(held) = Held::take(content.len()) else {
+            tracing::warn!("authenticate: too many messages under verification; not verified");
+            return Decision::Continue;
+        };
         let mut message = content.prefix().to_vec();
         let tail = match content.tail() {
             None => None,
@@ -205,21 +211,27 @@ impl Check for Authenticate {
         let (ip, helo, mail_from) = (r.ip, r.helo.to_string(), r.mail_from.to_string());
         let verifier = self.verifier.clone();
         let (dmarc_reject, metrics) = (self.dmarc_reject, self.metrics.clone());
-        // A job that starts after its session stopped waiting does no work.
-        let deadline = Instant::now() + verifier.timeout + Duration::from_secs(1);
-        Decision::Defer(Box::new(move || {
-            if Instant::now() >= deadline {
-                return Decision::Continue;
-            }
+        let (dns, timeout) = (self.verifier.dns.clone(), self.verifier.timeout);
+        let task = async move {
+            let _held = held;
             if let Some((f, len)) = tail {
-                let at = message.len();
-                message.resize(at + len as usize, 0);
-                if let Err(e) = f.read_exact_at(message.get_mut(at..).unwrap_or_default(), 0) {
-                    tracing::warn!(error = %e, "authenticate: cannot read the staged message");
-                    return Decision::Continue;
+                let read = tokio::task::spawn_blocking(move || {
+                    let at = message.len();
+                    message.resize(at + len as usize, 0);
+                    f.read_exact_at(message.get_mut(at..).unwrap_or_default(), 0)
+                        .map(|()| message)
+                })
+                .await;
+                match read {
+                    Ok(Ok(m)) => message = m,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "authenticate: cannot read the staged message");
+                        return Decision::Continue;
+                    }
+                    Err(_) => return Decision::Continue,
                 }
             }
-            let Some((field, auth)) = verifier.verify(ip, &helo, &mail_from, &message) else {
+            let Some((field, auth)) = verifier.verify(ip, &helo, &mail_from, &message).await else {
                 return Decision::Continue;
             };
             if let Some(m) = &metrics {
@@ -245,7 +257,71 @@ impl Check for Authenticate {
                 Decision::AddHeader(field),
                 Decision::Mark(Mark::Authenticated(Arc::new(auth))),
             ])
+        };
+        // A job that starts after its session stopped waiting does no work.
+        let deadline = Instant::now() + timeout + Duration::from_secs(1);
+        Decision::Defer(Job::blocking(move || {
+            if Instant::now() >= deadline {
+                return Decision::Continue;
+            }
+            here_or_spawn(&dns, task)
         }))
+    }
+}
+
+/// Run `task` on this policy worker until it has to wait (for a DNS answer: records not in
+/// the cache), then hand it to the resolver's task runtimes ([`Dns::spawn`]), where waiting
+/// holds no thread, and answer with that (the session waits on). With the records cached,
+/// a message is verified here in one go, with no further hand-over.
+fn here_or_spawn(
+    dns: &Arc<Dns>,
+    task: impl std::future::Future<Output = Decision> + Send + 'static,
+) -> Decision {
+    let mut task = Box::pin(task);
+    let polled = {
+        // Timers and lookups created in this first step belong to the resolver's runtime.
+        let _rt = dns.enter();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        task.as_mut().poll(&mut cx)
+    };
+    match polled {
+        std::task::Poll::Ready(d) => d,
+        std::task::Poll::Pending => Decision::Defer(Job::Running(dns.spawn(task))),
+    }
+}
+
+/// Bytes of messages held by verifications under way, and how many there are.
+static HELD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+const MAX_HELD: usize = 256 << 20;
+const MAX_RUNNING: usize = 4096;
+
+/// One verification's share of [`MAX_HELD`] and [`MAX_RUNNING`], given back when dropped.
+struct Held(usize);
+
+impl Held {
+    fn take(bytes: u64) -> Option<Held> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bytes = usize::try_from(bytes).ok()?;
+        if RUNNING.fetch_add(1, Relaxed) >= MAX_RUNNING {
+            RUNNING.fetch_sub(1, Relaxed);
+            return None;
+        }
+        let before = HELD.fetch_add(bytes, Relaxed);
+        if before.saturating_add(bytes) > MAX_HELD && before > 0 {
+            HELD.fetch_sub(bytes, Relaxed);
+            RUNNING.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(Held(bytes))
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        HELD.fetch_sub(self.0, Relaxed);
+        RUNNING.fetch_sub(1, Relaxed);
     }
 }
 
@@ -283,28 +359,23 @@ impl Check for SpfAtMail {
         }
         let (ip, helo, mail_from) = (r.ip, r.helo.to_string(), r.mail_from.to_string());
         let (dns, id, timeout) = (self.dns.clone(), self.authserv_id.clone(), self.timeout);
-        let deadline = Instant::now() + timeout + Duration::from_secs(1);
-        Decision::Defer(Box::new(move || {
-            if Instant::now() >= deadline {
-                return Decision::Continue;
-            }
-            let auth = MessageAuthenticator(dns.resolver().clone());
+        let resolver = dns.resolver().clone();
+        let task = async move {
+            let auth = MessageAuthenticator(resolver);
             let helo = if helo.is_empty() {
                 "unknown"
             } else {
                 helo.as_str()
             };
-            let result = dns.block_on(async {
-                tokio::time::timeout(
-                    timeout,
-                    auth.verify_spf(
-                        Parameters::new(SpfParameters::verify_mail_from(ip, helo, &id, &mail_from))
-                            .with_txt_cache(txt_cache()),
-                    ),
-                )
-                .await
-                .ok()
-            });
+            let result = tokio::time::timeout(
+                timeout,
+                auth.verify_spf(
+                    Parameters::new(SpfParameters::verify_mail_from(ip, helo, &id, &mail_from))
+                        .with_txt_cache(txt_cache()),
+                ),
+            )
+            .await
+            .ok();
             match result {
                 Some(spf) if spf.result() == mail_auth::SpfResult::Fail => {
                     Decision::Reject(Refusal::new(
@@ -315,6 +386,14 @@ impl Check for SpfAtMail {
                 }
                 _ => Decision::Continue,
             }
+        };
+        // A job that starts after its session stopped waiting does no work.
+        let deadline = Instant::now() + timeout + Duration::from_secs(1);
+        Decision::Defer(Job::blocking(move || {
+            if Instant::now() >= deadline {
+                return Decision::Continue;
+            }
+            here_or_spawn(&dns, task)
         }))
     }
 }
@@ -325,7 +404,7 @@ const MAX_SIGNATURES: usize = 8;
 impl Verifier {
     /// Verify one message: the `Authentication-Results:` field (without its line end) and what
     /// passed, or `None` when the lookups did not finish within `timeout`.
-    pub fn verify(
+    pub async fn verify(
         &self,
         ip: std::net::IpAddr,
         helo: &str,
@@ -342,7 +421,6 @@ impl Verifier {
             // Every signature costs a key lookup and a verification: the first few are enough.
             m.dkim_headers.truncate(MAX_SIGNATURES);
         }
-        dns.block_on(async {
         tokio::time::timeout(timeout, async {
             let spf_params = || {
                 if mail_from.is_empty() {
@@ -479,7 +557,6 @@ impl Verifier {
         })
         .await
         .ok()
-    })
     }
 }
 

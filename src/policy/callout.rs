@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::pipeline::{Check, Decision, Refusal, Request, Stage};
+use super::pipeline::{Check, Decision, Job, Refusal, Request, Stage};
 use super::recipients::{Lookup, RecipientMaps, UnknownRecipient};
 use crate::config::{CalloutSection, CalloutUnavailable, Config, RouteFacts};
 use crate::metrics::Reason;
@@ -291,7 +291,7 @@ impl Check for Callout {
         let callouts = self.callouts.clone();
         let address = r.rcpt.to_string();
         let ehlo = self.config.server.hostname.clone();
-        Decision::Defer(Box::new(move || {
+        Decision::Defer(Job::blocking(move || {
             let _slot = slot;
             let step = callouts.settings.timeout.0;
             match probe(&hops, &ehlo, &address, step) {

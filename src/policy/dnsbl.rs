@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::pipeline::{Check, Decision, Refusal, Request, Stage};
+use super::pipeline::{Check, Decision, Job, Refusal, Request, Stage};
 pub use crate::dnslist::{Answer, List, score};
 use crate::metrics::Reason;
 use crate::proto::reply::Reply;
@@ -141,7 +141,7 @@ impl Check for DnsLists {
             (self.lists.clone(), self.replies.clone(), self.cache.clone());
         let (threshold, max_ttl, cache_size) = (self.threshold, self.max_ttl, self.cache_size);
         let resolve = self.resolve.clone();
-        Decision::Defer(Box::new(move || {
+        Decision::Defer(Job::blocking(move || {
             let names: Vec<String> = lists.iter().map(|l| l.query(ip)).collect();
             let answers = resolve(&names);
             let (total, top, ttl) = score(&lists, &answers);
@@ -211,7 +211,7 @@ mod tests {
             let r = Request::new(ip.parse().unwrap(), now);
             match p.run(Stage::Connect, &r) {
                 Outcome::Defer(d) => {
-                    let answer = (d.job)();
+                    let answer = d.job.wait();
                     p.resume(d.resume, answer, &r)
                 }
                 o => o,

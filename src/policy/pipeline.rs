@@ -122,7 +122,37 @@ impl Refusal {
 }
 
 /// Work off the core; its answer is the check's decision.
-pub type Job = Box<dyn FnOnce() -> Decision + Send>;
+pub enum Job {
+    /// Blocking work for the policy workers.
+    Blocking(Box<dyn FnOnce() -> Decision + Send>),
+    /// Work already running as a task elsewhere (lookups on the resolver's runtime, which
+    /// wait for DNS without holding a thread); its answer arrives here.
+    Running(tokio::sync::oneshot::Receiver<Decision>),
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Job::Blocking(_) => "Blocking",
+            Job::Running(_) => "Running",
+        })
+    }
+}
+
+impl Job {
+    pub fn blocking(f: impl FnOnce() -> Decision + Send + 'static) -> Job {
+        Job::Blocking(Box::new(f))
+    }
+
+    /// Do the work here, or wait for it (tests).
+    #[cfg(test)]
+    pub(crate) fn wait(self) -> Decision {
+        match self {
+            Job::Blocking(f) => f(),
+            Job::Running(rx) => rx.blocking_recv().unwrap_or(Decision::Continue),
+        }
+    }
+}
 
 /// What SPF and DKIM established about a message (the `authenticate` check).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -420,7 +450,7 @@ mod tests {
             Arc::new(Table(Stage::Rcpt, "slow", |r| {
                 if r.rcpt.starts_with("slow") {
                     let close = r.rcpt == "slow-close@x";
-                    Decision::Defer(Box::new(move || {
+                    Decision::Defer(Job::blocking(move || {
                         if close {
                             Decision::Reject(CLOSED)
                         } else {
@@ -479,7 +509,7 @@ mod tests {
             panic!("not deferred")
         };
         // The job runs elsewhere; the run resumes with the checks after it.
-        let answer = std::thread::spawn(d.job).join().unwrap();
+        let answer = std::thread::spawn(move || d.job.wait()).join().unwrap();
         match p.resume(d.resume, answer, &r) {
             Outcome::Accept(e) => {
                 assert_eq!(
@@ -496,7 +526,7 @@ mod tests {
         let Outcome::Defer(d) = p.run(Stage::Rcpt, &r) else {
             panic!("not deferred")
         };
-        let answer = (d.job)();
+        let answer = d.job.wait();
         assert!(matches!(p.resume(d.resume, answer, &r), Outcome::Reject(c) if c == CLOSED));
     }
 }

@@ -1,6 +1,9 @@
 //! MX resolution (RFC 5321 §5.1) with hickory-resolver. hickory is tokio-based, so it runs on
 //! one small tokio runtime of its own; cores ask through the blocking pool and never wait on
-//! DNS on their own thread.
+//! DNS on their own thread. Work that mixes lookups with CPU (SPF, DKIM, DMARC) runs as tasks
+//! on a few single-threaded runtimes of their own ([`Dns::spawn`]): a task waiting for an
+//! answer holds no thread, and the signatures are checked on as many threads as there are
+//! tasks runtimes.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
@@ -14,6 +17,25 @@ use hickory_resolver::{Resolver, TokioResolver};
 pub struct Dns {
     rt: tokio::runtime::Runtime,
     resolver: TokioResolver,
+    /// The runtimes of [`Dns::spawn`], each driven by a thread of its own.
+    tasks: Vec<tokio::runtime::Handle>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// Threads (each a single-threaded runtime) for [`Dns::spawn`].
+const TASK_THREADS: usize = 4;
+
+fn task_runtime(i: usize) -> Result<tokio::runtime::Handle, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name(format!("ringmx-verify-{i}"))
+        .spawn(move || rt.block_on(std::future::pending::<()>()))
+        .map_err(|e| e.to_string())?;
+    Ok(handle)
 }
 
 /// Where to deliver for a domain.
@@ -69,12 +91,42 @@ impl Dns {
             opts.attempts = 2;
             builder.build().map_err(|e| e.to_string())
         })?;
-        Ok(Dns { rt, resolver })
+        let tasks = (0..TASK_THREADS)
+            .map(task_runtime)
+            .collect::<Result<_, _>>()?;
+        Ok(Dns {
+            rt,
+            resolver,
+            tasks,
+            next: std::sync::atomic::AtomicUsize::new(0),
+        })
     }
 
     /// The resolver (for lookups this module does not wrap: SPF, DKIM, DMARC).
     pub fn resolver(&self) -> &TokioResolver {
         &self.resolver
+    }
+
+    /// Enter the resolver's runtime on this thread (to create its timers and lookups).
+    pub fn enter(&self) -> tokio::runtime::EnterGuard<'_> {
+        self.rt.enter()
+    }
+
+    /// Run `f` as a task on one of the task runtimes; its output arrives on the receiver.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> tokio::sync::oneshot::Receiver<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let i = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let task = async move {
+            let _ = tx.send(f.await);
+        };
+        match self.tasks.get(i % self.tasks.len().max(1)) {
+            Some(h) => drop(h.spawn(task)),
+            None => drop(self.rt.spawn(task)),
+        }
+        rx
     }
 
     /// Run `f` on the resolver's runtime and wait for it. Blocking: call from a worker thread.

@@ -788,8 +788,14 @@ impl Conn {
         resume: &crate::policy::pipeline::Resume,
     ) -> crate::policy::pipeline::Decision {
         let pipeline = &self.binding.pipeline;
-        let Some(rx) = self.ctx.shared.policy_workers.submit(job) else {
-            return pipeline.unavailable(resume);
+        let rx = match job {
+            crate::policy::pipeline::Job::Blocking(f) => {
+                match self.ctx.shared.policy_workers.submit(f) {
+                    Some(rx) => rx,
+                    None => return pipeline.unavailable(resume),
+                }
+            }
+            crate::policy::pipeline::Job::Running(rx) => rx,
         };
         let limit = pipeline
             .time_limit(resume)
