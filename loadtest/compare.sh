@@ -24,7 +24,7 @@ RUNS=${RUNS:-3}          # median of
 WORK=${WORK:-/tmp/ringmx-compare}
 TIMEOUT=${TIMEOUT:-300}  # seconds per run, at most
 IDLE=${IDLE:-10000}      # idle connections held in the last check (0 = skip)
-SCENARIOS=${SCENARIOS:-"reuse churn big pipelined starttls"}
+SCENARIOS=${SCENARIOS:-"reuse churn big pipelined starttls tls-churn tls-resume"}
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need smtp-source || ! need smtp-sink; then
@@ -204,6 +204,10 @@ load() { # scenario port
         big) timeout "$TIMEOUT" smtp-source -s "$SESSIONS" -m $((n / 10)) -l 102400 -d -f load@bench.test -t rcpt@remote.test 127.0.0.1:"$2" >/dev/null; echo –;;
         pipelined) timeout "$TIMEOUT" "$LOADTEST" -c "$SESSIONS" -n "$n" -s 1024 --to-domain remote.test --from load@bench.test --json 127.0.0.1:"$2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["latency_us"]["final"]["p99"])';;
         starttls) timeout "$TIMEOUT" "$LOADTEST" -c "$SESSIONS" -n "$n" -s 1024 --starttls --to-domain remote.test --from load@bench.test --json 127.0.0.1:"$2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["latency_us"]["final"]["p99"])';;
+        # One message per connection over STARTTLS: a full handshake each time, or resumed
+        # (how many resumed is printed).
+        tls-churn) timeout "$TIMEOUT" "$LOADTEST" -c "$SESSIONS" -n "$n" -s 1024 --starttls --per-connection 1 --no-pipelining --to-domain remote.test --from load@bench.test --json 127.0.0.1:"$2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["latency_us"]["final"]["p99"])';;
+        tls-resume) timeout "$TIMEOUT" "$LOADTEST" -c "$SESSIONS" -n "$n" -s 1024 --starttls --resume --per-connection 1 --no-pipelining --to-domain remote.test --from load@bench.test --json 127.0.0.1:"$2" | python3 -c 'import json,sys; d=json.load(sys.stdin); print("  resumed %d of %d handshakes" % (d["tls_resumed"], d["ok"]), file=sys.stderr); print(d["latency_us"]["final"]["p99"])';;
     esac
 }
 count_of() { case $1 in big) echo $((N / 10));; *) echo "$N";; esac; }
@@ -245,7 +249,7 @@ start_ringmx rxrelay relay
 
 for sc in $SCENARIOS; do
     for r in "${ROWS[@]}"; do
-        [ "$sc" = starttls ] && [ "${TLS[$r]}" = no ] && continue
+        case $sc in starttls|tls-*) [ "${TLS[$r]}" = no ] && continue;; esac
         echo "== $sc: $r" >&2
         run_cell "$sc" "$r"
     done
@@ -291,6 +295,8 @@ for sc in $SCENARIOS; do
         big) title="100 KiB × $((N / 10)), connections reused (smtp-source -d)";;
         pipelined) title="1 KiB × $N, PIPELINING (ringmx-loadtest), p99 of the final reply";;
         starttls) title="1 KiB × $N over STARTTLS, PIPELINING (ringmx-loadtest)";;
+        tls-churn) title="1 KiB × $N over STARTTLS, one message per connection, full handshakes, no pipelining (ringmx-loadtest)";;
+        tls-resume) title="1 KiB × $N over STARTTLS, one message per connection, sessions resumed (ringmx-loadtest --resume)";;
     esac
     echo
     echo "### $title"

@@ -93,6 +93,13 @@ fn build(
             ))
         })?;
     cfg.max_early_data_size = 0;
+    // Resumption without server memory: TLS 1.3 PSKs and TLS 1.2 tickets sealed with keys that
+    // rotate every 6 hours (and at a reload); a client that resumes skips the certificate
+    // signature and its check. Sessions of TLS 1.2 clients without ticket support are kept
+    // by ID, bounded.
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| TlsError(format!("{who}: session tickets: {e}")))?;
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(cfg))
 }

@@ -400,3 +400,45 @@ with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
         assert_eq!(s.dropped().len(), 1, "[{driver}]");
     }
 }
+
+/// A client that kept its session resumes it (TLS 1.3 PSK and TLS 1.2 tickets, sealed by the
+/// binding's ticketer), as `openssl s_client` reports.
+#[test]
+fn sessions_resume_with_openssl_s_client() {
+    let certs = support::Certs::new();
+    let dir = support::temp_dir("tls-resume");
+    std::fs::create_dir_all(&dir).unwrap();
+    for driver in DRIVERS {
+        let s = Server::start_with("resume", driver, &certs.pem_binding("starttls"), "");
+        for version in ["-tls1_3", "-tls1_2"] {
+            let session = dir.join(format!("{driver}{version}.pem"));
+            let run = |sess: &[&str]| {
+                let out = support::run_with_stdin(
+                    Command::new("openssl")
+                        .args(["s_client", "-starttls", "smtp", "-ign_eof", version])
+                        .args(sess)
+                        .arg("-connect")
+                        .arg(s.inbound.to_string()),
+                    b"EHLO sclient.test\r\nQUIT\r\n",
+                );
+                let text = stdout(&out);
+                assert!(
+                    text.contains("221 2.0.0 Bye"),
+                    "[{driver} {version}] {text}"
+                );
+                text
+            };
+            let first = run(&["-sess_out", session.to_str().unwrap()]);
+            assert!(
+                first.contains("New, TLSv1."),
+                "[{driver} {version}] {first}"
+            );
+            let second = run(&["-sess_in", session.to_str().unwrap()]);
+            assert!(
+                second.contains("Reused, TLSv1."),
+                "[{driver} {version}] {second}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -33,6 +33,8 @@ pub struct Opts {
     pub pipelining: bool,
     pub bdat: bool,
     pub tls: TlsMode,
+    /// Resume TLS sessions (tickets) on reconnect.
+    pub resume: bool,
     pub rate: Option<f64>,
     pub threads: usize,
     pub json: bool,
@@ -252,6 +254,7 @@ async fn connect(opts: &Opts, tls: &Arc<rustls::ClientConfig>, st: &mut Stats) -
     if opts.tls == TlsMode::Implicit {
         c.transport = Transport::tls_client(tls.clone(), &opts.tls_name)?;
         c.transport.handshake(&mut c.stream).await?;
+        st.tls_resumed += u64::from(c.transport.resumed());
     }
     let g = c.counted_reply(st).await?;
     st.record(1, micros(t));
@@ -271,6 +274,7 @@ async fn connect(opts: &Opts, tls: &Arc<rustls::ClientConfig>, st: &mut Stats) -
         }
         c.transport = Transport::tls_client(tls.clone(), &opts.tls_name)?;
         c.transport.handshake(&mut c.stream).await?;
+        st.tls_resumed += u64::from(c.transport.resumed());
         let r = c.cmd("EHLO loadtest.ringmx\r\n".into(), st).await?;
         if r.code != 250 {
             return Err(io::Error::other(format!("EHLO after TLS {}", r.code)));

@@ -29,6 +29,7 @@ USAGE: ringmx-loadtest [OPTIONS] HOST:PORT
       --bdat               BDAT (CHUNKING) instead of DATA
       --starttls           STARTTLS after EHLO (certificate not verified)
       --tls                implicit TLS (port 465 style; certificate not verified)
+      --resume             resume TLS sessions on reconnect (default: a full handshake each time)
       --rate MSGS_PER_SEC  open loop at this rate; latency counts from the scheduled send time
   -t, --threads N          threads (default: one per CPU)
       --from ADDR          reverse-path (default loadtest@loadtest.ringmx); {k} in it is
@@ -60,6 +61,7 @@ fn parse_args() -> Opts {
         pipelining: true,
         bdat: false,
         tls: TlsMode::None,
+        resume: false,
         rate: None,
         threads,
         json: false,
@@ -102,6 +104,7 @@ fn parse_args() -> Opts {
             "--bdat" => o.bdat = true,
             "--starttls" => o.tls = TlsMode::StartTls,
             "--tls" => o.tls = TlsMode::Implicit,
+            "--resume" => o.resume = true,
             "--rate" => {
                 o.rate = Some(
                     args.next()
@@ -168,7 +171,12 @@ fn core_thread(i: usize, opts: Arc<Opts>, budget: Arc<Budget>) -> std::thread::J
     std::thread::spawn(move || {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let _ = monoio::utils::bind_to_cpu_set([i % cpus]);
-        let tls = ringmx::relay::tls::client_config(false, None).unwrap_or_else(|e| fail(&e));
+        let mut tls = ringmx::relay::tls::client_config(false, None).unwrap_or_else(|e| fail(&e));
+        if !opts.resume {
+            let mut c = (*tls).clone();
+            c.resumption = rustls::client::Resumption::disabled();
+            tls = Arc::new(c);
+        }
         let mine: Vec<usize> = (0..opts.connections)
             .filter(|c| c % opts.threads == i)
             .collect();
@@ -272,6 +280,7 @@ fn report(o: &Opts, s: &Stats, elapsed: Duration) {
             "bytes_per_sec": s.bytes as f64 / secs,
             "replies": s.replies.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>(),
             "errors": s.errors,
+            "tls_resumed": s.tls_resumed,
             "latency_us": lat,
         });
         println!("{v}");
@@ -316,6 +325,9 @@ fn report(o: &Opts, s: &Stats, elapsed: Duration) {
     );
     let replies: Vec<String> = s.replies.iter().map(|(c, n)| format!("{c}×{n}")).collect();
     println!("replies: {}", replies.join(" "));
+    if o.tls != TlsMode::None {
+        println!("TLS handshakes resumed: {}", s.tls_resumed);
+    }
     if !s.errors.is_empty() {
         let e: Vec<String> = s.errors.iter().map(|(k, v)| format!("{k} ×{v}")).collect();
         println!("errors: {}", e.join(", "));

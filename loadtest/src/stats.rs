@@ -17,6 +17,8 @@ pub struct Stats {
     pub failed: u64,
     pub bytes: u64,
     pub connect_errors: u64,
+    /// TLS handshakes that resumed a session.
+    pub tls_resumed: u64,
     pub errors: BTreeMap<String, u64>,
 }
 
@@ -33,6 +35,7 @@ impl Default for Stats {
             failed: 0,
             bytes: 0,
             connect_errors: 0,
+            tls_resumed: 0,
             errors: BTreeMap::new(),
         }
     }
@@ -67,5 +70,6 @@ impl Stats {
         self.failed += other.failed;
         self.bytes += other.bytes;
         self.connect_errors += other.connect_errors;
+        self.tls_resumed += other.tls_resumed;
     }
 }

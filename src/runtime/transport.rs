@@ -148,6 +148,14 @@ impl Transport {
     }
 }
 
+impl Transport {
+    /// The TLS handshake resumed an earlier session.
+    pub fn resumed(&self) -> bool {
+        matches!(self, Transport::Tls(t)
+            if t.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed))
+    }
+}
+
 impl Tls {
     async fn flush(&mut self, stream: &mut TcpStream) -> io::Result<()> {
         while self.conn.wants_write() {
