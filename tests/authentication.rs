@@ -19,6 +19,15 @@ fn public_key(dir: &std::path::Path) -> String {
     base64::engine::general_purpose::STANDARD.encode(std::fs::read(dir.join("pub.der")).unwrap())
 }
 
+/// A directory with a new RSA-2048 `key.pem`, and its DKIM record.
+fn rsa_key(name: &str) -> (std::path::PathBuf, String) {
+    let keys = support::temp_dir(name);
+    std::fs::create_dir_all(&keys).unwrap();
+    openssl(&keys, &["genrsa", "-out", "key.pem", "2048"]);
+    let record = format!("v=DKIM1; k=rsa; p={}", public_key(&keys));
+    (keys, record)
+}
+
 /// `--txt-record` for `name`, the text cut into strings of at most 200 bytes (dnsmasq takes
 /// each comma-separated part as one string; the records here hold no comma).
 fn txt(name: &str, text: &str) -> String {
@@ -122,10 +131,7 @@ fn zone(blackhole: &std::net::UdpSocket, dkim: &[(&str, &str)], dmarc: &str) -> 
 
 #[test]
 fn spf_dkim_and_dmarc_results_on_every_copy() {
-    let keys = support::temp_dir("auth-keys");
-    std::fs::create_dir_all(&keys).unwrap();
-    openssl(&keys, &["genrsa", "-out", "key.pem", "2048"]);
-    let dkim_record = format!("v=DKIM1; k=rsa; p={}", public_key(&keys));
+    let (keys, dkim_record) = rsa_key("auth-keys");
     let (ed_key, ed_public) = ed25519(&keys);
     let ed_record = format!("v=DKIM1; k=ed25519; p={ed_public}");
     let blackhole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -287,10 +293,7 @@ print("sent")
 /// with `"off"` the envelope alone decides (the old behaviour).
 #[test]
 fn the_whitelist_needs_an_authenticated_sender() {
-    let keys = support::temp_dir("aswl-auth-keys");
-    std::fs::create_dir_all(&keys).unwrap();
-    openssl(&keys, &["genrsa", "-out", "key.pem", "2048"]);
-    let dkim_record = format!("v=DKIM1; k=rsa; p={}", public_key(&keys));
+    let (keys, dkim_record) = rsa_key("aswl-auth-keys");
     let blackhole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let records = zone(&blackhole, &[("sel", &dkim_record)], "v=DMARC1; p=none");
     let args: Vec<&str> = records.iter().map(String::as_str).collect();
@@ -474,13 +477,11 @@ print("sent")
 "#;
 
 /// DMARC alignment strict (`aspf=s; adkim=s`) and relaxed, an rsa-sha1 signature, body
-/// length tags (covering the body, and with text added after them), and `[[route]] dmarc = "quarantine"` taking what fails under `p=quarantine`.
+/// length tags (covering the body, and with text added after them), and `[[route]] dmarc =
+/// "quarantine"` taking what fails under `p=quarantine`.
 #[test]
 fn alignment_signatures_and_quarantine_routes() {
-    let keys = support::temp_dir("align-keys");
-    std::fs::create_dir_all(&keys).unwrap();
-    openssl(&keys, &["genrsa", "-out", "key.pem", "2048"]);
-    let key = format!("v=DKIM1; k=rsa; p={}", public_key(&keys));
+    let (keys, key) = rsa_key("align-keys");
     let quarantine = support::temp_dir("quarantine");
     let blackhole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let mut records = zone(&blackhole, &[], "v=DMARC1; p=none");
