@@ -473,6 +473,10 @@ send("127.0.0.6", "bob@relaxed.test",
      sign(message("length", "bob@relaxed.test"), "relaxed.test", length=True))
 send("127.0.0.6", "bob@relaxed.test",
      sign(message("appended", "bob@relaxed.test"), "relaxed.test", length=True) + b"Appended.\r\n")
+# From: names two domains: DMARC has no single answer.
+send("127.0.0.5", "x@mail.relaxed.test", message("two-from", "bob@relaxed.test>, <ceo@bank.test"))
+# A signature for a zone that never answers (its temperror) cannot have aligned: DMARC fails.
+send("127.0.0.6", "bob@strict.test", sign(message("stray", "bob@strict.test"), "slow.test"))
 print("sent")
 "#;
 
@@ -570,6 +574,12 @@ fn alignment_signatures_and_quarantine_routes() {
                 "dkim=policy (l=14: 11 body bytes are not signed) header.d=relaxed.test",
                 "dmarc=fail",
             ],
+        ),
+        ("two-from", true, &["spf=pass"]),
+        (
+            "stray",
+            true,
+            &["dkim=temperror", "header.d=slow.test", "dmarc=fail"],
         ),
     ] {
         let (q, m) = find(subject);

@@ -41,7 +41,22 @@ impl Redis {
         r
     }
 
+    /// Start redis-server and wait until it answers. A server that exits at once (its port
+    /// taken by another process since `free_port` chose it) is started again on another port.
     fn launch(&mut self) {
+        for _ in 0..3 {
+            if self.try_launch() {
+                return;
+            }
+            self.port = free_port();
+        }
+        panic!(
+            "redis-server did not start; its log: {}",
+            std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+        );
+    }
+
+    fn try_launch(&mut self) -> bool {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -71,13 +86,25 @@ impl Redis {
             .spawn()
             .expect("redis-server (apt-get install redis-server)");
         self.child = Some(child);
-        wait_until(Duration::from_secs(10), "redis-server answers", || {
-            if self.tls {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let answers = if self.tls {
                 TcpStream::connect(("127.0.0.1", self.port)).is_ok()
             } else {
                 self.cli(&["PING"]).trim() == "PONG"
+            };
+            if answers {
+                return true;
             }
-        });
+            if let Some(c) = self.child.as_mut()
+                && matches!(c.try_wait(), Ok(Some(_)))
+            {
+                self.child = None;
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("timed out waiting: redis-server answers on {}", self.port);
     }
 
     fn cli(&self, args: &[&str]) -> String {

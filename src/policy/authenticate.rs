@@ -57,6 +57,9 @@ pub struct Authenticate {
     pub verifier: Verifier,
     /// `[authentication] dmarc_reject`.
     pub dmarc_reject: bool,
+    /// DMARC decides something here (`dmarc_reject`, or a route with `dmarc`): a message that
+    /// could not be verified is deferred (`451 4.3.0`), not let through unverified.
+    pub enforce: bool,
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
@@ -183,19 +186,21 @@ impl Check for Authenticate {
     fn time_limit(&self) -> Option<Duration> {
         Some(self.verifier.timeout + Duration::from_secs(1))
     }
-    /// No results in time: the message goes on without the field (no verdict is a pass).
+    /// No results in time: the message goes on without the field (no verdict is a pass),
+    /// or, where DMARC is enforced, is deferred.
     fn unavailable(&self) -> Decision {
-        Decision::Continue
+        no_results(self.enforce)
     }
     fn check(&self, r: &Request<'_>) -> Decision {
         let Some(content) = r.content else {
             return Decision::Continue;
         };
+        let enforce = self.enforce;
         // Memory: the verifications under way hold at most `MAX_HELD` bytes of messages; past
         // that (a flood of big messages) a message goes on unverified, as if out of time.
         let Some(held) = Held::take(content.len()) else {
             tracing::warn!("authenticate: too many messages under verification; not verified");
-            return Decision::Continue;
+            return no_results(enforce);
         };
         let mut message = content.prefix().to_vec();
         let tail = match content.tail() {
@@ -204,7 +209,7 @@ impl Check for Authenticate {
                 Ok(f) => Some((f, len)),
                 Err(e) => {
                     tracing::warn!(error = %e, "authenticate: cannot read the staged message");
-                    return Decision::Continue;
+                    return no_results(enforce);
                 }
             },
         };
@@ -226,13 +231,13 @@ impl Check for Authenticate {
                     Ok(Ok(m)) => message = m,
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, "authenticate: cannot read the staged message");
-                        return Decision::Continue;
+                        return no_results(enforce);
                     }
-                    Err(_) => return Decision::Continue,
+                    Err(_) => return no_results(enforce),
                 }
             }
             let Some((field, auth)) = verifier.verify(ip, &helo, &mail_from, &message).await else {
-                return Decision::Continue;
+                return no_results(enforce);
             };
             if let Some(m) = &metrics {
                 m.authentication("spf", auth.spf_result);
@@ -262,7 +267,7 @@ impl Check for Authenticate {
         let deadline = Instant::now() + timeout + Duration::from_secs(1);
         Decision::Defer(Job::blocking(move || {
             if Instant::now() >= deadline {
-                return Decision::Continue;
+                return no_results(enforce);
             }
             here_or_spawn(&dns, task)
         }))
@@ -287,6 +292,21 @@ fn here_or_spawn(
     match polled {
         std::task::Poll::Ready(d) => d,
         std::task::Poll::Pending => Decision::Defer(Job::Running(dns.spawn(task))),
+    }
+}
+
+/// The answer for a message that could not be verified (too many under way, the staged
+/// content unreadable, no results in time): on without results, or `451 4.3.0` when DMARC is
+/// enforced, so that a flood or a slow zone cannot carry a message past the enforcement.
+fn no_results(enforce: bool) -> Decision {
+    if enforce {
+        Decision::Reject(Refusal::new(
+            &reply::POLICY_BUSY,
+            Reason::Busy,
+            "deferred: the message could not be verified (DMARC is enforced)",
+        ))
+    } else {
+        Decision::Continue
     }
 }
 
@@ -415,11 +435,16 @@ impl Verifier {
         let suffixes = &self.suffixes;
         let auth = MessageAuthenticator(dns.resolver().clone());
         let helo = if helo.is_empty() { "unknown" } else { helo };
-        // Not strict: signatures with a body length tag are verified too (and judged below).
-        let mut parsed = AuthenticatedMessage::parse_with_opts(message, None, false);
+        // Not strict, so signatures with a body length tag are verified too (and judged
+        // below), while there are few: the parser hashes the body once per distinct `l=`, so
+        // a message with many signatures is read strictly (`l=` ones are errors; at most 4
+        // body hashes).
+        let lenient = dkim_signature_fields(message) <= MAX_SIGNATURES;
+        let mut parsed = AuthenticatedMessage::parse_with_opts(message, None, !lenient);
         if let Some(m) = parsed.as_mut() {
             // Every signature costs a key lookup and a verification: the first few are enough.
             m.dkim_headers.truncate(MAX_SIGNATURES);
+            m.errors.truncate(MAX_SIGNATURES);
         }
         tokio::time::timeout(timeout, async {
             let spf_params = || {
@@ -463,18 +488,23 @@ impl Verifier {
                     // as if it failed, for DMARC and the whitelist.
                     let dkim: Vec<DkimOutput> = dkim
                         .into_iter()
-                        .map(|d| match d.signature().and_then(|s| {
+                        .map(|d| {
+                            if unacceptable(&d, body_len).is_none() {
+                                return d;
+                            }
+                            let out = DkimOutput::perm_err(mail_auth::Error::Crypto(
+                                CryptoError::IncompatibleAlgorithms,
+                            ));
                             // The same signature, borrowed from the message (not from `d`).
-                            m.dkim_headers
-                                .iter()
-                                .map(|h| &h.header)
-                                .find(|h| std::ptr::eq(*h, s))
-                        }) {
-                            Some(s) if unacceptable(&d, body_len).is_some() => DkimOutput::perm_err(
-                                mail_auth::Error::Crypto(CryptoError::IncompatibleAlgorithms),
-                            )
-                            .with_signature(s),
-                            _ => d,
+                            match d.signature().and_then(|s| {
+                                m.dkim_headers
+                                    .iter()
+                                    .map(|h| &h.header)
+                                    .find(|h| std::ptr::eq(*h, s))
+                            }) {
+                                Some(s) => out.with_signature(s),
+                                None => out,
+                            }
                         })
                         .collect();
                     passed.dkim = dkim
@@ -502,12 +532,24 @@ impl Verifier {
                         dmarc.dkim_result(),
                         dmarc.dmarc_record().is_some(),
                     );
-                    // A mechanism that could not be evaluated is no failure: a DNS hiccup
-                    // must never turn into a DMARC `fail` (and a 550 with dmarc_reject).
-                    if passed.dmarc_result == "fail"
-                        && (passed.spf_result == "temperror"
-                            || passed.dkim_results.contains(&"temperror"))
-                    {
+                    // A mechanism that could not be evaluated for the From domain's
+                    // organization is no failure: a DNS hiccup must never turn into a DMARC
+                    // `fail` (and a 550 with dmarc_reject). One for another domain (say, a
+                    // signature the sender added for a zone that never answers) could not
+                    // have aligned, and changes nothing.
+                    let from_org = suffixes.organizational_domain(dmarc.domain());
+                    let aligned = |d: &str| {
+                        suffixes
+                            .organizational_domain(d)
+                            .eq_ignore_ascii_case(from_org)
+                    };
+                    let spf_unknown = spf.result() == mail_auth::SpfResult::TempError
+                        && aligned(spf_domain);
+                    let dkim_unknown = dkim.iter().any(|d| {
+                        matches!(d.result(), mail_auth::DkimResult::TempError(_))
+                            && d.signature().is_some_and(|s| aligned(&s.d))
+                    });
+                    if passed.dmarc_result == "fail" && (spf_unknown || dkim_unknown) {
                         passed.dmarc_result = "temperror";
                     }
                     // One From: address, or none for the whitelist (which one would count?).
@@ -598,6 +640,24 @@ pub fn whitelist_authentication(
         _ => suffixes.organizational_domain(d).eq_ignore_ascii_case(org),
     });
     dkim.then_some("dkim")
+}
+
+/// The `DKIM-Signature:` fields of a message's header section.
+fn dkim_signature_fields(message: &[u8]) -> usize {
+    const NAME: &[u8] = b"dkim-signature:";
+    let mut n = 0;
+    for line in message.split(|&b| b == b'\n') {
+        if line.is_empty() || line == b"\r" {
+            break;
+        }
+        if line
+            .get(..NAME.len())
+            .is_some_and(|h| h.eq_ignore_ascii_case(NAME))
+        {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Why a signature that verified is not accepted: rsa-sha1 (RFC 8301 §3.1), or a body

@@ -138,6 +138,8 @@ pub fn for_binding(s: Sources<'_>) -> Pipeline {
                 suffixes: s.config.authentication.suffixes.clone(),
             },
             dmarc_reject: s.config.authentication.dmarc_reject,
+            enforce: s.config.authentication.dmarc_reject
+                || s.config.routes.iter().any(|r| r.dmarc.is_some()),
             metrics: s.metrics.cloned(),
         }));
     }

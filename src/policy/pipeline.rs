@@ -178,8 +178,10 @@ pub struct Authenticated {
 impl Authenticated {
     /// Failed DMARC where the From domain asks for quarantine, or for reject (a message that
     /// reaches the routes was not refused: `dmarc_reject` is off).
+    /// A From: naming several domains (DMARC has no single answer for it) is quarantined too.
     pub fn quarantine(&self) -> bool {
-        self.dmarc_result == "fail" && (self.dmarc_policy_quarantine || self.dmarc_policy_reject)
+        (self.dmarc_result == "fail" && (self.dmarc_policy_quarantine || self.dmarc_policy_reject))
+            || self.ambiguous_from
     }
 }
 
