@@ -299,6 +299,14 @@ pub struct Resume {
     effects: Effects,
 }
 
+impl Resume {
+    /// The check the run waits for: its stage and place (the same when a check's work defers
+    /// again, having moved elsewhere).
+    pub fn waiting_for(&self) -> (Stage, usize) {
+        (self.stage, self.at)
+    }
+}
+
 /// The ordered checks of one binding.
 #[derive(Debug, Default)]
 pub struct Pipeline {

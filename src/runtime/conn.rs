@@ -36,6 +36,8 @@ const READ_CHUNK: usize = 4096;
 
 /// A change-log file and the record to append to it with the message.
 type AswlLog = (Arc<crate::journal::Segment>, Vec<u8>);
+/// The deferred check a session waited for last (stage and place) and its deadline.
+type Waited = ((Stage, usize), Instant);
 
 /// Per-core state shared by the core's connection tasks (no locks: one thread).
 pub(crate) struct CoreCtx {
@@ -762,30 +764,61 @@ impl Conn {
     /// Run a stage to its end, waiting for deferred checks (used where the session can wait
     /// in place: connect and end of data).
     async fn decide(&self, stage: Stage, r: &Request<'_>) -> Result<Effects, Refusal> {
-        self.settle(self.binding.pipeline.run(stage, r), r).await
+        self.settle(self.binding.pipeline.run(stage, r), r, None)
+            .await
     }
 
-    /// Wait for the deferred checks of a run, resuming it after each.
-    async fn settle(&self, mut outcome: Outcome, r: &Request<'_>) -> Result<Effects, Refusal> {
+    /// Wait for the deferred checks of a run, resuming it after each. `waited`: the check
+    /// waited for last and its deadline.
+    async fn settle(
+        &self,
+        mut outcome: Outcome,
+        r: &Request<'_>,
+        mut waited: Option<Waited>,
+    ) -> Result<Effects, Refusal> {
         loop {
             match outcome {
                 Outcome::Accept(e) => return Ok(e),
                 Outcome::Reject(f) => return Err(f),
                 Outcome::Defer(d) => {
-                    let answer = self.run_deferred(d.job, &d.resume).await;
+                    let deadline = self.deadline(&d.resume, waited);
+                    waited = Some((d.resume.waiting_for(), deadline));
+                    let answer = self.run_deferred(d.job, &d.resume, deadline).await;
                     outcome = self.binding.pipeline.resume(d.resume, answer, r);
                 }
             }
         }
     }
 
-    /// A deferred check's job on the policy workers, within the check's time limit (else the
-    /// command timeout); a full queue, a lost job or a timeout gets the check's own
-    /// `unavailable` answer (`451 4.3.0` unless the check says otherwise).
+    /// When the check a run waits for must have answered: the deadline of its earlier wait
+    /// when it defers again (its work moved elsewhere), so the session waits one time limit
+    /// per check; else its time limit (or the command timeout) from now.
+    fn deadline(
+        &self,
+        resume: &crate::policy::pipeline::Resume,
+        waited: Option<Waited>,
+    ) -> Instant {
+        match waited {
+            Some((check, deadline)) if check == resume.waiting_for() => deadline,
+            _ => {
+                Instant::now()
+                    + self
+                        .binding
+                        .pipeline
+                        .time_limit(resume)
+                        .unwrap_or(self.binding.b.limits.command_timeout.0)
+            }
+        }
+    }
+
+    /// A deferred check's job on the policy workers (or its work running elsewhere), until
+    /// `deadline`; a full queue, a lost job or a timeout gets the check's own `unavailable`
+    /// answer (`451 4.3.0` unless the check says otherwise).
     async fn run_deferred(
         &self,
         job: crate::policy::pipeline::Job,
         resume: &crate::policy::pipeline::Resume,
+        deadline: Instant,
     ) -> crate::policy::pipeline::Decision {
         let pipeline = &self.binding.pipeline;
         let rx = match job {
@@ -797,9 +830,7 @@ impl Conn {
             }
             crate::policy::pipeline::Job::Running(rx) => rx,
         };
-        let limit = pipeline
-            .time_limit(resume)
-            .unwrap_or(self.binding.b.limits.command_timeout.0);
+        let limit = deadline.saturating_duration_since(Instant::now());
         match monoio::time::timeout(limit, rx).await {
             Ok(Ok(d)) => d,
             _ => pipeline.unavailable(resume),
@@ -839,7 +870,9 @@ impl Conn {
 
     /// Finish a MAIL or RCPT after its deferred check answered.
     async fn decide_later(&mut self, session: &mut Session, pending: Pending, d: Deferred) {
-        let answer = self.run_deferred(d.job, &d.resume).await;
+        let deadline = self.deadline(&d.resume, None);
+        let waited = Some((d.resume.waiting_for(), deadline));
+        let answer = self.run_deferred(d.job, &d.resume, deadline).await;
         let settled = {
             let r = match &pending {
                 Pending::Rcpt(a) => {
@@ -851,7 +884,7 @@ impl Conn {
                 },
             };
             let outcome = self.binding.pipeline.resume(d.resume, answer, &r);
-            self.settle(outcome, &r).await
+            self.settle(outcome, &r, waited).await
         };
         match (settled, pending) {
             (Ok(_), Pending::Mail(m)) => self.start_mail(session, m),
