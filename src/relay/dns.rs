@@ -129,11 +129,6 @@ impl Dns {
         rx
     }
 
-    /// Run `f` on the resolver's runtime and wait for it. Blocking: call from a worker thread.
-    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
-        self.rt.block_on(f)
-    }
-
     /// MX hosts of `domain` with their addresses; the domain itself when it has no MX
     /// (implicit MX, RFC 5321 §5.1). Blocking: call from the blocking pool.
     pub fn resolve_mx(&self, domain: &str) -> Result<Targets, String> {
