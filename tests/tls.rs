@@ -442,3 +442,60 @@ fn sessions_resume_with_openssl_s_client() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The server's order of suites wins (SHA-256 suites first, whatever the client lists first),
+/// a client offering only AES-256 still gets it, and a TLS 1.3 handshake brings one session
+/// ticket; as `openssl s_client` reports.
+#[test]
+fn the_server_picks_the_suite_and_sends_one_ticket() {
+    let certs = support::Certs::new();
+    for driver in DRIVERS {
+        let s = Server::start_with("suites", driver, &certs.pem_binding("starttls"), "");
+        let run = |args: &[&str]| {
+            let out = support::run_with_stdin(
+                Command::new("openssl")
+                    .args(["s_client", "-starttls", "smtp", "-ign_eof"])
+                    .args(args)
+                    .arg("-connect")
+                    .arg(s.inbound.to_string()),
+                b"EHLO sclient.test\r\nQUIT\r\n",
+            );
+            let text = stdout(&out);
+            assert!(text.contains("221 2.0.0 Bye"), "[{driver} {args:?}] {text}");
+            text
+        };
+        for (args, cipher) in [
+            (
+                [
+                    "-tls1_3",
+                    "-ciphersuites",
+                    "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256",
+                ],
+                "Cipher is TLS_AES_128_GCM_SHA256",
+            ),
+            (
+                ["-tls1_3", "-ciphersuites", "TLS_AES_256_GCM_SHA384"],
+                "Cipher is TLS_AES_256_GCM_SHA384",
+            ),
+            (
+                [
+                    "-tls1_2",
+                    "-cipher",
+                    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256",
+                ],
+                "Cipher is ECDHE-ECDSA-AES128-GCM-SHA256",
+            ),
+        ] {
+            let text = run(&args);
+            assert!(text.contains(cipher), "[{driver} {args:?}] {text}");
+            if args[0] == "-tls1_3" {
+                assert_eq!(
+                    text.matches("Post-Handshake New Session Ticket arrived")
+                        .count(),
+                    1,
+                    "[{driver} {args:?}] {text}"
+                );
+            }
+        }
+    }
+}
