@@ -1,5 +1,6 @@
 //! The Received trace header (RFC 5321 §4.4) and RFC 5322 dates.
 
+use std::fmt::Write;
 use std::time::SystemTime;
 
 use super::Envelope;
@@ -19,19 +20,21 @@ pub fn received(env: &Envelope, hostname: &str) -> String {
         .chars()
         .filter(|c| c.is_ascii_graphic() && !matches!(c, '(' | ')' | ';'))
         .collect();
-    let mut h = format!(
-        "Received: from {helo} ([{}])\r\n\tby {hostname} (ringmx)",
+    let mut h = String::with_capacity(160 + helo.len() + hostname.len());
+    // Writing into a String cannot fail.
+    let _ = write!(
+        h,
+        "Received: from {helo} ([{}])\r\n\tby {hostname} (ringmx) with {with}",
         env.client_ip
     );
-    h.push_str(&format!(" with {with}"));
     if let Some(tls) = &env.tls {
-        h.push_str(&format!(" ({tls})"));
+        let _ = write!(h, " ({tls})");
     }
-    h.push_str(&format!("\r\n\tid {}", env.queue_id));
+    let _ = write!(h, "\r\n\tid {}", env.queue_id);
     if let [one] = env.rcpts.as_slice() {
-        h.push_str(&format!("\r\n\tfor <{one}>"));
+        let _ = write!(h, "\r\n\tfor <{one}>");
     }
-    h.push_str(&format!(";\r\n\t{}\r\n", rfc5322_date(env.received_at)));
+    let _ = write!(h, ";\r\n\t{}\r\n", rfc5322_date(env.received_at));
     h
 }
 

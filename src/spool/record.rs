@@ -150,6 +150,14 @@ pub fn encode_message_head(
     content_crc: &crc32fast::Hasher,
 ) -> Vec<u8> {
     let mut r = start(KIND_MESSAGE);
+    // Room for every field at once (4 length bytes per string; DSN parameters aside), so the
+    // record is not copied as it grows.
+    let strings = [&env.queue_id, &env.mail_from, &env.helo, &env.binding]
+        .iter()
+        .map(|s| s.len())
+        .chain(env.rcpts.iter().map(|r| r.len() + 4))
+        .sum::<usize>();
+    r.reserve(64 + strings + trace.len() + 128);
     put_str(&mut r, &env.queue_id);
     let micros = env
         .received_at
