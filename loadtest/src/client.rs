@@ -57,6 +57,8 @@ pub struct Budget {
     deadline: Option<Instant>,
     pub stop: AtomicBool,
     pub done: AtomicU64,
+    /// When the last load thread finished its connections, in µs since `start`.
+    finished_us: AtomicU64,
 }
 
 impl Budget {
@@ -69,6 +71,22 @@ impl Budget {
             deadline: opts.duration.map(|d| start + d),
             stop: AtomicBool::new(false),
             done: AtomicU64::new(0),
+            finished_us: AtomicU64::new(0),
+        }
+    }
+
+    /// A load thread has finished all its connections.
+    pub fn thread_finished(&self) {
+        let us = self.start.elapsed().as_micros() as u64;
+        self.finished_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// From the start to the end of the last thread's work (not to when the main thread,
+    /// which polls for progress, noticed it).
+    pub fn elapsed(&self) -> Duration {
+        match self.finished_us.load(Ordering::Relaxed) {
+            0 => self.start.elapsed(),
+            us => Duration::from_micros(us),
         }
     }
 

@@ -180,6 +180,7 @@ fn core_thread(i: usize, opts: Arc<Opts>, budget: Arc<Budget>) -> std::thread::J
         let mine: Vec<usize> = (0..opts.connections)
             .filter(|c| c % opts.threads == i)
             .collect();
+        let finished = budget.clone();
         let work = async move {
             let mut handles = Vec::new();
             for _ in mine {
@@ -194,6 +195,7 @@ fn core_thread(i: usize, opts: Arc<Opts>, budget: Arc<Budget>) -> std::thread::J
             for h in handles {
                 total.merge(&h.await);
             }
+            finished.thread_finished();
             total
         };
         if monoio::utils::detect_uring() {
@@ -239,7 +241,9 @@ fn main() {
     if tty {
         eprintln!();
     }
-    let elapsed = budget.start.elapsed();
+    // The progress loop above wakes every 200 ms: timing to its wake-up would add up to that
+    // much to every run.
+    let elapsed = budget.elapsed();
     let mut total = Stats::default();
     for t in threads {
         match t.join() {
