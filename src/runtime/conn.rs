@@ -46,8 +46,10 @@ pub(crate) struct CoreCtx {
     pub queue: Rc<CoreQueue>,
     open: Cell<usize>,
     /// Sockets of sessions waiting for a command outside a transaction: at shutdown they are
-    /// woken (SHUT_RD makes the pending read return 0) and told `421` at once.
-    idle: RefCell<HashSet<RawFd>>,
+    /// woken (SHUT_RD makes the pending read return 0) and told `421` at once. Updated around
+    /// every read between transactions: hashed with foldhash (descriptors are the kernel's
+    /// small integers, not a client's choice), not SipHash.
+    idle: RefCell<HashSet<RawFd, foldhash::fast::RandomState>>,
 }
 
 impl CoreCtx {
@@ -57,7 +59,7 @@ impl CoreCtx {
             shared,
             queue,
             open: Cell::new(0),
-            idle: RefCell::new(HashSet::new()),
+            idle: RefCell::new(HashSet::default()),
         }
     }
 
@@ -589,14 +591,16 @@ impl Conn {
                 let _ = write_out(&mut self.transport, stream, session, &mut spare).await;
                 return End::TooSlow;
             }
-            let wait = session.deadline().saturating_duration_since(Instant::now());
+            // The deadline as it is (a timeout from a duration would read the clock again).
+            let until = monoio::time::Instant::from_std(session.deadline());
             let fd = stream.as_raw_fd();
             let idle = !session.in_transaction();
             if idle {
                 self.ctx.idle.borrow_mut().insert(fd);
             }
             let read =
-                monoio::time::timeout(wait, self.transport.read(stream, inbuf, READ_CHUNK)).await;
+                monoio::time::timeout_at(until, self.transport.read(stream, inbuf, READ_CHUNK))
+                    .await;
             if idle {
                 self.ctx.idle.borrow_mut().remove(&fd);
             }
@@ -830,8 +834,7 @@ impl Conn {
             }
             crate::policy::pipeline::Job::Running(rx) => rx,
         };
-        let limit = deadline.saturating_duration_since(Instant::now());
-        match monoio::time::timeout(limit, rx).await {
+        match monoio::time::timeout_at(monoio::time::Instant::from_std(deadline), rx).await {
             Ok(Ok(d)) => d,
             _ => pipeline.unavailable(resume),
         }
