@@ -241,9 +241,6 @@ fn main() {
     if tty {
         eprintln!();
     }
-    // The progress loop above wakes every 200 ms: timing to its wake-up would add up to that
-    // much to every run.
-    let elapsed = budget.elapsed();
     let mut total = Stats::default();
     for t in threads {
         match t.join() {
@@ -251,6 +248,9 @@ fn main() {
             Err(_) => fail("a load thread panicked"),
         }
     }
+    // After the joins, which make every thread's finish time visible here. The progress loop
+    // above wakes every 200 ms: timing to its wake-up would add up to that much to every run.
+    let elapsed = budget.elapsed();
     report(&opts, &total, elapsed);
     if total.failed > 0 || total.ok == 0 {
         std::process::exit(1);

@@ -20,7 +20,13 @@ pub fn received(env: &Envelope, hostname: &str) -> String {
         .chars()
         .filter(|c| c.is_ascii_graphic() && !matches!(c, '(' | ')' | ';'))
         .collect();
-    let mut h = String::with_capacity(160 + helo.len() + hostname.len());
+    let one = match env.rcpts.as_slice() {
+        [one] => one.len(),
+        _ => 0,
+    };
+    let tls = env.tls.as_ref().map_or(0, |t| t.len() + 3);
+    let mut h =
+        String::with_capacity(120 + helo.len() + hostname.len() + tls + env.queue_id.len() + one);
     // Writing into a String cannot fail.
     let _ = write!(
         h,

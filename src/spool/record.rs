@@ -150,14 +150,16 @@ pub fn encode_message_head(
     content_crc: &crc32fast::Hasher,
 ) -> Vec<u8> {
     let mut r = start(KIND_MESSAGE);
-    // Room for every field at once (4 length bytes per string; DSN parameters aside), so the
-    // record is not copied as it grows.
+    // Room for every field at once (DSN parameters aside), so the record is not copied as it
+    // grows: the strings, their 2-byte lengths, and the fixed-size fields.
     let strings = [&env.queue_id, &env.mail_from, &env.helo, &env.binding]
-        .iter()
-        .map(|s| s.len())
-        .chain(env.rcpts.iter().map(|r| r.len() + 4))
+        .into_iter()
+        .chain(env.tls.as_ref())
+        .chain(env.authenticated_as.as_ref())
+        .chain(&env.rcpts)
+        .map(|s| s.len() + 2)
         .sum::<usize>();
-    r.reserve(64 + strings + trace.len() + 128);
+    r.reserve(128 + strings + trace.len());
     put_str(&mut r, &env.queue_id);
     let micros = env
         .received_at
