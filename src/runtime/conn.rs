@@ -768,18 +768,13 @@ impl Conn {
     /// Run a stage to its end, waiting for deferred checks (used where the session can wait
     /// in place: connect and end of data).
     async fn decide(&self, stage: Stage, r: &Request<'_>) -> Result<Effects, Refusal> {
-        self.settle(self.binding.pipeline.run(stage, r), r, None)
-            .await
+        self.settle(self.binding.pipeline.run(stage, r), r).await
     }
 
-    /// Wait for the deferred checks of a run, resuming it after each. `waited`: the check
-    /// waited for last and its deadline.
-    async fn settle(
-        &self,
-        mut outcome: Outcome,
-        r: &Request<'_>,
-        mut waited: Option<Waited>,
-    ) -> Result<Effects, Refusal> {
+    /// Wait for the deferred checks of a run, resuming it after each.
+    async fn settle(&self, mut outcome: Outcome, r: &Request<'_>) -> Result<Effects, Refusal> {
+        // The check waited for last and its deadline.
+        let mut waited: Option<Waited> = None;
         loop {
             match outcome {
                 Outcome::Accept(e) => return Ok(e),
@@ -873,9 +868,6 @@ impl Conn {
 
     /// Finish a MAIL or RCPT after its deferred check answered.
     async fn decide_later(&mut self, session: &mut Session, pending: Pending, d: Deferred) {
-        let deadline = self.deadline(&d.resume, None);
-        let waited = Some((d.resume.waiting_for(), deadline));
-        let answer = self.run_deferred(d.job, &d.resume, deadline).await;
         let settled = {
             let r = match &pending {
                 Pending::Rcpt(a) => {
@@ -886,8 +878,7 @@ impl Conn {
                     ..self.request(session, "", "")
                 },
             };
-            let outcome = self.binding.pipeline.resume(d.resume, answer, &r);
-            self.settle(outcome, &r, waited).await
+            self.settle(Outcome::Defer(d), &r).await
         };
         match (settled, pending) {
             (Ok(_), Pending::Mail(m)) => self.start_mail(session, m),
