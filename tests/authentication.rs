@@ -261,6 +261,22 @@ fn spf_dkim_and_dmarc_results_on_every_copy() {
     ] {
         assert!(metrics.contains(want), "{want} in {metrics}");
     }
+    // One log line per message, with its queue id and the results.
+    let log = s.log();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(" message ")).collect();
+    for want in [
+        "authentication=spf=pass dkim=pass dmarc=pass",
+        "authentication=spf=fail dkim=none dmarc=fail",
+        "authentication=spf=softfail dkim=none dmarc=fail",
+        "authentication=spf=pass dkim=neutral dmarc=pass",
+    ] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(want) && l.contains("queue_id=")),
+            "{want} in {lines:#?}"
+        );
+    }
     drop(dns);
     let _ = std::fs::remove_dir_all(&keys);
 }
@@ -385,13 +401,20 @@ send("127.0.0.6", "x@relay.test", "dmarc-fail")
 send("127.0.0.5", "bob@partner.test", "good")
 # From: names two domains: DMARC has no single answer.
 send("127.0.0.5", "bob@partner.test", "two-from", "bob@partner.test, ceo@bank.test")
+# Not aligned either, From: domains under records with `sp=` (RFC 7489 §6.3): a subdomain
+# without a record of its own gets the parent's sp (none; then reject), the parent itself its p.
+send("127.0.0.6", "x@relay.test", "sub-sp-none", "bob@mail.lenient.test")
+send("127.0.0.6", "x@relay.test", "sub-sp-reject", "bob@mail.tight.test")
+send("127.0.0.6", "x@relay.test", "parent-p-reject", "bob@lenient.test")
 "#;
 
-/// `[authentication] spf_reject` and `dmarc_reject`, each on and off.
+/// `[authentication] spf_reject` and `dmarc_reject`, each on and off; `sp=` for subdomains.
 #[test]
 fn enforcement_switches() {
     let blackhole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let records = zone(&blackhole, &[], "v=DMARC1; p=reject");
+    let mut records = zone(&blackhole, &[], "v=DMARC1; p=reject");
+    records.push(txt("_dmarc.lenient.test", "v=DMARC1; p=reject; sp=none"));
+    records.push(txt("_dmarc.tight.test", "v=DMARC1; p=none; sp=reject"));
     let args: Vec<&str> = records.iter().map(String::as_str).collect();
     let dns = support::Dnsmasq::start(&args);
     let dmarc = "550 5.7.1 Message rejected: the sender's domain DMARC policy";
@@ -404,6 +427,9 @@ fn enforcement_switches() {
                 "dmarc-fail 250".into(),
                 "good 250".into(),
                 "two-from 250".into(),
+                "sub-sp-none 250".into(),
+                "sub-sp-reject 250".into(),
+                "parent-p-reject 250".into(),
             ],
         ),
         (
@@ -414,6 +440,9 @@ fn enforcement_switches() {
                 "dmarc-fail 250".into(),
                 "good 250".into(),
                 "two-from 250".into(),
+                "sub-sp-none 250".into(),
+                "sub-sp-reject 250".into(),
+                "parent-p-reject 250".into(),
             ],
         ),
         (
@@ -424,6 +453,9 @@ fn enforcement_switches() {
                 format!("dmarc-fail {dmarc}"),
                 "good 250".into(),
                 format!("two-from {dmarc}"),
+                "sub-sp-none 250".into(),
+                format!("sub-sp-reject {dmarc}"),
+                format!("parent-p-reject {dmarc}"),
             ],
         ),
     ] {

@@ -418,6 +418,23 @@ impl Check for SpfAtMail {
     }
 }
 
+/// The DMARC policy for the From domain: `record` was found walking up from it; `own` is the
+/// lookup of `_dmarc.` + the From domain itself. Found there: the record is the domain's own,
+/// its `p` applies. No record there: `record` is a parent's, its `sp` applies. Any other
+/// answer (the lookup failed just after it succeeded for the walk) keeps `p`.
+fn applied_policy(
+    record: &mail_auth::dmarc::Dmarc,
+    own: mail_auth::Result<Arc<mail_auth::dmarc::Dmarc>>,
+) -> mail_auth::dmarc::Policy {
+    use mail_auth::{DnsError, Error};
+    match own {
+        Err(Error::Dns(DnsError::RecordNotFound(_)) | Error::Dns(DnsError::InvalidRecordType)) => {
+            record.sp
+        }
+        _ => record.p,
+    }
+}
+
 /// DKIM signatures verified per message (the rest are ignored).
 const MAX_SIGNATURES: usize = 8;
 
@@ -543,8 +560,8 @@ impl Verifier {
                             .organizational_domain(d)
                             .eq_ignore_ascii_case(from_org)
                     };
-                    let spf_unknown = spf.result() == mail_auth::SpfResult::TempError
-                        && aligned(spf_domain);
+                    let spf_unknown =
+                        spf.result() == mail_auth::SpfResult::TempError && aligned(spf_domain);
                     let dkim_unknown = dkim.iter().any(|d| {
                         matches!(d.result(), mail_auth::DkimResult::TempError(_))
                             && d.signature().is_some_and(|s| aligned(&s.d))
@@ -559,27 +576,37 @@ impl Verifier {
                     let domains: std::collections::HashSet<String> = m
                         .from
                         .iter()
-                        .map(|f| f.rsplit_once('@').map_or("", |(_, d)| d).to_ascii_lowercase())
+                        .map(|f| {
+                            f.rsplit_once('@')
+                                .map_or("", |(_, d)| d)
+                                .to_ascii_lowercase()
+                        })
                         .collect();
                     passed.ambiguous_from = domains.len() > 1;
-                    passed.dmarc_policy_reject =
-                        dmarc.policy() == mail_auth::dmarc::Policy::Reject;
-                    passed.dmarc_policy_quarantine =
-                        dmarc.policy() == mail_auth::dmarc::Policy::Quarantine;
+                    // The record's `p` governs the domain it was published for, its `sp`
+                    // (default: `p`) the subdomains that have none of their own (RFC 7489
+                    // §6.3, §6.6.3). The walk up to the record says not where it found it:
+                    // asked once more (from the caches) for the From domain itself.
+                    let policy = match dmarc.dmarc_record() {
+                        Some(record) => {
+                            let own = auth
+                                .txt_lookup::<mail_auth::dmarc::Dmarc>(
+                                    format!("_dmarc.{}.", dmarc.domain()),
+                                    Some(cache),
+                                )
+                                .await;
+                            applied_policy(record, own)
+                        }
+                        None => dmarc.policy(),
+                    };
+                    passed.dmarc_policy_reject = policy == mail_auth::dmarc::Policy::Reject;
+                    passed.dmarc_policy_quarantine = policy == mail_auth::dmarc::Policy::Quarantine;
                     dmarc_field = Some(format!(
                         ";\r\n\tdmarc={} header.from={} policy.dmarc={}",
                         passed.dmarc_result,
                         pvalue(dmarc.domain()),
-                        pvalue(&dmarc.policy().to_string())
+                        pvalue(&policy.to_string())
                     ));
-                    tracing::info!(
-                        client = %ip,
-                        spf = ?spf.result(),
-                        dkim = ?dkim.iter().map(|d| format!("{:?}", d.result())).collect::<Vec<_>>(),
-                        dmarc_spf = ?dmarc.spf_result(),
-                        dmarc_dkim = ?dmarc.dkim_result(),
-                        "authentication results"
-                    );
                 }
                 None => {
                     results = if mail_from.is_empty() {
@@ -837,6 +864,40 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
             assert_eq!(dmarc_result(&spf, &dkim, record), want);
         }
         assert_eq!(pvalue("a b;\r\nX-Evil: 1"), "abX-Evil1");
+    }
+
+    #[test]
+    fn the_policy_for_the_from_domain() {
+        use mail_auth::common::parse::TxtRecordParser;
+        use mail_auth::dmarc::{Dmarc, Policy};
+        use mail_auth::hickory_resolver::proto::op::ResponseCode;
+        use mail_auth::{DnsError, Error};
+        let record = |t: &str| Dmarc::parse(t.as_bytes()).unwrap();
+        let none_here = || Err(Error::Dns(DnsError::RecordNotFound(ResponseCode::NXDomain)));
+        // (record found walking up, the From domain's own lookup, policy)
+        let table: [(&str, mail_auth::Result<Arc<Dmarc>>, Policy); 6] = [
+            ("v=DMARC1; p=reject; sp=none", none_here(), Policy::None),
+            ("v=DMARC1; p=none; sp=reject", none_here(), Policy::Reject),
+            ("v=DMARC1; p=quarantine", none_here(), Policy::Quarantine),
+            (
+                "v=DMARC1; p=reject; sp=none",
+                Ok(Arc::new(record("v=DMARC1; p=reject; sp=none"))),
+                Policy::Reject,
+            ),
+            (
+                "v=DMARC1; p=none; sp=reject",
+                Err(Error::Dns(DnsError::InvalidRecordType)),
+                Policy::Reject,
+            ),
+            (
+                "v=DMARC1; p=reject; sp=none",
+                Err(Error::Dns(DnsError::Resolver("timed out".into()))),
+                Policy::Reject,
+            ),
+        ];
+        for (text, own, want) in table {
+            assert_eq!(applied_policy(&record(text), own), want, "{text}");
+        }
     }
 
     #[test]

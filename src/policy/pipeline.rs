@@ -185,6 +185,24 @@ impl Authenticated {
     }
 }
 
+/// The results for a log line: `spf=pass dkim=pass,fail dmarc=pass` (`dkim=none` without a
+/// signature verified).
+impl std::fmt::Display for Authenticated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "spf={} dkim=", self.spf_result)?;
+        if self.dkim_results.is_empty() {
+            f.write_str("none")?;
+        }
+        for (i, r) in self.dkim_results.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(r)?;
+        }
+        write!(f, " dmarc={}", self.dmarc_result)
+    }
+}
+
 /// A property set by a check: of a recipient (at `Rcpt`) or of the message (at `Data`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mark {

@@ -1264,6 +1264,7 @@ impl Conn {
                     to = ?env.rcpts.join(","),
                     size,
                     result = how,
+                    authentication = authenticated.as_deref().map(tracing::field::display),
                     "message"
                 );
             }
