@@ -406,6 +406,9 @@ send("127.0.0.5", "bob@partner.test", "two-from", "bob@partner.test, ceo@bank.te
 send("127.0.0.6", "x@relay.test", "sub-sp-none", "bob@mail.lenient.test")
 send("127.0.0.6", "x@relay.test", "sub-sp-reject", "bob@mail.tight.test")
 send("127.0.0.6", "x@relay.test", "parent-p-reject", "bob@lenient.test")
+# p=reject with pct=0 (the owner watches its reports), and with t=y (testing): not refused.
+send("127.0.0.6", "x@relay.test", "pct-0", "bob@watching.test")
+send("127.0.0.6", "x@relay.test", "testing", "bob@testing.test")
 "#;
 
 /// `[authentication] spf_reject` and `dmarc_reject`, each on and off; `sp=` for subdomains.
@@ -415,6 +418,8 @@ fn enforcement_switches() {
     let mut records = zone(&blackhole, &[], "v=DMARC1; p=reject");
     records.push(txt("_dmarc.lenient.test", "v=DMARC1; p=reject; sp=none"));
     records.push(txt("_dmarc.tight.test", "v=DMARC1; p=none; sp=reject"));
+    records.push(txt("_dmarc.watching.test", "v=DMARC1; p=reject; pct=0"));
+    records.push(txt("_dmarc.testing.test", "v=DMARC1; p=reject; t=y"));
     let args: Vec<&str> = records.iter().map(String::as_str).collect();
     let dns = support::Dnsmasq::start(&args);
     let dmarc = "550 5.7.1 Message rejected: the sender's domain DMARC policy";
@@ -430,6 +435,8 @@ fn enforcement_switches() {
                 "sub-sp-none 250".into(),
                 "sub-sp-reject 250".into(),
                 "parent-p-reject 250".into(),
+                "pct-0 250".into(),
+                "testing 250".into(),
             ],
         ),
         (
@@ -443,6 +450,8 @@ fn enforcement_switches() {
                 "sub-sp-none 250".into(),
                 "sub-sp-reject 250".into(),
                 "parent-p-reject 250".into(),
+                "pct-0 250".into(),
+                "testing 250".into(),
             ],
         ),
         (
@@ -456,6 +465,8 @@ fn enforcement_switches() {
                 "sub-sp-none 250".into(),
                 format!("sub-sp-reject {dmarc}"),
                 format!("parent-p-reject {dmarc}"),
+                "pct-0 250".into(),
+                "testing 250".into(),
             ],
         ),
     ] {

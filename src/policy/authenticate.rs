@@ -418,21 +418,41 @@ impl Check for SpfAtMail {
     }
 }
 
-/// The DMARC policy for the From domain: `record` was found walking up from it; `own` is the
-/// lookup of `_dmarc.` + the From domain itself. Found there: the record is the domain's own,
-/// its `p` applies. No record there: `record` is a parent's, its `sp` applies. Any other
-/// answer (the lookup failed just after it succeeded for the walk) keeps `p`.
+/// The DMARC policy applied to the From domain. `record` was found walking up from it; `own` is
+/// the lookup of `_dmarc.` + the From domain itself. Found there: the record is the domain's
+/// own, its `p` applies; no record there: `record` is a parent's, its `sp` applies (RFC 7489
+/// §6.3); any other answer (the lookup failed just after it succeeded for the walk) keeps `p`.
+/// A failure is then sampled: with `pct=N`, a message whose `roll` (0–99, random) is not
+/// below N, and any message under `t=y` (the owner is testing), gets the next-lower policy
+/// (RFC 7489 §6.6.4): `p=reject; pct=0` is a domain watching its reports, not one asking for
+/// refusals.
 fn applied_policy(
     record: &mail_auth::dmarc::Dmarc,
     own: mail_auth::Result<Arc<mail_auth::dmarc::Dmarc>>,
+    roll: u8,
 ) -> mail_auth::dmarc::Policy {
+    use mail_auth::dmarc::Policy;
     use mail_auth::{DnsError, Error};
-    match own {
+    let policy = match own {
         Err(Error::Dns(DnsError::RecordNotFound(_)) | Error::Dns(DnsError::InvalidRecordType)) => {
             record.sp
         }
         _ => record.p,
+    };
+    if roll < record.pct && !record.t {
+        return policy;
     }
+    match policy {
+        Policy::Reject => Policy::Quarantine,
+        Policy::Quarantine => Policy::None,
+        p => p,
+    }
+}
+
+/// 0–99, for [`applied_policy`]'s sampling.
+fn dmarc_roll() -> u8 {
+    use std::hash::{BuildHasher, Hasher};
+    (std::hash::RandomState::new().build_hasher().finish() % 100) as u8
 }
 
 /// DKIM signatures verified per message (the rest are ignored).
@@ -595,7 +615,7 @@ impl Verifier {
                                     Some(cache),
                                 )
                                 .await;
-                            applied_policy(record, own)
+                            applied_policy(record, own, dmarc_roll())
                         }
                         None => dmarc.policy(),
                     };
@@ -874,30 +894,90 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
         use mail_auth::{DnsError, Error};
         let record = |t: &str| Dmarc::parse(t.as_bytes()).unwrap();
         let none_here = || Err(Error::Dns(DnsError::RecordNotFound(ResponseCode::NXDomain)));
-        // (record found walking up, the From domain's own lookup, policy)
-        let table: [(&str, mail_auth::Result<Arc<Dmarc>>, Policy); 6] = [
-            ("v=DMARC1; p=reject; sp=none", none_here(), Policy::None),
-            ("v=DMARC1; p=none; sp=reject", none_here(), Policy::Reject),
-            ("v=DMARC1; p=quarantine", none_here(), Policy::Quarantine),
+        let own = |t: &str| Ok(Arc::new(record(t)));
+        let failed = || Err(Error::Dns(DnsError::Resolver("timed out".into())));
+        // (record found walking up, the From domain's own lookup, roll, policy)
+        let table: Vec<(&str, mail_auth::Result<Arc<Dmarc>>, u8, Policy)> = vec![
+            ("v=DMARC1; p=reject; sp=none", none_here(), 0, Policy::None),
+            (
+                "v=DMARC1; p=none; sp=reject",
+                none_here(),
+                0,
+                Policy::Reject,
+            ),
+            (
+                "v=DMARC1; p=quarantine",
+                none_here(),
+                99,
+                Policy::Quarantine,
+            ),
             (
                 "v=DMARC1; p=reject; sp=none",
-                Ok(Arc::new(record("v=DMARC1; p=reject; sp=none"))),
+                own("v=DMARC1; p=reject"),
+                0,
                 Policy::Reject,
             ),
             (
                 "v=DMARC1; p=none; sp=reject",
                 Err(Error::Dns(DnsError::InvalidRecordType)),
+                0,
+                Policy::Reject,
+            ),
+            ("v=DMARC1; p=reject; sp=none", failed(), 0, Policy::Reject),
+            // pct: below it the policy, from it on the next lower one; t=y always lower.
+            (
+                "v=DMARC1; p=reject; pct=0",
+                own("v=DMARC1; p=none"),
+                0,
+                Policy::Quarantine,
+            ),
+            (
+                "v=DMARC1; p=reject; pct=30",
+                own("v=DMARC1; p=none"),
+                29,
                 Policy::Reject,
             ),
             (
-                "v=DMARC1; p=reject; sp=none",
-                Err(Error::Dns(DnsError::Resolver("timed out".into()))),
-                Policy::Reject,
+                "v=DMARC1; p=reject; pct=30",
+                own("v=DMARC1; p=none"),
+                30,
+                Policy::Quarantine,
+            ),
+            (
+                "v=DMARC1; p=quarantine; pct=30",
+                own("v=DMARC1; p=none"),
+                99,
+                Policy::None,
+            ),
+            (
+                "v=DMARC1; p=none; pct=0",
+                own("v=DMARC1; p=none"),
+                50,
+                Policy::None,
+            ),
+            (
+                "v=DMARC1; p=reject; t=y",
+                own("v=DMARC1; p=none"),
+                0,
+                Policy::Quarantine,
+            ),
+            (
+                "v=DMARC1; p=quarantine; t=y",
+                own("v=DMARC1; p=none"),
+                0,
+                Policy::None,
             ),
         ];
-        for (text, own, want) in table {
-            assert_eq!(applied_policy(&record(text), own), want, "{text}");
+        for (text, own, roll, want) in table {
+            assert_eq!(
+                applied_policy(&record(text), own, roll),
+                want,
+                "{text} {roll}"
+            );
         }
+        assert!((0..1000).map(|_| dmarc_roll()).all(|r| r < 100));
+        let rolls: std::collections::HashSet<u8> = (0..1000).map(|_| dmarc_roll()).collect();
+        assert!(rolls.len() > 50, "{rolls:?}");
     }
 
     #[test]
