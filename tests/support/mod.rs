@@ -151,17 +151,15 @@ impl Server {
                 admin: SocketAddr::from(([127, 0, 0, 1], admin)),
                 driver,
             };
-            std::thread::sleep(Duration::from_millis(30));
-            let exited = s
-                .child
-                .as_mut()
-                .is_some_and(|c| c.try_wait().unwrap().is_some());
-            if exited && attempt < 3 && s.log().contains("in use") {
+            // However long the start takes on a busy machine: ready, or exited.
+            if s.try_wait_ready(implicit) {
+                return s;
+            }
+            if attempt < 5 && s.log().contains("in use") {
                 s.child = None;
                 continue;
             }
-            s.wait_ready(implicit);
-            return s;
+            panic!("ringmx did not start; log:\n{}", s.log());
         }
         unreachable!()
     }
@@ -200,7 +198,15 @@ impl Server {
         Server::launch(name, driver, binding_extra, "", true)
     }
 
-    fn wait_ready(&self, skip_inbound: bool) {
+    fn wait_ready(&mut self, skip_inbound: bool) {
+        if !self.try_wait_ready(skip_inbound) {
+            panic!("ringmx did not start; log:\n{}", self.log());
+        }
+    }
+
+    /// Wait until the bindings answer (true), or the process has exited or 15 s have passed
+    /// (false).
+    fn try_wait_ready(&mut self, skip_inbound: bool) -> bool {
         let deadline = Instant::now() + Duration::from_secs(15);
         for addr in [self.inbound, self.outbound] {
             if skip_inbound && addr == self.inbound {
@@ -209,8 +215,12 @@ impl Server {
             // A full exchange that ends with QUIT, retried until the greeting is 220, so no
             // probe connection is still open when the test starts.
             loop {
-                if Instant::now() > deadline {
-                    panic!("ringmx did not start; log:\n{}", self.log());
+                let exited = self
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| c.try_wait().unwrap().is_some());
+                if exited || Instant::now() > deadline {
+                    return false;
                 }
                 if let Ok(s) = TcpStream::connect(addr) {
                     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -227,6 +237,7 @@ impl Server {
             }
         }
         std::thread::sleep(Duration::from_millis(50));
+        true
     }
 
     pub fn log(&self) -> String {
