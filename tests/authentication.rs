@@ -266,8 +266,8 @@ fn spf_dkim_and_dmarc_results_on_every_copy() {
     let lines: Vec<&str> = log.lines().filter(|l| l.contains(" message ")).collect();
     for want in [
         "authentication=spf=pass dkim=pass dmarc=pass",
-        "authentication=spf=fail dkim=none dmarc=fail",
-        "authentication=spf=softfail dkim=none dmarc=fail",
+        "authentication=spf=fail dkim=none dmarc=fail policy=reject",
+        "authentication=spf=softfail dkim=none dmarc=fail policy=reject",
         "authentication=spf=pass dkim=neutral dmarc=pass",
     ] {
         assert!(
@@ -384,8 +384,9 @@ fn the_whitelist_needs_an_authenticated_sender() {
 const ENFORCE: &str = r#"
 import os, smtplib
 def message(subject, frm):
-    return ("From: %s\r\nTo: alice@example.test\r\nSubject: %s\r\n"
-            "Message-ID: <%s@partner.test>\r\n\r\nHello Alice.\r\n" % (frm, subject, subject)).encode()
+    head = "From: %s\r\n" % frm if frm is not None else ""
+    return (head + "To: alice@example.test\r\nSubject: %s\r\n"
+            "Message-ID: <%s@partner.test>\r\n\r\nHello Alice.\r\n" % (subject, subject)).encode()
 def send(src, sender, subject, frm="Bob <bob@partner.test>"):
     try:
         with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=(src, 0), timeout=30) as s:
@@ -409,6 +410,11 @@ send("127.0.0.6", "x@relay.test", "parent-p-reject", "bob@lenient.test")
 # p=reject with pct=0 (the owner watches its reports), and with t=y (testing): not refused.
 send("127.0.0.6", "x@relay.test", "pct-0", "bob@watching.test")
 send("127.0.0.6", "x@relay.test", "testing", "bob@testing.test")
+# Not aligned with partner.test (p=reject): its name with a final dot is the same domain; a
+# From: DMARC cannot judge (a domain that is no DNS name, or none at all) is refused as well.
+send("127.0.0.6", "x@relay.test", "final-dot", "Bob <bob@partner.test.>")
+send("127.0.0.6", "x@relay.test", "double-dot", "Bob <bob@partner..test>")
+send("127.0.0.6", "x@relay.test", "no-from", None)
 "#;
 
 /// `[authentication] spf_reject` and `dmarc_reject`, each on and off; `sp=` for subdomains.
@@ -437,6 +443,9 @@ fn enforcement_switches() {
                 "parent-p-reject 250".into(),
                 "pct-0 250".into(),
                 "testing 250".into(),
+                "final-dot 250".into(),
+                "double-dot 250".into(),
+                "no-from 250".into(),
             ],
         ),
         (
@@ -452,6 +461,9 @@ fn enforcement_switches() {
                 "parent-p-reject 250".into(),
                 "pct-0 250".into(),
                 "testing 250".into(),
+                "final-dot 250".into(),
+                "double-dot 250".into(),
+                "no-from 250".into(),
             ],
         ),
         (
@@ -467,6 +479,9 @@ fn enforcement_switches() {
                 format!("parent-p-reject {dmarc}"),
                 "pct-0 250".into(),
                 "testing 250".into(),
+                format!("final-dot {dmarc}"),
+                format!("double-dot {dmarc}"),
+                format!("no-from {dmarc}"),
             ],
         ),
     ] {

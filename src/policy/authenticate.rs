@@ -419,13 +419,13 @@ impl Check for SpfAtMail {
 }
 
 /// The DMARC policy applied to the From domain. `record` was found walking up from it; `own` is
-/// the lookup of `_dmarc.` + the From domain itself. Found there: the record is the domain's
-/// own, its `p` applies; no record there: `record` is a parent's, its `sp` applies (RFC 7489
-/// §6.3); any other answer (the lookup failed just after it succeeded for the walk) keeps `p`.
-/// A failure is then sampled: with `pct=N`, a message whose `roll` (0–99, random) is not
-/// below N, and any message under `t=y` (the owner is testing), gets the next-lower policy
-/// (RFC 7489 §6.6.4): `p=reject; pct=0` is a domain watching its reports, not one asking for
-/// refusals.
+/// the lookup of `_dmarc.` + the From domain itself. Found there: the domain's own record, and
+/// its `p`, apply; no record there: `record` is a parent's, its `sp` applies (RFC 7489 §6.3);
+/// any other answer (the lookup failed just after it succeeded for the walk): the stricter of
+/// the two. A failure is then sampled: with `pct=N`, a message whose `roll` (0–99, random) is
+/// not below N, and any message under `t=y` (the owner is testing), gets the next-lower
+/// policy (RFC 7489 §6.6.4): `p=reject; pct=0` is a domain watching its reports, not one
+/// asking for refusals.
 fn applied_policy(
     record: &mail_auth::dmarc::Dmarc,
     own: mail_auth::Result<Arc<mail_auth::dmarc::Dmarc>>,
@@ -433,11 +433,20 @@ fn applied_policy(
 ) -> mail_auth::dmarc::Policy {
     use mail_auth::dmarc::Policy;
     use mail_auth::{DnsError, Error};
-    let policy = match own {
+    let rank = |p: Policy| match p {
+        Policy::Reject => 2,
+        Policy::Quarantine => 1,
+        _ => 0,
+    };
+    let (record, policy) = match &own {
+        Ok(own) => (own.as_ref(), own.p),
         Err(Error::Dns(DnsError::RecordNotFound(_)) | Error::Dns(DnsError::InvalidRecordType)) => {
-            record.sp
+            (record, record.sp)
         }
-        _ => record.p,
+        Err(_) => (
+            record,
+            std::cmp::max_by_key(record.p, record.sp, |p| rank(*p)),
+        ),
     };
     if roll < record.pct && !record.t {
         return policy;
@@ -447,6 +456,35 @@ fn applied_policy(
         Policy::Quarantine => Policy::None,
         p => p,
     }
+}
+
+/// A From: address as DMARC is to see it: without spaces around it, and without one final
+/// dot of its domain (`ceo@bank.example.` is from bank.example). With the dot, the name of
+/// the domain's record could not even be asked for: DMARC would be a `temperror`, which no
+/// enforcement refuses, for a domain that any mail program shows as bank.example.
+fn normalize_from(address: &mut String) {
+    let t = address.trim();
+    let t = match t.rsplit_once('@') {
+        Some((_, d)) if d.ends_with('.') => t.strip_suffix('.').unwrap_or(t),
+        _ => t,
+    };
+    if t.len() != address.len() {
+        *address = t.to_string();
+    }
+}
+
+/// DMARC can judge a From: domain whose record can be asked for: a DNS name (labels of 1 to
+/// 63 bytes, 253 in all, no escapes) that the resolver takes. Anything else (a From: without
+/// a domain, a double dot, a 64-byte label) is treated like a From: naming several domains.
+fn judgeable_domain(domain: &str) -> bool {
+    !domain.is_empty()
+        && domain.len() <= 253
+        && domain.split('.').all(|l| !l.is_empty() && l.len() <= 63)
+        && !domain.contains('\\')
+        && mail_auth::hickory_resolver::proto::rr::Name::from_str_relaxed(format!(
+            "_dmarc.{domain}."
+        ))
+        .is_ok()
 }
 
 /// 0–99, for [`applied_policy`]'s sampling.
@@ -482,6 +520,7 @@ impl Verifier {
             // Every signature costs a key lookup and a verification: the first few are enough.
             m.dkim_headers.truncate(MAX_SIGNATURES);
             m.errors.truncate(MAX_SIGNATURES);
+            m.from.iter_mut().for_each(normalize_from);
         }
         tokio::time::timeout(timeout, async {
             let spf_params = || {
@@ -602,7 +641,8 @@ impl Verifier {
                                 .to_ascii_lowercase()
                         })
                         .collect();
-                    passed.ambiguous_from = domains.len() > 1;
+                    passed.ambiguous_from =
+                        domains.len() != 1 || !domains.iter().all(|d| judgeable_domain(d));
                     // The record's `p` governs the domain it was published for, its `sp`
                     // (default: `p`) the subdomains that have none of their own (RFC 7489
                     // §6.3, §6.6.3). The walk up to the record says not where it found it:
@@ -917,55 +957,66 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
                 0,
                 Policy::Reject,
             ),
+            // The domain's own record, as found by the second lookup, is the one that counts.
+            (
+                "v=DMARC1; p=none",
+                own("v=DMARC1; p=quarantine"),
+                0,
+                Policy::Quarantine,
+            ),
             (
                 "v=DMARC1; p=none; sp=reject",
                 Err(Error::Dns(DnsError::InvalidRecordType)),
                 0,
                 Policy::Reject,
             ),
+            // The second lookup failed: the stricter of p and sp.
             ("v=DMARC1; p=reject; sp=none", failed(), 0, Policy::Reject),
+            ("v=DMARC1; p=none; sp=reject", failed(), 0, Policy::Reject),
+            (
+                "v=DMARC1; p=none; sp=quarantine",
+                failed(),
+                0,
+                Policy::Quarantine,
+            ),
             // pct: below it the policy, from it on the next lower one; t=y always lower.
             (
                 "v=DMARC1; p=reject; pct=0",
-                own("v=DMARC1; p=none"),
+                none_here(),
                 0,
                 Policy::Quarantine,
             ),
             (
                 "v=DMARC1; p=reject; pct=30",
-                own("v=DMARC1; p=none"),
+                none_here(),
                 29,
                 Policy::Reject,
             ),
             (
                 "v=DMARC1; p=reject; pct=30",
-                own("v=DMARC1; p=none"),
+                none_here(),
                 30,
                 Policy::Quarantine,
             ),
             (
                 "v=DMARC1; p=quarantine; pct=30",
-                own("v=DMARC1; p=none"),
+                none_here(),
                 99,
                 Policy::None,
             ),
-            (
-                "v=DMARC1; p=none; pct=0",
-                own("v=DMARC1; p=none"),
-                50,
-                Policy::None,
-            ),
+            ("v=DMARC1; p=none; pct=0", none_here(), 50, Policy::None),
             (
                 "v=DMARC1; p=reject; t=y",
-                own("v=DMARC1; p=none"),
+                none_here(),
                 0,
                 Policy::Quarantine,
             ),
+            ("v=DMARC1; p=quarantine; t=y", none_here(), 0, Policy::None),
             (
-                "v=DMARC1; p=quarantine; t=y",
-                own("v=DMARC1; p=none"),
+                "v=DMARC1; p=none",
+                own("v=DMARC1; p=reject; pct=0"),
                 0,
-                Policy::None,
+                Policy::Quarantine,
             ),
         ];
         for (text, own, roll, want) in table {
@@ -978,6 +1029,43 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
         assert!((0..1000).map(|_| dmarc_roll()).all(|r| r < 100));
         let rolls: std::collections::HashSet<u8> = (0..1000).map(|_| dmarc_roll()).collect();
         assert!(rolls.len() > 50, "{rolls:?}");
+    }
+
+    #[test]
+    fn from_addresses_dmarc_can_judge() {
+        for (raw, want) in [
+            ("ceo@bank.test", "ceo@bank.test"),
+            ("ceo@bank.test.", "ceo@bank.test"),
+            (" ceo@bank.test. ", "ceo@bank.test"),
+            ("ceo@bank.test..", "ceo@bank.test."),
+            ("ceo.@bank.test", "ceo.@bank.test"),
+            ("ceo.", "ceo."),
+        ] {
+            let mut a = raw.to_string();
+            normalize_from(&mut a);
+            assert_eq!(a, want, "{raw:?}");
+        }
+        let long = format!("{}.test", "a".repeat(64));
+        let longest = format!("{}.test", "a".repeat(63));
+        for (domain, want) in [
+            ("bank.test", true),
+            ("mail.bank.test", true),
+            ("xn--bcher-kva.test", true),
+            ("bücher.test", true),
+            (longest.as_str(), true),
+            ("", false),
+            ("bank.test.", false),
+            ("bank..test", false),
+            (".bank.test", false),
+            ("bank\\.test", false),
+            (long.as_str(), false),
+        ] {
+            assert_eq!(judgeable_domain(domain), want, "{domain:?}");
+        }
+        assert!(!judgeable_domain(&format!(
+            "{}test",
+            "abcdefghi.".repeat(25)
+        )));
     }
 
     #[test]

@@ -171,7 +171,8 @@ pub struct Authenticated {
     pub dmarc_policy_quarantine: bool,
     /// The From: address, lower case (empty unless the message has exactly one).
     pub from: String,
-    /// From: names addresses in more than one domain.
+    /// DMARC has no single domain to judge: From: names addresses in more than one domain, or
+    /// none, or one that is no DNS name.
     pub ambiguous_from: bool,
 }
 
@@ -199,7 +200,21 @@ impl std::fmt::Display for Authenticated {
             }
             f.write_str(r)?;
         }
-        write!(f, " dmarc={}", self.dmarc_result)
+        write!(f, " dmarc={}", self.dmarc_result)?;
+        if self.dmarc_result == "fail" {
+            // The policy applied (after pct= and t=y).
+            f.write_str(if self.dmarc_policy_reject {
+                " policy=reject"
+            } else if self.dmarc_policy_quarantine {
+                " policy=quarantine"
+            } else {
+                " policy=none"
+            })?;
+        }
+        if self.ambiguous_from {
+            f.write_str(" from=unjudgeable")?;
+        }
+        Ok(())
     }
 }
 
