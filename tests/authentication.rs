@@ -387,10 +387,10 @@ def message(subject, frm):
     head = "From: %s\r\n" % frm if frm is not None else ""
     return (head + "To: alice@example.test\r\nSubject: %s\r\n"
             "Message-ID: <%s@partner.test>\r\n\r\nHello Alice.\r\n" % (subject, subject)).encode()
-def send(src, sender, subject, frm="Bob <bob@partner.test>"):
+def send(src, sender, subject, frm="Bob <bob@partner.test>", raw=None):
     try:
         with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=(src, 0), timeout=30) as s:
-            s.sendmail(sender, ["alice@example.test"], message(subject, frm))
+            s.sendmail(sender, ["alice@example.test"], raw or message(subject, frm))
         print(subject, "250")
     except (smtplib.SMTPSenderRefused, smtplib.SMTPDataError) as e:
         print(subject, e.smtp_code, e.smtp_error.decode())
@@ -410,10 +410,14 @@ send("127.0.0.6", "x@relay.test", "parent-p-reject", "bob@lenient.test")
 # p=reject with pct=0 (the owner watches its reports), and with t=y (testing): not refused.
 send("127.0.0.6", "x@relay.test", "pct-0", "bob@watching.test")
 send("127.0.0.6", "x@relay.test", "testing", "bob@testing.test")
-# Not aligned with partner.test (p=reject): its name with a final dot is the same domain; a
-# From: DMARC cannot judge (a domain that is no DNS name, or none at all) is refused as well.
+# Not aligned with partner.test (p=reject): its name with a final dot is the same domain. A
+# From: DMARC cannot judge is refused as well: a domain that is no DNS name, a domain cut to one
+# label by a comment, a header block that a line without a colon ends before the From:.
 send("127.0.0.6", "x@relay.test", "final-dot", "Bob <bob@partner.test.>")
 send("127.0.0.6", "x@relay.test", "double-dot", "Bob <bob@partner..test>")
+send("127.0.0.6", "x@relay.test", "comment", "bob@partner(x).test")
+send("127.0.0.6", "x@relay.test", "no-colon", raw=b"X\r\n" + message("no-colon", "bob@partner.test"))
+# No From: at all names no domain (DMARC: none).
 send("127.0.0.6", "x@relay.test", "no-from", None)
 "#;
 
@@ -429,20 +433,23 @@ fn enforcement_switches() {
     let args: Vec<&str> = records.iter().map(String::as_str).collect();
     let dns = support::Dnsmasq::start(&args);
     let dmarc = "550 5.7.1 Message rejected: the sender's domain DMARC policy";
-    // (subject, refused by spf_reject, refused by dmarc_reject), in the order ENFORCE sends.
+    let no_domain = "550 5.7.1 Message rejected: its From: header names no single domain to check";
+    // (subject, refused by spf_reject, dmarc_reject's reply), in the order ENFORCE sends.
     let cases = [
-        ("spf-fail", true, true),
-        ("dmarc-fail", false, true),
-        ("good", false, false),
-        ("two-from", false, true),
-        ("sub-sp-none", false, false),
-        ("sub-sp-reject", false, true),
-        ("parent-p-reject", false, true),
-        ("pct-0", false, false),
-        ("testing", false, false),
-        ("final-dot", false, true),
-        ("double-dot", false, true),
-        ("no-from", false, true),
+        ("spf-fail", true, Some(dmarc)),
+        ("dmarc-fail", false, Some(dmarc)),
+        ("good", false, None),
+        ("two-from", false, Some(no_domain)),
+        ("sub-sp-none", false, None),
+        ("sub-sp-reject", false, Some(dmarc)),
+        ("parent-p-reject", false, Some(dmarc)),
+        ("pct-0", false, None),
+        ("testing", false, None),
+        ("final-dot", false, Some(dmarc)),
+        ("double-dot", false, Some(no_domain)),
+        ("comment", false, Some(no_domain)),
+        ("no-colon", false, Some(no_domain)),
+        ("no-from", false, None),
     ];
     for (name, switches, spf_on, dmarc_on) in [
         ("enforce-off", "", false, false),
@@ -452,9 +459,9 @@ fn enforcement_switches() {
         let want: Vec<String> = cases
             .iter()
             .map(
-                |&(subject, by_spf, by_dmarc)| match (spf_on && by_spf, dmarc_on && by_dmarc) {
+                |&(subject, by_spf, by_dmarc)| match (spf_on && by_spf, by_dmarc) {
                     (true, _) => format!("{subject} 550 5.7.23 SPF validation failed"),
-                    (_, true) => format!("{subject} {dmarc}"),
+                    (_, Some(reply)) if dmarc_on => format!("{subject} {reply}"),
                     _ => format!("{subject} 250"),
                 },
             )

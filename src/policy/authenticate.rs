@@ -246,16 +246,20 @@ impl Check for Authenticate {
                 }
                 m.authentication("dmarc", auth.dmarc_result);
             }
-            // With enforcement on, a From: naming several domains (where DMARC has no single
-            // answer) is refused too (RFC 7489 §6.6.1).
-            if dmarc_reject
-                && ((auth.dmarc_result == "fail" && auth.dmarc_policy_reject)
-                    || auth.ambiguous_from)
-            {
+            if dmarc_reject && auth.dmarc_result == "fail" && auth.dmarc_policy_reject {
                 return Decision::Reject(Refusal::new(
                     &reply::DMARC_REJECT,
                     Reason::DmarcReject,
                     "refused: DMARC policy reject",
+                ));
+            }
+            // With enforcement on, a From: that gives DMARC no single domain to check is
+            // refused too (RFC 7489 §6.6.1).
+            if dmarc_reject && auth.ambiguous_from {
+                return Decision::Reject(Refusal::new(
+                    &reply::DMARC_NO_DOMAIN,
+                    Reason::DmarcReject,
+                    "refused: no single From: domain for DMARC",
                 ));
             }
             Decision::All(vec![
@@ -473,11 +477,13 @@ fn normalize_from(address: &mut String) {
     }
 }
 
-/// DMARC can judge a From: domain whose record can be asked for: a DNS name (labels of 1 to
-/// 63 bytes, 253 in all, no escapes) that the resolver takes. Anything else (a From: without
-/// a domain, a double dot, a 64-byte label) is treated like a From: naming several domains.
+/// DMARC can judge a From: domain whose record can be asked for: a DNS name of at least two
+/// labels (1 to 63 bytes each, 253 in all, no escapes) that the resolver takes. Anything else
+/// (a double dot, a 64-byte label, a single label such as what is left of `ceo@bank(x).test`
+/// once a parser stops at the comment, where DMARC would look for no record at all) is treated
+/// like a From: naming several domains.
 fn judgeable_domain(domain: &str) -> bool {
-    !domain.is_empty()
+    domain.contains('.')
         && domain.len() <= 253
         && domain.split('.').all(|l| !l.is_empty() && l.len() <= 63)
         && !domain.contains('\\')
@@ -632,17 +638,16 @@ impl Verifier {
                     if let [one] = m.from.as_slice() {
                         passed.from = one.trim().to_ascii_lowercase();
                     }
+                    // The domains of the From: addresses (an address without one, or no
+                    // From: at all, names no domain to spoof: DMARC says `none`, as mail-auth
+                    // does).
                     let domains: std::collections::HashSet<String> = m
                         .from
                         .iter()
-                        .map(|f| {
-                            f.rsplit_once('@')
-                                .map_or("", |(_, d)| d)
-                                .to_ascii_lowercase()
-                        })
+                        .filter_map(|f| f.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()))
                         .collect();
                     passed.ambiguous_from =
-                        domains.len() != 1 || !domains.iter().all(|d| judgeable_domain(d));
+                        domains.len() > 1 || !domains.iter().all(|d| judgeable_domain(d));
                     // The record's `p` governs the domain it was published for, its `sp`
                     // (default: `p`) the subdomains that have none of their own (RFC 7489
                     // §6.3, §6.6.3). The walk up to the record says not where it found it:
@@ -669,6 +674,9 @@ impl Verifier {
                     ));
                 }
                 None => {
+                    // No header block mail-auth can read (a line without a colon ends it):
+                    // what a lenient reader takes for the From: cannot be checked.
+                    passed.ambiguous_from = true;
                     results = if mail_from.is_empty() {
                         results.with_spf_ehlo_result(&spf, ip, helo)
                     } else {
@@ -1054,6 +1062,7 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
             ("bücher.test", true),
             (longest.as_str(), true),
             ("", false),
+            ("bank", false),
             ("bank.test.", false),
             ("bank..test", false),
             (".bank.test", false),

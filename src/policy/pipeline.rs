@@ -172,7 +172,7 @@ pub struct Authenticated {
     /// The From: address, lower case (empty unless the message has exactly one).
     pub from: String,
     /// DMARC has no single domain to judge: From: names addresses in more than one domain, or
-    /// none, or one that is no DNS name.
+    /// one that is no DNS name, or the header block could not be read.
     pub ambiguous_from: bool,
 }
 

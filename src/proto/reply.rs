@@ -193,6 +193,14 @@ pub static DMARC_REJECT: Reply = Reply::new(
     "5.7.1",
     "Message rejected: the sender's domain DMARC policy",
 );
+/// A From: that gives DMARC no single domain to check (several domains, a domain that is no
+/// DNS name, a header block that cannot be read), refused under `[authentication]
+/// dmarc_reject` (RFC 7489 §6.6.1).
+pub static DMARC_NO_DOMAIN: Reply = Reply::new(
+    550,
+    "5.7.1",
+    "Message rejected: its From: header names no single domain to check",
+);
 /// MAIL FROM a domain whose SPF record fails this client (`[authentication] spf_reject`,
 /// RFC 7372).
 pub static SPF_FAIL: Reply = Reply::new(550, "5.7.23", "SPF validation failed");
