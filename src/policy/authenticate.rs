@@ -423,16 +423,16 @@ impl Check for SpfAtMail {
 }
 
 /// The DMARC policy applied to the From domain. `record` was found walking up from it; `own` is
-/// the lookup of `_dmarc.` + the From domain itself. Found there: the domain's own record, and
-/// its `p`, apply; no record there: `record` is a parent's, its `sp` applies (RFC 7489 §6.3);
-/// any other answer (the lookup failed just after it succeeded for the walk): the stricter of
-/// the two. A failure is then sampled: with `pct=N`, a message whose `roll` (0–99, random) is
+/// the lookup of `_dmarc.` + the From domain itself (`None`: not asked, `record`'s `p` and `sp`
+/// agree). Found there: the domain's own record, and its `p`, apply; no record there: `record`
+/// is a parent's, its `sp` applies (RFC 7489 §6.3); any other answer (the lookup failed just
+/// after it succeeded for the walk): the stricter of the two. A failure is then sampled: with `pct=N`, a message whose `roll` (0–99, random) is
 /// not below N, and any message under `t=y` (the owner is testing), gets the next-lower
 /// policy (RFC 7489 §6.6.4): `p=reject; pct=0` is a domain watching its reports, not one
 /// asking for refusals.
 fn applied_policy(
     record: &mail_auth::dmarc::Dmarc,
-    own: mail_auth::Result<Arc<mail_auth::dmarc::Dmarc>>,
+    own: Option<mail_auth::Result<Arc<mail_auth::dmarc::Dmarc>>>,
     roll: u8,
 ) -> mail_auth::dmarc::Policy {
     use mail_auth::dmarc::Policy;
@@ -443,11 +443,12 @@ fn applied_policy(
         _ => 0,
     };
     let (record, policy) = match &own {
-        Ok(own) => (own.as_ref(), own.p),
-        Err(Error::Dns(DnsError::RecordNotFound(_)) | Error::Dns(DnsError::InvalidRecordType)) => {
-            (record, record.sp)
-        }
-        Err(_) => (
+        None => (record, record.p),
+        Some(Ok(own)) => (own.as_ref(), own.p),
+        Some(Err(
+            Error::Dns(DnsError::RecordNotFound(_)) | Error::Dns(DnsError::InvalidRecordType),
+        )) => (record, record.sp),
+        Some(Err(_)) => (
             record,
             std::cmp::max_by_key(record.p, record.sp, |p| rank(*p)),
         ),
@@ -636,7 +637,8 @@ impl Verifier {
                     }
                     // One From: address, or none for the whitelist (which one would count?).
                     if let [one] = m.from.as_slice() {
-                        passed.from = one.trim().to_ascii_lowercase();
+                        // (Trimmed by normalize_from, lower case from mail-auth.)
+                        passed.from = one.clone();
                     }
                     // The domains of the From: addresses (an address without one, or no
                     // From: at all, names no domain to spoof: DMARC says `none`, as mail-auth
@@ -651,8 +653,12 @@ impl Verifier {
                     // The record's `p` governs the domain it was published for, its `sp`
                     // (default: `p`) the subdomains that have none of their own (RFC 7489
                     // §6.3, §6.6.3). The walk up to the record says not where it found it:
-                    // asked once more (from the caches) for the From domain itself.
+                    // where that matters (`sp` differs), asked once more (from the caches)
+                    // for the From domain itself.
                     let policy = match dmarc.dmarc_record() {
+                        Some(record) if record.p == record.sp => {
+                            applied_policy(record, None, dmarc_roll())
+                        }
                         Some(record) => {
                             let own = auth
                                 .txt_lookup::<mail_auth::dmarc::Dmarc>(
@@ -660,7 +666,7 @@ impl Verifier {
                                     Some(cache),
                                 )
                                 .await;
-                            applied_policy(record, own, dmarc_roll())
+                            applied_policy(record, Some(own), dmarc_roll())
                         }
                         None => dmarc.policy(),
                     };
@@ -1029,7 +1035,7 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
         ];
         for (text, own, roll, want) in table {
             assert_eq!(
-                applied_policy(&record(text), own, roll),
+                applied_policy(&record(text), Some(own), roll),
                 want,
                 "{text} {roll}"
             );
