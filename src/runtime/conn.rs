@@ -1153,6 +1153,7 @@ impl Conn {
             }
             _ => None,
         };
+        let mut env = std::rc::Rc::new(env);
         let result = if all_discard {
             self.ctx
                 .shared
@@ -1183,12 +1184,16 @@ impl Conn {
             let memory = (!content.spilled()).then(|| Arc::new(content.take_prefix()));
             let mut result = Ok("queued");
             for (n, &v) in kinds.iter().enumerate() {
-                let mut e = env.clone();
                 let mut copy_routing = routing.clone();
-                if n > 0 {
-                    e.queue_id = self.ctx.queue.next_queue_id();
-                }
-                if kinds.len() > 1 {
+                // One copy: the envelope as it came (shared with the queue, not copied).
+                let e = if let [only] = kinds.as_slice() {
+                    std::rc::Rc::make_mut(&mut env).aswl = *only;
+                    std::rc::Rc::clone(&env)
+                } else {
+                    let mut e = Envelope::clone(&env);
+                    if n > 0 {
+                        e.queue_id = self.ctx.queue.next_queue_id();
+                    }
                     let mine: Vec<usize> = (0..env.rcpts.len())
                         .filter(|&i| verdict_of(i) == v)
                         .collect();
@@ -1198,8 +1203,9 @@ impl Conn {
                         .collect();
                     e.dsn = env.dsn.select(&mine);
                     copy_routing = routing.select(&mine);
-                }
-                e.aswl = v;
+                    e.aswl = v;
+                    std::rc::Rc::new(e)
+                };
                 let mut received = trace::received(&e, &self.binding.b.settings.config().hostname);
                 for h in &added {
                     received.push_str(h);

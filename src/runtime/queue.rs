@@ -63,8 +63,9 @@ impl Drop for Held {
 }
 
 struct Entry {
-    env: Envelope,
-    trace: String,
+    /// Shared with a running attempt (which reads them across awaits) without a copy.
+    env: Rc<Envelope>,
+    trace: Rc<str>,
     /// The content while it is in memory (until the first attempt is over).
     content: Option<Held>,
     spooled: Spooled,
@@ -187,7 +188,7 @@ impl CoreQueue {
     /// Take a durably spooled message and start delivering it.
     pub(crate) fn enqueue(
         self: &Rc<Self>,
-        env: Envelope,
+        env: Rc<Envelope>,
         trace: String,
         content: Option<Arc<Vec<u8>>>,
         spooled: Spooled,
@@ -202,7 +203,7 @@ impl CoreQueue {
 
     fn insert(
         &self,
-        env: Envelope,
+        env: Rc<Envelope>,
         trace: String,
         content: Option<Arc<Vec<u8>>>,
         spooled: Spooled,
@@ -221,7 +222,7 @@ impl CoreQueue {
         });
         let e = Entry {
             env,
-            trace,
+            trace: trace.into(),
             content,
             spooled,
             pending,
@@ -248,7 +249,13 @@ impl CoreQueue {
             content_len: r.record.content_len,
         };
         let id = r.record.env.queue_id.clone();
-        let e = self.insert(r.record.env, r.record.trace, None, spooled, r.pending);
+        let e = self.insert(
+            Rc::new(r.record.env),
+            r.record.trace,
+            None,
+            spooled,
+            r.pending,
+        );
         if r.held {
             let mut b = e.borrow_mut();
             self.set_state(&mut b, State::Held);
@@ -446,10 +453,12 @@ impl CoreQueue {
             let Some(route) = cfg.routes.get(ri) else {
                 continue;
             };
-            let rcpts: Vec<String> = idx
-                .iter()
-                .filter_map(|&i| env.rcpts.get(i as usize).cloned())
-                .collect();
+            // The group's addresses, for the actions that pass them on.
+            let rcpts = || -> Vec<String> {
+                idx.iter()
+                    .filter_map(|&i| env.rcpts.get(i as usize).cloned())
+                    .collect()
+            };
             match route.action {
                 RouteAction::Discard => {
                     results.extend(idx.iter().map(|&i| (i, Result_::Delivered(None))));
@@ -466,12 +475,13 @@ impl CoreQueue {
                         .folder
                         .clone()
                         .unwrap_or_else(|| cfg.server.data_dir.join("drop"));
-                    let (env2, trace2, content2) = (env.clone(), trace.clone(), content.clone());
-                    let mut e2 = env2.clone();
-                    if idx.len() != env2.rcpts.len() || ri > 0 {
-                        e2.queue_id = format!("{}-{ri}", env2.queue_id);
+                    // Owned copies for the blocking thread.
+                    let (trace2, content2) = (trace.to_string(), content.clone());
+                    let mut e2 = Envelope::clone(&env);
+                    if idx.len() != env.rcpts.len() || ri > 0 {
+                        e2.queue_id = format!("{}-{ri}", env.queue_id);
                     }
-                    let rc = rcpts.clone();
+                    let rc = rcpts();
                     let res = monoio::spawn_blocking(move || {
                         drop_folder::write(&folder, &e2, &rc, &trace2, &content2)
                     })
@@ -501,7 +511,7 @@ impl CoreQueue {
                             &cfg,
                             &domain,
                             &env,
-                            &rcpts,
+                            &rcpts(),
                             &dsn,
                             &message,
                             attempts,
@@ -837,7 +847,14 @@ impl CoreQueue {
         let spooled = self.spool.store(&benv, &t, &content, None).await?;
         tracing::info!(queue_id = %benv.queue_id, original = %env.queue_id, to = ?env.mail_from, kind = ?kind, "bounce");
         self.shared.metrics.delivery("bounces_sent", 1);
-        self.enqueue(benv, t, Some(Arc::new(content)), spooled, vec![0], None);
+        self.enqueue(
+            Rc::new(benv),
+            t,
+            Some(Arc::new(content)),
+            spooled,
+            vec![0],
+            None,
+        );
         Ok(())
     }
 
@@ -870,7 +887,7 @@ impl CoreQueue {
             let (mut env, trace, pending, old_sp) = {
                 let b = e.borrow();
                 (
-                    b.env.clone(),
+                    Envelope::clone(&b.env),
                     b.trace.clone(),
                     b.pending.clone(),
                     b.spooled.clone(),
@@ -892,7 +909,7 @@ impl CoreQueue {
                     crate::spool::finish(&old_sp.seg, &env.queue_id, &pending, true);
                     let mut b = e.borrow_mut();
                     b.pending = crate::spool::all_indexes(env.rcpts.len());
-                    b.env = env;
+                    b.env = Rc::new(env);
                     b.spooled = sp;
                 }
                 Err(err) => {
