@@ -1,5 +1,6 @@
 //! Bodies of the cargo-fuzz targets outside the SMTP core (see `proto::fuzz_targets` for
-//! those): the relay client's reply parser and state machine, and the spool record parser.
+//! those): the relay client's reply parser and state machine, the spool record parser, the
+//! whitelist's readers, the admin endpoint and DMARC's reading of a From: field.
 //! `cargo test` replays every committed corpus file and crash file of all targets from here.
 
 use crate::config::RelayTls;
@@ -52,6 +53,12 @@ pub fn reply(data: &[u8]) {
             Action::Send(_) | Action::Wait | Action::Failed(_) => {}
         }
     }
+}
+
+/// A From: field as DMARC enforcement reads it (domains split by comments or spaces, the
+/// address's normalization): never panics.
+pub fn from(data: &[u8]) {
+    crate::policy::authenticate::fuzz_from(data);
 }
 
 /// Spool records read back at recovery: never panic; a record never claims bytes it lacks.
@@ -172,7 +179,7 @@ mod tests {
     fn replay_fuzz_corpus_and_artifacts() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
         type Target = fn(&[u8]);
-        let targets: [(&str, Target); 8] = [
+        let targets: [(&str, Target); 9] = [
             ("command", crate::proto::fuzz_targets::command),
             ("address", crate::proto::fuzz_targets::address),
             ("data", crate::proto::fuzz_targets::data),
@@ -181,6 +188,7 @@ mod tests {
             ("record", super::record),
             ("aswl", super::aswl),
             ("admin", super::admin),
+            ("from", super::from),
         ];
         for (name, f) in targets {
             let mut replayed = 0;

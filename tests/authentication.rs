@@ -416,6 +416,10 @@ send("127.0.0.6", "x@relay.test", "testing", "bob@testing.test")
 send("127.0.0.6", "x@relay.test", "final-dot", "Bob <bob@partner.test.>")
 send("127.0.0.6", "x@relay.test", "double-dot", "Bob <bob@partner..test>")
 send("127.0.0.6", "x@relay.test", "comment", "bob@partner(x).test")
+# One domain in RFC 5322's obsolete syntax, relay.test.partner.test, which mail-parser cuts at
+# the gap to relay.test (SPF passes for it, no DMARC record): what the reader sees is not judged.
+send("127.0.0.6", "x@relay.test", "obs-domain", "ceo@relay.test(x).partner.test")
+send("127.0.0.6", "x@relay.test", "obs-dot", "ceo@relay.test. partner.test")
 send("127.0.0.6", "x@relay.test", "no-colon", raw=b"X\r\n" + message("no-colon", "bob@partner.test"))
 # No From: at all names no domain (DMARC: none).
 send("127.0.0.6", "x@relay.test", "no-from", None)
@@ -448,6 +452,8 @@ fn enforcement_switches() {
         ("final-dot", false, Some(dmarc)),
         ("double-dot", false, Some(no_domain)),
         ("comment", false, Some(no_domain)),
+        ("obs-domain", false, Some(no_domain)),
+        ("obs-dot", false, Some(no_domain)),
         ("no-colon", false, Some(no_domain)),
         ("no-from", false, None),
     ];

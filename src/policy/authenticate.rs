@@ -494,6 +494,74 @@ fn judgeable_domain(domain: &str) -> bool {
         .is_ok()
 }
 
+/// Whether a raw From: field holds an address whose domain goes on past a comment or white
+/// space, at a dot: `ceo@evil.test(x).bank.example`, `ceo@evil.test. bank.example`. RFC 5322's
+/// obsolete syntax (§4.4) lets comments and spaces stand between the dotted parts of a domain,
+/// so that is one domain, evil.test.bank.example, a name under bank.example; a parser that
+/// stops at the gap (mail-parser does) has DMARC judge evil.test, which the sender may own.
+/// Text after a gap that does not continue the domain (`bob@bank.example (Bob)`, a display
+/// name) is not this. Quoted strings and nested comments are skipped as RFC 5322 reads them.
+fn domain_continues_past_a_gap(value: &[u8]) -> bool {
+    let mut bytes = value.iter();
+    // In a domain (after an `@`), a comment or space seen in it, its last byte before that.
+    let (mut in_domain, mut gap, mut last) = (false, false, 0u8);
+    while let Some(&b) = bytes.next() {
+        match b {
+            b'"' => {
+                while let Some(&q) = bytes.next() {
+                    match q {
+                        b'\\' => {
+                            bytes.next();
+                        }
+                        b'"' => break,
+                        _ => {}
+                    }
+                }
+                gap |= in_domain;
+            }
+            b'(' => {
+                let mut depth = 1usize;
+                while depth > 0 {
+                    match bytes.next() {
+                        Some(b'\\') => {
+                            bytes.next();
+                        }
+                        Some(b'(') => depth += 1,
+                        Some(b')') => depth -= 1,
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+                gap |= in_domain;
+            }
+            b' ' | b'\t' | b'\r' | b'\n' => gap |= in_domain,
+            b'@' => (in_domain, gap, last) = (true, false, 0),
+            b'<' | b'>' | b',' | b';' | b':' => (in_domain, gap) = (false, false),
+            _ if in_domain => {
+                if gap && (b == b'.' || last == b'.') {
+                    return true;
+                }
+                (gap, last) = (false, b);
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+/// The fuzz target `from`: a From: field's bytes through what DMARC enforcement makes of them
+/// besides mail-auth's parser; nothing panics, and a field without an `@` names no domain to
+/// go on.
+pub(crate) fn fuzz_from(data: &[u8]) {
+    let split = domain_continues_past_a_gap(data);
+    assert!(!split || data.contains(&b'@'));
+    let mut address = String::from_utf8_lossy(data).into_owned();
+    normalize_from(&mut address);
+    if let Some((_, domain)) = address.rsplit_once('@') {
+        let _ = judgeable_domain(domain);
+    }
+}
+
 /// 0–99, for [`applied_policy`]'s sampling.
 fn dmarc_roll() -> u8 {
     use std::hash::{BuildHasher, Hasher};
@@ -648,8 +716,12 @@ impl Verifier {
                         .iter()
                         .filter_map(|f| f.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()))
                         .collect();
-                    passed.ambiguous_from =
-                        domains.len() > 1 || !domains.iter().all(|d| judgeable_domain(d));
+                    passed.ambiguous_from = domains.len() > 1
+                        || !domains.iter().all(|d| judgeable_domain(d))
+                        || m.headers.iter().any(|(name, value)| {
+                            name.trim_ascii().eq_ignore_ascii_case(b"from")
+                                && domain_continues_past_a_gap(value)
+                        });
                     // The record's `p` governs the domain it was published for, its `sp`
                     // (default: `p`) the subdomains that have none of their own (RFC 7489
                     // §6.3, §6.6.3). The walk up to the record says not where it found it:
@@ -1081,6 +1153,32 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
             "{}test",
             "abcdefghi.".repeat(25)
         )));
+        for (field, want) in [
+            ("ceo@evil.test(x).bank.example", true),
+            ("ceo@evil.test (x) .bank.example", true),
+            ("ceo@evil.test. bank.example", true),
+            ("ceo@evil.test.(x)bank.example", true),
+            (" <ceo@evil.test\r\n .bank.example>", true),
+            ("ceo@evil.test(a (nested \\) one) b).bank.example", true),
+            ("ceo@evil.test\".bank\".example", true),
+            ("Bob <bob@bank.example>", false),
+            ("bob@bank.example (Bob Smith)", false),
+            ("bob@bank.example (Bob), eve@evil.test", false),
+            ("bob@bank.example\r\n (folded comment)\r\n", false),
+            ("\"ceo@evil.test. x\" <bob@bank.example>", false),
+            ("(ceo@evil.test. .x) bob@bank.example", false),
+            ("bob@bank.example via List <list@lists.example>", false),
+            ("ceo@evil.test(unclosed .bank", false),
+            ("ceo@evil.test\\", false),
+            ("Team: a@x.example, b@y.example;", false),
+            ("", false),
+        ] {
+            assert_eq!(
+                domain_continues_past_a_gap(field.as_bytes()),
+                want,
+                "{field:?}"
+            );
+        }
     }
 
     #[test]
