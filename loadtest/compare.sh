@@ -10,9 +10,9 @@
 # Postfix relaying to a counting smtp-sink; Haraka (2 workers) discarding and forwarding to the
 # same sink; ringmx discard; ringmx durable spool + hold; ringmx relaying to the same sink.
 # Scenarios: 1 KiB with connection reuse and with one message per connection (churn), 100 KiB,
-# all driven by Postfix's smtp-source; 1 KiB pipelined and 1 KiB over STARTTLS driven by
-# ringmx-loadtest (p99 latency of the final reply). Then one ringmx holds 10,000 idle
-# connections while it serves a loadtest run.
+# all driven by Postfix's smtp-source; churn again, and 1 KiB pipelined and over STARTTLS,
+# driven by ringmx-loadtest (p99 latency of the final reply). Then one ringmx holds 10,000
+# idle connections while it serves a loadtest run.
 # Columns: accepted msg/s, end-to-end msg/s at the sink (relaying rows), server CPU seconds per
 # 1,000 messages (cgroup cpuacct of the server and all its processes), p99, median of RUNS.
 set -euo pipefail
@@ -24,7 +24,7 @@ RUNS=${RUNS:-3}          # median of
 WORK=${WORK:-/tmp/ringmx-compare}
 TIMEOUT=${TIMEOUT:-300}  # seconds per run, at most
 IDLE=${IDLE:-10000}      # idle connections held in the last check (0 = skip)
-SCENARIOS=${SCENARIOS:-"reuse churn big pipelined starttls tls-churn tls-resume"}
+SCENARIOS=${SCENARIOS:-"reuse churn lt-churn big pipelined starttls tls-churn tls-resume"}
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need smtp-source || ! need smtp-sink; then
@@ -201,6 +201,8 @@ load() { # scenario port
     case $1 in
         reuse) timeout "$TIMEOUT" smtp-source -s "$SESSIONS" -m "$n" -l 1024 -d -f load@bench.test -t rcpt@remote.test 127.0.0.1:"$2" >/dev/null; echo –;;
         churn) timeout "$TIMEOUT" smtp-source -s "$SESSIONS" -m "$n" -l 1024 -f load@bench.test -t rcpt@remote.test 127.0.0.1:"$2" >/dev/null; echo –;;
+        # The same churn from the other generator: one message per connection, no pipelining.
+        lt-churn) timeout "$TIMEOUT" "$LOADTEST" -c "$SESSIONS" -n "$n" -s 1024 --per-connection 1 --no-pipelining --to-domain remote.test --from load@bench.test --json 127.0.0.1:"$2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["latency_us"]["final"]["p99"])';;
         big) timeout "$TIMEOUT" smtp-source -s "$SESSIONS" -m $((n / 10)) -l 102400 -d -f load@bench.test -t rcpt@remote.test 127.0.0.1:"$2" >/dev/null; echo –;;
         pipelined) timeout "$TIMEOUT" "$LOADTEST" -c "$SESSIONS" -n "$n" -s 1024 --to-domain remote.test --from load@bench.test --json 127.0.0.1:"$2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["latency_us"]["final"]["p99"])';;
         starttls) timeout "$TIMEOUT" "$LOADTEST" -c "$SESSIONS" -n "$n" -s 1024 --starttls --to-domain remote.test --from load@bench.test --json 127.0.0.1:"$2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["latency_us"]["final"]["p99"])';;
@@ -292,6 +294,7 @@ for sc in $SCENARIOS; do
     case $sc in
         reuse) title="1 KiB × $N, connections reused (smtp-source -d)";;
         churn) title="1 KiB × $N, one message per connection (smtp-source)";;
+        lt-churn) title="1 KiB × $N, one message per connection, no pipelining (ringmx-loadtest)";;
         big) title="100 KiB × $((N / 10)), connections reused (smtp-source -d)";;
         pipelined) title="1 KiB × $N, PIPELINING (ringmx-loadtest), p99 of the final reply";;
         starttls) title="1 KiB × $N over STARTTLS, PIPELINING (ringmx-loadtest)";;
