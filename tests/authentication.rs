@@ -420,6 +420,11 @@ send("127.0.0.6", "x@relay.test", "comment", "bob@partner(x).test")
 # the gap to relay.test (SPF passes for it, no DMARC record): what the reader sees is not judged.
 send("127.0.0.6", "x@relay.test", "obs-domain", "ceo@relay.test(x).partner.test")
 send("127.0.0.6", "x@relay.test", "obs-dot", "ceo@relay.test. partner.test")
+# Read as an empty group (no address: DMARC none), joined into one address that DMARC reads as
+# from relay.test, and a second From: field after such an empty group.
+send("127.0.0.6", "x@relay.test", "empty-group", "<bob@partner.test>:")
+send("127.0.0.6", "x@relay.test", "two-at", '"Bob" <bob@partner.test> x@relay.test')
+send("127.0.0.6", "x@relay.test", "two-fields", raw=b"From: <bob@partner.test>:\r\n" + message("two-fields", "x@relay.test"))
 send("127.0.0.6", "x@relay.test", "no-colon", raw=b"X\r\n" + message("no-colon", "bob@partner.test"))
 # No From: at all names no domain (DMARC: none).
 send("127.0.0.6", "x@relay.test", "no-from", None)
@@ -454,6 +459,9 @@ fn enforcement_switches() {
         ("comment", false, Some(no_domain)),
         ("obs-domain", false, Some(no_domain)),
         ("obs-dot", false, Some(no_domain)),
+        ("empty-group", false, Some(no_domain)),
+        ("two-at", false, Some(no_domain)),
+        ("two-fields", false, Some(no_domain)),
         ("no-colon", false, Some(no_domain)),
         ("no-from", false, None),
     ];

@@ -494,19 +494,14 @@ fn judgeable_domain(domain: &str) -> bool {
         .is_ok()
 }
 
-/// Whether a raw From: field holds an address whose domain goes on past a comment or white
-/// space, at a dot: `ceo@evil.test(x).bank.example`, `ceo@evil.test. bank.example`. RFC 5322's
-/// obsolete syntax (§4.4) lets comments and spaces stand between the dotted parts of a domain,
-/// so that is one domain, evil.test.bank.example, a name under bank.example; a parser that
-/// stops at the gap (mail-parser does) has DMARC judge evil.test, which the sender may own.
-/// Text after a gap that does not continue the domain (`bob@bank.example (Bob)`, a display
-/// name) is not this. Quoted strings and nested comments are skipped as RFC 5322 reads them.
-fn domain_continues_past_a_gap(value: &[u8]) -> bool {
+/// A header field's value as RFC 5322 reads its structure: each quoted string, each comment
+/// (nested, with escapes) and each white-space byte becomes `None`, a gap; every other byte is
+/// itself.
+fn structure(value: &[u8]) -> impl Iterator<Item = Option<u8>> + '_ {
     let mut bytes = value.iter();
-    // In a domain (after an `@`), a comment or space seen in it, its last byte before that.
-    let (mut in_domain, mut gap, mut last) = (false, false, 0u8);
-    while let Some(&b) = bytes.next() {
-        match b {
+    std::iter::from_fn(move || {
+        let &b = bytes.next()?;
+        Some(match b {
             b'"' => {
                 while let Some(&q) = bytes.next() {
                     match q {
@@ -517,7 +512,7 @@ fn domain_continues_past_a_gap(value: &[u8]) -> bool {
                         _ => {}
                     }
                 }
-                gap |= in_domain;
+                None
             }
             b'(' => {
                 let mut depth = 1usize;
@@ -532,21 +527,73 @@ fn domain_continues_past_a_gap(value: &[u8]) -> bool {
                         None => break,
                     }
                 }
-                gap |= in_domain;
+                None
             }
-            b' ' | b'\t' | b'\r' | b'\n' => gap |= in_domain,
-            b'@' => (in_domain, gap, last) = (true, false, 0),
-            b'<' | b'>' | b',' | b';' | b':' => (in_domain, gap) = (false, false),
-            _ if in_domain => {
+            b' ' | b'\t' | b'\r' | b'\n' => None,
+            _ => Some(b),
+        })
+    })
+}
+
+/// Whether a raw From: field holds an address whose domain goes on past a comment or white
+/// space, at a dot: `ceo@evil.test(x).bank.example`, `ceo@evil.test. bank.example`. RFC 5322's
+/// obsolete syntax (§4.4) lets comments and spaces stand between the dotted parts of a domain,
+/// so that is one domain, evil.test.bank.example, a name under bank.example; a parser that
+/// stops at the gap (mail-parser does) has DMARC judge evil.test, which the sender may own.
+/// Text after a gap that does not continue the domain (`bob@bank.example (Bob)`, a display
+/// name) is not this.
+fn domain_continues_past_a_gap(value: &[u8]) -> bool {
+    // In a domain (after an `@`), a gap seen in it, its last byte before that.
+    let (mut in_domain, mut gap, mut last) = (false, false, 0u8);
+    for t in structure(value) {
+        match t {
+            None => gap |= in_domain,
+            Some(b'@') => (in_domain, gap, last) = (true, false, 0),
+            Some(b'<' | b'>' | b',' | b';' | b':') => (in_domain, gap) = (false, false),
+            Some(b) if in_domain => {
                 if gap && (b == b'.' || last == b'.') {
                     return true;
                 }
                 (gap, last) = (false, b);
             }
-            _ => {}
+            Some(_) => {}
         }
     }
     false
+}
+
+/// Whether a header field's value has an `@` outside quoted strings and comments: it names an
+/// address.
+fn names_an_address(value: &[u8]) -> bool {
+    structure(value).any(|t| t == Some(b'@'))
+}
+
+/// A header field name that mail-auth takes for `From` (it skips white space in names).
+fn is_from_field(name: &[u8]) -> bool {
+    name.iter()
+        .filter(|b| !b.is_ascii_whitespace())
+        .map(u8::to_ascii_lowercase)
+        .eq(b"from".iter().copied())
+}
+
+/// Whether the From: of a message gives DMARC no single domain to check, besides what the
+/// domains themselves say (several, or not DNS names): more than one From: field (RFC 5322
+/// allows one; a reader may show either), an address with two `@` (mail-parser joins
+/// `<ceo@bank.example> x@evil.test` into one, which DMARC reads as from evil.test), a domain
+/// that goes on past a gap ([`domain_continues_past_a_gap`]), or a field that names an
+/// address where the parser found none (`<ceo@bank.example>:` reads as an empty group).
+fn from_fields_ambiguous(headers: &[(&[u8], &[u8])], from: &[String]) -> bool {
+    let mut fields = headers
+        .iter()
+        .filter(|(name, _)| is_from_field(name))
+        .map(|(_, value)| *value);
+    let Some(first) = fields.next() else {
+        return false;
+    };
+    fields.next().is_some()
+        || from.iter().any(|f| f.matches('@').count() > 1)
+        || domain_continues_past_a_gap(first)
+        || (from.is_empty() && names_an_address(first))
 }
 
 /// The fuzz target `from`: a From: field's bytes through what DMARC enforcement makes of them
@@ -555,6 +602,8 @@ fn domain_continues_past_a_gap(value: &[u8]) -> bool {
 pub(crate) fn fuzz_from(data: &[u8]) {
     let split = domain_continues_past_a_gap(data);
     assert!(!split || data.contains(&b'@'));
+    assert!(!names_an_address(data) || data.contains(&b'@'));
+    let _ = from_fields_ambiguous(&[(b"From", data), (data, b"x@y")], &[]);
     let mut address = String::from_utf8_lossy(data).into_owned();
     normalize_from(&mut address);
     if let Some((_, domain)) = address.rsplit_once('@') {
@@ -718,10 +767,7 @@ impl Verifier {
                         .collect();
                     passed.ambiguous_from = domains.len() > 1
                         || !domains.iter().all(|d| judgeable_domain(d))
-                        || m.headers.iter().any(|(name, value)| {
-                            name.trim_ascii().eq_ignore_ascii_case(b"from")
-                                && domain_continues_past_a_gap(value)
-                        });
+                        || from_fields_ambiguous(&m.headers, &m.from);
                     // The record's `p` governs the domain it was published for, its `sp`
                     // (default: `p`) the subdomains that have none of their own (RFC 7489
                     // §6.3, §6.6.3). The walk up to the record says not where it found it:
@@ -1177,6 +1223,53 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
                 domain_continues_past_a_gap(field.as_bytes()),
                 want,
                 "{field:?}"
+            );
+        }
+        let one = |v: &'static str| vec![(&b"From"[..], v.as_bytes())];
+        let from = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        for (headers, parsed, want) in [
+            (
+                one("Bob <bob@bank.example>"),
+                from(&["bob@bank.example"]),
+                false,
+            ),
+            (one("undisclosed-recipients:;"), from(&[]), false),
+            (one("\"bob@bank.example\" <>"), from(&[]), false),
+            (vec![], from(&[]), false),
+            // Parsed as an empty group, or joined into one address with two `@`.
+            (one("<ceo@bank.example>:"), from(&[]), true),
+            (
+                one("\"CEO\" <ceo@bank.example> x@evil.test"),
+                from(&["ceo@bank.examplex@evil.test"]),
+                true,
+            ),
+            (
+                one("ceo@evil.test(x).bank.example"),
+                from(&["ceo@evil.test"]),
+                true,
+            ),
+            // Two fields, however written.
+            (
+                vec![
+                    (&b"From"[..], &b"<ceo@bank.example>:"[..]),
+                    (&b"fr om "[..], &b"x@evil.test"[..]),
+                ],
+                from(&["x@evil.test"]),
+                true,
+            ),
+            (
+                vec![
+                    (&b"Sender"[..], &b"a@b.example"[..]),
+                    (&b"From"[..], &b"x@y.example"[..]),
+                ],
+                from(&["x@y.example"]),
+                false,
+            ),
+        ] {
+            assert_eq!(
+                from_fields_ambiguous(&headers, &parsed),
+                want,
+                "{headers:?} {parsed:?}"
             );
         }
     }

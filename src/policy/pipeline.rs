@@ -172,7 +172,9 @@ pub struct Authenticated {
     /// The From: address, lower case (empty unless the message has exactly one).
     pub from: String,
     /// DMARC has no single domain to judge: From: names addresses in more than one domain, or
-    /// one that is no DNS name, or the header block could not be read.
+    /// one that is no DNS name, or is written so that readers may see another domain than the
+    /// parser (several From: fields, a domain split by a comment, an address with two `@`, an
+    /// address parsed as a group name), or the header block could not be read.
     pub ambiguous_from: bool,
 }
 
