@@ -425,6 +425,11 @@ send("127.0.0.6", "x@relay.test", "obs-dot", "ceo@relay.test. partner.test")
 send("127.0.0.6", "x@relay.test", "empty-group", "<bob@partner.test>:")
 send("127.0.0.6", "x@relay.test", "two-at", '"Bob" <bob@partner.test> x@relay.test')
 send("127.0.0.6", "x@relay.test", "two-fields", raw=b"From: <bob@partner.test>:\r\n" + message("two-fields", "x@relay.test"))
+# The address a reader may show is not the parsed one: in the display name, in an encoded word
+# (<bob@partner.test>), in a From: past a line without a colon that ended the header block.
+send("127.0.0.6", "x@relay.test", "display-at", "bob@partner.test <x@relay.test>")
+send("127.0.0.6", "x@relay.test", "encoded", "=?utf-8?B?PGJvYkBwYXJ0bmVyLnRlc3Q+?=, <x@relay.test>")
+send("127.0.0.6", "x@relay.test", "cut-short", raw=b"Subject: cut-short\r\nX\r\n" + message("cut-short", "bob@partner.test"))
 send("127.0.0.6", "x@relay.test", "no-colon", raw=b"X\r\n" + message("no-colon", "bob@partner.test"))
 # No From: at all names no domain (DMARC: none).
 send("127.0.0.6", "x@relay.test", "no-from", None)
@@ -462,6 +467,9 @@ fn enforcement_switches() {
         ("empty-group", false, Some(no_domain)),
         ("two-at", false, Some(no_domain)),
         ("two-fields", false, Some(no_domain)),
+        ("display-at", false, Some(no_domain)),
+        ("encoded", false, Some(no_domain)),
+        ("cut-short", false, Some(no_domain)),
         ("no-colon", false, Some(no_domain)),
         ("no-from", false, None),
     ];

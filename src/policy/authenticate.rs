@@ -488,10 +488,16 @@ fn judgeable_domain(domain: &str) -> bool {
         && domain.len() <= 253
         && domain.split('.').all(|l| !l.is_empty() && l.len() <= 63)
         && !domain.contains('\\')
+        // The labels asked for are the ones written: IDNA maps a fullwidth or ideographic dot
+        // (`bank．example`) to a dot inside one label, a name under which mail-auth's walk up
+        // the tree finds no record, while a reader sees bank.example.
         && mail_auth::hickory_resolver::proto::rr::Name::from_str_relaxed(format!(
             "_dmarc.{domain}."
         ))
-        .is_ok()
+        .is_ok_and(|n| {
+            usize::from(n.num_labels()) == domain.split('.').count() + 1
+                && n.iter().all(|label| !label.contains(&b'.'))
+        })
 }
 
 /// A header field's value as RFC 5322 reads its structure: each quoted string, each comment
@@ -562,10 +568,44 @@ fn domain_continues_past_a_gap(value: &[u8]) -> bool {
     false
 }
 
-/// Whether a header field's value has an `@` outside quoted strings and comments: it names an
-/// address.
-fn names_an_address(value: &[u8]) -> bool {
-    structure(value).any(|t| t == Some(b'@'))
+/// The domains a From: field's raw text names: what follows each `@` outside quoted strings
+/// and comments, up to a gap or a delimiter; lower case, without one final dot (as the
+/// parsed addresses are).
+fn raw_domains(value: &[u8]) -> Vec<String> {
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    let mut in_domain = false;
+    for t in structure(value) {
+        match t {
+            Some(b'@') => {
+                out.push(Vec::new());
+                in_domain = true;
+            }
+            None | Some(b'<' | b'>' | b',' | b';' | b':') => in_domain = false,
+            Some(b) if in_domain => {
+                if let Some(d) = out.last_mut() {
+                    d.push(b);
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    out.iter()
+        .map(|d| {
+            let d = String::from_utf8_lossy(d).to_lowercase();
+            d.strip_suffix('.').map(str::to_string).unwrap_or(d)
+        })
+        .filter(|d| !d.is_empty())
+        .collect()
+}
+
+/// Whether mail-auth's header block ended early: at a line without a colon (where RFC 5322
+/// has none) instead of an empty line, with text after it, in which a lenient reader may still
+/// find a From: field that DMARC never saw.
+fn header_block_cut_short(raw: &[u8], body_offset: usize) -> bool {
+    body_offset < raw.len()
+        && !raw
+            .get(..body_offset)
+            .is_some_and(|h| h.ends_with(b"\n\r\n") || h.ends_with(b"\n\n"))
 }
 
 /// A header field name that mail-auth takes for `From` (it skips white space in names).
@@ -577,11 +617,14 @@ fn is_from_field(name: &[u8]) -> bool {
 }
 
 /// Whether the From: of a message gives DMARC no single domain to check, besides what the
-/// domains themselves say (several, or not DNS names): more than one From: field (RFC 5322
-/// allows one; a reader may show either), an address with two `@` (mail-parser joins
-/// `<ceo@bank.example> x@evil.test` into one, which DMARC reads as from evil.test), a domain
-/// that goes on past a gap ([`domain_continues_past_a_gap`]), or a field that names an
-/// address where the parser found none (`<ceo@bank.example>:` reads as an empty group).
+/// parsed domains themselves say (several, or not DNS names): text that a reader may take
+/// for another address than the parser did. That is more than one From: field (RFC 5322
+/// allows one; a reader may show either); an address with two `@` (mail-parser joins
+/// `<ceo@bank.example> x@evil.test` into one, which DMARC reads as from evil.test); a domain
+/// the raw text names that no parsed address has (`ceo@bank.example <x@evil.test>`, a group
+/// named `<ceo@bank.example>:`); an `@` hidden in an encoded word (RFC 2047; readers that
+/// decode first see `<ceo@bank.example>`); any `@` where the parser found no address (an
+/// unclosed quote); a domain that goes on past a gap ([`domain_continues_past_a_gap`]).
 fn from_fields_ambiguous(headers: &[(&[u8], &[u8])], from: &[String]) -> bool {
     let mut fields = headers
         .iter()
@@ -590,10 +633,20 @@ fn from_fields_ambiguous(headers: &[(&[u8], &[u8])], from: &[String]) -> bool {
     let Some(first) = fields.next() else {
         return false;
     };
+    let parsed: Vec<&str> = from
+        .iter()
+        .filter_map(|f| f.rsplit_once('@').map(|(_, d)| d))
+        .collect();
+    let text = String::from_utf8_lossy(first);
+    let ats = |t: &str| t.bytes().filter(|&b| b == b'@').count();
     fields.next().is_some()
-        || from.iter().any(|f| f.matches('@').count() > 1)
+        || from.iter().any(|f| ats(f) > 1)
+        || raw_domains(first)
+            .iter()
+            .any(|d| !parsed.contains(&d.as_str()))
+        || (text.contains("=?") && ats(&crate::aswl::detect::decode_words(&text)) > ats(&text))
+        || (from.is_empty() && first.contains(&b'@'))
         || domain_continues_past_a_gap(first)
-        || (from.is_empty() && names_an_address(first))
 }
 
 /// The fuzz target `from`: a From: field's bytes through what DMARC enforcement makes of them
@@ -602,7 +655,7 @@ fn from_fields_ambiguous(headers: &[(&[u8], &[u8])], from: &[String]) -> bool {
 pub(crate) fn fuzz_from(data: &[u8]) {
     let split = domain_continues_past_a_gap(data);
     assert!(!split || data.contains(&b'@'));
-    assert!(!names_an_address(data) || data.contains(&b'@'));
+    assert!(raw_domains(data).len() <= data.iter().filter(|&&b| b == b'@').count());
     let _ = from_fields_ambiguous(&[(b"From", data), (data, b"x@y")], &[]);
     let mut address = String::from_utf8_lossy(data).into_owned();
     normalize_from(&mut address);
@@ -767,7 +820,8 @@ impl Verifier {
                         .collect();
                     passed.ambiguous_from = domains.len() > 1
                         || !domains.iter().all(|d| judgeable_domain(d))
-                        || from_fields_ambiguous(&m.headers, &m.from);
+                        || from_fields_ambiguous(&m.headers, &m.from)
+                        || header_block_cut_short(m.raw_message, m.body_offset as usize);
                     // The record's `p` governs the domain it was published for, its `sp`
                     // (default: `p`) the subdomains that have none of their own (RFC 7489
                     // §6.3, §6.6.3). The walk up to the record says not where it found it:
@@ -1189,6 +1243,8 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
             ("bank", false),
             ("bank.test.", false),
             ("bank..test", false),
+            ("bank\u{ff0e}test", false),
+            ("mail.bank\u{3002}test", false),
             (".bank.test", false),
             ("bank\\.test", false),
             (long.as_str(), false),
@@ -1225,6 +1281,22 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
                 "{field:?}"
             );
         }
+        for (raw, want) in [
+            (&b"From: a@b.example\r\n\r\nbody\r\n"[..], false),
+            (b"From: a@b.example\r\n", false),
+            (
+                b"Subject: x\r\nX\r\nFrom: a@b.example\r\n\r\nbody\r\n",
+                true,
+            ),
+        ] {
+            let m = AuthenticatedMessage::parse(raw).unwrap();
+            assert_eq!(
+                header_block_cut_short(m.raw_message, m.body_offset as usize),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
         let one = |v: &'static str| vec![(&b"From"[..], v.as_bytes())];
         let from = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         for (headers, parsed, want) in [
@@ -1234,7 +1306,46 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
                 false,
             ),
             (one("undisclosed-recipients:;"), from(&[]), false),
-            (one("\"bob@bank.example\" <>"), from(&[]), false),
+            (
+                one("MAILER-DAEMON@mx.example (Mail Delivery System)"),
+                from(&["mailer-daemon@mx.example"]),
+                false,
+            ),
+            (
+                one("\"Smith, Bob\" <Bob@Bank.Example.>"),
+                from(&["bob@bank.example"]),
+                false,
+            ),
+            (
+                one("noreply@site.example <noreply@site.example>"),
+                from(&["noreply@site.example"]),
+                false,
+            ),
+            (
+                one("=?utf-8?q?J=C3=B6rg?= <jorg@bank.example>"),
+                from(&["jorg@bank.example"]),
+                false,
+            ),
+            // An address where the parser found none; another domain in the text.
+            (one("\"bob@bank.example\" <>"), from(&[]), true),
+            (one("\"Bank <ceo@bank.example>"), from(&[]), true),
+            (
+                one("ceo@bank.example <x@evil.test>"),
+                from(&["x@evil.test"]),
+                true,
+            ),
+            (
+                one("<ceo@bank.example>: x@evil.test;"),
+                from(&["x@evil.test"]),
+                true,
+            ),
+            // An `@` hidden in an encoded word.
+            (
+                one("=?utf-8?B?PGNlb0BiYW5rLmV4YW1wbGU+?=, <x@evil.test>"),
+                from(&["x@evil.test"]),
+                true,
+            ),
+            (one("<=?utf-8?q?ceo=40bank.example?=>"), from(&[]), true),
             (vec![], from(&[]), false),
             // Parsed as an empty group, or joined into one address with two `@`.
             (one("<ceo@bank.example>:"), from(&[]), true),

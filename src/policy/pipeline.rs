@@ -173,8 +173,9 @@ pub struct Authenticated {
     pub from: String,
     /// DMARC has no single domain to judge: From: names addresses in more than one domain, or
     /// one that is no DNS name, or is written so that readers may see another domain than the
-    /// parser (several From: fields, a domain split by a comment, an address with two `@`, an
-    /// address parsed as a group name), or the header block could not be read.
+    /// parser (several From: fields, a domain split by a comment, an address with two `@`, a
+    /// domain in the text that no parsed address has, an `@` in an encoded word), or the
+    /// header block could not be read to its end.
     pub ambiguous_from: bool,
 }
 
