@@ -504,6 +504,10 @@ fn trimmed_stream_and_full_outbox_lose_nothing() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // The bootstrap is counted after its records are applied: wait for the count too.
+    wait_until(Duration::from_secs(10), "B counted its bootstrap", || {
+        metric(&b, "ringmx_aswl_replication_bootstraps_total") >= 1
+    });
     assert_eq!(
         metric(&b, "ringmx_aswl_replication_bootstraps_total"),
         1,
