@@ -55,7 +55,8 @@ pub fn reply(data: &[u8]) {
     }
 }
 
-/// A From: field as DMARC enforcement reads it (domains split by comments or spaces, the
+/// A From: field as DMARC enforcement reads it besides mail-auth's parser (the domains its
+/// raw text names, domains split by comments or spaces, the field-level ambiguity checks, the
 /// address's normalization): never panics.
 pub fn from(data: &[u8]) {
     crate::policy::authenticate::fuzz_from(data);
