@@ -35,8 +35,9 @@ cleanup() {
 }
 trap cleanup EXIT
 [ -n "${KEEP:-}" ] && trap - EXIT
-cargo build --release -q -p ringmx -p ringmx-loadtest
-BIN="$PWD/target/release/ringmx"
+# BIN: another build of ringmx to measure (an A/B comparison); the default is built here.
+if [ -n "${BIN:-}" ]; then cargo build --release -q -p ringmx-loadtest; else
+    cargo build --release -q -p ringmx -p ringmx-loadtest; BIN="$PWD/target/release/ringmx"; fi
 LOAD="$PWD/target/release/ringmx-loadtest"
 
 . loadtest/lib.sh  # (the script runs from the repository root)

@@ -19,8 +19,7 @@ use mail_auth::common::headers::HeaderWriter;
 use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::spf::verify::SpfParameters;
 use mail_auth::{
-    AuthenticatedMessage, AuthenticationResults, DkimOutput, MessageAuthenticator, Parameters,
-    ResolverCache, Txt,
+    AuthenticationResults, DkimOutput, MessageAuthenticator, Parameters, ResolverCache, Txt,
 };
 use std::borrow::Borrow;
 use std::collections::HashMap;
@@ -692,7 +691,7 @@ impl Verifier {
         // a message with many signatures is read strictly (`l=` ones are errors; at most 4
         // body hashes).
         let lenient = dkim_signature_fields(message) <= MAX_SIGNATURES;
-        let mut parsed = AuthenticatedMessage::parse_with_opts(message, None, !lenient);
+        let mut parsed = super::bodyhash::parse_message(message, !lenient);
         if let Some(m) = parsed.as_mut() {
             // Every signature costs a key lookup and a verification: the first few are enough.
             m.dkim_headers.truncate(MAX_SIGNATURES);
@@ -1289,7 +1288,7 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
                 true,
             ),
         ] {
-            let m = AuthenticatedMessage::parse(raw).unwrap();
+            let m = mail_auth::AuthenticatedMessage::parse(raw).unwrap();
             assert_eq!(
                 header_block_cut_short(m.raw_message, m.body_offset as usize),
                 want,

@@ -11,6 +11,7 @@
 //! `allowed_clients` can send to a domain that is not local: that is the open-relay guarantee.
 
 pub mod authenticate;
+pub mod bodyhash;
 pub mod callout;
 pub mod checks;
 pub mod dnsbl;
