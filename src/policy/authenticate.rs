@@ -73,13 +73,72 @@ impl std::fmt::Debug for Authenticate {
 /// Parsed TXT records (SPF, DKIM keys, DMARC) for their TTL, shared by every verification:
 /// a record is fetched and parsed once, not per message. At most [`TXT_CACHE_SIZE`] names;
 /// when full, expired entries go, then everything (it refills from the resolver's cache).
-struct TxtCache(std::sync::Mutex<HashMap<Box<str>, (Txt, Instant)>>);
+/// DKIM keys newly cached are listed in `new_keys` (at most [`NEW_KEYS`]) for
+/// [`upgrade_keys`].
+struct TxtCache {
+    map: std::sync::Mutex<HashMap<Box<str>, (Txt, Instant)>>,
+    new_keys: std::sync::Mutex<Vec<Box<str>>>,
+}
 
 const TXT_CACHE_SIZE: usize = 20_000;
+const NEW_KEYS: usize = 64;
+const KEY_WORTH_PARSING: u64 = 60;
 
 fn txt_cache() -> &'static TxtCache {
     static CACHE: std::sync::OnceLock<TxtCache> = std::sync::OnceLock::new();
-    CACHE.get_or_init(|| TxtCache(std::sync::Mutex::new(HashMap::new())))
+    CACHE.get_or_init(|| TxtCache {
+        map: std::sync::Mutex::new(HashMap::new()),
+        new_keys: std::sync::Mutex::new(Vec::new()),
+    })
+}
+
+impl TxtCache {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, (Txt, Instant)>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Replace the DKIM keys cached since the last call with keys parsed once
+/// ([`super::dkim_key`]), from the same records (in the resolver's cache by now), on the
+/// resolver's runtime: no message waits for it. A key that changed in the cache meanwhile, or
+/// a record that is not an RSA key, is left as it is.
+fn upgrade_keys(dns: &Arc<Dns>) {
+    let cache = txt_cache();
+    let names = std::mem::take(&mut *cache.new_keys.lock().unwrap_or_else(|p| p.into_inner()));
+    if !names.is_empty() {
+        let dns = dns.clone();
+        tokio::spawn(async move { upgrade(&dns, names).await });
+    }
+}
+
+async fn upgrade(dns: &Dns, names: Vec<Box<str>>) {
+    let cache = txt_cache();
+    for name in names {
+        let Ok(fqdn) = mail_auth::hickory_resolver::proto::rr::Name::from_str_relaxed(&*name)
+        else {
+            continue;
+        };
+        let Ok(lookup) = dns.resolver().txt_lookup(fqdn).await else {
+            continue;
+        };
+        let Some((Txt::DomainKey(theirs), _)) = cache.map().get(&name).cloned() else {
+            continue;
+        };
+        let faster = lookup.answers().iter().find_map(|record| {
+            let mail_auth::hickory_resolver::proto::rr::RData::TXT(txt) = &record.data else {
+                return None;
+            };
+            super::dkim_key::faster(theirs.clone(), &txt.txt_data.concat())
+        });
+        if let Some(key) = faster {
+            let mut map = cache.map();
+            if let Some((Txt::DomainKey(now), _)) = map.get_mut(&name)
+                && Arc::ptr_eq(now, &theirs)
+            {
+                *now = Arc::new(key);
+            }
+        }
+    }
 }
 
 impl ResolverCache<Box<str>, Txt> for TxtCache {
@@ -88,8 +147,8 @@ impl ResolverCache<Box<str>, Txt> for TxtCache {
         Box<str>: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.get(name)
+        self.map()
+            .get(name)
             .filter(|(_, until)| *until > Instant::now())
             .map(|(t, _)| t.clone())
     }
@@ -98,8 +157,7 @@ impl ResolverCache<Box<str>, Txt> for TxtCache {
         Box<str>: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.remove(name).map(|(t, _)| t)
+        self.map().remove(name).map(|(t, _)| t)
     }
     fn insert(&self, key: Box<str>, value: Txt, valid_until: Instant) {
         // A record that did not parse as the type asked for is not kept: the name may be
@@ -108,7 +166,17 @@ impl ResolverCache<Box<str>, Txt> for TxtCache {
         if matches!(value, Txt::Error(_)) {
             return;
         }
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        // A key cached for a minute or more is worth parsing once (a TTL of 0 would have it
+        // fetched again for every message).
+        if matches!(value, Txt::DomainKey(_))
+            && valid_until > Instant::now() + Duration::from_secs(KEY_WORTH_PARSING)
+        {
+            let mut new = self.new_keys.lock().unwrap_or_else(|p| p.into_inner());
+            if new.len() < NEW_KEYS {
+                new.push(key.clone());
+            }
+        }
+        let mut m = self.map();
         if m.len() >= TXT_CACHE_SIZE {
             let now = Instant::now();
             m.retain(|_, (_, until)| *until > now);
@@ -731,6 +799,7 @@ impl Verifier {
                     let dkim = auth
                         .verify_dkim(Parameters::new(m).with_txt_cache(cache))
                         .await;
+                    upgrade_keys(dns);
                     let body_len =
                         m.raw_message.len().saturating_sub(m.body_offset as usize) as u64;
                     for d in &dkim {

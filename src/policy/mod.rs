@@ -14,6 +14,7 @@ pub mod authenticate;
 pub mod bodyhash;
 pub mod callout;
 pub mod checks;
+pub mod dkim_key;
 pub mod dnsbl;
 pub mod greet;
 pub mod hops;
