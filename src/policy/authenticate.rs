@@ -76,7 +76,8 @@ impl std::fmt::Debug for Authenticate {
 /// DKIM keys newly cached are listed in `new_keys` (at most [`NEW_KEYS`]) for
 /// [`upgrade_keys`].
 struct TxtCache {
-    map: std::sync::Mutex<HashMap<Box<str>, (Txt, Instant)>>,
+    /// A record, until when it is valid, and whether its DKIM key was parsed once.
+    map: std::sync::Mutex<HashMap<Box<str>, (Txt, Instant, bool)>>,
     new_keys: std::sync::Mutex<Vec<Box<str>>>,
 }
 
@@ -93,15 +94,17 @@ fn txt_cache() -> &'static TxtCache {
 }
 
 impl TxtCache {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, (Txt, Instant)>> {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, (Txt, Instant, bool)>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 /// Replace the DKIM keys cached since the last call with keys parsed once
-/// ([`super::dkim_key`]), from the same records (in the resolver's cache by now), on the
-/// resolver's runtime: no message waits for it. A key that changed in the cache meanwhile, or
-/// a record that is not an RSA key, is left as it is.
+/// ([`super::dkim_key`]), on the resolver's runtime: no message waits for it. The record is
+/// asked for again (from the resolver's cache, as a rule); a key that changed in the cache
+/// meanwhile, or was parsed already, or a record that is not an RSA key, is left as it is. An
+/// answer that is not the record the cached key came from (the key rotated in between) gives a
+/// key that never answers alone (see [`super::dkim_key`]).
 fn upgrade_keys(dns: &Arc<Dns>) {
     let cache = txt_cache();
     let names = std::mem::take(&mut *cache.new_keys.lock().unwrap_or_else(|p| p.into_inner()));
@@ -121,7 +124,7 @@ async fn upgrade(dns: &Dns, names: Vec<Box<str>>) {
         let Ok(lookup) = dns.resolver().txt_lookup(fqdn).await else {
             continue;
         };
-        let Some((Txt::DomainKey(theirs), _)) = cache.map().get(&name).cloned() else {
+        let Some((Txt::DomainKey(theirs), _, false)) = cache.map().get(&name).cloned() else {
             continue;
         };
         let faster = lookup.answers().iter().find_map(|record| {
@@ -132,10 +135,11 @@ async fn upgrade(dns: &Dns, names: Vec<Box<str>>) {
         });
         if let Some(key) = faster {
             let mut map = cache.map();
-            if let Some((Txt::DomainKey(now), _)) = map.get_mut(&name)
+            if let Some((Txt::DomainKey(now), _, parsed)) = map.get_mut(&name)
                 && Arc::ptr_eq(now, &theirs)
             {
                 *now = Arc::new(key);
+                *parsed = true;
             }
         }
     }
@@ -149,15 +153,15 @@ impl ResolverCache<Box<str>, Txt> for TxtCache {
     {
         self.map()
             .get(name)
-            .filter(|(_, until)| *until > Instant::now())
-            .map(|(t, _)| t.clone())
+            .filter(|(_, until, _)| *until > Instant::now())
+            .map(|(t, _, _)| t.clone())
     }
     fn remove<Q>(&self, name: &Q) -> Option<Txt>
     where
         Box<str>: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.map().remove(name).map(|(t, _)| t)
+        self.map().remove(name).map(|(t, _, _)| t)
     }
     fn insert(&self, key: Box<str>, value: Txt, valid_until: Instant) {
         // A record that did not parse as the type asked for is not kept: the name may be
@@ -172,19 +176,19 @@ impl ResolverCache<Box<str>, Txt> for TxtCache {
             && valid_until > Instant::now() + Duration::from_secs(KEY_WORTH_PARSING)
         {
             let mut new = self.new_keys.lock().unwrap_or_else(|p| p.into_inner());
-            if new.len() < NEW_KEYS {
+            if new.len() < NEW_KEYS && !new.contains(&key) {
                 new.push(key.clone());
             }
         }
         let mut m = self.map();
         if m.len() >= TXT_CACHE_SIZE {
             let now = Instant::now();
-            m.retain(|_, (_, until)| *until > now);
+            m.retain(|_, (_, until, _)| *until > now);
             if m.len() >= TXT_CACHE_SIZE {
                 m.clear();
             }
         }
-        m.insert(key, (value, valid_until));
+        m.insert(key, (value, valid_until, false));
     }
 }
 
@@ -754,15 +758,8 @@ impl Verifier {
         let suffixes = &self.suffixes;
         let auth = MessageAuthenticator(dns.resolver().clone());
         let helo = if helo.is_empty() { "unknown" } else { helo };
-        // Not strict, so signatures with a body length tag are verified too (and judged
-        // below), while there are few: the parser hashes the body once per distinct `l=`, so
-        // a message with many signatures is read strictly (`l=` ones are errors; at most 4
-        // body hashes).
-        let lenient = dkim_signature_fields(message) <= MAX_SIGNATURES;
-        let mut parsed = super::bodyhash::parse_message(message, !lenient);
+        let mut parsed = super::bodyhash::parse_message(message, MAX_SIGNATURES);
         if let Some(m) = parsed.as_mut() {
-            // Every signature costs a key lookup and a verification: the first few are enough.
-            m.dkim_headers.truncate(MAX_SIGNATURES);
             m.errors.truncate(MAX_SIGNATURES);
             m.from.iter_mut().for_each(normalize_from);
         }
@@ -981,24 +978,6 @@ pub fn whitelist_authentication(
         _ => suffixes.organizational_domain(d).eq_ignore_ascii_case(org),
     });
     dkim.then_some("dkim")
-}
-
-/// The `DKIM-Signature:` fields of a message's header section.
-fn dkim_signature_fields(message: &[u8]) -> usize {
-    const NAME: &[u8] = b"dkim-signature:";
-    let mut n = 0;
-    for line in message.split(|&b| b == b'\n') {
-        if line.is_empty() || line == b"\r" {
-            break;
-        }
-        if line
-            .get(..NAME.len())
-            .is_some_and(|h| h.eq_ignore_ascii_case(NAME))
-        {
-            n += 1;
-        }
-    }
-    n
 }
 
 /// Why a signature that verified is not accepted: rsa-sha1 (RFC 8301 §3.1), or a body

@@ -6,19 +6,54 @@
 //! (mail-auth's `HashAlgorithm::hash`), fed through a buffer.
 
 use mail_auth::AuthenticatedMessage;
+use mail_auth::common::crypto::HashAlgorithm;
 use mail_auth::common::headers::{Writable, Writer};
 use mail_auth::dkim::canonicalize::CanonicalBody;
+
+/// The message parsed for DKIM, with its first `max_signatures` signatures and only the body
+/// hashes they use: a signature costs a key lookup, a verification and maybe a pass over the
+/// body, so the first few are enough.
+///
+/// Signatures with a body length tag (`l=`) are verified too (and judged by the caller) while
+/// there are few. mail-auth hashes the body once per distinct `l=`, so a message with more
+/// signature fields than that, as mail-auth counts them (whatever their spelling, such as
+/// `DKIM-Signature :`), is read strictly (`l=` ones are errors). Either way no more than
+/// `max_signatures` passes over the body are made.
+pub fn parse_message(message: &[u8], max_signatures: usize) -> Option<AuthenticatedMessage<'_>> {
+    let head = message.get(..header_block_end(message))?;
+    let mut m = AuthenticatedMessage::parse_with_opts(head, None, false)?;
+    if m.dkim_headers.len() + m.errors.len() > max_signatures {
+        m = AuthenticatedMessage::parse_with_opts(head, None, true)?;
+    }
+    m.dkim_headers.truncate(max_signatures);
+    let signatures = &m.dkim_headers;
+    m.body_hashes
+        .retain(|(canonicalization, algorithm, length, _)| {
+            signatures.iter().any(|s| {
+                s.header.cb == *canonicalization
+                    && HashAlgorithm::from(s.header.a) == *algorithm
+                    && s.header.l == *length
+            })
+        });
+    Some(with_body(m, message))
+}
 
 /// `AuthenticatedMessage::parse_with_opts(message, None, strict)`, with the same result.
 ///
 /// The header block ends where mail-auth's own header parser stops ([`header_block_end`]).
 /// Every decision that parser makes looks at most one byte past the line it ends, and it stops
 /// without looking further, so parsing only that prefix gives the same fields, the same
-/// signatures and the same body offset (the tests below and the `from` fuzz target compare the
-/// two on every kind of message end and line ending).
-pub fn parse_message(message: &[u8], strict: bool) -> Option<AuthenticatedMessage<'_>> {
-    let end = header_block_end(message);
-    let mut m = AuthenticatedMessage::parse_with_opts(message.get(..end)?, None, strict)?;
+/// signatures and the same body offset (the tests below and the `dkim_parse` fuzz target
+/// compare the two on every kind of message end and line ending).
+pub fn parse_exact(message: &[u8], strict: bool) -> Option<AuthenticatedMessage<'_>> {
+    let head = message.get(..header_block_end(message))?;
+    let m = AuthenticatedMessage::parse_with_opts(head, None, strict)?;
+    Some(with_body(m, message))
+}
+
+/// `m`, parsed from the header block of `message`, with the whole message and the body hashes
+/// of its whole body.
+fn with_body<'a>(mut m: AuthenticatedMessage<'a>, message: &'a [u8]) -> AuthenticatedMessage<'a> {
     m.raw_message = message;
     let body = message.get(m.body_offset as usize..).unwrap_or_default();
     for (canonicalization, algorithm, length, hash) in &mut m.body_hashes {
@@ -27,7 +62,7 @@ pub fn parse_message(message: &[u8], strict: bool) -> Option<AuthenticatedMessag
             .as_ref()
             .to_vec();
     }
-    Some(m)
+    m
 }
 
 /// Where mail-auth 0.11's header parser (`HeaderParser`, not public) ends the header block: a
@@ -119,9 +154,10 @@ impl<W: Writer> Writer for Buffered<'_, W> {
     }
 }
 
-/// The fuzz target `dkim_parse`: [`parse_message`] gives what mail-auth's own parse of the
-/// whole message gives, strict or not, and the header block ends exactly where mail-auth's
-/// parser ends it (past it would only cost time; before it would lose fields).
+/// The fuzz target `dkim_parse`: [`parse_exact`] gives what mail-auth's own parse of the whole
+/// message gives, strict or not, and the header block ends exactly where mail-auth's parser
+/// ends it (past it would only cost time; before it would lose fields). [`parse_message`] keeps
+/// its bounds and takes its signatures and body hashes from the same parse.
 pub(crate) fn fuzz_parse(message: &[u8]) {
     // Everything the DKIM, DMARC and From: checks read from a parsed message.
     fn summary(m: &AuthenticatedMessage<'_>) -> String {
@@ -142,8 +178,30 @@ pub(crate) fn fuzz_parse(message: &[u8]) {
     }
     for strict in [false, true] {
         let theirs = AuthenticatedMessage::parse_with_opts(message, None, strict);
-        let ours = parse_message(message, strict);
+        let ours = parse_exact(message, strict);
         assert_eq!(theirs.as_ref().map(summary), ours.as_ref().map(summary));
+    }
+    const MAX: usize = 3;
+    let Some(bounded) = parse_message(message, MAX) else {
+        return;
+    };
+    let lenient = AuthenticatedMessage::parse_with_opts(message, None, false);
+    let strict = lenient
+        .as_ref()
+        .is_some_and(|m| m.dkim_headers.len() + m.errors.len() > MAX);
+    let Some(theirs) = AuthenticatedMessage::parse_with_opts(message, None, strict) else {
+        panic!("parsed by one and not the other");
+    };
+    assert_eq!(
+        bounded.dkim_headers.len(),
+        theirs.dkim_headers.len().min(MAX)
+    );
+    assert!(bounded.body_hashes.len() <= MAX);
+    for hash in &bounded.body_hashes {
+        assert!(theirs.body_hashes.contains(hash));
+    }
+    for (s, t) in bounded.dkim_headers.iter().zip(&theirs.dkim_headers) {
+        assert_eq!(s.value, t.value);
     }
 }
 
@@ -198,6 +256,43 @@ mod tests {
         same(b"From: a@a.test");
         same(b"From: a@a.test\r");
         same(b":\r\n\r\nbody");
+    }
+
+    #[test]
+    fn many_signatures_cost_a_few_passes_over_the_body() {
+        // `n` fields mail-auth takes for signatures whatever their spelling, each with its own
+        // body length, and two without.
+        let message = |n: usize| {
+            let mut m = String::from("From: a@a.test\r\n");
+            for (i, name) in ["DKIM-Signature", "DKIM-Signature ", "dkim-signature\t"]
+                .iter()
+                .cycle()
+                .take(n)
+                .enumerate()
+            {
+                m += &format!(
+                    "{name}: v=1; a=rsa-sha256; d=a.test; s=s; h=from; bh=AA==; b=AA==; l={}\r\n",
+                    1000 + i
+                );
+            }
+            m += "DKIM-Signature: v=1; a=rsa-sha256; d=a.test; s=s; h=from; bh=AA==; b=AA==\r\n";
+            m += "DKIM-Signature: v=1; a=rsa-sha1; d=a.test; s=s; h=from; bh=AA==; b=AA==\r\n";
+            m + "\r\n" + &"body\r\n".repeat(10_000)
+        };
+        // Many: read strictly, the `l=` ones are errors, the two without remain.
+        let many = message(300);
+        let p = parse_message(many.as_bytes(), 8).unwrap();
+        assert_eq!((p.dkim_headers.len(), p.body_hashes.len()), (2, 2));
+        // Few enough: read leniently, `l=` and all.
+        let few = message(5);
+        let p = parse_message(few.as_bytes(), 8).unwrap();
+        assert_eq!((p.dkim_headers.len(), p.body_hashes.len()), (7, 7));
+        assert_eq!(p.dkim_headers.iter().filter(|s| s.header.l > 0).count(), 5);
+        // One more than the bound: strict.
+        let over = message(7);
+        let p = parse_message(over.as_bytes(), 8).unwrap();
+        assert_eq!((p.dkim_headers.len(), p.body_hashes.len()), (2, 2));
+        fuzz_parse(few.as_bytes());
     }
 
     #[test]

@@ -14,20 +14,17 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use aws_lc_rs::signature::{
-    ParsedPublicKey, RSA_PKCS1_1024_8192_SHA1_FOR_LEGACY_USE_ONLY,
-    RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY,
-};
+use aws_lc_rs::signature::{ParsedPublicKey, RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY};
 use base64::Engine;
 use mail_auth::common::crypto::{Algorithm, CryptoError, VerifyingKey};
 use mail_auth::common::verify::DomainKey;
 use mail_auth::dkim::Canonicalization;
 
-/// mail-auth's key for a record, and the same record's key parsed once.
+/// mail-auth's key for a record, and the same record's key parsed once for rsa-sha256 (rsa-sha1,
+/// which ringmx does not accept as a pass anyway, stays with mail-auth's key).
 struct Parsed {
     theirs: Arc<DomainKey>,
     sha256: ParsedPublicKey,
-    sha1: ParsedPublicKey,
     /// A signature verified under both keys.
     confirmed: AtomicBool,
 }
@@ -39,13 +36,11 @@ pub fn faster(theirs: Arc<DomainKey>, record: &[u8]) -> Option<DomainKey> {
     let key = rsa_key(record)?;
     let sha256 =
         ParsedPublicKey::new(&RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY, &key).ok()?;
-    let sha1 = ParsedPublicKey::new(&RSA_PKCS1_1024_8192_SHA1_FOR_LEGACY_USE_ONLY, &key).ok()?;
     let f = theirs.f;
     Some(DomainKey {
         p: Box::new(Parsed {
             theirs,
             sha256,
-            sha1,
             confirmed: AtomicBool::new(false),
         }),
         f,
@@ -73,17 +68,13 @@ fn rsa_key(record: &[u8]) -> Option<Vec<u8>> {
 
 impl Parsed {
     fn ours(&self, input: &[u8], signature: &[u8], algorithm: Algorithm) -> mail_auth::Result<()> {
-        let key = match algorithm {
-            Algorithm::RsaSha256 => &self.sha256,
-            Algorithm::RsaSha1 => &self.sha1,
-            Algorithm::Ed25519Sha256 => {
-                return Err(mail_auth::Error::Crypto(
-                    CryptoError::IncompatibleAlgorithms,
-                ));
-            }
-        };
-        key.verify_sig(input, signature)
-            .map_err(|_| mail_auth::Error::Crypto(CryptoError::FailedVerification))
+        match algorithm {
+            Algorithm::RsaSha256 => self
+                .sha256
+                .verify_sig(input, signature)
+                .map_err(|_| mail_auth::Error::Crypto(CryptoError::FailedVerification)),
+            _ => self.theirs.p.verify_bytes(input, signature, algorithm),
+        }
     }
 }
 
