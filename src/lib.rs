@@ -18,6 +18,8 @@ pub mod relay;
 pub mod replication;
 pub mod runtime;
 pub mod spool;
+#[cfg(test)]
+pub(crate) mod test_dir;
 pub mod tls;
 pub mod units;
 pub mod workers;

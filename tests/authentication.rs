@@ -20,7 +20,7 @@ fn public_key(dir: &std::path::Path) -> String {
 }
 
 /// A directory with a new RSA-2048 `key.pem`, and its DKIM record.
-fn rsa_key(name: &str) -> (std::path::PathBuf, String) {
+fn rsa_key(name: &str) -> (support::TempDir, String) {
     let keys = support::temp_dir(name);
     std::fs::create_dir_all(&keys).unwrap();
     openssl(&keys, &["genrsa", "-out", "key.pem", "2048"]);

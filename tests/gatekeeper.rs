@@ -8,7 +8,9 @@ use support::{Raw, Server, python, stdout};
 
 const DRIVERS: [&str; 2] = ["auto", "legacy"];
 
-fn with_map(name: &str, driver: &'static str, map: &str) -> Server {
+/// A server with a recipient map file, and the folder that holds the file (removed when
+/// dropped: keep it as long as the server).
+fn with_map(name: &str, driver: &'static str, map: &str) -> (Server, support::TempDir) {
     let dir = support::temp_dir(&format!("{name}-map"));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("recipients.txt");
@@ -17,7 +19,7 @@ fn with_map(name: &str, driver: &'static str, map: &str) -> Server {
         "[[recipients]]\ndomains = [\"example.test\"]\nfile = \"{}\"\n",
         file.display()
     );
-    Server::start_with(name, driver, "", &extra)
+    (Server::start_with(name, driver, "", &extra), dir)
 }
 
 /// smtplib connecting from each loopback source in turn: `source code` (NOOP's when let in,
@@ -48,7 +50,7 @@ with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
 #[test]
 fn unknown_recipients_refused_harvest_closed_map_reloaded() {
     for driver in DRIVERS {
-        let s = with_map(
+        let (s, _map_dir) = with_map(
             &format!("rcpt-map-{driver}"),
             driver,
             "# test users\nalice@example.test\npostmaster@*\n",

@@ -5,7 +5,6 @@
 mod support;
 
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,7 @@ use support::*;
 /// A `redis-server` with an append-only file, so a restart keeps what it had.
 struct Redis {
     port: u16,
-    dir: PathBuf,
+    dir: support::TempDir,
     child: Option<Child>,
     /// Extra arguments (TLS, ACL users, cluster mode, stream node size).
     args: Vec<String>,

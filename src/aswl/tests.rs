@@ -2,7 +2,7 @@
 //! and the disk (logs, snapshots, damaged snapshots, the committed fixture).
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use super::*;
@@ -31,10 +31,8 @@ action = "discard"
     (*cfg.aswl.unwrap()).clone()
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ringmx-aswl-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+fn tmp(name: &str) -> crate::test_dir::TestDir {
+    crate::test_dir::TestDir::new("aswl", name)
 }
 
 const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 5));
@@ -133,7 +131,8 @@ fn lifetime_and_sliding_reset() {
     assert_eq!(a.sweep(&s, 1100), 1);
     assert_eq!(a.store.len(), 1);
     // Lifetime off: nothing expires, nothing is swept.
-    let off = settings("", &tmp("lifetime-off"));
+    let off_dir = tmp("lifetime-off");
+    let off = settings("", &off_dir);
     assert!(
         a.check(&off, "jane@ext.test", "john@a.test", u32::MAX - 1)
             .pass()
@@ -159,12 +158,13 @@ auto_response_window = "60s""#,
             .unwrap_err()
             .contains("ip_exceptions")
     );
+    let d2 = tmp("exceptions2");
     let s2 = settings(
         r#"mode = "global"
 check_exceptions = ["*@spam.test", "/^bad[0-9]+@/", "Partner.test"]
 subject_exceptions = ["*[newsletter]*"]
 auto_response_window = "60s""#,
-        &tmp("exceptions2"),
+        &d2,
     );
     for x in [
         "x@ext.test",

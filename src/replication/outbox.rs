@@ -316,10 +316,9 @@ mod tests {
         }
     }
 
-    fn dir(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("ringmx-outbox-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
+    fn dir(name: &str) -> crate::test_dir::TestDir {
+        let d = crate::test_dir::TestDir::new("outbox", name);
+        std::fs::create_dir_all(&*d).unwrap();
         d
     }
 

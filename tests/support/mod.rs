@@ -22,7 +22,43 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub fn temp_dir(name: &str) -> PathBuf {
+/// A new empty folder for a test, removed when the guard is dropped (kept when the test
+/// panics, to be looked at).
+pub fn temp_dir(name: &str) -> TempDir {
+    TempDir(fresh_dir(name))
+}
+
+pub struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = PathBuf;
+    fn deref(&self) -> &PathBuf {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A new empty folder (whoever holds it removes it).
+fn fresh_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!(
         "ringmx-test-{name}-{}-{}",
         std::process::id(),
@@ -133,7 +169,7 @@ impl Server {
         extra: &str,
         implicit: bool,
     ) -> Server {
-        let dir = temp_dir(name);
+        let dir = fresh_dir(name);
         // Free ports are picked by binding and releasing; a test running in parallel can take
         // one in between. Then ringmx exits at once ("in use"), and we pick again.
         for attempt in 0.. {
@@ -381,7 +417,7 @@ pub struct Certs {
 
 impl Certs {
     pub fn new() -> Certs {
-        let dir = temp_dir("certs");
+        let dir = fresh_dir("certs");
         p256_request(&dir, true, "key.pem", "cert.pem", "/CN=mx.test");
         openssl(
             &dir,
