@@ -10,7 +10,7 @@ const DRIVERS: [&str; 2] = ["auto", "legacy"];
 
 /// A server with a recipient map file, and the folder that holds the file (removed when
 /// dropped: keep it as long as the server).
-fn with_map(name: &str, driver: &'static str, map: &str) -> (Server, support::TempDir) {
+fn with_map(name: &str, driver: &'static str, map: &str) -> (support::TempDir, Server) {
     let dir = support::temp_dir(&format!("{name}-map"));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("recipients.txt");
@@ -19,7 +19,8 @@ fn with_map(name: &str, driver: &'static str, map: &str) -> (Server, support::Te
         "[[recipients]]\ndomains = [\"example.test\"]\nfile = \"{}\"\n",
         file.display()
     );
-    (Server::start_with(name, driver, "", &extra), dir)
+    let s = Server::start_with(name, driver, "", &extra);
+    (dir, s)
 }
 
 /// smtplib connecting from each loopback source in turn: `source code` (NOOP's when let in,
@@ -50,7 +51,8 @@ with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
 #[test]
 fn unknown_recipients_refused_harvest_closed_map_reloaded() {
     for driver in DRIVERS {
-        let (s, _map_dir) = with_map(
+        // (Bound in this order, the folder is dropped after the server.)
+        let (_map_dir, s) = with_map(
             &format!("rcpt-map-{driver}"),
             driver,
             "# test users\nalice@example.test\npostmaster@*\n",

@@ -108,9 +108,11 @@ impl TxtCache {
 fn upgrade_keys(dns: &Arc<Dns>) {
     let cache = txt_cache();
     let names = std::mem::take(&mut *cache.new_keys.lock().unwrap_or_else(|p| p.into_inner()));
-    if !names.is_empty() {
+    if !names.is_empty()
+        && let Ok(runtime) = tokio::runtime::Handle::try_current()
+    {
         let dns = dns.clone();
-        tokio::spawn(async move { upgrade(&dns, names).await });
+        runtime.spawn(async move { upgrade(&dns, names).await });
     }
 }
 
@@ -121,10 +123,10 @@ async fn upgrade(dns: &Dns, names: Vec<Box<str>>) {
         else {
             continue;
         };
-        let Ok(lookup) = dns.resolver().txt_lookup(fqdn).await else {
+        let Some((Txt::DomainKey(theirs), _, false)) = cache.map().get(&name).cloned() else {
             continue;
         };
-        let Some((Txt::DomainKey(theirs), _, false)) = cache.map().get(&name).cloned() else {
+        let Ok(lookup) = dns.resolver().txt_lookup(fqdn).await else {
             continue;
         };
         let faster = lookup.answers().iter().find_map(|record| {
