@@ -79,6 +79,8 @@ struct TxtCache {
     /// A record, until when it is valid, and whether its DKIM key was parsed once.
     map: std::sync::Mutex<HashMap<Box<str>, (Txt, Instant, bool)>>,
     new_keys: std::sync::Mutex<Vec<Box<str>>>,
+    /// `new_keys` is not empty (looked at by every verification, without the lock).
+    keys_waiting: std::sync::atomic::AtomicBool,
 }
 
 const TXT_CACHE_SIZE: usize = 20_000;
@@ -90,6 +92,7 @@ fn txt_cache() -> &'static TxtCache {
     CACHE.get_or_init(|| TxtCache {
         map: std::sync::Mutex::new(HashMap::new()),
         new_keys: std::sync::Mutex::new(Vec::new()),
+        keys_waiting: std::sync::atomic::AtomicBool::new(false),
     })
 }
 
@@ -106,8 +109,16 @@ impl TxtCache {
 /// answer that is not the record the cached key came from (the key rotated in between) gives a
 /// key that never answers alone (see [`super::dkim_key`]).
 fn upgrade_keys(dns: &Arc<Dns>) {
+    use std::sync::atomic::Ordering;
     let cache = txt_cache();
-    let names = std::mem::take(&mut *cache.new_keys.lock().unwrap_or_else(|p| p.into_inner()));
+    if !cache.keys_waiting.load(Ordering::Acquire) {
+        return;
+    }
+    let names = {
+        let mut new = cache.new_keys.lock().unwrap_or_else(|p| p.into_inner());
+        cache.keys_waiting.store(false, Ordering::Release);
+        std::mem::take(&mut *new)
+    };
     if !names.is_empty()
         && let Ok(runtime) = tokio::runtime::Handle::try_current()
     {
@@ -180,6 +191,8 @@ impl ResolverCache<Box<str>, Txt> for TxtCache {
             let mut new = self.new_keys.lock().unwrap_or_else(|p| p.into_inner());
             if new.len() < NEW_KEYS && !new.contains(&key) {
                 new.push(key.clone());
+                self.keys_waiting
+                    .store(true, std::sync::atomic::Ordering::Release);
             }
         }
         let mut m = self.map();

@@ -9,7 +9,9 @@
 //! than mail-auth did (a record it splits differently). It is not trusted for that: until one
 //! signature has verified under both keys, every check is mail-auth's own (and ours is only
 //! compared with it); from then on the keys are the same key (a PKCS #1 v1.5 signature that
-//! verifies under two moduli does not happen by chance), and ours answers alone.
+//! verifies under two moduli does not happen by chance), and ours answers alone. A signature
+//! that passes under mail-auth's key and not under ours shows they differ (the record was
+//! read again after the key rotated, or in another order): ours is then never asked again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,23 +29,30 @@ struct Parsed {
     sha256: ParsedPublicKey,
     /// A signature verified under both keys.
     confirmed: AtomicBool,
+    /// A signature verified under mail-auth's key and not under ours: not the same key.
+    refuted: AtomicBool,
 }
 
 /// A key for `record` (a DKIM key record's text) that checks what `theirs` (mail-auth's key
 /// from the same record) checks, parsed once; `None` when the record is not an RSA key that
 /// aws-lc-rs reads.
 pub fn faster(theirs: Arc<DomainKey>, record: &[u8]) -> Option<DomainKey> {
+    let f = theirs.f;
+    Some(DomainKey {
+        p: Box::new(parse(theirs, record)?),
+        f,
+    })
+}
+
+fn parse(theirs: Arc<DomainKey>, record: &[u8]) -> Option<Parsed> {
     let key = rsa_key(record)?;
     let sha256 =
         ParsedPublicKey::new(&RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY, &key).ok()?;
-    let f = theirs.f;
-    Some(DomainKey {
-        p: Box::new(Parsed {
-            theirs,
-            sha256,
-            confirmed: AtomicBool::new(false),
-        }),
-        f,
+    Some(Parsed {
+        theirs,
+        sha256,
+        confirmed: AtomicBool::new(false),
+        refuted: AtomicBool::new(false),
     })
 }
 
@@ -101,8 +110,10 @@ impl VerifyingKey for Parsed {
             return self.ours(input, signature, algorithm);
         }
         let theirs = self.theirs.p.verify_bytes(input, signature, algorithm);
-        if theirs.is_ok() && self.ours(input, signature, algorithm).is_ok() {
-            self.confirmed.store(true, Ordering::Relaxed);
+        if theirs.is_ok() && !self.refuted.load(Ordering::Relaxed) {
+            let same = self.ours(input, signature, algorithm).is_ok();
+            let settled = if same { &self.confirmed } else { &self.refuted };
+            settled.store(true, Ordering::Relaxed);
         }
         theirs
     }
@@ -200,6 +211,47 @@ mod tests {
                     .is_err()
             );
         }
+    }
+
+    /// Whether `key` was confirmed, and whether it was refuted.
+    fn settled(key: &Parsed) -> (bool, bool) {
+        (
+            key.confirmed.load(Ordering::Relaxed),
+            key.refuted.load(Ordering::Relaxed),
+        )
+    }
+
+    #[test]
+    fn a_key_that_differs_is_not_asked_again() {
+        // mail-auth's key is `good`'s, ours is `other`'s (the record rotated between the two
+        // reads): mail-auth's passes decide, and after the first one ours is set aside, not
+        // checked with every signature until the entry expires.
+        let (good, other, sig) = fixture();
+        let key = parse(theirs(&good), &other).unwrap();
+        assert_eq!(settled(&key), (false, false));
+        for _ in 0..3 {
+            assert!(
+                key.verify_bytes(b"signed data", &sig, Algorithm::RsaSha256)
+                    .is_ok()
+            );
+            assert!(
+                key.verify_bytes(b"other data", &sig, Algorithm::RsaSha256)
+                    .is_err()
+            );
+            assert_eq!(settled(&key), (false, true));
+        }
+        // The same key read by both: confirmed by the first pass, never refuted.
+        let key = parse(theirs(&good), &good).unwrap();
+        assert!(
+            key.verify_bytes(b"other data", &sig, Algorithm::RsaSha256)
+                .is_err()
+        );
+        assert_eq!(settled(&key), (false, false));
+        assert!(
+            key.verify_bytes(b"signed data", &sig, Algorithm::RsaSha256)
+                .is_ok()
+        );
+        assert_eq!(settled(&key), (true, false));
     }
 
     #[test]
