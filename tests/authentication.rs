@@ -523,6 +523,25 @@ fn enforcement_switches() {
             "[{name}] {}",
             support::stderr(&out)
         );
+        // A refusal's log line says what led to it: the results, with the queue id.
+        if dmarc_on {
+            let log = s.log();
+            let refused: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("message refused"))
+                .collect();
+            for want in [
+                "reason=\"refused: DMARC policy reject\" authentication=spf=pass dkim=none dmarc=fail policy=reject",
+                "reason=\"refused: no single From: domain for DMARC\" authentication=spf=",
+            ] {
+                assert!(
+                    refused
+                        .iter()
+                        .any(|l| l.contains(want) && l.contains("queue_id=")),
+                    "{want} in {refused:#?}"
+                );
+            }
+        }
     }
 }
 

@@ -333,20 +333,26 @@ impl Check for Authenticate {
                 m.authentication("dmarc", auth.dmarc_result);
             }
             if dmarc_reject && auth.dmarc_result == "fail" && auth.dmarc_policy_reject {
-                return Decision::Reject(Refusal::new(
-                    &reply::DMARC_REJECT,
-                    Reason::DmarcReject,
-                    "refused: DMARC policy reject",
-                ));
+                return Decision::Reject(
+                    Refusal::new(
+                        &reply::DMARC_REJECT,
+                        Reason::DmarcReject,
+                        "refused: DMARC policy reject",
+                    )
+                    .with_detail(&auth),
+                );
             }
             // With enforcement on, a From: that gives DMARC no single domain to check is
             // refused too (RFC 7489 §6.6.1).
             if dmarc_reject && auth.ambiguous_from {
-                return Decision::Reject(Refusal::new(
-                    &reply::DMARC_NO_DOMAIN,
-                    Reason::DmarcReject,
-                    "refused: no single From: domain for DMARC",
-                ));
+                return Decision::Reject(
+                    Refusal::new(
+                        &reply::DMARC_NO_DOMAIN,
+                        Reason::DmarcReject,
+                        "refused: no single From: domain for DMARC",
+                    )
+                    .with_detail(&auth),
+                );
             }
             Decision::All(vec![
                 Decision::AddHeader(field),

@@ -102,12 +102,15 @@ impl<'a> Request<'a> {
 
 /// A refusal: the reply, the metrics reason and a few words for the log; with `close`, the
 /// session then ends with that reply (counted as that reason).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
     pub reply: &'static Reply,
     pub reason: Reason,
     pub log: &'static str,
     pub close: Option<(&'static Reply, Reason)>,
+    /// What the check established that led to it, for the log line (the SPF, DKIM and DMARC
+    /// results of a message refused for DMARC).
+    pub detail: Option<Arc<str>>,
 }
 
 impl Refusal {
@@ -117,6 +120,15 @@ impl Refusal {
             reason,
             log,
             close: None,
+            detail: None,
+        }
+    }
+
+    /// The same refusal, with `detail` for the log line.
+    pub fn with_detail(self, detail: impl std::fmt::Display) -> Refusal {
+        Refusal {
+            detail: Some(detail.to_string().into()),
+            ..self
         }
     }
 }
@@ -477,8 +489,11 @@ mod tests {
 
     const DENIED: Refusal = Refusal::new(&reply::RELAY_DENIED, Reason::RelayDenied, "denied");
     const CLOSED: Refusal = Refusal {
+        reply: &reply::RELAY_DENIED,
+        reason: Reason::RelayDenied,
+        log: "denied",
         close: Some((&reply::TOO_MANY_UNKNOWN, Reason::Harvest)),
-        ..DENIED
+        detail: None,
     };
 
     fn pipeline() -> Pipeline {

@@ -1057,7 +1057,7 @@ impl Conn {
                 (e.headers, a)
             }
             Err(f) => {
-                tracing::info!(queue_id = %queue_id, client = %self.peer.ip(), reason = f.log, "message refused");
+                tracing::info!(queue_id = %queue_id, client = %self.peer.ip(), reason = f.log, authentication = f.detail.as_deref().map(tracing::field::display), "message refused");
                 self.refuse(session, f);
                 self.txn.clear();
                 return;
