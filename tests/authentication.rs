@@ -97,10 +97,30 @@ send("127.0.0.5", dkim.sign(m, b"ed", b"partner.test", ed_key, signature_algorit
                             include_headers=[b"from", b"to", b"subject", b"message-id"]) + m)
 # Signed, then changed in transit.
 send("127.0.0.5", sign(message("tampered")).replace(b"Hello Alice.", b"Pay Mallory."))
+# Signatures naming many fields (most absent: oversigned): 96 are checked, 104 are not.
+for subject, extra in [("many-fields", 92), ("too-many-fields", 100)]:
+    m = message(subject)
+    names = [b"from", b"to", b"subject", b"message-id"] + [b"x-%d" % i for i in range(extra)]
+    send("127.0.0.5", dkim.sign(m, b"sel", b"partner.test", key, include_headers=names) + m)
 # Forged: no signature, from outside the SPF record, with results written in our name.
 send("127.0.0.6", message("forged",
     "Authentication-Results: mx.test; dkim=pass header.d=partner.test\r\n"
     "Authentication-Results: relay.other.test; spf=pass\r\n"))
+# Forged the ways lenient readers (mail-parser) still read as fields: control characters and
+# spaces in or around the name, a colon before it, a line after a colon-less one; and a MAIL
+# FROM whose quoted local part reads as results to a reader that splits on ';'.
+with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=("127.0.0.6", 0), timeout=30) as s:
+    s.ehlo("client.partner.test")
+    s.putcmd("mail", 'FROM:<"x; dkim=pass header.d=partner.test; dmarc=pass"@partner.test>')
+    code, text = s.getreply()
+    assert code == 250, (code, text)
+    s.rcpt("alice@example.test")
+    s.data(message("forged-lenient",
+        "\x0cAuthentication-Results: mx.test; dkim=pass header.d=partner.test\r\n"
+        "Authentication-Results\x0b: mx.test; dkim=pass header.d=partner.test\r\n"
+        ":Authentication-Results: mx.test; dmarc=pass\r\n"
+        "Authentication -Results: mx.test; dkim=pass\r\n"
+        "Junk\r\n Authentication-Results: mx.test; dkim=pass\r\n"))
 # SPF records of every kind: include, ~all, a loop, too many lookups, a zone that times out.
 for domain in ["inc", "soft", "loop", "many", "slow"]:
     with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=("127.0.0.5", 0), timeout=30) as s:
@@ -234,6 +254,15 @@ fn spf_dkim_and_dmarc_results_on_every_copy() {
             && ed[0].contains("dmarc=pass"),
         "{ed:?}"
     );
+    let many = results(&copy("many-fields"));
+    assert!(many[0].contains("dkim=pass"), "{many:?}");
+    let too_many = results(&copy("too-many-fields"));
+    assert!(
+        too_many[0]
+            .contains("dkim=policy (h= names 104 fields, more than 100) header.d=partner.test")
+            && !too_many[0].contains("dkim=pass"),
+        "{too_many:?}"
+    );
     let tampered = results(&copy("tampered"));
     // mail-auth reports a body hash mismatch as `neutral`; never a pass.
     assert!(
@@ -261,6 +290,18 @@ fn spf_dkim_and_dmarc_results_on_every_copy() {
             .any(|f| f.contains("relay.other.test; spf=pass")),
         "{forged:?}"
     );
+    let lenient = copy("forged-lenient");
+    let head = lenient.split("\r\n\r\n").next().unwrap();
+    assert!(
+        !head.contains("mx.test; d") && head.ends_with("partner.test>\r\nJunk"),
+        "{lenient:?}"
+    );
+    let ours = results(&lenient);
+    assert!(
+        ours.len() == 1 && ours[0].contains("spf=fail") && !ours[0].contains("=pass"),
+        "{ours:?}"
+    );
+    assert!(ours[0].contains("smtp.mailfrom=partner.test"), "{ours:?}");
     for (domain, want) in [
         ("inc", "spf=pass"),
         ("soft", "spf=softfail"),
@@ -273,8 +314,8 @@ fn spf_dkim_and_dmarc_results_on_every_copy() {
     }
     let metrics = s.admin_get("/metrics").1;
     for want in [
-        "ringmx_authentication_total{method=\"dkim\",result=\"pass\"} 3",
-        "ringmx_authentication_total{method=\"spf\",result=\"fail\"} 1",
+        "ringmx_authentication_total{method=\"dkim\",result=\"pass\"} 4",
+        "ringmx_authentication_total{method=\"spf\",result=\"fail\"} 2",
         "ringmx_authentication_total{method=\"dmarc\",result=\"fail\"} ",
     ] {
         assert!(metrics.contains(want), "{want} in {metrics}");

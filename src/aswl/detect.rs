@@ -174,39 +174,38 @@ pub fn strip_header_if(
     drop: impl Fn(&[u8]) -> bool,
 ) -> Option<Vec<u8>> {
     let block = header_block(content, usize::MAX);
-    let is_field = |line: &[u8]| {
-        line.get(..name.len())
-            .is_some_and(|p| p.eq_ignore_ascii_case(name.as_bytes()))
-            && line
-                .get(name.len()..)
-                .is_some_and(|r| r.iter().find(|b| **b != b' ' && **b != b'\t') == Some(&b':'))
-    };
-    if !lenient_lines(block).any(|(text, _)| is_field(text)) {
+    let name = name.as_bytes();
+    if !lenient_lines(block).any(|(text, _)| lenient_field(text, name).is_some()) {
         return None;
     }
-    // Each field (its lines, whole) decided at once.
+    // Each field (its lines, whole) decided at once. `ours`: where the value of a field of
+    // ours starts in `field`.
     let mut out = Vec::with_capacity(content.len());
     let mut field: Vec<u8> = Vec::new();
-    let mut ours = false;
+    let mut ours: Option<usize> = None;
+    let mut junk = false;
     let mut dropped = false;
     let mut at = 0;
-    let mut flush = |field: &mut Vec<u8>, ours: bool, out: &mut Vec<u8>| {
-        if ours {
-            let colon = field.iter().position(|b| *b == b':').map_or(0, |c| c + 1);
-            if drop(field.get(colon..).unwrap_or_default()) {
-                dropped = true;
-                field.clear();
-                return;
-            }
+    let mut flush = |field: &mut Vec<u8>, ours: Option<usize>, out: &mut Vec<u8>| {
+        if let Some(value) = ours
+            && drop(field.get(value..).unwrap_or_default())
+        {
+            dropped = true;
+            field.clear();
+            return;
         }
         out.append(field);
     };
     for (_, line) in lenient_lines(block) {
         at += line.len();
         let cont = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
-        if !cont {
+        // A line after one without a colon (no field) is read as a field of its own by
+        // readers that drop the colon-less line, white space and all.
+        let mine = lenient_field(line, name);
+        if !cont || (junk && mine.is_some()) {
             flush(&mut field, ours, &mut out);
-            ours = is_field(line);
+            ours = mine.map(|colon| colon + 1);
+            junk = !line.contains(&b':');
         }
         field.extend_from_slice(line);
     }
@@ -216,6 +215,28 @@ pub fn strip_header_if(
     }
     out.extend_from_slice(content.get(at..).unwrap_or_default());
     Some(out)
+}
+
+/// Where the colon ending the field name in `line` is, when the name is `name` as the most
+/// lenient readers find it: case aside, with ASCII white space and control characters
+/// anywhere around or inside it skipped (`\x0cName:`, `Na me:`, `Name\x0b:`), and colons
+/// before it skipped (`:Name:`), as mail-parser does. `None` for any other line.
+fn lenient_field(line: &[u8], name: &[u8]) -> Option<usize> {
+    let mut want = name.iter();
+    let mut started = false;
+    for (i, &b) in line.iter().enumerate() {
+        match b {
+            b':' if started => return want.next().is_none().then_some(i),
+            b':' | 0..=0x20 | 0x7f => {}
+            _ => {
+                started = true;
+                if !want.next().is_some_and(|w| w.eq_ignore_ascii_case(&b)) {
+                    return None;
+                }
+            }
+        }
+    }
+    None
 }
 
 fn decode_b(s: &str) -> Option<Vec<u8>> {
@@ -272,6 +293,16 @@ fn charset_decode(charset: &str, bytes: &[u8]) -> String {
 /// RFC 2047 decoding of an unstructured header value (UTF-8, Latin-1 and Windows-1252
 /// charsets; others are read as UTF-8). Whitespace between adjacent encoded words is dropped.
 pub fn decode_words(value: &str) -> String {
+    let mut ends = NextEnd {
+        value,
+        from: 0,
+        found: value.find("?="),
+    };
+    decode_with(value, |at| ends.at(at))
+}
+
+/// [`decode_words`], `end_from(i)` giving where the first `?=` at or after `value[i..]` starts.
+fn decode_with(value: &str, mut end_from: impl FnMut(usize) -> Option<usize>) -> String {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
     let mut pending_ws = String::new();
@@ -279,7 +310,10 @@ pub fn decode_words(value: &str) -> String {
     while !rest.is_empty() {
         if let Some(start) = rest.find("=?") {
             let (before, after) = rest.split_at(start);
-            if let Some((word, tail)) = encoded_word(after) {
+            let offset = value.len() - after.len();
+            if let Some((word, tail)) = encoded_word(after, |at| {
+                end_from(offset + at).and_then(|e| e.checked_sub(offset))
+            }) {
                 if !before.trim().is_empty() || !last_was_word {
                     out.push_str(&pending_ws);
                     out.push_str(before);
@@ -309,12 +343,38 @@ pub fn decode_words(value: &str) -> String {
     out
 }
 
-/// `=?charset?X?text?=` at the start of `s`: the decoded text and what follows.
-fn encoded_word(s: &str) -> Option<(String, &str)> {
+/// The first `?=` at or after an offset of `value`. The offsets asked for never decrease (each
+/// encoded word tried starts after the last), so the scans move forward only and a value full
+/// of `=?` that never closes costs one pass, not one per `=?`.
+struct NextEnd<'a> {
+    value: &'a str,
+    /// `found` is the first `?=` at or after `from`.
+    from: usize,
+    found: Option<usize>,
+}
+
+impl NextEnd<'_> {
+    fn at(&mut self, offset: usize) -> Option<usize> {
+        if offset > self.from && self.found.is_some_and(|f| f < offset) {
+            self.from = offset;
+            self.found = self
+                .value
+                .get(offset..)
+                .and_then(|r| r.find("?="))
+                .map(|i| offset + i);
+        }
+        self.found
+    }
+}
+
+/// `=?charset?X?text?=` at the start of `s`: the decoded text and what follows. `end_at(i)`
+/// is where the first `?=` at or after `s[i..]` starts.
+fn encoded_word(s: &str, end_at: impl FnOnce(usize) -> Option<usize>) -> Option<(String, &str)> {
     let inner = s.strip_prefix("=?")?;
     let (charset, r) = inner.split_once('?')?;
     let (enc, r) = r.split_once('?')?;
-    let end = r.find("?=")?;
+    let text_at = s.len() - r.len();
+    let end = end_at(text_at)?.checked_sub(text_at)?;
     let text = r.get(..end)?;
     if text.contains(' ') || charset.is_empty() {
         return None;
@@ -505,6 +565,42 @@ mod tests {
         }
         // A lone CR ending the header section ends it for the stripper too.
         assert_eq!(strip_header(b"Subject: a\r\rX-ASWL: b\r\n", "X-ASWL"), None);
+        // Names as lenient readers (mail-parser) find them: white space and control
+        // characters anywhere in the name, colons before it, a line after a colon-less one.
+        for m in [
+            &b"\x0cX-ASWL: pass\r\n"[..],
+            b"X-ASWL\x0c: pass\r\n",
+            b"X -ASWL: pass\r\n",
+            b"x-aswl : pass\r\n",
+            b":X-ASWL: pass\r\n",
+            b"\x0b:\x7f X-A S W L\t: pass\r\n",
+            b"junk\r\n X-ASWL: pass\r\n",
+        ] {
+            let mut message = b"Subject: a\r\n".to_vec();
+            message.extend_from_slice(m);
+            message.extend_from_slice(b"To: b\r\n\r\nX-ASWL: body\r\n");
+            let kept: &[u8] = if m.starts_with(b"junk") {
+                b"Subject: a\r\njunk\r\nTo: b\r\n\r\nX-ASWL: body\r\n"
+            } else {
+                b"Subject: a\r\nTo: b\r\n\r\nX-ASWL: body\r\n"
+            };
+            assert_eq!(
+                strip_header(&message, "X-ASWL").as_deref(),
+                Some(kept),
+                "{m:?}"
+            );
+        }
+        // Other names, and continuation lines of a field, stay.
+        for m in [
+            &b"X-ASWLX: 1\r\n"[..],
+            b"X-ASW: 1\r\n",
+            b"Subject: X-ASWL: pass\r\n",
+            b"Subject: a\r\n X-ASWL: pass\r\n",
+            b"X-ASWL-Other: 1\r\n",
+            b"X-ASWL\r\n",
+        ] {
+            assert_eq!(strip_header(m, "X-ASWL"), None, "{m:?}");
+        }
     }
 
     #[test]
@@ -520,6 +616,28 @@ mod tests {
         assert_eq!(decode_words("=?utf-8?q?a?= =?utf-8?q?b?="), "ab");
         assert_eq!(decode_words("plain =?x"), "plain =?x");
         assert_eq!(decode_words("=?utf-8?B?!!!?="), "=?utf-8?B?!!!?=");
+        assert_eq!(decode_words("=?a?q?= =?utf-8?q?b?="), "=?a?q?= b");
+        assert_eq!(decode_words("=?a?q?x y?= =?utf-8?q?b?="), "=?a?q?x y?= b");
+    }
+
+    proptest::proptest! {
+        /// The `?=` found by one forward scan is the one a fresh search from each encoded
+        /// word would find: the same decoding.
+        #[test]
+        fn one_scan_decodes_as_a_search_per_word(
+            parts in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "=?", "?=", "?", "=", "utf-8", "q", "B", "a", " ", "=41", "QUI=", "\t",
+                ]),
+                0..40,
+            )
+        ) {
+            let value = parts.concat();
+            let searched = decode_with(&value, |at| {
+                value.get(at..).and_then(|r| r.find("?=")).map(|i| at + i)
+            });
+            proptest::prop_assert_eq!(decode_words(&value), searched);
+        }
     }
 
     #[test]

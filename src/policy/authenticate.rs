@@ -764,6 +764,8 @@ fn dmarc_roll() -> u8 {
 
 /// DKIM signatures verified per message (the rest are ignored).
 const MAX_SIGNATURES: usize = 8;
+/// Names in a signature's `h=` beyond which it is not checked (`dkim=policy`).
+const MAX_SIGNED_FIELDS: usize = 100;
 
 impl Verifier {
     /// Verify one message: the `Authentication-Results:` field (without its line end) and what
@@ -779,10 +781,25 @@ impl Verifier {
         let suffixes = &self.suffixes;
         let auth = MessageAuthenticator(dns.resolver().clone());
         let helo = if helo.is_empty() { "unknown" } else { helo };
+        // In the field, the name as ASCII (as in `Received:`): it may be UTF-8, and the header
+        // may go where 8-bit headers were not announced.
+        let mut helo_shown: String = helo.chars().filter(char::is_ascii_graphic).collect();
+        if helo_shown.is_empty() {
+            helo_shown.push_str("unknown");
+        }
         let mut parsed = super::bodyhash::parse_message(message, MAX_SIGNATURES);
+        // Signatures not checked: mail-auth matches the names of `h=` against the header
+        // fields in time |h=| × (names + fields), so one naming thousands of fields in a header
+        // of thousands would cost seconds. No signer names more than a few dozen.
+        let mut unchecked = Vec::new();
         if let Some(m) = parsed.as_mut() {
             m.errors.truncate(MAX_SIGNATURES);
             m.from.iter_mut().for_each(normalize_from);
+            let (checked, over): (Vec<_>, Vec<_>) = std::mem::take(&mut m.dkim_headers)
+                .into_iter()
+                .partition(|s| s.header.h.len() <= MAX_SIGNED_FIELDS);
+            m.dkim_headers = checked;
+            unchecked = over;
         }
         tokio::time::timeout(timeout, async {
             let spf_params = || {
@@ -814,14 +831,29 @@ impl Verifier {
             let spf_domain = spf_domain.as_str();
             match &parsed {
                 Some(m) => {
-                    let dkim = auth
+                    let mut dkim = auth
                         .verify_dkim(Parameters::new(m).with_txt_cache(cache))
                         .await;
                     upgrade_keys(dns);
+                    dkim.extend(unchecked.iter().map(|s| {
+                        DkimOutput::perm_err(mail_auth::Error::Crypto(
+                            CryptoError::IncompatibleAlgorithms,
+                        ))
+                        .with_signature(&s.header)
+                    }));
                     let body_len =
                         m.raw_message.len().saturating_sub(m.body_offset as usize) as u64;
                     for d in &dkim {
-                        dkim_field.push_str(&dkim_clause(d, body_len));
+                        let why = match d.signature() {
+                            Some(s) if unchecked.iter().any(|u| std::ptr::eq(&u.header, s)) => {
+                                Some(format!(
+                                    "h= names {} fields, more than {MAX_SIGNED_FIELDS}",
+                                    s.h.len()
+                                ))
+                            }
+                            _ => unacceptable(d, body_len),
+                        };
+                        dkim_field.push_str(&dkim_clause(d, why, body_len));
                     }
                     // A pass we do not accept (rsa-sha1, or `l=` leaving text unsigned) is
                     // as if it failed, for DMARC and the whitelist.
@@ -862,9 +894,14 @@ impl Verifier {
                         )
                         .await;
                     results = if mail_from.is_empty() {
-                        results.with_spf_ehlo_result(&spf, ip, helo)
+                        results.with_spf_ehlo_result(&spf, ip, &helo_shown)
                     } else {
-                        results.with_spf_mailfrom_result(&spf, ip, mail_from, helo)
+                        results.with_spf_mailfrom_result(
+                            &spf,
+                            ip,
+                            &shown_mail_from(mail_from),
+                            &helo_shown,
+                        )
                     };
                     passed.dmarc_result = dmarc_result(
                         dmarc.spf_result(),
@@ -942,9 +979,14 @@ impl Verifier {
                     // what a lenient reader takes for the From: cannot be checked.
                     passed.ambiguous_from = true;
                     results = if mail_from.is_empty() {
-                        results.with_spf_ehlo_result(&spf, ip, helo)
+                        results.with_spf_ehlo_result(&spf, ip, &helo_shown)
                     } else {
-                        results.with_spf_mailfrom_result(&spf, ip, mail_from, helo)
+                        results.with_spf_mailfrom_result(
+                            &spf,
+                            ip,
+                            &shown_mail_from(mail_from),
+                            &helo_shown,
+                        )
                     };
                 }
             }
@@ -958,6 +1000,23 @@ impl Verifier {
         })
         .await
         .ok()
+    }
+}
+
+/// The MAIL FROM address as `smtp.mailfrom=` (and the SPF comment) shows it: whole when its
+/// local part is plain (letters, digits, `.`, `+`, `_`, `-`), else only its domain (RFC 8601
+/// §2.7.2 allows that). A quoted local part may hold `;`, `=` and spaces, and mail-auth keeps
+/// them inside quotes: `"x; dkim=pass"@evil.example` would put a `dkim=pass` in our field
+/// for readers that split on `;` without honouring quotes.
+fn shown_mail_from(mail_from: &str) -> std::borrow::Cow<'_, str> {
+    let Some((local, domain)) = mail_from.rsplit_once('@') else {
+        return mail_from.into();
+    };
+    let plain = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'_' | b'-');
+    if !local.is_empty() && local.bytes().all(plain) {
+        mail_from.into()
+    } else {
+        domain.into()
     }
 }
 
@@ -1022,13 +1081,14 @@ fn unacceptable(d: &DkimOutput, body_len: u64) -> Option<String> {
 }
 
 /// One signature's `dkim=` clause of the results (RFC 8601 §2.7.1): the result with
-/// mail-auth's reason, `policy` with the reason for a pass that is [`unacceptable`], a note
+/// mail-auth's reason, `policy` with `why` a signature was not acceptable (a pass that is
+/// [`unacceptable`], one not checked), a note
 /// of a body length tag, and the signature's domain, selector, algorithm and first bytes.
-fn dkim_clause(d: &DkimOutput, body_len: u64) -> String {
+fn dkim_clause(d: &DkimOutput, why: Option<String>, body_len: u64) -> String {
     use base64::Engine;
     use mail_auth::common::auth_results::AsAuthResult;
     let mut c = String::from(";\r\n\tdkim=");
-    match unacceptable(d, body_len) {
+    match why {
         Some(why) => c.push_str(&format!("policy ({why})")),
         None => d.result().as_auth_result(&mut c),
     }
@@ -1137,6 +1197,39 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
             strip_ours(b"Authentication-Results: other; x\r\n\r\n", "mx.test"),
             None
         );
+    }
+
+    #[test]
+    fn mail_from_as_shown() {
+        for (from, shown) in [
+            ("bob@partner.test", "bob@partner.test"),
+            ("b.o-b+x_1@partner.test", "b.o-b+x_1@partner.test"),
+            (
+                "\"x; dkim=pass header.d=bank.example\"@evil.example",
+                "evil.example",
+            ),
+            ("dmarc=pass@evil.example", "evil.example"),
+            ("a;b@evil.example", "evil.example"),
+            ("\"a@b\"@evil.example", "evil.example"),
+            ("@evil.example", "evil.example"),
+            ("postmaster", "postmaster"),
+        ] {
+            assert_eq!(shown_mail_from(from), shown, "{from}");
+        }
+        // In the field: no `=pass` but ours.
+        let spf = mail_auth::SpfOutput::new("evil.example".into())
+            .with_result(mail_auth::SpfResult::Pass);
+        let from = "\"x; dkim=pass; dmarc=pass\"@evil.example";
+        let field = AuthenticationResults::new("mx.test")
+            .with_spf_mailfrom_result(
+                &spf,
+                "192.0.2.1".parse().unwrap(),
+                &shown_mail_from(from),
+                "h",
+            )
+            .to_header();
+        assert_eq!(field.matches("=pass").count(), 1, "{field}");
+        assert!(field.contains("smtp.mailfrom=evil.example"), "{field}");
     }
 
     #[test]
