@@ -300,12 +300,12 @@ impl Check for Callout {
                     Decision::Continue
                 }
                 Verdict::Unknown(said) => {
-                    tracing::info!(rcpt = %address, hop = %said, "callout: unknown recipient");
+                    tracing::info!(rcpt = ?address, hop = ?said, "callout: unknown recipient");
                     callouts.remember(&address, false, now);
                     unknown.refuse(ip, clock_ms, so_far)
                 }
                 Verdict::Unavailable(why) => {
-                    tracing::warn!(rcpt = %address, why = %why, "callout: next hop unavailable");
+                    tracing::warn!(rcpt = ?address, why = ?why, "callout: next hop unavailable");
                     callouts.unavailable()
                 }
             }

@@ -31,6 +31,9 @@ pub struct Reply {
 /// Lines longer than this, or replies with more lines, are a protocol error.
 pub const MAX_LINE: usize = 4096;
 pub const MAX_LINES: usize = 256;
+/// Text kept of one reply (what is logged, shown by `ringmx queue`, and put in notices); the
+/// rest of a longer reply is read and dropped. RFC 5321 §4.5.3.1.5 allows 512 bytes a line.
+pub const MAX_TEXT: usize = 4096;
 
 /// Why the bytes are not a reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,12 +85,33 @@ impl Reply {
     }
 }
 
+/// A reply line's text as kept: at most `room` bytes, invalid UTF-8 replaced, and control
+/// characters (C0, DEL, C1: a bare CR, terminal escapes) as `?`, a tab as a space. The text
+/// goes into logs, the operator's terminal and notices sent to senders, where a CR would end
+/// a line (and could start a MIME part) for lenient readers.
+fn text_of(text: &[u8], room: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(room));
+    for c in String::from_utf8_lossy(text).chars() {
+        let c = match c {
+            '\t' => ' ',
+            c if c.is_control() => '?',
+            c => c,
+        };
+        if out.len() + c.len_utf8() > room {
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// Parse one reply from the start of `buf`: `Ok(None)` when more bytes are needed, otherwise
 /// the reply and how many bytes it used.
 pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
     let mut pos = 0;
     let mut code: Option<u16> = None;
     let mut lines = Vec::new();
+    let (mut count, mut kept) = (0, 0);
     loop {
         let rest = buf.get(pos..).unwrap_or_default();
         let Some(lf) = memchr::memchr(b'\n', rest) else {
@@ -120,9 +144,14 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
             Some(b'-') => (false, line.get(4..).unwrap_or_default()),
             Some(_) => return Err(ReplyError::Malformed),
         };
-        lines.push(String::from_utf8_lossy(text).into_owned());
-        if lines.len() > MAX_LINES {
+        count += 1;
+        if count > MAX_LINES {
             return Err(ReplyError::TooLong);
+        }
+        if kept < MAX_TEXT || lines.is_empty() {
+            let line = text_of(text, MAX_TEXT - kept.min(MAX_TEXT));
+            kept += line.len();
+            lines.push(line);
         }
         if last {
             let enhanced = lines.first().and_then(|l| enhanced(l, c));
@@ -226,6 +255,37 @@ mod tests {
         assert_eq!(parse(&[b'2'; 5000]), Err(ReplyError::TooLong));
         // An enhanced code of the wrong class is not taken.
         assert_eq!(parse(b"550 2.0.0 x\r\n").unwrap().unwrap().0.enhanced, None);
+    }
+
+    #[test]
+    fn text_is_kept_clean_and_bounded() {
+        // A bare CR (a new line, or a MIME part, for lenient readers of a notice), terminal
+        // escapes (C0 and C1), DEL and invalid UTF-8.
+        let r = parse(
+            b"550 5.1.1 x\r\r--b\rContent-Type: text/html\t\x1b]52;c;x\x07\x7f\xc2\x9b\xff\r\n",
+        )
+        .unwrap()
+        .unwrap()
+        .0;
+        assert_eq!(
+            r.lines,
+            vec!["5.1.1 x??--b?Content-Type: text/html ?]52;c;x???\u{fffd}".to_string()]
+        );
+        assert_eq!(r.enhanced, Some((5, 1, 1)));
+        // A long reply is read whole, and MAX_TEXT bytes of its text are kept.
+        let mut long = Vec::new();
+        for _ in 0..MAX_LINES - 1 {
+            long.extend_from_slice(b"451-");
+            long.extend(std::iter::repeat_n(b'a', MAX_LINE - 10));
+            long.extend_from_slice(b"\r\n");
+        }
+        long.extend_from_slice(b"451 4.3.0 end\r\nnext");
+        let (r, n) = parse(&long).unwrap().unwrap();
+        assert_eq!(n, long.len() - 4);
+        assert_eq!(r.lines.iter().map(String::len).sum::<usize>(), MAX_TEXT);
+        assert_eq!(r.lines.len(), 2);
+        // Multi-byte characters are not split at the bound.
+        assert_eq!(text_of("ééé".as_bytes(), 5), "éé");
     }
 
     #[test]
