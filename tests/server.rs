@@ -186,6 +186,76 @@ fn timeout_and_connection_limits() {
     }
 }
 
+/// A client that sends commands and never reads the replies: once the replies fill the
+/// socket buffers, the server gives it the command timeout to read them, then drops it (its
+/// connection slot is not held forever).
+#[test]
+fn a_client_that_never_reads_is_dropped() {
+    use std::io::{Read, Write};
+    for driver in DRIVERS {
+        let s = Server::start_with(
+            "never-reads",
+            driver,
+            "[binding.limits]\ncommand_timeout = \"1s\"\n",
+            "",
+        );
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        sock.connect(&s.inbound.into()).unwrap();
+        let mut c: std::net::TcpStream = sock.into();
+        c.set_nonblocking(true).unwrap();
+        // EHLO: a reply ten times the size of the command, so the replies fill the buffers
+        // long before the commands do.
+        let noops = b"EHLO client.test\r\n".repeat(1024);
+        let mut sent = 0usize;
+        let mut pending: &[u8] = b"EHLO client.test\r\n";
+        // Until the server stops taking commands (its replies are not read), at most 64 MiB.
+        while sent < 64 << 20 {
+            match c.write(pending) {
+                Ok(n) => {
+                    sent += n;
+                    pending = pending.get(n..).unwrap_or_default();
+                    if pending.is_empty() {
+                        pending = &noops;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("[{driver}] {e}"),
+            }
+        }
+        assert!(
+            sent < 64 << 20,
+            "[{driver}] the server never stopped reading"
+        );
+        std::thread::sleep(Duration::from_millis(2500));
+        c.set_nonblocking(false).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        let end = loop {
+            let mut buf = [0u8; 65536];
+            match c.read(&mut buf) {
+                Ok(0) => break "closed",
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+                Err(e) => panic!("[{driver}] not dropped: {e} after {} bytes", got.len()),
+            }
+        };
+        // Dropped with commands unanswered, not after answering them all and timing out idle.
+        let text = String::from_utf8_lossy(&got);
+        let answered = text.matches("\r\n250 ").count();
+        assert!(
+            answered < sent / 18 && !text.contains("421 4.4.2"),
+            "[{driver}] {end}: {answered} replies to {} commands, ending {:?}",
+            sent / 18,
+            text.get(text.len().saturating_sub(200)..)
+        );
+        // The server goes on.
+        let mut d = Raw::connect(s.inbound);
+        assert!(d.reply().starts_with("220"), "[{driver}]");
+    }
+}
+
 #[test]
 fn port_in_use_is_a_startup_error() {
     // A foreign listener that itself sets SO_REUSEPORT (so a careless REUSEPORT bind would

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use monoio::net::TcpStream;
 
@@ -515,6 +515,7 @@ async fn write_out(
     stream: &mut TcpStream,
     session: &mut Session,
     spare: &mut Vec<u8>,
+    limit: Duration,
 ) -> std::io::Result<()> {
     if session.output().is_empty() {
         return Ok(());
@@ -522,7 +523,12 @@ async fn write_out(
     spare.clear();
     session.swap_output(spare);
     let buf = std::mem::take(spare);
-    let (res, mut buf) = transport.write_all(stream, buf).await;
+    // A client that sends commands and never reads the replies would hold its connection
+    // (and its slot) forever: the replies must be taken within the command timeout.
+    let Ok((res, mut buf)) = monoio::time::timeout(limit, transport.write_all(stream, buf)).await
+    else {
+        return Err(std::io::ErrorKind::TimedOut.into());
+    };
     buf.clear();
     *spare = buf;
     res
@@ -537,6 +543,7 @@ impl Conn {
     ) -> End {
         let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
         let mut spare: Vec<u8> = Vec::with_capacity(512);
+        let limit = self.binding.b.limits.command_timeout.0;
         if self.binding.b.section.tls == TlsMode::Implicit {
             // TLS from the first byte (RFC 8314): the greeting goes out after the handshake.
             if let Err(end) = self.start_tls(stream, session, &early).await {
@@ -548,7 +555,7 @@ impl Conn {
         loop {
             let (consumed, next) = self.process(session, &inbuf);
             inbuf.drain(..consumed);
-            if write_out(&mut self.transport, stream, session, &mut spare)
+            if write_out(&mut self.transport, stream, session, &mut spare, limit)
                 .await
                 .is_err()
             {
@@ -582,13 +589,13 @@ impl Conn {
             }
             if self.ctx.shared.shutdown.load(Ordering::SeqCst) && !session.in_transaction() {
                 session.close_with(&reply::SHUTTING_DOWN);
-                let _ = write_out(&mut self.transport, stream, session, &mut spare).await;
+                let _ = write_out(&mut self.transport, stream, session, &mut spare, limit).await;
                 return End::Shutdown;
             }
             if self.too_slow() {
                 self.ctx.shared.metrics.rejected(Reason::Timeout);
                 session.close_with(&reply::TOO_SLOW);
-                let _ = write_out(&mut self.transport, stream, session, &mut spare).await;
+                let _ = write_out(&mut self.transport, stream, session, &mut spare, limit).await;
                 return End::TooSlow;
             }
             // The deadline as it is (a timeout from a duration would read the clock again).
@@ -606,14 +613,15 @@ impl Conn {
             }
             if idle && self.ctx.shared.shutdown.load(Ordering::SeqCst) {
                 session.close_with(&reply::SHUTTING_DOWN);
-                let _ = write_out(&mut self.transport, stream, session, &mut spare).await;
+                let _ = write_out(&mut self.transport, stream, session, &mut spare, limit).await;
                 return End::Shutdown;
             }
             match read {
                 Err(_elapsed) => {
                     self.ctx.shared.metrics.rejected(Reason::Timeout);
                     session.check_timeout(Instant::now());
-                    let _ = write_out(&mut self.transport, stream, session, &mut spare).await;
+                    let _ =
+                        write_out(&mut self.transport, stream, session, &mut spare, limit).await;
                     return End::Timeout;
                 }
                 Ok((Ok(0), _)) => return End::ClientClosed,
@@ -641,7 +649,14 @@ impl Conn {
     ) {
         session.clear_output();
         session.close_with(r);
-        let _ = write_out(&mut self.transport, stream, session, &mut Vec::new()).await;
+        let _ = write_out(
+            &mut self.transport,
+            stream,
+            session,
+            &mut Vec::new(),
+            self.binding.b.limits.command_timeout.0,
+        )
+        .await;
         tracing::info!(client = %self.peer, binding = %self.binding.b.section.name, "{why}");
     }
 
@@ -1088,7 +1103,7 @@ impl Conn {
                             *d = true;
                         }
                     }
-                    tracing::info!(queue_id = %queue_id, sender = %env.mail_from, "aswl: whitelisted sender not authenticated; verdict none");
+                    tracing::info!(queue_id = %queue_id, sender = ?env.mail_from, "aswl: whitelisted sender not authenticated; verdict none");
                 }
             }
         }
