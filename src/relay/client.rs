@@ -274,7 +274,9 @@ impl Client {
             return all(Failure::NoBinaryMime.reply());
         }
         let mut params = String::new();
-        if self.caps.size.is_some() || self.caps.pipelining {
+        // Only to a hop that offers SIZE (RFC 1870 §6: a parameter of an extension not
+        // offered may be refused with 555).
+        if self.caps.size_offered {
             params.push_str(&format!(" SIZE={size}"));
         }
         let eight_bit = message.iter().any(|p| p.iter().any(|&b| b >= 0x80));

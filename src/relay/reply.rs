@@ -185,6 +185,8 @@ pub struct Capabilities {
     pub chunking: bool,
     pub eightbitmime: bool,
     pub smtputf8: bool,
+    /// SIZE was offered (RFC 1870), with `size` its limit when it named one above zero.
+    pub size_offered: bool,
     pub size: Option<u64>,
     pub auth_plain: bool,
     pub auth_login: bool,
@@ -208,7 +210,10 @@ impl Capabilities {
                 "SMTPUTF8" => c.smtputf8 = true,
                 "DSN" => c.dsn = true,
                 "BINARYMIME" => c.binarymime = true,
-                "SIZE" => c.size = words.next().and_then(|n| n.parse().ok()).filter(|&n| n > 0),
+                "SIZE" => {
+                    c.size_offered = true;
+                    c.size = words.next().and_then(|n| n.parse().ok()).filter(|&n| n > 0);
+                }
                 "AUTH" => {
                     for m in words {
                         match m.to_ascii_uppercase().as_str() {

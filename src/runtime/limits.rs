@@ -1,6 +1,8 @@
 //! Connection limits without locks: a total counter and a table of per-IP counters indexed by a
 //! keyed hash of the address. Two addresses that share a slot share its count, which can only
-//! make the limit stricter for them; with 65,536 slots that is rare and documented.
+//! make the limit stricter for them; with 65,536 slots that is rare and documented. An IPv6
+//! client is its /64 (as for rates and AUTH failures): a host is given a whole /64, and counted
+//! by full address, one host could take every connection slot with addresses of its own.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
@@ -53,7 +55,10 @@ impl ConnLimits {
 
     fn slot(&self, ip: IpAddr) -> usize {
         let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6((u128::from(v6) & (u128::MAX << 64)).into()),
+            },
             v4 => v4,
         };
         (self.hasher.hash_one(ip) as usize) % SLOTS
@@ -108,6 +113,12 @@ mod tests {
             l.acquire("::ffff:192.0.2.1".parse().unwrap(), 2).is_none(),
             "mapped IPv6 is the same client"
         );
+        // IPv6: one /64 is one client.
+        let l6 = ConnLimits::new(10);
+        let _h1 = l6.acquire("2001:db8:1:2::1".parse().unwrap(), 2).unwrap();
+        let _h2 = l6.acquire("2001:db8:1:2:ffff::9".parse().unwrap(), 2).unwrap();
+        assert!(l6.acquire("2001:db8:1:2::3".parse().unwrap(), 2).is_none());
+        assert!(l6.acquire("2001:db8:1:3::1".parse().unwrap(), 2).is_some());
         let g3 = l.acquire(b, 2).unwrap();
         assert!(
             l.acquire("192.0.2.3".parse().unwrap(), 2).is_none(),

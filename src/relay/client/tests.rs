@@ -103,7 +103,7 @@ fn without_pipelining_one_command_per_reply_and_mail_refusal() {
 #[test]
 fn bdat_when_chunking_and_pipelining() {
     let mut c = Client::new(opts(RelayTls::None, false), false);
-    ready(&mut c, "250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n");
+    ready(&mut c, "250-mx\r\n250-PIPELINING\r\n250-SIZE\r\n250 CHUNKING\r\n");
     let out = sent(c.start(
         "s@x",
         &["a@d".to_string()],
@@ -261,9 +261,10 @@ fn binarymime_goes_only_to_hops_that_take_it() {
         "250-mx\r\n250-PIPELINING\r\n250-CHUNKING\r\n250 BINARYMIME\r\n",
     );
     let out = sent(c.start("s@x", &rcpts, &none, true, &[b"a\n.\n\0"]));
+    // No SIZE offered: no SIZE= sent (RFC 1870 §6; a strict hop would answer 555).
     assert_eq!(
         out,
-        "MAIL FROM:<s@x> SIZE=5 BODY=BINARYMIME\r\nRCPT TO:<a@d>\r\nBDAT 5 LAST\r\na\n.\n\0"
+        "MAIL FROM:<s@x> BODY=BINARYMIME\r\nRCPT TO:<a@d>\r\nBDAT 5 LAST\r\na\n.\n\0"
     );
     // CHUNKING alone, or neither: refused for good (RFC 3030 §3), nothing sent.
     for ehlo in ["250-mx\r\n250-PIPELINING\r\n250 CHUNKING\r\n", EHLO_PIPE] {
@@ -299,7 +300,7 @@ fn dsn_parameters_only_to_hops_that_offer_dsn() {
     ready(&mut c, "250-mx\r\n250-PIPELINING\r\n250 DSN\r\n");
     assert_eq!(
         sent(c.start("s@x", &rcpts, &dsn, false, &[b"x\r\n"])),
-        "MAIL FROM:<s@x> SIZE=3 RET=HDRS ENVID=id+2B\r\nRCPT TO:<a@d> NOTIFY=NEVER\r\nRCPT TO:<b@d> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;b@d\r\nDATA\r\n"
+        "MAIL FROM:<s@x> RET=HDRS ENVID=id+2B\r\nRCPT TO:<a@d> NOTIFY=NEVER\r\nRCPT TO:<b@d> NOTIFY=SUCCESS,FAILURE,DELAY ORCPT=rfc822;b@d\r\nDATA\r\n"
     );
     let mut c = Client::new(opts(RelayTls::None, false), false);
     ready(&mut c, EHLO_PIPE);
