@@ -225,6 +225,32 @@ fn queued_large_messages_for_a_silent_hop_do_not_grow_memory() {
     }
 }
 
+/// A message that has grown past `max_message_size` gives its spill file back at once: a
+/// client that goes on sending it (or trickles it) holds no share of `max_staging`, and the
+/// message is refused with `552` at its end.
+#[test]
+fn a_message_too_big_holds_no_staging() {
+    let s = Server::start_with(
+        "memory-doomed",
+        "auto",
+        "[binding.limits]\nmax_message_size = \"1MiB\"\n",
+        "[spool]\nmax_staging = \"1536KiB\"\n",
+    );
+    let payload = dot_stuffed(&big_message("doomed", 1200 << 10));
+    let (head, tail) = payload.split_at(payload.len() - 3);
+    let mut a = Raw::connect(s.inbound);
+    open_txn(&mut a, "u@example.test");
+    assert!(a.cmd("DATA\r\n").starts_with("354"));
+    a.w.write_all(head).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // Another, while the first is still being sent: had the first kept its 1 MiB, this one's
+    // 0.8 MiB would not fit.
+    let r = send_data(s.inbound, "u@example.test", &big_message("fits", 900 << 10));
+    assert!(r.starts_with("250"), "{r}");
+    a.w.write_all(tail).unwrap();
+    assert!(a.reply().starts_with("552"));
+}
+
 /// `[spool] max_staging`: spill files of all sessions together stay within it. A transfer that
 /// would go beyond is refused at its end with `452 4.3.1` while the others complete, and once
 /// they are done the space is there again.

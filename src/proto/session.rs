@@ -172,11 +172,17 @@ pub struct Session {
     esmtp: bool,
     authenticated: bool,
     errors: u32,
+    /// NOOP, RSET, VRFY and HELP since the last message accepted ([`JUNK_COMMANDS`]).
+    junk: u32,
     last_activity: Instant,
     stop: Stop,
     /// Closed for sending commands ahead of their replies without PIPELINING.
     unauth_pipelining: bool,
 }
+
+/// Commands that move no mail a session may send between messages before each counts as an
+/// error (Postfix's default `smtpd_junk_command_limit`).
+pub const JUNK_COMMANDS: u32 = 100;
 
 impl Session {
     /// A new session; the greeting is queued.
@@ -196,6 +202,7 @@ impl Session {
             esmtp: false,
             authenticated: false,
             errors: 0,
+            junk: 0,
             last_activity: now,
             stop: Stop::NeedInput,
             unauth_pipelining: false,
@@ -254,6 +261,17 @@ impl Session {
     /// A transaction (accepted MAIL) is open.
     pub fn in_transaction(&self) -> bool {
         self.txn.active
+    }
+
+    /// Bytes of the message under way received so far (kept or not).
+    pub fn message_size(&self) -> u64 {
+        self.txn.size
+    }
+
+    /// The message under way will be refused at its end (too big, or content refused): what
+    /// was kept of it is of no more use.
+    pub fn message_doomed(&self) -> bool {
+        self.txn.too_big || self.txn.defect.is_some()
     }
 
     /// The settings this session runs with.
@@ -362,6 +380,7 @@ impl Session {
         }
         self.pending = None;
         self.txn = Txn::default();
+        self.junk = 0;
         let r = &reply::MESSAGE_OK;
         let enhanced = self.enhanced();
         write_line(
@@ -403,9 +422,24 @@ impl Session {
     fn error(&mut self, r: &Reply) {
         self.reply(r);
         self.flush = true;
+        self.count_error();
+    }
+
+    fn count_error(&mut self) {
         self.errors += 1;
         if self.errors >= self.settings.cfg.max_errors {
             self.close_with(&reply::TOO_MANY_ERRORS);
+        }
+    }
+
+    /// A command that moves no mail (NOOP, RSET, VRFY, HELP), answered: past [`JUNK_COMMANDS`]
+    /// of them since the last message accepted, each counts as an error too (as Postfix's
+    /// `smtpd_junk_command_limit`), so that one every few minutes cannot hold a connection
+    /// forever, while a client that sends RSET between the messages it delivers goes on.
+    fn junk_command(&mut self) {
+        self.junk = self.junk.saturating_add(1);
+        if self.junk > JUNK_COMMANDS {
+            self.count_error();
         }
     }
 
@@ -517,11 +551,13 @@ impl Session {
             Command::Rset => {
                 self.txn = Txn::default();
                 self.reply(&reply::OK);
+                self.junk_command();
                 Some(Event::Reset)
             }
             Command::Noop => {
                 self.reply(&reply::OK);
                 self.flush = true;
+                self.junk_command();
                 None
             }
             Command::Quit => {
@@ -532,6 +568,7 @@ impl Session {
             Command::Vrfy => {
                 self.reply(&reply::VRFY);
                 self.flush = true;
+                self.junk_command();
                 None
             }
             Command::Expn => {
@@ -541,6 +578,7 @@ impl Session {
             Command::Help => {
                 self.reply(&reply::HELP);
                 self.flush = true;
+                self.junk_command();
                 None
             }
             Command::StartTls => self.starttls(fresh, more_input),
@@ -958,6 +996,10 @@ impl<'a> Feed<'_, 'a> {
                         .min(rest.len());
                     let piece = rest.get(..take).unwrap_or_default();
                     if *mode != BdatMode::Keep {
+                        if *mode == BdatMode::TooBig {
+                            // Still the message's bytes (the transfer rate counts them).
+                            s.txn.size = s.txn.size.saturating_add(take as u64);
+                        }
                         *remaining -= take as u64;
                         self.pos += take;
                         continue;

@@ -523,6 +523,43 @@ fn too_many_errors_closes() {
 }
 
 #[test]
+fn junk_commands_count_as_errors_past_the_limit() {
+    use crate::proto::session::JUNK_COMMANDS;
+    let s = settings(|c| c.max_errors = 3);
+    let n = JUNK_COMMANDS as usize;
+    // NOOP, RSET, VRFY and HELP are answered; past the limit each also counts as an error.
+    let mut input = b"EHLO c\r\n".to_vec();
+    for verb in ["NOOP", "RSET", "VRFY x", "HELP"]
+        .iter()
+        .cycle()
+        .take(n + 3)
+    {
+        input.extend_from_slice(format!("{verb}\r\n").as_bytes());
+    }
+    let (out, _) = run(&s, &input);
+    let r = replies(&out);
+    assert_eq!(r.len(), n + 3 + 1, "{r:?}");
+    assert_eq!(
+        r.last().copied(),
+        Some("421 4.7.0 Too many errors, closing connection")
+    );
+    // A message accepted starts the count again: a client that sends RSET before each
+    // message it delivers goes on.
+    let mut input = b"EHLO c\r\n".to_vec();
+    for _ in 0..3 {
+        input.extend_from_slice(&b"RSET\r\n".repeat(n));
+        input
+            .extend_from_slice(b"MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nx\r\n.\r\n");
+    }
+    input.extend_from_slice(b"NOOP\r\n");
+    let (out, _) = run(&s, &input);
+    assert!(
+        out.ends_with("250 2.0.0 Ok\r\n") && !out.contains("421"),
+        "{out}"
+    );
+}
+
+#[test]
 fn over_long_line_is_refused_and_session_goes_on() {
     let s = settings(|c| c.max_line = 512);
     let mut input = b"EHLO c\r\nMAIL FROM:<".to_vec();

@@ -555,6 +555,12 @@ impl Conn {
         loop {
             let (consumed, next) = self.process(session, &inbuf);
             inbuf.drain(..consumed);
+            // A message that will be refused keeps no content: its spill file and its share of
+            // the staging budget go back now, not when its sender is done (or has trickled the
+            // rest of it in for as long as the limits allow).
+            if session.message_doomed() && !self.txn.content.is_empty() {
+                self.txn.content.clear();
+            }
             if write_out(&mut self.transport, stream, session, &mut spare, limit)
                 .await
                 .is_err()
@@ -592,7 +598,7 @@ impl Conn {
                 let _ = write_out(&mut self.transport, stream, session, &mut spare, limit).await;
                 return End::Shutdown;
             }
-            if self.too_slow() {
+            if self.too_slow(session.message_size()) {
                 self.ctx.shared.metrics.rejected(Reason::Timeout);
                 session.close_with(&reply::TOO_SLOW);
                 let _ = write_out(&mut self.transport, stream, session, &mut spare, limit).await;
@@ -749,12 +755,12 @@ impl Conn {
 
     /// `min_data_rate`: the message so far arrived slower than the minimum average rate
     /// (checked from one second into the transfer).
-    fn too_slow(&self) -> bool {
+    fn too_slow(&self, received: u64) -> bool {
         let min = self.binding.b.limits.min_data_rate.0;
         match self.message_started {
             Some(t) if min > 0 => {
                 let secs = t.elapsed().as_secs_f64();
-                secs >= 1.0 && (self.txn.content.len() as f64) < min as f64 * secs
+                secs >= 1.0 && (received as f64) < min as f64 * secs
             }
             _ => false,
         }

@@ -116,7 +116,9 @@ mod tests {
         // IPv6: one /64 is one client.
         let l6 = ConnLimits::new(10);
         let _h1 = l6.acquire("2001:db8:1:2::1".parse().unwrap(), 2).unwrap();
-        let _h2 = l6.acquire("2001:db8:1:2:ffff::9".parse().unwrap(), 2).unwrap();
+        let _h2 = l6
+            .acquire("2001:db8:1:2:ffff::9".parse().unwrap(), 2)
+            .unwrap();
         assert!(l6.acquire("2001:db8:1:2::3".parse().unwrap(), 2).is_none());
         assert!(l6.acquire("2001:db8:1:3::1".parse().unwrap(), 2).is_some());
         let g3 = l.acquire(b, 2).unwrap();

@@ -103,7 +103,10 @@ fn without_pipelining_one_command_per_reply_and_mail_refusal() {
 #[test]
 fn bdat_when_chunking_and_pipelining() {
     let mut c = Client::new(opts(RelayTls::None, false), false);
-    ready(&mut c, "250-mx\r\n250-PIPELINING\r\n250-SIZE\r\n250 CHUNKING\r\n");
+    ready(
+        &mut c,
+        "250-mx\r\n250-PIPELINING\r\n250-SIZE\r\n250 CHUNKING\r\n",
+    );
     let out = sent(c.start(
         "s@x",
         &["a@d".to_string()],
