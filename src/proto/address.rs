@@ -358,6 +358,10 @@ fn valid_literal(inner: &[u8]) -> bool {
     }
 }
 
+/// The longest mailbox in a path: RFC 5321 §4.5.3.1.3 caps a path at 256 octets with its
+/// angle brackets. A session holds up to `max_recipients` of them.
+pub const MAX_MAILBOX: usize = 254;
+
 /// Parse `<path>` at the start of `s`; return the address (None for `<>` when `allow_null`) and
 /// the bytes after `>`.
 fn path(
@@ -400,7 +404,7 @@ fn path(
     let start = c.pos;
     let (at, literal) = c.mailbox()?;
     let end = c.pos;
-    if !c.eat(b'>') {
+    if !c.eat(b'>') || end - start > MAX_MAILBOX {
         return None;
     }
     let raw = to_str(s.get(start..end)?)?;
@@ -456,6 +460,20 @@ mod tests {
             a.domain().to_string(),
             String::from_utf8(rest.to_vec()).unwrap(),
         )
+    }
+
+    #[test]
+    fn a_path_is_at_most_256_octets() {
+        // RFC 5321 §4.5.3.1.3: 256 octets with the angle brackets.
+        let at_limit = format!("<{}@example.test>", "a".repeat(MAX_MAILBOX - 13));
+        assert_eq!(at_limit.len(), 256);
+        assert!(forward_path(at_limit.as_bytes()).is_some());
+        assert!(reverse_path(at_limit.as_bytes()).is_some());
+        let over = format!("<{}@example.test>", "a".repeat(MAX_MAILBOX - 12));
+        assert!(forward_path(over.as_bytes()).is_none());
+        assert!(reverse_path(over.as_bytes()).is_none());
+        let quoted = format!("<\"{}\"@example.test>", " ".repeat(2000));
+        assert!(forward_path(quoted.as_bytes()).is_none());
     }
 
     #[test]

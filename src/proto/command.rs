@@ -502,6 +502,8 @@ fn rcpt(args: &[u8]) -> Result<(Command<'_>, &[u8]), ParseError> {
     let mut p = RcptParams::default();
     let rem = params(rest, |key, value| match (key, value) {
         (keywords::NOTIFY, Some(v)) => set(&mut p.notify, notify_flags(v)?),
+        // At most 500 characters (RFC 3461 §4.2).
+        (keywords::ORCPT, Some(v)) if v.len() > 500 => Err(ParseError::Syntax),
         (keywords::ORCPT, Some(v)) => {
             // ORCPT=addr-type ";" xtext (RFC 3461 §4.2)
             let semi = v
@@ -786,6 +788,15 @@ mod tests {
                 "5.5.4",
             ),
             ("RCPT TO:<a@b> ORCPT=a@b", ParseError::Syntax, 501, "5.5.4"),
+            (
+                // More than 500 characters (RFC 3461 §4.2).
+                Box::leak(
+                    format!("RCPT TO:<a@b> ORCPT=rfc822;{}@b", "a".repeat(495)).into_boxed_str(),
+                ),
+                ParseError::Syntax,
+                501,
+                "5.5.4",
+            ),
             (
                 "RCPT TO:<a@b> SIZE=1",
                 ParseError::UnknownParameter,
