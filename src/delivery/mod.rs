@@ -104,6 +104,9 @@ pub struct Envelope {
     pub aswl: Option<bool>,
     /// Failed DMARC under a quarantine (or unenforced reject) policy.
     pub dmarc_quarantine: bool,
+    /// SPF passed for the MAIL FROM domain: notices that only the sender asked for (success,
+    /// delay, a failure with the whole message) may go back to it ([`Envelope::reflects`]).
+    pub sender_verified: bool,
     /// What the sender asked of delivery status notifications (RFC 3461).
     pub dsn: DsnRequest,
     /// Declared `BODY=BINARYMIME` (RFC 3030): the content may hold any bytes and is relayed
@@ -112,6 +115,15 @@ pub struct Envelope {
 }
 
 impl Envelope {
+    /// Whether notices that only the sender asked for go back to it: success and delay
+    /// notices, and a message returned whole (RET=FULL). Mail from the organisation, yes; mail
+    /// from the Internet only when SPF vouched for its MAIL FROM, else a forged sender would
+    /// have ringmx send notices, and its content back, to whoever it named (backscatter).
+    /// Failure notices go either way: a message accepted and then lost must be reported.
+    pub fn reflects(&self) -> bool {
+        self.direction == Direction::Outbound || self.sender_verified
+    }
+
     /// What routes may look at besides the addresses.
     pub fn route_facts(&self) -> RouteFacts {
         RouteFacts {
@@ -160,6 +172,26 @@ impl DsnRequest {
     /// Nothing was asked.
     pub fn is_empty(&self) -> bool {
         self.ret.is_none() && self.envid.is_none() && self.rcpts.is_empty()
+    }
+
+    /// What a sender that may be forged may ask for (see [`Envelope::reflects`]), also of the
+    /// next hop it is passed on to: failure notices with the headers only. NOTIFY loses
+    /// SUCCESS and DELAY (`NEVER` when nothing is left), RET=FULL becomes RET=HDRS.
+    pub fn limit_to_failures(&mut self) {
+        use crate::proto::command::notify;
+        for r in &mut self.rcpts {
+            if let Some(n) = r.notify.as_mut()
+                && *n & (notify::SUCCESS | notify::DELAY) != 0
+            {
+                *n &= !(notify::SUCCESS | notify::DELAY);
+                if *n == 0 {
+                    *n = notify::NEVER;
+                }
+            }
+        }
+        if self.ret == Some(DsnRet::Full) {
+            self.ret = Some(DsnRet::Hdrs);
+        }
     }
 
     /// Recipient `i`'s parameters (none when it had none).
@@ -254,6 +286,7 @@ impl Envelope {
             received_at: SystemTime::UNIX_EPOCH,
             aswl: None,
             dmarc_quarantine: false,
+            sender_verified: false,
             dsn: DsnRequest::default(),
             binary: false,
         }

@@ -95,7 +95,9 @@ pub fn conclude(
 ) -> Conclusion {
     let expired = age >= max_lifetime;
     let notify = !env.mail_from.is_empty() && !env.is_bounce;
-    let wants = |i: u32, n: Notice| notify && env.dsn.wants(i as usize, n);
+    let wants = |i: u32, n: Notice| {
+        notify && (n == Notice::Failure || env.reflects()) && env.dsn.wants(i as usize, n)
+    };
     let mut c = Conclusion::default();
     for (i, r) in results {
         let rcpt = env.rcpts.get(i as usize).cloned().unwrap_or_default();
@@ -199,6 +201,8 @@ mod tests {
                 .collect(),
             ..DsnRequest::default()
         };
+        // (Inbound, from a sender SPF vouched for: every notice asked for may go.)
+        e.sender_verified = true;
         e
     }
 
@@ -317,6 +321,43 @@ mod tests {
             );
             assert_eq!(c.finished, [0, 1, 2]);
             assert!(c.succeeded.is_empty() && c.failed.is_empty() && c.deferred.is_empty());
+        }
+    }
+
+    #[test]
+    fn unverified_inbound_senders_hear_of_failures_only() {
+        use crate::delivery::Direction;
+        let all = Some(notify::SUCCESS | notify::FAILURE | notify::DELAY);
+        for (direction, verified, reflects) in [
+            (Direction::Inbound, false, false),
+            (Direction::Inbound, true, true),
+            (Direction::Outbound, false, true),
+        ] {
+            let mut e = env("s@y.test", &[all, all, all]);
+            (e.direction, e.sender_verified) = (direction, verified);
+            assert_eq!(e.reflects(), reflects);
+            let c = conclude(
+                &e,
+                vec![
+                    (0, Attempted::Delivered(Some(Kind::Delivered))),
+                    (1, failed("5.1.1")),
+                    (2, deferred()),
+                ],
+                HOUR,
+                LIFETIME,
+            );
+            let case = format!("{direction:?} verified={verified}");
+            // What is passed on to the next hop too.
+            let mut asked = e.dsn.clone();
+            asked.ret = Some(crate::delivery::DsnRet::Full);
+            asked.rcpts[1].notify = Some(notify::SUCCESS | notify::DELAY);
+            asked.limit_to_failures();
+            assert_eq!(asked.ret, Some(crate::delivery::DsnRet::Hdrs));
+            assert_eq!(asked.rcpts[0].notify, Some(notify::FAILURE));
+            assert_eq!(asked.rcpts[1].notify, Some(notify::NEVER));
+            assert_eq!(c.failed.len(), 1, "{case}");
+            assert_eq!(c.succeeded.len(), usize::from(reflects), "{case}");
+            assert_eq!(c.deferred.len(), usize::from(reflects), "{case}");
         }
     }
 

@@ -1045,6 +1045,7 @@ impl Conn {
             received_at: SystemTime::now(),
             aswl: None,
             dmarc_quarantine: false,
+            sender_verified: false,
             dsn: std::mem::take(&mut self.txn.dsn),
             binary: self.txn.binary,
         };
@@ -1085,6 +1086,10 @@ impl Conn {
             }
         };
         env.dmarc_quarantine = authenticated.as_ref().is_some_and(|a| a.quarantine());
+        env.sender_verified = authenticated.as_ref().is_some_and(|a| a.spf.is_some());
+        if !env.reflects() {
+            env.dsn.limit_to_failures();
+        }
         // A whitelist pass counts only for an authenticated sender (`require_authentication`):
         // passes of an unauthenticated one become `none` before the routes are chosen.
         let mut verdicts = std::mem::take(&mut self.txn.verdicts);

@@ -817,7 +817,7 @@ impl CoreQueue {
             sender: &env.mail_from,
             arrival: env.received_at,
             message: &original,
-            ret: env.dsn.ret,
+            ret: env.dsn.ret.filter(|_| env.reflects()),
             envid: env.dsn.envid.as_deref(),
             binary: env.binary,
         };
@@ -840,6 +840,7 @@ impl CoreQueue {
             received_at: SystemTime::now(),
             aswl: None,
             dmarc_quarantine: false,
+            sender_verified: false,
             dsn: Default::default(),
             binary: false,
         };

@@ -178,7 +178,8 @@ pub fn encode_message_head(
             | (u8::from(env.aswl == Some(true)) << 3)
             | (u8::from(has_dsn) << 4)
             | (u8::from(env.binary) << 5)
-            | (u8::from(env.dmarc_quarantine) << 6),
+            | (u8::from(env.dmarc_quarantine) << 6)
+            | (u8::from(env.sender_verified) << 7),
     );
     put_str(&mut r, &env.mail_from);
     put_str(&mut r, &env.client_ip.to_string());
@@ -394,6 +395,7 @@ fn decode_message(rd: &mut Reader<'_>, payload_at: u64) -> Result<MessageRecord,
             dsn,
             binary: flags & 32 != 0,
             dmarc_quarantine: flags & 64 != 0,
+            sender_verified: flags & 128 != 0,
         },
         trace,
         content_at,
@@ -413,6 +415,7 @@ mod tests {
             received_at: SystemTime::UNIX_EPOCH + Duration::from_micros(1_234_567),
             aswl: Some(true),
             dmarc_quarantine: true,
+            sender_verified: true,
             ..Envelope::example("Q1", &["x@d.test", "y@d.test"])
         }
     }
