@@ -219,6 +219,13 @@ pub static TOO_MANY_UNKNOWN: Reply = Reply::new(
     "4.7.0",
     "Too many unknown recipients, closing connection",
 );
+/// A refused BDAT chunk larger than `max_message_size`: its bytes are not read to find the
+/// next command.
+pub static CHUNK_NOT_READ: Reply = Reply::new(
+    421,
+    "4.7.0",
+    "Refused BDAT chunk too large to skip, closing connection",
+);
 /// `[rates] connections_per_minute` reached for the client's network.
 pub static RATE_CONNECTIONS: Reply = Reply::new(
     421,

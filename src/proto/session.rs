@@ -634,6 +634,14 @@ impl Session {
         // RFC 3030 §2: the chunk is read (and discarded) even when the command is refused,
         // otherwise its bytes would be taken for commands.
         if let Some(r) = self.message_sequence_error(fresh) {
+            if size > self.settings.cfg.max_message_size {
+                // No message this large is taken, and its bytes would have to be read (under
+                // no transaction's time limit or data rate) to find the next command: refused
+                // and closed, not skipped for as long as the client trickles them.
+                self.reply(r);
+                self.close_with(&reply::CHUNK_NOT_READ);
+                return None;
+            }
             self.state = State::Bdat {
                 remaining: size,
                 last,

@@ -523,6 +523,22 @@ fn too_many_errors_closes() {
 }
 
 #[test]
+fn a_refused_bdat_chunk_too_large_to_skip_closes() {
+    let s = settings(|c| c.max_message_size = 1000);
+    let (out, _) = run(&s, b"EHLO c\r\nBDAT 1001\r\nxyz");
+    assert_eq!(
+        replies(&out),
+        [
+            "503 5.5.1 Send MAIL first",
+            "421 4.7.0 Refused BDAT chunk too large to skip, closing connection"
+        ]
+    );
+    // One that fits is read and skipped, and the session goes on.
+    let (out, _) = run(&s, b"EHLO c\r\nBDAT 3\r\nxyzNOOP\r\n");
+    assert_eq!(replies(&out), ["503 5.5.1 Send MAIL first", "250 2.0.0 Ok"]);
+}
+
+#[test]
 fn junk_commands_count_as_errors_past_the_limit() {
     use crate::proto::session::JUNK_COMMANDS;
     let s = settings(|c| c.max_errors = 3);
