@@ -291,8 +291,14 @@ impl Check for Callout {
         let callouts = self.callouts.clone();
         let address = r.rcpt.to_string();
         let ehlo = self.config.server.hostname.clone();
+        // A job that starts after its session stopped waiting does no work (and gives its
+        // probe slot back at once).
+        let deadline = std::time::Instant::now() + self.callouts.settings.timeout.0 * 6;
         Decision::Defer(Job::blocking(move || {
             let _slot = slot;
+            if std::time::Instant::now() >= deadline {
+                return callouts.unavailable();
+            }
             let step = callouts.settings.timeout.0;
             match probe(&hops, &ehlo, &address, step) {
                 Verdict::Exists => {

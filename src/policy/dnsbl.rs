@@ -141,7 +141,13 @@ impl Check for DnsLists {
             (self.lists.clone(), self.replies.clone(), self.cache.clone());
         let (threshold, max_ttl, cache_size) = (self.threshold, self.max_ttl, self.cache_size);
         let resolve = self.resolve.clone();
+        // A job that starts after its session stopped waiting (a flood queued ahead of it)
+        // asks nothing: the session has gone on as "not listed" already.
+        let deadline = std::time::Instant::now() + self.time_limit;
         Decision::Defer(Job::blocking(move || {
+            if std::time::Instant::now() >= deadline {
+                return Decision::Continue;
+            }
             let names: Vec<String> = lists.iter().map(|l| l.query(ip)).collect();
             let answers = resolve(&names);
             let (total, top, ttl) = score(&lists, &answers);
@@ -233,5 +239,33 @@ mod tests {
         assert_eq!(*asked.lock().unwrap(), 2);
         assert!(listed(run("127.0.0.4", 1101)).is_some());
         assert_eq!(*asked.lock().unwrap(), 3);
+    }
+
+    #[test]
+    fn a_job_started_after_its_session_gave_up_asks_nothing() {
+        let asked = Arc::new(Mutex::new(0));
+        let counter = asked.clone();
+        let resolve: Resolve = Arc::new(move |names: &[String]| {
+            *counter.lock().unwrap() += 1;
+            names
+                .iter()
+                .map(|_| Some((vec![ip4("127.0.0.2")], 100)))
+                .collect()
+        });
+        let lists = vec![List::parse("zen.example").unwrap()];
+        for (limit, want_asked) in [
+            (std::time::Duration::ZERO, 0),
+            (std::time::Duration::from_secs(30), 1),
+        ] {
+            *asked.lock().unwrap() = 0;
+            let d = DnsLists::new(lists.clone(), 1, 3600, 10, resolve.clone(), limit);
+            let r = Request::new("127.0.0.9".parse().unwrap(), 1000);
+            let Decision::Defer(job) = d.check(&r) else {
+                panic!("not deferred");
+            };
+            let answer = job.wait();
+            assert_eq!(*asked.lock().unwrap(), want_asked, "{limit:?}");
+            assert_eq!(matches!(answer, Decision::Reject(_)), want_asked == 1);
+        }
     }
 }
