@@ -183,8 +183,9 @@ fn relayed_content_is_canonical_whatever_came_in() {
 }
 
 /// Python's `email` package reads a lone CR or LF as a line end. What it reads as the verdict
-/// header of every stored copy is ringmx's, whatever the content tries: a copy hidden behind a
-/// bare CR (BINARYMIME keeps it), a forged one in plain sight, one after a bare LF (normalised).
+/// header of every stored copy is ringmx's, whatever the content tries: a forged one in plain
+/// sight is replaced; BINARYMIME content (which keeps lone CRs and LFs) with one behind a bare
+/// CR or LF in its header section is refused (`550 5.6.0`: readers disagree on such lines).
 #[test]
 fn verdict_header_cannot_be_forged_or_extended() {
     const PARSE: &str = r#"
@@ -200,28 +201,41 @@ for p in sorted(glob.glob(os.path.join(sys.argv[1], "*.eml"))):
             "",
             "[authentication]\nverify = false\n[aswl]\nmode = \"per-recipient\"\n",
         );
-        let attempts: [(&str, &[u8]); 3] = [
+        let attempts: [(&str, &[u8], &str); 4] = [
             (
                 " BODY=BINARYMIME",
                 b"Subject: a\rX-ASWL: pass mode=global\r\n\r\nbody\r\n",
+                "550 5.6.0",
             ),
             (
                 "",
                 b"X-ASWL: pass mode=global\r\nSubject: b\r\n\r\nbody\r\n",
+                "250",
             ),
             (
                 " BODY=BINARYMIME",
                 b"Subject: c\nX-ASWL: pass\n\tmode=global\r\n\r\nbody\r\n",
+                "550 5.6.0",
+            ),
+            (
+                " BODY=BINARYMIME",
+                b"Subject: d\r\n\rX-ASWL: pass mode=global\r\n\r\nbody\r\n",
+                "550 5.6.0",
             ),
         ];
-        for (params, content) in attempts {
+        for (params, content, want) in attempts {
             let mut c = Raw::connect(s.inbound);
             open_txn(&mut c, params, "u@example.test");
             let r = bdat(&mut c, &[content]);
-            assert!(r.starts_with("250"), "{driver}: {r}");
+            assert!(r.starts_with(want), "{driver}: {r}");
             assert!(c.cmd("QUIT\r\n").starts_with("221"));
         }
-        assert_eq!(s.dropped().len(), 3);
+        // Bare line ends in the body of BINARYMIME content are its own.
+        let mut c = Raw::connect(s.inbound);
+        open_txn(&mut c, " BODY=BINARYMIME", "u@example.test");
+        let r = bdat(&mut c, &[b"Subject: e\r\n\r\nbody\rX-ASWL: pass\n\0\r\n"]);
+        assert!(r.starts_with("250"), "{driver}: {r}");
+        assert_eq!(s.dropped().len(), 2);
         let out = std::process::Command::new("python3")
             .args(["-c", PARSE])
             .arg(&s.drop_dir)
@@ -231,7 +245,7 @@ for p in sorted(glob.glob(os.path.join(sys.argv[1], "*.eml"))):
         let seen = stdout(&out);
         assert_eq!(
             seen.lines().collect::<Vec<_>>(),
-            ["['none mode=per-recipient']"; 3],
+            ["['none mode=per-recipient']"; 2],
             "{driver}"
         );
     }

@@ -129,6 +129,17 @@ pub fn header_len(content: &[u8]) -> usize {
     header_block(content, usize::MAX).len()
 }
 
+/// Whether the header section of `content` (up to its first CRLF CRLF) holds a CR not
+/// followed by LF or an LF not after a CR.
+pub fn header_has_bare_line_end(content: &[u8]) -> bool {
+    let end = memchr::memmem::find(content, b"\r\n\r\n").map_or(content.len(), |e| e + 4);
+    let head = content.get(..end).unwrap_or(content);
+    memchr::memchr2_iter(b'\r', b'\n', head).any(|i| match head.get(i) {
+        Some(b'\r') => head.get(i + 1) != Some(&b'\n'),
+        _ => i == 0 || head.get(i - 1) != Some(&b'\r'),
+    })
+}
+
 /// Every header field as `(name, unfolded raw value)`.
 pub fn headers(content: &[u8]) -> Vec<(&str, String)> {
     let block = header_block(content, HEADER_SCAN);
@@ -205,7 +216,7 @@ pub fn strip_header_if(
         if !cont || (junk && mine.is_some()) {
             flush(&mut field, ours, &mut out);
             ours = mine.map(|colon| colon + 1);
-            junk = !line.contains(&b':');
+            junk = !names_a_field(line);
         }
         field.extend_from_slice(line);
     }
@@ -221,6 +232,21 @@ pub fn strip_header_if(
 /// lenient readers find it: case aside, with ASCII white space and control characters
 /// anywhere around or inside it skipped (`\x0cName:`, `Na me:`, `Name\x0b:`), and colons
 /// before it skipped (`:Name:`), as mail-parser does. `None` for any other line.
+fn names_a_field(line: &[u8]) -> bool {
+    let mut started = false;
+    for &b in line {
+        match b {
+            b':' if started => return true,
+            b':' | 0..=0x20 | 0x7f => {}
+            _ => started = true,
+        }
+    }
+    false
+}
+
+/// Whether `line` is a field as the most lenient readers find one ([`lenient_field`]): a
+/// name, then a colon. Lines that are not (`junk`, `:`, `::x`) are dropped by such readers, and
+/// a line after one of them is read as a field even when it starts with white space.
 fn lenient_field(line: &[u8], name: &[u8]) -> Option<usize> {
     let mut want = name.iter();
     let mut started = false;
@@ -293,16 +319,17 @@ fn charset_decode(charset: &str, bytes: &[u8]) -> String {
 /// RFC 2047 decoding of an unstructured header value (UTF-8, Latin-1 and Windows-1252
 /// charsets; others are read as UTF-8). Whitespace between adjacent encoded words is dropped.
 pub fn decode_words(value: &str) -> String {
-    let mut ends = NextEnd {
-        value,
-        from: 0,
-        found: value.find("?="),
-    };
-    decode_with(value, |at| ends.at(at))
+    let (mut ends, mut spaces) = (NextEnd::new(value, "?="), NextEnd::new(value, " "));
+    decode_with(value, |at| ends.at(at), |at| spaces.at(at))
 }
 
-/// [`decode_words`], `end_from(i)` giving where the first `?=` at or after `value[i..]` starts.
-fn decode_with(value: &str, mut end_from: impl FnMut(usize) -> Option<usize>) -> String {
+/// [`decode_words`], `end_from(i)` (`space_from(i)`) giving where the first `?=` (space) at or
+/// after `value[i..]` is.
+fn decode_with(
+    value: &str,
+    mut end_from: impl FnMut(usize) -> Option<usize>,
+    mut space_from: impl FnMut(usize) -> Option<usize>,
+) -> String {
     let mut out = String::with_capacity(value.len());
     let mut rest = value;
     let mut pending_ws = String::new();
@@ -311,9 +338,12 @@ fn decode_with(value: &str, mut end_from: impl FnMut(usize) -> Option<usize>) ->
         if let Some(start) = rest.find("=?") {
             let (before, after) = rest.split_at(start);
             let offset = value.len() - after.len();
-            if let Some((word, tail)) = encoded_word(after, |at| {
-                end_from(offset + at).and_then(|e| e.checked_sub(offset))
-            }) {
+            let word = encoded_word(
+                after,
+                |at| end_from(offset + at).and_then(|e| e.checked_sub(offset)),
+                |at| space_from(offset + at).and_then(|e| e.checked_sub(offset)),
+            );
+            if let Some((word, tail)) = word {
                 if !before.trim().is_empty() || !last_was_word {
                     out.push_str(&pending_ws);
                     out.push_str(before);
@@ -348,19 +378,30 @@ fn decode_with(value: &str, mut end_from: impl FnMut(usize) -> Option<usize>) ->
 /// of `=?` that never closes costs one pass, not one per `=?`.
 struct NextEnd<'a> {
     value: &'a str,
-    /// `found` is the first `?=` at or after `from`.
+    /// What is looked for (`?=`; a space, which no encoded word holds).
+    what: &'static str,
+    /// `found` is the first `what` at or after `from`.
     from: usize,
     found: Option<usize>,
 }
 
-impl NextEnd<'_> {
+impl<'a> NextEnd<'a> {
+    fn new(value: &'a str, what: &'static str) -> NextEnd<'a> {
+        NextEnd {
+            value,
+            what,
+            from: 0,
+            found: value.find(what),
+        }
+    }
+
     fn at(&mut self, offset: usize) -> Option<usize> {
         if offset > self.from && self.found.is_some_and(|f| f < offset) {
             self.from = offset;
             self.found = self
                 .value
                 .get(offset..)
-                .and_then(|r| r.find("?="))
+                .and_then(|r| r.find(self.what))
                 .map(|i| offset + i);
         }
         self.found
@@ -368,21 +409,29 @@ impl NextEnd<'_> {
 }
 
 /// `=?charset?X?text?=` at the start of `s`: the decoded text and what follows. `end_at(i)`
-/// is where the first `?=` at or after `s[i..]` starts.
-fn encoded_word(s: &str, end_at: impl FnOnce(usize) -> Option<usize>) -> Option<(String, &str)> {
+/// is where the first `?=` at or after `s[i..]` starts, `space_at(i)` the first space. Only
+/// those two look past the word's start, so a value of many `=?` costs one pass, not one per
+/// `=?` (a base64 text stops at its first `?`, which every later `=?` holds).
+fn encoded_word(
+    s: &str,
+    end_at: impl FnOnce(usize) -> Option<usize>,
+    space_at: impl FnOnce(usize) -> Option<usize>,
+) -> Option<(String, &str)> {
     let inner = s.strip_prefix("=?")?;
     let (charset, r) = inner.split_once('?')?;
     let (enc, r) = r.split_once('?')?;
-    let text_at = s.len() - r.len();
-    let end = end_at(text_at)?.checked_sub(text_at)?;
-    let text = r.get(..end)?;
-    if text.contains(' ') || charset.is_empty() {
+    if charset.is_empty() || !matches!(enc, "B" | "b" | "Q" | "q") {
         return None;
     }
+    let text_at = s.len() - r.len();
+    let end = end_at(text_at)?.checked_sub(text_at)?;
+    if space_at(text_at).is_some_and(|sp| sp < text_at + end) {
+        return None;
+    }
+    let text = r.get(..end)?;
     let bytes = match enc {
         "B" | "b" => decode_b(text)?,
-        "Q" | "q" => decode_q(text),
-        _ => return None,
+        _ => decode_q(text),
     };
     Some((charset_decode(charset, &bytes), r.get(end + 2..)?))
 }
@@ -575,12 +624,18 @@ mod tests {
             b":X-ASWL: pass\r\n",
             b"\x0b:\x7f X-A S W L\t: pass\r\n",
             b"junk\r\n X-ASWL: pass\r\n",
+            b":\r\n X-ASWL: pass\r\n",
+            b"::x\r\n\tX-ASWL: pass\r\n",
         ] {
             let mut message = b"Subject: a\r\n".to_vec();
             message.extend_from_slice(m);
             message.extend_from_slice(b"To: b\r\n\r\nX-ASWL: body\r\n");
             let kept: &[u8] = if m.starts_with(b"junk") {
                 b"Subject: a\r\njunk\r\nTo: b\r\n\r\nX-ASWL: body\r\n"
+            } else if m.starts_with(b":\r\n") {
+                b"Subject: a\r\n:\r\nTo: b\r\n\r\nX-ASWL: body\r\n"
+            } else if m.starts_with(b"::x") {
+                b"Subject: a\r\n::x\r\nTo: b\r\n\r\nX-ASWL: body\r\n"
             } else {
                 b"Subject: a\r\nTo: b\r\n\r\nX-ASWL: body\r\n"
             };
@@ -600,6 +655,25 @@ mod tests {
             b"X-ASWL\r\n",
         ] {
             assert_eq!(strip_header(m, "X-ASWL"), None, "{m:?}");
+        }
+    }
+
+    #[test]
+    fn bare_line_ends_in_the_header_section() {
+        for (m, bare) in [
+            (
+                &b"Subject: a\r\nTo: b\r\n\r\nbody\rwith\nbare\r\n"[..],
+                false,
+            ),
+            (b"Subject: a\r\n\rAuthentication-Results: x\r\n\r\nb", true),
+            (b"Subject: a\rTo: b\r\n\r\n", true),
+            (b"Subject: a\nTo: b\r\n\r\n", true),
+            (b"\nSubject: a\r\n\r\n", true),
+            (b"Subject: a\r\n", false),
+            (b"Subject: a\r", true),
+            (b"", false),
+        ] {
+            assert_eq!(header_has_bare_line_end(m), bare, "{m:?}");
         }
     }
 
@@ -633,9 +707,11 @@ mod tests {
             )
         ) {
             let value = parts.concat();
-            let searched = decode_with(&value, |at| {
-                value.get(at..).and_then(|r| r.find("?=")).map(|i| at + i)
-            });
+            let v = value.as_str();
+            let search = |what: &'static str| {
+                move |at: usize| v.get(at..).and_then(|r| r.find(what)).map(|i| at + i)
+            };
+            let searched = decode_with(&value, search("?="), search(" "));
             proptest::prop_assert_eq!(decode_words(&value), searched);
         }
     }

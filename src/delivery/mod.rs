@@ -104,8 +104,9 @@ pub struct Envelope {
     pub aswl: Option<bool>,
     /// Failed DMARC under a quarantine (or unenforced reject) policy.
     pub dmarc_quarantine: bool,
-    /// SPF passed for the MAIL FROM domain: notices that only the sender asked for (success,
-    /// delay, a failure with the whole message) may go back to it ([`Envelope::reflects`]).
+    /// SPF passed for the MAIL FROM domain, or its binding does not verify senders: notices
+    /// that only the sender asked for (success, delay, a failure with the whole message) may
+    /// go back to it ([`Envelope::reflects`]).
     pub sender_verified: bool,
     /// What the sender asked of delivery status notifications (RFC 3461).
     pub dsn: DsnRequest,
@@ -174,24 +175,25 @@ impl DsnRequest {
         self.ret.is_none() && self.envid.is_none() && self.rcpts.is_empty()
     }
 
-    /// What a sender that may be forged may ask for (see [`Envelope::reflects`]), also of the
-    /// next hop it is passed on to: failure notices with the headers only. NOTIFY loses
-    /// SUCCESS and DELAY (`NEVER` when nothing is left), RET=FULL becomes RET=HDRS.
-    pub fn limit_to_failures(&mut self) {
+    /// What a sender that may be forged may ask for (see [`Envelope::reflects`]), of ringmx
+    /// and of the next hop the request is passed on to: failure notices with the headers only,
+    /// said outright so that a hop's own defaults (delays, the whole message) do not apply.
+    /// For each of the `rcpts` recipients NOTIFY loses SUCCESS and DELAY (`NEVER` when nothing
+    /// is left; `FAILURE` where none was given); RET is `HDRS`.
+    pub fn limit_to_failures(&mut self, rcpts: usize) {
         use crate::proto::command::notify;
+        self.rcpts
+            .resize_with(rcpts.max(self.rcpts.len()), RcptDsn::default);
         for r in &mut self.rcpts {
-            if let Some(n) = r.notify.as_mut()
-                && *n & (notify::SUCCESS | notify::DELAY) != 0
-            {
+            let n = r.notify.get_or_insert(notify::FAILURE);
+            if *n & (notify::SUCCESS | notify::DELAY) != 0 {
                 *n &= !(notify::SUCCESS | notify::DELAY);
                 if *n == 0 {
                     *n = notify::NEVER;
                 }
             }
         }
-        if self.ret == Some(DsnRet::Full) {
-            self.ret = Some(DsnRet::Hdrs);
-        }
+        self.ret = Some(DsnRet::Hdrs);
     }
 
     /// Recipient `i`'s parameters (none when it had none).

@@ -172,7 +172,7 @@ pub struct Session {
     esmtp: bool,
     authenticated: bool,
     errors: u32,
-    /// NOOP, RSET, VRFY and HELP since the last message accepted ([`JUNK_COMMANDS`]).
+    /// Commands that moved no mail since the last message accepted ([`JUNK_COMMANDS`]).
     junk: u32,
     last_activity: Instant,
     stop: Stop,
@@ -432,7 +432,8 @@ impl Session {
         }
     }
 
-    /// A command that moves no mail (NOOP, RSET, VRFY, HELP), answered: past [`JUNK_COMMANDS`]
+    /// A command that moves no mail (NOOP, RSET, VRFY, HELP, HELO/EHLO, a MAIL refused for
+    /// its SIZE), answered: past [`JUNK_COMMANDS`]
     /// of them since the last message accepted, each counts as an error too (as Postfix's
     /// `smtpd_junk_command_limit`), so that one every few minutes cannot hold a connection
     /// forever, while a client that sends RSET between the messages it delivers goes on.
@@ -481,6 +482,7 @@ impl Session {
                 self.state = State::Ready;
                 self.esmtp = extended;
                 self.txn = Txn::default();
+                self.junk_command();
                 Some(Event::Helo { host, extended })
             }
             Command::Mail { from, params } => {
@@ -497,6 +499,7 @@ impl Session {
                     .is_some_and(|s| s > self.settings.cfg.max_message_size)
                 {
                     self.reply(&reply::MESSAGE_TOO_BIG);
+                    self.junk_command();
                 } else {
                     self.pending = Some(Pending::Mail {
                         smtputf8: params.smtputf8,

@@ -31,8 +31,9 @@ pub struct Reply {
 /// Lines longer than this, or replies with more lines, are a protocol error.
 pub const MAX_LINE: usize = 4096;
 pub const MAX_LINES: usize = 256;
-/// Text kept of one reply (what is logged, shown by `ringmx queue`, and put in notices); the
-/// rest of a longer reply is read and dropped. RFC 5321 §4.5.3.1.5 allows 512 bytes a line.
+/// Text kept of one reply (what is logged, shown by `ringmx queue`, and put in notices): its
+/// lines while they fit (the first one cut to fit); the rest of a longer reply is read and
+/// dropped. RFC 5321 §4.5.3.1.5 allows 512 bytes a line.
 pub const MAX_TEXT: usize = 4096;
 
 /// Why the bytes are not a reply.
@@ -111,7 +112,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
     let mut pos = 0;
     let mut code: Option<u16> = None;
     let mut lines = Vec::new();
-    let (mut count, mut kept) = (0, 0);
+    let (mut count, mut kept, mut kept_all) = (0, 0, true);
     loop {
         let rest = buf.get(pos..).unwrap_or_default();
         let Some(lf) = memchr::memchr(b'\n', rest) else {
@@ -148,10 +149,14 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
         if count > MAX_LINES {
             return Err(ReplyError::TooLong);
         }
-        if kept < MAX_TEXT || lines.is_empty() {
-            let line = text_of(text, MAX_TEXT - kept.min(MAX_TEXT));
+        // Whole lines (an EHLO reply's capabilities are read from them), but for a first
+        // line longer than the bound.
+        let line = text_of(text, MAX_TEXT);
+        if lines.is_empty() || (kept + line.len() <= MAX_TEXT && kept_all) {
             kept += line.len();
             lines.push(line);
+        } else {
+            kept_all = false;
         }
         if last {
             let enhanced = lines.first().and_then(|l| enhanced(l, c));
@@ -287,8 +292,25 @@ mod tests {
         long.extend_from_slice(b"451 4.3.0 end\r\nnext");
         let (r, n) = parse(&long).unwrap().unwrap();
         assert_eq!(n, long.len() - 4);
-        assert_eq!(r.lines.iter().map(String::len).sum::<usize>(), MAX_TEXT);
+        assert_eq!(r.lines.len(), 1, "whole lines only");
+        assert_eq!(r.lines[0].len(), MAX_LINE - 10);
+        // An EHLO reply keeps whole lines while they fit, never a capability cut short (`SIZE
+        // 1` of `SIZE 157286400`).
+        let mut first = b"250-".to_vec();
+        first.extend(std::iter::repeat_n(b'x', 4000));
+        first.extend_from_slice(b"\r\n250 SIZE 157286400\r\n");
+        let r = parse(&first).unwrap().unwrap().0;
         assert_eq!(r.lines.len(), 2);
+        assert_eq!(Capabilities::from_ehlo(&r).size, Some(157286400));
+        first.truncate(4004);
+        first.extend_from_slice(b"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n250 SIZE 157286400\r\n");
+        let r = parse(&first).unwrap().unwrap().0;
+        assert_eq!(
+            r.lines.len(),
+            1,
+            "the line that does not fit is dropped whole"
+        );
+        assert_eq!(Capabilities::from_ehlo(&r).size, None);
         // Multi-byte characters are not split at the bound.
         assert_eq!(text_of("ééé".as_bytes(), 5), "éé");
     }

@@ -1062,6 +1062,16 @@ impl Conn {
             self.txn.clear();
             return;
         }
+        // BINARYMIME content may hold lone CRs and LFs, but not in its header section: a lone
+        // CR ends a line for some readers and is white space for others (mail-parser), so the
+        // fields ringmx strips and those a next hop reads could differ.
+        if env.binary && aswl::detect::header_has_bare_line_end(content.prefix()) {
+            tracing::info!(queue_id = %queue_id, client = %self.peer.ip(), "message refused: bare CR or LF in the header section of BINARYMIME content");
+            self.ctx.shared.metrics.rejected(Reason::BareLineEnding);
+            session.reject(&reply::BARE_LINE_ENDING);
+            self.txn.clear();
+            return;
+        }
         let header_len = aswl::detect::header_len(content.prefix());
         let outcome = {
             let r = Request {
@@ -1086,9 +1096,13 @@ impl Conn {
             }
         };
         env.dmarc_quarantine = authenticated.as_ref().is_some_and(|a| a.quarantine());
-        env.sender_verified = authenticated.as_ref().is_some_and(|a| a.spf.is_some());
+        // Where senders are verified, only SPF vouches for one; where they are not, there is
+        // nothing to go by and notices go as asked.
+        let verifying =
+            self.binding.config.authentication.verify && env.direction == Direction::Inbound;
+        env.sender_verified = !verifying || authenticated.as_ref().is_some_and(|a| a.spf.is_some());
         if !env.reflects() {
-            env.dsn.limit_to_failures();
+            env.dsn.limit_to_failures(env.rcpts.len());
         }
         // A whitelist pass counts only for an authenticated sender (`require_authentication`):
         // passes of an unauthenticated one become `none` before the routes are chosen.
