@@ -807,6 +807,73 @@ with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
     let _ = smtp_sink.wait();
 }
 
+/// Backscatter: where the inbound binding verifies senders, one that SPF did not pass for
+/// (here no DNS answers at all: temperror) may ask for failure notices only, with headers
+/// only, also of the next hop: Postfix's smtp-sink records NOTIFY=FAILURE (none given),
+/// NOTIFY=NEVER (SUCCESS only) and RET=HDRS (FULL asked). With the binding not verifying,
+/// the request goes on as made.
+#[test]
+fn a_sender_spf_did_not_vouch_for_asks_for_failures_only() {
+    for verify in [true, false] {
+        let dir = temp_dir("relay-unverified");
+        let (mut smtp_sink, port, dump) = smtp_sink(&dir);
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let extra = format!(
+            "{QUEUE_FAST}[dns]\nservers = [\"{}\"]\n[authentication]\nverify = {verify}\ntimeout = \"1s\"\n{}",
+            silent.local_addr().unwrap(),
+            relay_route(
+                "example.test",
+                &format!("\"127.0.0.1:{port}\""),
+                "tls = \"none\""
+            )
+        );
+        let s = Server::start_with("relay-unverified", "auto", "", &extra);
+        let script = r#"
+import os, smtplib
+with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
+    s.ehlo("client.test")
+    print(s.mail("bob@forged.test", ["RET=FULL"]))
+    print(s.rcpt("a@example.test"))
+    print(s.rcpt("b@example.test", ["NOTIFY=SUCCESS"]))
+    print(s.rcpt("c@example.test", ["NOTIFY=SUCCESS,FAILURE,DELAY"]))
+    print(s.data(b"Subject: reflect\r\n\r\nbody\r\n"))
+"#;
+        let out = support::python(script, s.inbound.port(), 0);
+        assert!(out.status.success(), "{}", stderr(&out));
+        s.wait_queue_empty();
+        let dumped: String = std::fs::read_dir(&dump)
+            .unwrap()
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap())
+            .collect();
+        let _ = smtp_sink.kill();
+        let _ = smtp_sink.wait();
+        let want: [&str; 4] = if verify {
+            [
+                "X-Mail-Args: <bob@forged.test> RET=HDRS",
+                "X-Rcpt-Args: <a@example.test> NOTIFY=FAILURE",
+                "X-Rcpt-Args: <b@example.test> NOTIFY=NEVER",
+                "X-Rcpt-Args: <c@example.test> NOTIFY=FAILURE",
+            ]
+        } else {
+            [
+                "X-Mail-Args: <bob@forged.test> RET=FULL",
+                "X-Rcpt-Args: <a@example.test>",
+                "X-Rcpt-Args: <b@example.test> NOTIFY=SUCCESS",
+                "X-Rcpt-Args: <c@example.test> NOTIFY=SUCCESS,FAILURE,DELAY",
+            ]
+        };
+        for w in want {
+            assert!(
+                dumped
+                    .lines()
+                    .any(|l| l.trim_end() == w || l.starts_with(&format!("{w} "))),
+                "verify={verify}: {w} in {dumped}"
+            );
+        }
+    }
+}
+
 /// Copy-forward keeps what a recipient asked for: a message whose first recipient is delivered
 /// and whose second waits for a hop that is down is copied into a new segment after a restart
 /// (its old segment is then deleted), survives another `kill -9` from the copy, and expires
