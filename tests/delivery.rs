@@ -209,9 +209,9 @@ fn temporary_failure_waits_for_retry_and_queue_cli_controls_it() {
 #[test]
 fn hop_down_then_up_and_fallback_to_the_next_hop() {
     let dir = temp_dir("relay-down");
-    let later = free_port();
+    let (later_socket, later) = support::refusing_port();
     let up = Sink::start(&dir, &[]);
-    let dead = free_port();
+    let (_dead_socket, dead) = support::refusing_port();
     let extra = format!(
         "{QUEUE_FAST}{}{}",
         relay_route(
@@ -243,6 +243,7 @@ fn hop_down_then_up_and_fallback_to_the_next_hop() {
     );
     let line = wait_deferred(&s, "y@later.test");
     assert!(line.contains("connect to 127.0.0.1"), "{line}");
+    drop(later_socket);
     let sink = Sink::start_on(&dir, later, &[]);
     let recs = sink.wait_for(1, 30);
     assert_eq!(recs.len(), 1, "{}", s.log());
@@ -578,7 +579,7 @@ fn bdat_to_a_chunking_next_hop() {
 #[test]
 fn delay_notice_while_the_hop_stays_down() {
     let dir = temp_dir("relay-delay");
-    let later = free_port();
+    let (later_socket, later) = support::refusing_port();
     let extra = format!(
         "[queue]\nretry = [\"1s\"]\ndelay_notice = \"1s\"\n{}",
         relay_route(
@@ -598,6 +599,7 @@ fn delay_notice_while_the_hop_stays_down() {
     let notice = wait_dropped(&s, "", 20, "no delay notice");
     assert!(notice.contains("Action: delayed"), "{notice}");
     assert!(notice.contains("Subject: Delayed Mail"), "{notice}");
+    drop(later_socket);
     let sink = Sink::start_on(&dir, later, &[]);
     assert_eq!(sink.wait_for(1, 20).len(), 1, "{}", s.log());
     s.wait_queue_empty();
@@ -884,7 +886,7 @@ fn copy_forward_keeps_pending_recipients_and_their_dsn_across_restarts() {
     let dir = temp_dir("relay-copy-forward");
     std::fs::create_dir_all(&dir).unwrap();
     let up = Sink::start(&dir, &[]);
-    let down = free_port();
+    let (_down_socket, down) = support::refusing_port();
     let extra = format!(
         "[queue]\nretry = [\"1s\"]\nmax_lifetime = \"12s\"\ncopy_forward_after = \"1s\"\n{}{}",
         relay_route(

@@ -85,7 +85,7 @@ fn large_messages_are_streamed_intact_through_data_and_bdat() {
         let dir = temp_dir(&format!("memory-sink-{driver}"));
         std::fs::create_dir_all(&dir).unwrap();
         let sink = Sink::start(&dir, &[]);
-        let later = support::free_port();
+        let (later_socket, later) = support::refusing_port();
         let extra = format!(
             "[authentication]\nverify = false\n[aswl]\nmode = \"per-recipient\"\n[[route]]\ndomains = [\"relay.test\"]\naction = \"relay\"\nnext_hops = [\"127.0.0.1:{}\"]\n[[route]]\ndomains = [\"later.test\"]\naction = \"relay\"\nnext_hops = [\"127.0.0.1:{later}\"]\n",
             sink.port
@@ -118,6 +118,7 @@ fn large_messages_are_streamed_intact_through_data_and_bdat() {
         let m4 = String::from_utf8(big_message("crash", 2 << 20)).unwrap();
         assert!(send_data(s.outbound, "w@later.test", m4.as_bytes()).starts_with("250"));
         s.kill9();
+        drop(later_socket);
         let sink2 = Sink::start_on(&dir, later, &[]);
         s.restart();
         let got = sink2.wait_for(1, 30);

@@ -22,6 +22,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A loopback port that refuses connections while the returned socket lives: bound, not
+/// listening, so no other test can take it meanwhile (a port picked by `free_port` and left
+/// unbound can be, and then answers in another test's place).
+pub fn refusing_port() -> (socket2::Socket, u16) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    let port = sock.local_addr().unwrap().as_socket().unwrap().port();
+    (sock, port)
+}
+
 /// A new empty folder for a test, removed when the guard is dropped (kept when the test
 /// panics, to be looked at).
 pub fn temp_dir(name: &str) -> TempDir {
