@@ -210,10 +210,10 @@ pub fn strip_header_if(
     for (_, line) in lenient_lines(block) {
         at += line.len();
         let cont = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
-        // A line after one without a colon (no field) is read as a field of its own by
-        // readers that drop the colon-less line, white space and all.
-        let mine = lenient_field(line, name);
-        if !cont || (junk && mine.is_some()) {
+        // A line after one that names no field is read as a field of its own by readers that
+        // drop that line, white space and all. (Continuation lines are looked at only then.)
+        let mine = (!cont || junk).then(|| lenient_field(line, name)).flatten();
+        if !cont || mine.is_some() {
             flush(&mut field, ours, &mut out);
             ours = mine.map(|colon| colon + 1);
             junk = !names_a_field(line);
@@ -228,41 +228,42 @@ pub fn strip_header_if(
     Some(out)
 }
 
-/// Where the colon ending the field name in `line` is, when the name is `name` as the most
-/// lenient readers find it: case aside, with ASCII white space and control characters
-/// anywhere around or inside it skipped (`\x0cName:`, `Na me:`, `Name\x0b:`), and colons
-/// before it skipped (`:Name:`), as mail-parser does. `None` for any other line.
-fn names_a_field(line: &[u8]) -> bool {
-    let mut started = false;
-    for &b in line {
-        match b {
-            b':' if started => return true,
-            b':' | 0..=0x20 | 0x7f => {}
-            _ => started = true,
-        }
-    }
-    false
-}
-
-/// Whether `line` is a field as the most lenient readers find one ([`lenient_field`]): a
-/// name, then a colon. Lines that are not (`junk`, `:`, `::x`) are dropped by such readers, and
-/// a line after one of them is read as a field even when it starts with white space.
-fn lenient_field(line: &[u8], name: &[u8]) -> Option<usize> {
-    let mut want = name.iter();
+/// The field name of `line` as the most lenient readers find it (mail-parser): case aside,
+/// ASCII white space and control characters anywhere around or inside it skipped (`\x0cName:`,
+/// `Na me:`, `Name\x0b:`), and colons before it skipped (`:Name:`). `each` is given the name's
+/// bytes in order and may stop the walk by answering false. Returns the index of the colon
+/// that ends the name; `None` for a line that names no field (`junk`, `:`, `::x`), which such
+/// readers drop, reading the line after it as a field even when it starts with white space.
+fn lenient_name(line: &[u8], mut each: impl FnMut(u8) -> bool) -> Option<usize> {
     let mut started = false;
     for (i, &b) in line.iter().enumerate() {
         match b {
-            b':' if started => return want.next().is_none().then_some(i),
+            b':' if started => return Some(i),
             b':' | 0..=0x20 | 0x7f => {}
             _ => {
                 started = true;
-                if !want.next().is_some_and(|w| w.eq_ignore_ascii_case(&b)) {
+                if !each(b) {
                     return None;
                 }
             }
         }
     }
     None
+}
+
+/// Whether `line` names a field at all ([`lenient_name`]).
+fn names_a_field(line: &[u8]) -> bool {
+    lenient_name(line, |_| true).is_some()
+}
+
+/// Where the colon ending the field name in `line` is, when that name ([`lenient_name`]) is
+/// `name`.
+fn lenient_field(line: &[u8], name: &[u8]) -> Option<usize> {
+    let mut want = name.iter();
+    let colon = lenient_name(line, |b| {
+        want.next().is_some_and(|w| w.eq_ignore_ascii_case(&b))
+    })?;
+    want.next().is_none().then_some(colon)
 }
 
 fn decode_b(s: &str) -> Option<Vec<u8>> {

@@ -221,6 +221,20 @@ mod tests {
         }
     }
 
+    /// Recipient 0 delivered (with `notice` owed), 1 failed for good, 2 deferred, at `age`.
+    fn three_results(e: &Envelope, notice: Option<Kind>, age: Duration) -> Conclusion {
+        conclude(
+            e,
+            vec![
+                (0, Attempted::Delivered(notice)),
+                (1, failed("5.1.1")),
+                (2, deferred()),
+            ],
+            age,
+            LIFETIME,
+        )
+    }
+
     fn names(c: &Conclusion) -> Vec<(u32, &'static str)> {
         c.results.iter().map(|(i, r, _)| (*i, r.name())).collect()
     }
@@ -228,16 +242,7 @@ mod tests {
     #[test]
     fn every_result_class() {
         let e = env("s@y.test", &[]);
-        let c = conclude(
-            &e,
-            vec![
-                (0, Attempted::Delivered(None)),
-                (1, failed("5.1.1")),
-                (2, deferred()),
-            ],
-            HOUR,
-            LIFETIME,
-        );
+        let c = three_results(&e, None, HOUR);
         assert_eq!(
             names(&c),
             [(0, "delivered"), (1, "failed"), (2, "deferred")]
@@ -281,16 +286,7 @@ mod tests {
         let success = Some(notify::SUCCESS);
         let delay = Some(notify::DELAY);
         let e = env("s@y.test", &[success, never, delay]);
-        let c = conclude(
-            &e,
-            vec![
-                (0, Attempted::Delivered(Some(Kind::Relayed))),
-                (1, failed("5.1.1")),
-                (2, deferred()),
-            ],
-            HOUR,
-            LIFETIME,
-        );
+        let c = three_results(&e, Some(Kind::Relayed), HOUR);
         assert_eq!(c.succeeded.len(), 1);
         assert_eq!(c.succeeded[0].0, Kind::Relayed);
         assert_eq!(
@@ -309,16 +305,7 @@ mod tests {
         for (from, bounce) in [("", false), ("s@y.test", true)] {
             let mut e = env(from, &[Some(notify::SUCCESS | notify::FAILURE)]);
             e.is_bounce = bounce;
-            let c = conclude(
-                &e,
-                vec![
-                    (0, Attempted::Delivered(Some(Kind::Delivered))),
-                    (1, failed("5.1.1")),
-                    (2, deferred()),
-                ],
-                LIFETIME,
-                LIFETIME,
-            );
+            let c = three_results(&e, Some(Kind::Delivered), LIFETIME);
             assert_eq!(c.finished, [0, 1, 2]);
             assert!(c.succeeded.is_empty() && c.failed.is_empty() && c.deferred.is_empty());
         }
@@ -336,16 +323,7 @@ mod tests {
             let mut e = env("s@y.test", &[all, all, all]);
             (e.direction, e.sender_verified) = (direction, verified);
             assert_eq!(e.reflects(), reflects);
-            let c = conclude(
-                &e,
-                vec![
-                    (0, Attempted::Delivered(Some(Kind::Delivered))),
-                    (1, failed("5.1.1")),
-                    (2, deferred()),
-                ],
-                HOUR,
-                LIFETIME,
-            );
+            let c = three_results(&e, Some(Kind::Delivered), HOUR);
             let case = format!("{direction:?} verified={verified}");
             // What is passed on to the next hop too.
             let mut asked = e.dsn.clone();

@@ -5,6 +5,15 @@ use std::time::SystemTime;
 
 use super::Envelope;
 
+/// The client's HELO name as ringmx writes it into header fields: printable ASCII only (it
+/// may be UTF-8 where 8-bit headers were not announced), without the comment and clause
+/// delimiters `(`, `)` and `;`.
+pub fn shown_helo(helo: &str) -> String {
+    helo.chars()
+        .filter(|c| c.is_ascii_graphic() && !matches!(c, '(' | ')' | ';'))
+        .collect()
+}
+
 /// `Received: from HELO ([IP]) by HOST (ringmx) with ESMTPS (TLS…) id ID for <rcpt>; DATE`,
 /// folded, CRLF-terminated. "with" follows RFC 3848 (ESMTP, ESMTPA, ESMTPS, ESMTPSA).
 pub fn received(env: &Envelope, hostname: &str) -> String {
@@ -15,11 +24,7 @@ pub fn received(env: &Envelope, hostname: &str) -> String {
     if env.authenticated_as.is_some() {
         with.push('A');
     }
-    let helo: String = env
-        .helo
-        .chars()
-        .filter(|c| c.is_ascii_graphic() && !matches!(c, '(' | ')' | ';'))
-        .collect();
+    let helo = shown_helo(&env.helo);
     let one = match env.rcpts.as_slice() {
         [one] => one.len(),
         _ => 0,

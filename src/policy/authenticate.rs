@@ -781,9 +781,8 @@ impl Verifier {
         let suffixes = &self.suffixes;
         let auth = MessageAuthenticator(dns.resolver().clone());
         let helo = if helo.is_empty() { "unknown" } else { helo };
-        // In the field, the name as ASCII (as in `Received:`): it may be UTF-8, and the header
-        // may go where 8-bit headers were not announced.
-        let mut helo_shown: String = helo.chars().filter(char::is_ascii_graphic).collect();
+        // In the field, the name as in `Received:`.
+        let mut helo_shown = crate::delivery::trace::shown_helo(helo);
         if helo_shown.is_empty() {
             helo_shown.push_str("unknown");
         }

@@ -112,7 +112,7 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
     let mut pos = 0;
     let mut code: Option<u16> = None;
     let mut lines = Vec::new();
-    let (mut count, mut kept, mut kept_all) = (0, 0, true);
+    let (mut count, mut kept, mut keeping) = (0, 0, true);
     loop {
         let rest = buf.get(pos..).unwrap_or_default();
         let Some(lf) = memchr::memchr(b'\n', rest) else {
@@ -151,12 +151,14 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
         }
         // Whole lines (an EHLO reply's capabilities are read from them), but for a first
         // line longer than the bound.
-        let line = text_of(text, MAX_TEXT);
-        if lines.is_empty() || (kept + line.len() <= MAX_TEXT && kept_all) {
-            kept += line.len();
-            lines.push(line);
-        } else {
-            kept_all = false;
+        if keeping {
+            let line = text_of(text, MAX_TEXT);
+            if lines.is_empty() || kept + line.len() <= MAX_TEXT {
+                kept += line.len();
+                lines.push(line);
+            } else {
+                keeping = false;
+            }
         }
         if last {
             let enhanced = lines.first().and_then(|l| enhanced(l, c));
