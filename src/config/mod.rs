@@ -255,6 +255,8 @@ pub struct Limits {
     pub max_recipients: usize,
     pub max_line: usize,
     pub max_errors: u32,
+    /// Commands that move no mail between messages before each counts as an error.
+    pub max_junk_commands: u32,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
     pub command_timeout: Secs,
@@ -276,6 +278,7 @@ impl Default for Limits {
             max_recipients: 1000,
             max_line: 2048,
             max_errors: 20,
+            max_junk_commands: 100,
             max_connections: 10_000,
             max_connections_per_ip: 50,
             command_timeout: Secs(Duration::from_secs(300)),
@@ -298,6 +301,7 @@ pub struct LimitsOverride {
     pub max_recipients: Option<usize>,
     pub max_line: Option<usize>,
     pub max_errors: Option<u32>,
+    pub max_junk_commands: Option<u32>,
     pub max_connections: Option<usize>,
     pub max_connections_per_ip: Option<usize>,
     pub command_timeout: Option<Secs>,
@@ -316,6 +320,7 @@ impl Limits {
             max_recipients: o.max_recipients.unwrap_or(self.max_recipients),
             max_line: o.max_line.unwrap_or(self.max_line),
             max_errors: o.max_errors.unwrap_or(self.max_errors),
+            max_junk_commands: o.max_junk_commands.unwrap_or(self.max_junk_commands),
             max_connections: o.max_connections.unwrap_or(self.max_connections),
             max_connections_per_ip: o
                 .max_connections_per_ip
@@ -1158,7 +1163,8 @@ impl Config {
             let limits = raw.limits.merged(&sec.limits);
             let settings = session_settings(&server, &raw.smtp, &limits, &sec).map_err(|e| {
                 let field = match e.field {
-                    "max_line" | "max_recipients" | "max_errors" | "max_message_size" => {
+                    "max_line" | "max_recipients" | "max_errors" | "max_junk_commands"
+                    | "max_message_size" => {
                         format!("limits.{}", e.field)
                     }
                     "extensions.binarymime" => "smtp.binarymime".into(),
@@ -1654,6 +1660,7 @@ fn session_settings(
         max_message_size: limits.max_message_size.0,
         max_recipients: limits.max_recipients,
         max_errors: limits.max_errors,
+        max_junk_commands: limits.max_junk_commands,
         bare_line_policy: match smtp.bare_lf {
             BareLf::Reject => BareLinePolicy::Reject,
             BareLf::Normalize => BareLinePolicy::Normalize,

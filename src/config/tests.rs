@@ -106,6 +106,11 @@ fn semantic_errors_name_the_key() {
             Some(16),
         ),
         (
+            format!("{MINIMAL}\n[limits]\nmax_junk_commands = 0\n"),
+            "limits.max_junk_commands",
+            Some(16),
+        ),
+        (
             MINIMAL.replace("domains = [\"*\"]", "domains = [\"bad domain\"]"),
             "route[0].domains",
             Some(11),
@@ -173,13 +178,17 @@ fn binding_limits_override_globals() {
         "direction = \"inbound\"",
         "direction = \"inbound\"\n[binding.limits]\nmax_message_size = \"1MiB\"\nmax_recipients = 5",
     );
-    let c = parse(&format!("{src}\n[limits]\nmax_errors = 7\n")).unwrap();
+    let c = parse(&format!(
+        "{src}\n[limits]\nmax_errors = 7\nmax_junk_commands = 9\n"
+    ))
+    .unwrap();
     let l = &c.bindings[0].limits;
     assert_eq!(
         (l.max_message_size, l.max_recipients, l.max_errors),
         (Size(1 << 20), 5, 7)
     );
-    assert_eq!(c.bindings[0].settings.config().max_recipients, 5);
+    let session = c.bindings[0].settings.config();
+    assert_eq!((session.max_recipients, session.max_junk_commands), (5, 9));
 }
 
 #[test]

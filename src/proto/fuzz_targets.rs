@@ -172,6 +172,7 @@ pub fn session(data: &[u8]) {
         max_message_size: if ctl & 0x20 != 0 { 64 } else { 4096 },
         max_recipients: if ctl & 0x40 != 0 { 2 } else { 100 },
         max_errors: 30,
+        max_junk_commands: 100,
         bare_line_policy: if ctl & 0x10 != 0 {
             BareLinePolicy::Normalize
         } else {

@@ -172,17 +172,14 @@ pub struct Session {
     esmtp: bool,
     authenticated: bool,
     errors: u32,
-    /// Commands that moved no mail since the last message accepted ([`JUNK_COMMANDS`]).
+    /// Commands that moved no mail since the last message accepted
+    /// ([`SessionConfig::max_junk_commands`](super::SessionConfig::max_junk_commands)).
     junk: u32,
     last_activity: Instant,
     stop: Stop,
     /// Closed for sending commands ahead of their replies without PIPELINING.
     unauth_pipelining: bool,
 }
-
-/// Commands that move no mail a session may send between messages before each counts as an
-/// error (Postfix's default `smtpd_junk_command_limit`).
-pub const JUNK_COMMANDS: u32 = 100;
 
 impl Session {
     /// A new session; the greeting is queued.
@@ -433,13 +430,13 @@ impl Session {
     }
 
     /// A command that moves no mail (NOOP, RSET, VRFY, HELP, HELO/EHLO, a MAIL refused for
-    /// its SIZE), answered: past [`JUNK_COMMANDS`]
+    /// its SIZE), answered: past `max_junk_commands`
     /// of them since the last message accepted, each counts as an error too (as Postfix's
     /// `smtpd_junk_command_limit`), so that one every few minutes cannot hold a connection
     /// forever, while a client that sends RSET between the messages it delivers goes on.
     fn junk_command(&mut self) {
         self.junk = self.junk.saturating_add(1);
-        if self.junk > JUNK_COMMANDS {
+        if self.junk > self.settings.cfg.max_junk_commands {
             self.count_error();
         }
     }

@@ -85,6 +85,10 @@ pub struct SessionConfig {
     pub max_recipients: usize,
     /// Protocol errors before `421` and close. Default 20.
     pub max_errors: u32,
+    /// Commands that move no mail (NOOP, RSET, VRFY, HELP, HELO/EHLO, a MAIL refused for its
+    /// SIZE) a session may send between messages before each also counts as an error.
+    /// Default 100 (Postfix's `smtpd_junk_command_limit`).
+    pub max_junk_commands: u32,
     /// Bare CR/LF in DATA. Default `Reject`.
     pub bare_line_policy: BareLinePolicy,
     /// Advertised extensions.
@@ -109,6 +113,7 @@ impl Default for SessionConfig {
             max_message_size: 20 * 1024 * 1024,
             max_recipients: 1000,
             max_errors: 20,
+            max_junk_commands: 100,
             bare_line_policy: BareLinePolicy::Reject,
             extensions: Extensions::default(),
             auth: None,
@@ -170,6 +175,9 @@ impl Settings {
         }
         if cfg.max_errors == 0 {
             return err("max_errors", "must be at least 1");
+        }
+        if cfg.max_junk_commands == 0 {
+            return err("max_junk_commands", "must be at least 1");
         }
         if cfg.max_message_size == 0 {
             return err("max_message_size", "must be at least 1 byte");
