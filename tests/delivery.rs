@@ -349,21 +349,39 @@ fn tls_verification_failure_defers() {
 #[test]
 fn mx_records_from_a_loopback_dns_server() {
     let dir = temp_dir("relay-mx");
-    let sink = Sink::start(&dir, &[]);
+    let (ignored_dir, used_dir) = (dir.join("ignored"), dir.join("used"));
+    std::fs::create_dir_all(&ignored_dir).unwrap();
+    std::fs::create_dir_all(&used_dir).unwrap();
+    // The same port on two loopback addresses: MX hosts share mx_port.
+    let sink = Sink::start(&used_dir, &[]);
+    let skipped = Sink::start_on(&ignored_dir, sink.port, &["--host", "127.0.0.2"]);
     let dns = support::Dnsmasq::start(&[
-        // Preference 5 has no address; 10 is the one that works.
+        // Preference 5 has no address; 7 is in mx_ignore; 10 is the one that works.
         "--mx-host=mxdomain.test,broken.mxdomain.test,5",
+        "--mx-host=mxdomain.test,inside.mxdomain.test,7",
+        "--host-record=inside.mxdomain.test,127.0.0.2",
         "--mx-host=mxdomain.test,mail.mxdomain.test,10",
         "--host-record=mail.mxdomain.test,127.0.0.1",
+        // An MX that points at this host (the default mx_ignore), and one at a link-local
+        // address (a cloud metadata service).
+        "--mx-host=self.test,localhost.self.test,10",
+        "--host-record=localhost.self.test,127.0.0.1",
+        "--mx-host=meta.test,metadata.meta.test,10",
+        "--host-record=metadata.meta.test,169.254.169.254",
     ]);
     let dns_port = dns.port;
-    let extra = format!(
-        "{QUEUE_FAST}[dns]\nservers = [\"127.0.0.1:{dns_port}\"]\n{}",
+    let mx = |domain: &str, more: &str| {
         relay_route(
-            "mxdomain.test",
+            domain,
             "\"mx\"",
-            &format!("mx_port = {}\ntls = \"none\"", sink.port)
-        ),
+            &format!("mx_port = {}\ntls = \"none\"\n{more}", sink.port),
+        )
+    };
+    let extra = format!(
+        "{QUEUE_FAST}[dns]\nservers = [\"127.0.0.1:{dns_port}\"]\n{}{}{}",
+        mx("mxdomain.test", "mx_ignore = [\"127.0.0.2\"]"),
+        mx("self.test", ""),
+        mx("meta.test", ""),
     );
     let s = Server::start_with("relay-mx", "auto", "", &extra);
     send(
@@ -375,6 +393,32 @@ fn mx_records_from_a_loopback_dns_server() {
     let recs = sink.wait_for(1, 20);
     assert_eq!(recs.len(), 1, "{}", s.log());
     assert_eq!(recs[0]["rcpts"], serde_json::json!(["u@mxdomain.test"]));
+    assert!(skipped.records().is_empty(), "{:?}", skipped.records());
+    // With the default mx_ignore, mail for a domain whose MX is this host, or a link-local
+    // address, is not sent there: it fails at once, and alice gets the bounce.
+    send(
+        &s,
+        "alice@example.test",
+        "u@self.test u@meta.test",
+        "<self@example.test>",
+    );
+    s.wait_queue_empty();
+    let dropped = s.dropped();
+    for domain in ["self.test", "meta.test"] {
+        let status =
+            format!("Final-Recipient: rfc822; u@{domain}\r\nAction: failed\r\nStatus: 5.4.4");
+        assert!(
+            dropped.iter().any(|d| d.contains(&status)),
+            "{domain}: {dropped:?}\n{}",
+            s.log()
+        );
+    }
+    assert_eq!(sink.records().len(), 1, "{}", s.log());
+    assert!(
+        s.log().contains("MX address skipped (mx_ignore)"),
+        "{}",
+        s.log()
+    );
     drop(dns);
 }
 

@@ -522,6 +522,12 @@ pub struct RouteSection {
     /// Port for MX hosts. Default 25.
     #[serde(default = "default_mx_port")]
     pub mx_port: u16,
+    /// `["mx"]`: addresses of MX hosts never connected to (as Exim's `ignore_target_hosts`).
+    /// The DNS of a recipient (or forged sender) domain is not ours: by default an MX that
+    /// points at this host (loopback, `0.0.0.0`) or at link-local addresses (a cloud metadata
+    /// service) is skipped; a domain with no other address fails with `554 5.4.4`.
+    #[serde(default = "default_mx_ignore")]
+    pub mx_ignore: Vec<Cidr>,
     #[serde(default)]
     pub tls: RelayTls,
     /// Verify the next hop's certificate (required/implicit TLS). Default true.
@@ -567,6 +573,19 @@ pub enum DmarcMatch {
 
 fn default_mx_port() -> u16 {
     25
+}
+fn default_mx_ignore() -> Vec<Cidr> {
+    [
+        "0.0.0.0/8",
+        "127.0.0.0/8",
+        "169.254.0.0/16",
+        "::/128",
+        "::1/128",
+        "fe80::/10",
+    ]
+    .iter()
+    .filter_map(|n| Cidr::parse(n).ok())
+    .collect()
 }
 fn yes() -> bool {
     true

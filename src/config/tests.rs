@@ -77,6 +77,43 @@ fn bad_values_name_their_line() {
     let e = parse(&src).unwrap_err();
     assert_eq!(e.line, Some(5), "{e}");
     assert!(e.message.contains("sideways"), "{e}");
+
+    let src = MINIMAL.replace(
+        "action = \"drop\"",
+        "action = \"drop\"\nmx_ignore = [\"10.0.0.0/33\"]",
+    );
+    let e = parse(&src).unwrap_err();
+    assert_eq!(e.line, Some(13), "{e}");
+    assert!(
+        e.to_string()
+            .contains("mx_ignore: invalid network \"10.0.0.0/33\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn mx_ignore_defaults_to_this_hosts_own_and_link_local_addresses() {
+    let c = parse(MINIMAL).unwrap();
+    let ignored =
+        |ip: &str| crate::units::any_contains(&c.routes[0].mx_ignore, ip.parse().unwrap());
+    for ip in [
+        "127.0.0.1",
+        "127.1.2.3",
+        "0.0.0.0",
+        "::1",
+        "::",
+        "::ffff:127.0.0.1",
+        "169.254.169.254",
+        "fe80::1",
+    ] {
+        assert!(ignored(ip), "{ip}");
+    }
+    for ip in ["10.0.0.1", "192.0.2.1", "2001:db8::1"] {
+        assert!(!ignored(ip), "{ip}");
+    }
+    let c =
+        parse(&MINIMAL.replace("action = \"drop\"", "action = \"drop\"\nmx_ignore = []")).unwrap();
+    assert!(c.routes[0].mx_ignore.is_empty());
 }
 
 #[test]

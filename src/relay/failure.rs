@@ -27,6 +27,9 @@ pub enum Failure {
     Dns(String),
     /// The domain publishes a null MX (RFC 7505): it takes no mail.
     NullMx(String),
+    /// The domain's mail hosts have only addresses the route's `mx_ignore` excludes (this
+    /// host's own networks, by default).
+    MxIgnored(String),
     /// `max_connections_per_hop` stayed reached for a whole reply timeout.
     TooManyConnections,
     /// A socket error towards a hop: the host, what was being done, the error.
@@ -80,6 +83,13 @@ impl Failure {
                 556,
                 (5, 1, 10),
                 format!("{domain} accepts no mail (null MX)"),
+            ),
+            Failure::MxIgnored(domain) => (
+                554,
+                (5, 4, 4),
+                format!(
+                    "the mail hosts of {domain} have only addresses not used as next hops (mx_ignore)"
+                ),
             ),
             Failure::TooManyConnections => (
                 451,
@@ -158,6 +168,11 @@ mod tests {
             (
                 Failure::NullMx("x.test".into()),
                 "556 5.1.10 x.test accepts no mail (null MX)",
+                false,
+            ),
+            (
+                Failure::MxIgnored("x.test".into()),
+                "554 5.4.4 the mail hosts of x.test have only addresses not used as next hops (mx_ignore)",
                 false,
             ),
             (

@@ -645,6 +645,8 @@ impl CoreQueue {
     ) -> Result<Vec<(String, std::net::SocketAddr)>, Reply> {
         let servers = cfg.dns.servers.clone();
         let mut out = Vec::new();
+        // A domain whose MX hosts had addresses, all of them in `mx_ignore`.
+        let mut ignored = None;
         for h in &route.next_hops {
             let h = h.get_ref().clone();
             if h == "mx" {
@@ -658,13 +660,21 @@ impl CoreQueue {
                         return Err(Failure::NullMx(domain.to_string()).reply());
                     }
                     Ok(Targets::Hosts(hosts)) => {
+                        let before = out.len();
                         for (name, ips) in hosts {
                             for ip in ips {
+                                if crate::units::any_contains(&route.mx_ignore, ip) {
+                                    tracing::info!(domain = ?domain, host = ?name, %ip, "MX address skipped (mx_ignore)");
+                                    continue;
+                                }
                                 out.push((
                                     name.clone(),
                                     std::net::SocketAddr::new(ip, route.mx_port),
                                 ));
                             }
+                        }
+                        if out.len() == before {
+                            ignored = Some(domain.to_string());
                         }
                     }
                     Err(e) => return Err(Failure::Dns(e).reply()),
@@ -687,7 +697,10 @@ impl CoreQueue {
                 out.push((host.clone(), std::net::SocketAddr::new(ip, port)));
             }
         }
-        Ok(out)
+        match ignored {
+            Some(domain) if out.is_empty() => Err(Failure::MxIgnored(domain).reply()),
+            _ => Ok(out),
+        }
     }
 
     /// Record an attempt's results: finished recipients in the spool, bounces, the next try.

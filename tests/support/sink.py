@@ -16,6 +16,7 @@ from aiosmtpd.controller import Controller
 
 p = argparse.ArgumentParser()
 p.add_argument("--port", type=int, required=True)
+p.add_argument("--host", default="127.0.0.1")
 p.add_argument("--out", required=True)
 p.add_argument("--tempfail", type=int, default=0)
 p.add_argument("--reject", default=None)
@@ -81,7 +82,7 @@ if a.auth:
 
     kw["authenticator"] = check
     kw["auth_required"] = True
-c = Controller(Handler(), hostname="127.0.0.1", port=a.port, decode_data=False,
+c = Controller(Handler(), hostname=a.host, port=a.port, decode_data=False,
                enable_SMTPUTF8=True, **kw)
 c.start()
 print("ready", flush=True)
