@@ -57,6 +57,10 @@ Every configuration key is documented, with its default, in examples/ringmx.toml
 ";
 
 fn main() -> ExitCode {
+    // The process-wide rustls provider, for libraries that build their own configs (redis-rs
+    // for `rediss://`): with both of rustls's providers compiled in (tokio-rustls asks for
+    // ring), none is chosen on its own and such a config would panic.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("run") => run(&args[1..]),

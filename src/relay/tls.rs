@@ -1,4 +1,4 @@
-//! Client TLS towards next hops (rustls with the ring provider).
+//! Client TLS towards next hops (rustls with the aws-lc-rs provider).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,7 +26,13 @@ pub fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::aws_lc_rs::{default_provider, kx_group};
+    // aws-lc-rs lists X25519MLKEM768 after these; without it here, a next hop that prefers it
+    // cannot answer with a HelloRetryRequest (a round trip and a second key share).
+    Arc::new(rustls::crypto::CryptoProvider {
+        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
+        ..default_provider()
+    })
 }
 
 /// A client configuration: verifying against `ca_file` (or the web PKI roots), or not at all.
