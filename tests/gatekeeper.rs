@@ -261,20 +261,27 @@ for _ in range(5):
     }
 }
 
-/// `[dnsbl]` with dnsmasq serving the lists on loopback: a client listed with enough weight
-/// is refused before its first command naming the list (again from the cache); an allow
-/// list's negative weight, a pattern that does not match, and no listing let clients in.
-#[test]
-fn dns_block_and_allow_lists() {
-    // A list whose server never answers: dnsmasq forwards slow.test to a UDP socket nobody
-    // reads. It counts as "not listed" after [dnsbl] timeout.
+/// dnsmasq with `args`, forwarding slow.test to a UDP socket nobody reads (kept as long as
+/// the server is).
+fn with_silent_list(args: &[&str]) -> (std::net::UdpSocket, support::Dnsmasq) {
     let blackhole = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let slow = format!(
         "--server=/slow.test/127.0.0.1#{}",
         blackhole.local_addr().unwrap().port()
     );
-    let dns = support::Dnsmasq::start(&[
-        &slow,
+    let mut all = vec![slow.as_str()];
+    all.extend_from_slice(args);
+    let dns = support::Dnsmasq::start(&all);
+    (blackhole, dns)
+}
+
+/// `[dnsbl]` with dnsmasq serving the lists on loopback: a client listed with enough weight
+/// is refused before its first command naming the list (again from the cache); an allow
+/// list's negative weight, a pattern that does not match, and no listing let clients in.
+#[test]
+fn dns_block_and_allow_lists() {
+    // A list whose server never answers counts as "not listed" after [dnsbl] timeout.
+    let (_blackhole, dns) = with_silent_list(&[
         "--local-ttl=300",
         "--local=/zen.test/",
         "--local=/wl.test/",
@@ -330,6 +337,49 @@ fn dns_block_and_allow_lists() {
             why.contains("dnsbl: not listed (cached "),
             "[{driver}] {why}"
         );
+    }
+}
+
+/// A list that stops answering, while a crowd of new clients connects at once: every lookup
+/// waits as a task on the resolver's runtime, none for one of the few policy workers, so each
+/// client's lookup runs in full (its "not listed" is remembered for all of them) instead of
+/// queueing behind the others until its session has given up.
+#[test]
+fn a_silent_list_does_not_queue_a_crowd_of_clients() {
+    let (_blackhole, dns) = with_silent_list(&[]);
+    let sources: Vec<String> = (30..46).map(|i| format!("127.0.0.{i}")).collect();
+    // All at once, one thread each.
+    let crowd = format!(
+        r#"
+import os, smtplib, threading
+def one(src):
+    with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=(src, 0), timeout=20) as s:
+        s.noop()
+ts = [threading.Thread(target=one, args=(src,)) for src in {sources:?}]
+for t in ts: t.start()
+for t in ts: t.join()
+print("done")
+"#
+    );
+    for driver in DRIVERS {
+        let s = Server::start_with(
+            &format!("dnsbl-crowd-{driver}"),
+            driver,
+            "",
+            &format!(
+                "[dns]\nservers = [\"127.0.0.1:{}\"]\n[dnsbl]\ntimeout = \"1s\"\nlists = [\"slow.test\"]\n",
+                dns.port
+            ),
+        );
+        assert_eq!(stdout(&python(&crowd, s.inbound.port(), 0)).trim(), "done");
+        for src in &sources {
+            let why = stdout(&s.cli(&["why", src]));
+            assert!(
+                why.contains("dnsbl: not listed (cached "),
+                "[{driver}] {src}: {why}\n{}",
+                s.log()
+            );
+        }
     }
 }
 

@@ -3,8 +3,10 @@
 //! `allow.example*-5` (a negative weight is an allow list). A client listed where the pattern
 //! matches adds the weight; at `threshold` or more it is refused (`554 5.7.1` naming the list
 //! that weighed most) before its first command. All lists are asked at once when the client
-//! connects, on the policy workers; a timeout or a DNS failure counts as "not listed". Scores
-//! are cached per address for the answers' TTL (at most `max_cache_ttl`), in a bounded map.
+//! connects, as a task on the resolver's runtime (waiting for a list that does not answer holds
+//! no thread: a list that stops answering cannot tie up the policy workers that every other
+//! deferred check needs); a timeout or a DNS failure counts as "not listed". Scores are cached
+//! per address for the answers' TTL (at most `max_cache_ttl`), in a bounded map.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -15,8 +17,12 @@ pub use crate::dnslist::{Answer, List, score};
 use crate::metrics::Reason;
 use crate::proto::reply::Reply;
 
-/// Looks names up (all at once) and answers in the same order.
-pub type Resolve = Arc<dyn Fn(&[String]) -> Vec<Answer> + Send + Sync>;
+/// Looks names up (all at once) and gives the answers, in the same order, to the second
+/// argument, whose verdict is the job's: a task that waits for DNS without a thread.
+pub type Resolve = Arc<dyn Fn(Vec<String>, Scoring) -> Job + Send + Sync>;
+
+/// What to do with the answers.
+pub type Scoring = Box<dyn FnOnce(Vec<Answer>) -> Decision + Send>;
 
 /// A cached verdict: the refusal (if any) and when it expires (seconds since the epoch).
 type Cached = (Option<&'static Reply>, u32);
@@ -140,40 +146,36 @@ impl Check for DnsLists {
         let (lists, replies, cache) =
             (self.lists.clone(), self.replies.clone(), self.cache.clone());
         let (threshold, max_ttl, cache_size) = (self.threshold, self.max_ttl, self.cache_size);
-        let resolve = self.resolve.clone();
-        // A job that starts after its session stopped waiting (a flood queued ahead of it)
-        // asks nothing: the session has gone on as "not listed" already.
-        let deadline = std::time::Instant::now() + self.time_limit;
-        Decision::Defer(Job::blocking(move || {
-            if std::time::Instant::now() >= deadline {
-                return Decision::Continue;
-            }
-            let names: Vec<String> = lists.iter().map(|l| l.query(ip)).collect();
-            let answers = resolve(&names);
-            let (total, top, ttl) = score(&lists, &answers);
-            let verdict = if total >= threshold {
-                top.and_then(|i| replies.get(i).copied())
-            } else {
-                None
-            };
-            // Failed lookups are not remembered long: a minute at most.
-            let ttl = ttl.unwrap_or(60).min(max_ttl);
-            let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
-            if c.len() >= cache_size {
-                // Full: drop what expired, and if that is not an eighth, an eighth of the rest
-                // (rare, amortized; no client can flush every verdict at once).
-                c.retain(|_, (_, exp)| *exp > now);
-                if c.len() >= cache_size - cache_size / 8 {
-                    let drop: Vec<IpAddr> = c.keys().take(cache_size / 8 + 1).copied().collect();
-                    for k in drop {
-                        c.remove(&k);
+        let names: Vec<String> = lists.iter().map(|l| l.query(ip)).collect();
+        Decision::Defer((self.resolve)(
+            names,
+            Box::new(move |answers| {
+                let (total, top, ttl) = score(&lists, &answers);
+                let verdict = if total >= threshold {
+                    top.and_then(|i| replies.get(i).copied())
+                } else {
+                    None
+                };
+                // Failed lookups are not remembered long: a minute at most.
+                let ttl = ttl.unwrap_or(60).min(max_ttl);
+                let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+                if c.len() >= cache_size {
+                    // Full: drop what expired, and if that is not an eighth, an eighth of the rest
+                    // (rare, amortized; no client can flush every verdict at once).
+                    c.retain(|_, (_, exp)| *exp > now);
+                    if c.len() >= cache_size - cache_size / 8 {
+                        let drop: Vec<IpAddr> =
+                            c.keys().take(cache_size / 8 + 1).copied().collect();
+                        for k in drop {
+                            c.remove(&k);
+                        }
                     }
                 }
-            }
-            c.insert(ip, (verdict, now.saturating_add(ttl)));
-            drop(c);
-            verdict.map_or(Decision::Continue, DnsLists::refusal)
-        }))
+                c.insert(ip, (verdict, now.saturating_add(ttl)));
+                drop(c);
+                verdict.map_or(Decision::Continue, DnsLists::refusal)
+            }),
+        ))
     }
 }
 
@@ -187,11 +189,19 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// A resolver answering at once with `f`, as a blocking job.
+    fn answering(f: impl Fn(&[String]) -> Vec<Answer> + Send + Sync + 'static) -> Resolve {
+        Arc::new(move |names: Vec<String>, then: Scoring| {
+            let answers = f(&names);
+            Job::blocking(move || then(answers))
+        })
+    }
+
     #[test]
     fn deferred_lookup_then_cache() {
         let asked = Arc::new(Mutex::new(0));
         let counter = asked.clone();
-        let resolve: Resolve = Arc::new(move |names: &[String]| {
+        let resolve = answering(move |names: &[String]| {
             *counter.lock().unwrap() += 1;
             names
                 .iter()
@@ -239,33 +249,5 @@ mod tests {
         assert_eq!(*asked.lock().unwrap(), 2);
         assert!(listed(run("127.0.0.4", 1101)).is_some());
         assert_eq!(*asked.lock().unwrap(), 3);
-    }
-
-    #[test]
-    fn a_job_started_after_its_session_gave_up_asks_nothing() {
-        let asked = Arc::new(Mutex::new(0));
-        let counter = asked.clone();
-        let resolve: Resolve = Arc::new(move |names: &[String]| {
-            *counter.lock().unwrap() += 1;
-            names
-                .iter()
-                .map(|_| Some((vec![ip4("127.0.0.2")], 100)))
-                .collect()
-        });
-        let lists = vec![List::parse("zen.example").unwrap()];
-        for (limit, want_asked) in [
-            (std::time::Duration::ZERO, 0),
-            (std::time::Duration::from_secs(30), 1),
-        ] {
-            *asked.lock().unwrap() = 0;
-            let d = DnsLists::new(lists.clone(), 1, 3600, 10, resolve.clone(), limit);
-            let r = Request::new("127.0.0.9".parse().unwrap(), 1000);
-            let Decision::Defer(job) = d.check(&r) else {
-                panic!("not deferred");
-            };
-            let answer = job.wait();
-            assert_eq!(*asked.lock().unwrap(), want_asked, "{limit:?}");
-            assert_eq!(matches!(answer, Decision::Reject(_)), want_asked == 1);
-        }
     }
 }

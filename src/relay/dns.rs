@@ -170,13 +170,14 @@ impl Dns {
 
     /// The A records of each name, all asked at once, within `timeout` together: per name
     /// the addresses and their smallest TTL (none and 300 s for a name that does not exist),
-    /// or `None` when it failed or did not answer in time. Blocking.
-    pub fn lookup_a_many(
+    /// or `None` when it failed or did not answer in time. Run it on the resolver's runtimes
+    /// ([`Dns::spawn`]).
+    pub async fn lookup_a_many(
         &self,
         names: &[String],
         timeout: std::time::Duration,
     ) -> Vec<Option<(Vec<std::net::Ipv4Addr>, u32)>> {
-        self.rt.block_on(async {
+        {
             let asks = names.iter().map(|n| async move {
                 let fqdn = format!("{}.", n.trim_end_matches('.'));
                 match tokio::time::timeout(timeout, self.resolver.ipv4_lookup(fqdn.as_str())).await
@@ -198,7 +199,7 @@ impl Dns {
                 }
             });
             futures_util::future::join_all(asks).await
-        })
+        }
     }
 
     /// Addresses of one host (a next hop given by name).

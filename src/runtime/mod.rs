@@ -247,18 +247,23 @@ fn dns_lists(config: &Config) -> Option<Arc<crate::policy::dnsbl::DnsLists>> {
     if config.dns_lists.is_empty() {
         return None;
     }
-    let servers = config.dns.servers.clone();
     let timeout = config.dnsbl.timeout.0;
-    let resolve: crate::policy::dnsbl::Resolve =
-        Arc::new(
-            move |names: &[String]| match crate::relay::dns::Dns::get(&servers) {
-                Ok(d) => d.lookup_a_many(names, timeout),
-                Err(e) => {
-                    tracing::warn!(error = %e, "dnsbl: no resolver; clients count as not listed");
-                    vec![None; names.len()]
-                }
-            },
-        );
+    let dns = crate::relay::dns::Dns::get(&config.dns.servers);
+    let resolve: crate::policy::dnsbl::Resolve = Arc::new(
+        move |names: Vec<String>, then: crate::policy::dnsbl::Scoring| match &dns {
+            Ok(d) => {
+                let d2 = d.clone();
+                crate::policy::pipeline::Job::Running(
+                    d.spawn(async move { then(d2.lookup_a_many(&names, timeout).await) }),
+                )
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "dnsbl: no resolver; clients count as not listed");
+                let none = vec![None; names.len()];
+                crate::policy::pipeline::Job::blocking(move || then(none))
+            }
+        },
+    );
     let d = &config.dnsbl;
     Some(Arc::new(crate::policy::dnsbl::DnsLists::new(
         config.dns_lists.clone(),
