@@ -390,14 +390,20 @@ impl Session {
         self.flush = true;
     }
 
-    /// Refuse the pending decision with `r` (a 4xx or 5xx reply).
+    /// Refuse the pending decision with `r` (a 4xx or 5xx reply). A refused MAIL, RCPT or
+    /// message moved no mail: it counts towards `max_junk_commands` (else a client could hold
+    /// its connection for ever with a transaction refused every few minutes).
     pub fn reject(&mut self, r: &Reply) {
         match self.pending.take() {
-            Some(Pending::Mail { .. } | Pending::Rcpt) => self.reply(r),
+            Some(Pending::Mail { .. } | Pending::Rcpt) => {
+                self.reply(r);
+                self.junk_command();
+            }
             Some(Pending::Message) => {
                 self.txn = Txn::default();
                 self.reply(r);
                 self.flush = true;
+                self.junk_command();
             }
             // A failed authentication is a protocol error: guessing ends at `max_errors`.
             Some(Pending::Auth) => self.error(r),
@@ -430,7 +436,7 @@ impl Session {
     }
 
     /// A command that moves no mail (NOOP, RSET, VRFY, HELP, HELO/EHLO, a MAIL refused for
-    /// its SIZE), answered: past `max_junk_commands`
+    /// its SIZE or by policy, a refused RCPT, a message refused or aborted), answered: past `max_junk_commands`
     /// of them since the last message accepted, each counts as an error too (as Postfix's
     /// `smtpd_junk_command_limit`), so that one every few minutes cannot hold a connection
     /// forever, while a client that sends RSET between the messages it delivers goes on.
@@ -732,6 +738,7 @@ impl Session {
             AbortReason::Nul => &reply::NUL_IN_CONTENT,
             AbortReason::FoldedFirstLine => &reply::FOLDED_FIRST_LINE,
         });
+        self.junk_command();
         Event::MessageAborted { reason }
     }
 

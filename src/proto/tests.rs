@@ -64,6 +64,11 @@ impl Harness {
                     let s = describe(&ev, &mut self.message);
                     self.events.push(s);
                     match ev {
+                        Event::Mail { from, .. }
+                            if from.is_some_and(|f| f.as_str().ends_with("@reject.test")) =>
+                        {
+                            feed.reject(&Reply::new(550, "5.7.1", "Sender refused"))
+                        }
                         Event::Mail { .. } => feed.accept(),
                         Event::Rcpt { to, .. } => {
                             if to.domain() == "reject.test" {
@@ -71,6 +76,9 @@ impl Harness {
                             } else {
                                 feed.accept();
                             }
+                        }
+                        Event::MessageEnd { .. } if self.message.starts_with(b"REJECT") => {
+                            feed.reject(&Reply::new(550, "5.7.1", "Message refused"))
                         }
                         Event::MessageEnd { .. } => feed.accept_message("Q1"),
                         Event::Auth(c) => {
@@ -562,6 +570,31 @@ fn junk_commands_count_as_errors_past_the_limit() {
         r.last().copied(),
         Some("421 4.7.0 Too many errors, closing connection")
     );
+    // Transactions refused (MAIL, RCPT, the message by policy, content aborted) move no mail
+    // either: one every few minutes cannot hold the connection for ever.
+    for (first, refused) in [
+        ("", "MAIL FROM:<a@reject.test>\r\n"),
+        ("MAIL FROM:<a@b.test>\r\n", "RCPT TO:<c@reject.test>\r\n"),
+        (
+            "",
+            "MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\nREJECT\r\n.\r\n",
+        ),
+        (
+            "",
+            "MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n folded\r\n.\r\n",
+        ),
+    ] {
+        let mut input = format!("EHLO c\r\n{first}").into_bytes();
+        for _ in 0..n + 3 {
+            input.extend_from_slice(refused.as_bytes());
+        }
+        let (out, _) = run(&s, &input);
+        assert!(
+            out.ends_with("421 4.7.0 Too many errors, closing connection\r\n"),
+            "{refused:?}: {}",
+            out.get(out.len().saturating_sub(300)..).unwrap_or_default()
+        );
+    }
     // A message accepted starts the count again: a client that sends RSET before each
     // message it delivers goes on.
     let mut input = b"EHLO c\r\n".to_vec();
