@@ -355,7 +355,17 @@ fn mx_records_from_a_loopback_dns_server() {
     // The same port on two loopback addresses: MX hosts share mx_port.
     let sink = Sink::start(&used_dir, &[]);
     let skipped = Sink::start_on(&ignored_dir, sink.port, &["--host", "127.0.0.2"]);
-    let dns = support::Dnsmasq::start(&[
+    // many.test: ten MX hosts without an address before the one that works, which is never
+    // looked up (at most ten hosts a domain).
+    let many: Vec<String> = (1..=10)
+        .map(|i| format!("--mx-host=many.test,none{i}.many.test,{i}"))
+        .chain([
+            "--mx-host=many.test,mail.many.test,11".to_string(),
+            "--host-record=mail.many.test,127.0.0.1".to_string(),
+        ])
+        .collect();
+    let mut records: Vec<&str> = many.iter().map(String::as_str).collect();
+    records.extend([
         // Preference 5 has no address; 7 is in mx_ignore; 10 is the one that works.
         "--mx-host=mxdomain.test,broken.mxdomain.test,5",
         "--mx-host=mxdomain.test,inside.mxdomain.test,7",
@@ -369,6 +379,7 @@ fn mx_records_from_a_loopback_dns_server() {
         "--mx-host=meta.test,metadata.meta.test,10",
         "--host-record=metadata.meta.test,169.254.169.254",
     ]);
+    let dns = support::Dnsmasq::start(&records);
     let dns_port = dns.port;
     let mx = |domain: &str, more: &str| {
         relay_route(
@@ -378,10 +389,11 @@ fn mx_records_from_a_loopback_dns_server() {
         )
     };
     let extra = format!(
-        "{QUEUE_FAST}[dns]\nservers = [\"127.0.0.1:{dns_port}\"]\n{}{}{}",
+        "{QUEUE_FAST}[dns]\nservers = [\"127.0.0.1:{dns_port}\"]\n{}{}{}{}",
         mx("mxdomain.test", "mx_ignore = [\"127.0.0.2\"]"),
         mx("self.test", ""),
         mx("meta.test", ""),
+        mx("many.test", "mx_ignore = []"),
     );
     let s = Server::start_with("relay-mx", "auto", "", &extra);
     send(
@@ -419,6 +431,18 @@ fn mx_records_from_a_loopback_dns_server() {
         "{}",
         s.log()
     );
+    send(
+        &s,
+        "alice@example.test",
+        "u@many.test",
+        "<many@example.test>",
+    );
+    let line = wait_deferred(&s, "u@many.test");
+    assert!(
+        line.contains("no address for the mail hosts of many.test"),
+        "{line}"
+    );
+    assert_eq!(sink.records().len(), 1, "{}", s.log());
     drop(dns);
 }
 

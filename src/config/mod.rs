@@ -582,6 +582,8 @@ fn default_mx_ignore() -> Vec<Cidr> {
         "::/128",
         "::1/128",
         "fe80::/10",
+        // AWS's metadata service over IPv6 (a unique local address).
+        "fd00:ec2::254",
     ]
     .iter()
     .filter_map(|n| Cidr::parse(n).ok())

@@ -105,6 +105,7 @@ fn mx_ignore_defaults_to_this_hosts_own_and_link_local_addresses() {
         "::ffff:127.0.0.1",
         "169.254.169.254",
         "fe80::1",
+        "fd00:ec2::254",
     ] {
         assert!(ignored(ip), "{ip}");
     }

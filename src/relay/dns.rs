@@ -25,6 +25,18 @@ pub struct Dns {
 /// Threads (each a single-threaded runtime) for [`Dns::spawn`].
 const TASK_THREADS: usize = 4;
 
+/// MX hosts of one domain looked up, best preference first (a domain's DNS is the sender's or
+/// recipient's: thousands of MX records must not mean thousands of lookups, nor of
+/// connection attempts). Postfix tries 5 addresses.
+pub const MAX_MX_HOSTS: usize = 10;
+
+/// Addresses of a domain's MX hosts tried in one attempt, duplicates removed (each can cost a
+/// connect timeout and the reply timeouts).
+pub const MAX_MX_ADDRESSES: usize = 10;
+
+/// How long the address lookups of a domain's MX hosts (all at once) may take together.
+const MX_ADDRESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn task_runtime(i: usize) -> Result<tokio::runtime::Handle, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -45,6 +57,30 @@ pub enum Targets {
     Hosts(Vec<(String, Vec<IpAddr>)>),
     /// The domain publishes a null MX (RFC 7505): it accepts no mail.
     NullMx,
+}
+
+/// Hosts by name with an address each: `(name, address)`.
+pub type Named<A> = Vec<(String, A)>;
+
+/// Where to connect for a domain's MX hosts (in order, best first): each address once, at
+/// most [`MAX_MX_ADDRESSES`], none in `ignore`; and the addresses skipped for `ignore`.
+pub fn mx_addresses(
+    hosts: Vec<(String, Vec<IpAddr>)>,
+    ignore: &[crate::units::Cidr],
+    port: u16,
+) -> (Named<SocketAddr>, Named<IpAddr>) {
+    let (mut out, mut skipped) = (Vec::new(), Vec::new());
+    let mut seen = std::collections::HashSet::new();
+    for (name, ips) in hosts {
+        for ip in ips {
+            if crate::units::any_contains(ignore, ip) {
+                skipped.push((name.clone(), ip));
+            } else if seen.len() < MAX_MX_ADDRESSES && seen.insert(ip) {
+                out.push((name.clone(), SocketAddr::new(ip, port)));
+            }
+        }
+    }
+    (out, skipped)
 }
 
 static DNS: OnceLock<Result<Arc<Dns>, String>> = OnceLock::new();
@@ -153,14 +189,24 @@ impl Dns {
                 mx.push((0, fqdn.clone()));
             }
             mx.sort_by_key(|(p, _)| *p);
-            let mut hosts = Vec::new();
-            for (_, host) in mx {
-                let ips: Vec<IpAddr> = match self.resolver.lookup_ip(host.as_str()).await {
-                    Ok(l) => l.iter().collect(),
-                    Err(_) => Vec::new(),
+            let mut seen = std::collections::HashSet::new();
+            mx.retain(|(_, h)| seen.insert(h.to_ascii_lowercase()));
+            mx.truncate(MAX_MX_HOSTS);
+            // All at once, within one time limit: one slow name server cannot make the
+            // lookups of many hosts take many times its timeout.
+            let asks = mx.iter().map(|(_, host)| async move {
+                let ips: Vec<IpAddr> = match tokio::time::timeout(
+                    MX_ADDRESS_TIMEOUT,
+                    self.resolver.lookup_ip(host.as_str()),
+                )
+                .await
+                {
+                    Ok(Ok(l)) => l.iter().collect(),
+                    _ => Vec::new(),
                 };
-                hosts.push((host.trim_end_matches('.').to_string(), ips));
-            }
+                (host.trim_end_matches('.').to_string(), ips)
+            });
+            let hosts: Vec<(String, Vec<IpAddr>)> = futures_util::future::join_all(asks).await;
             if hosts.iter().all(|(_, ips)| ips.is_empty()) {
                 return Err(format!("no address for the mail hosts of {domain}"));
             }
@@ -220,5 +266,44 @@ impl Dns {
 impl std::fmt::Debug for Dns {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dns").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::Cidr;
+
+    #[test]
+    fn mx_addresses_once_each_at_most_ten_none_ignored() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let ignore = [Cidr::parse("127.0.0.0/8").unwrap()];
+        let host = |n: &str, ips: &[&str]| (n.to_string(), ips.iter().map(|s| ip(s)).collect());
+        // Order kept, duplicates (across hosts too) dropped, ignored ones reported.
+        let (out, skipped) = mx_addresses(
+            vec![
+                host("a", &["192.0.2.1", "127.0.0.1", "192.0.2.1"]),
+                host("b", &["2001:db8::1", "192.0.2.1", "::ffff:127.0.0.2"]),
+                host("c", &[]),
+            ],
+            &ignore,
+            25,
+        );
+        let shown: Vec<String> = out.iter().map(|(h, a)| format!("{h} {a}")).collect();
+        assert_eq!(shown, ["a 192.0.2.1:25", "b [2001:db8::1]:25"]);
+        assert_eq!(
+            skipped,
+            [
+                ("a".to_string(), ip("127.0.0.1")),
+                ("b".to_string(), ip("::ffff:127.0.0.2"))
+            ]
+        );
+        // However many a domain publishes, ten are tried.
+        let many = (0..40)
+            .map(|i| (format!("mx{i}"), vec![ip(&format!("192.0.2.{i}"))]))
+            .collect();
+        let (out, _) = mx_addresses(many, &ignore, 25);
+        assert_eq!(out.len(), MAX_MX_ADDRESSES);
+        assert_eq!(out.last().map(|(h, _)| h.as_str()), Some("mx9"));
     }
 }

@@ -660,22 +660,15 @@ impl CoreQueue {
                         return Err(Failure::NullMx(domain.to_string()).reply());
                     }
                     Ok(Targets::Hosts(hosts)) => {
-                        let before = out.len();
-                        for (name, ips) in hosts {
-                            for ip in ips {
-                                if crate::units::any_contains(&route.mx_ignore, ip) {
-                                    tracing::info!(domain = ?domain, host = ?name, %ip, "MX address skipped (mx_ignore)");
-                                    continue;
-                                }
-                                out.push((
-                                    name.clone(),
-                                    std::net::SocketAddr::new(ip, route.mx_port),
-                                ));
-                            }
+                        let (addresses, skipped) =
+                            crate::relay::dns::mx_addresses(hosts, &route.mx_ignore, route.mx_port);
+                        for (host, ip) in &skipped {
+                            tracing::info!(domain = ?domain, host = ?host, %ip, "MX address skipped (mx_ignore)");
                         }
-                        if out.len() == before {
+                        if addresses.is_empty() {
                             ignored = Some(domain.to_string());
                         }
+                        out.extend(addresses);
                     }
                     Err(e) => return Err(Failure::Dns(e).reply()),
                 }
