@@ -427,7 +427,7 @@ fn mx_records_from_a_loopback_dns_server() {
     }
     assert_eq!(sink.records().len(), 1, "{}", s.log());
     assert!(
-        s.log().contains("MX address skipped (mx_ignore)"),
+        s.log().contains("MX addresses skipped (mx_ignore)"),
         "{}",
         s.log()
     );

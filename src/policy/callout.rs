@@ -44,7 +44,7 @@ pub struct Callouts {
     probing: Arc<AtomicUsize>,
 }
 
-/// Probes at once, so callouts never take every policy worker (DNS lists need them too).
+/// Probes at once, so callouts never take every policy worker (signature checks need them too).
 pub const MAX_PROBES: usize = 2;
 
 /// One running probe; gives its slot back when dropped (also when its job never ran).

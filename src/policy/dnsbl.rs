@@ -27,6 +27,21 @@ pub type Scoring = Box<dyn FnOnce(Vec<Answer>) -> Decision + Send>;
 /// A cached verdict: the refusal (if any) and when it expires (seconds since the epoch).
 type Cached = (Option<&'static Reply>, u32);
 
+/// Clients whose lookups may be under way at once. A lookup goes on after its session has
+/// stopped waiting (for at most `timeout`): clients that connect and leave at once, while a
+/// list is slow, would otherwise pile up queries (and sockets) without bound. Past it a
+/// client counts as not listed, as when a list does not answer.
+pub const MAX_IN_FLIGHT: usize = 1024;
+
+/// One client's lookups under way; counted down when dropped (answered or not).
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The `dnsbl` check (connect stage).
 pub struct DnsLists {
     lists: Arc<Vec<List>>,
@@ -36,6 +51,8 @@ pub struct DnsLists {
     cache_size: usize,
     cache: Arc<Mutex<HashMap<IpAddr, Cached>>>,
     resolve: Resolve,
+    /// Clients whose lookups are under way ([`MAX_IN_FLIGHT`]).
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// How long a session waits for the lookups (the lookups' own timeout and a margin).
     time_limit: std::time::Duration,
 }
@@ -84,6 +101,7 @@ impl DnsLists {
             cache_size: cache_size.max(1),
             cache: Arc::default(),
             resolve,
+            in_flight: Arc::default(),
             time_limit,
         }
     }
@@ -147,9 +165,21 @@ impl Check for DnsLists {
             (self.lists.clone(), self.replies.clone(), self.cache.clone());
         let (threshold, max_ttl, cache_size) = (self.threshold, self.max_ttl, self.cache_size);
         let names: Vec<String> = lists.iter().map(|l| l.query(ip)).collect();
+        if self
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            >= MAX_IN_FLIGHT
+        {
+            self.in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(client = %ip, "dnsbl: too many lookups under way; not listed");
+            return Decision::Continue;
+        }
+        let in_flight = InFlight(self.in_flight.clone());
         Decision::Defer((self.resolve)(
             names,
             Box::new(move |answers| {
+                let _in_flight = in_flight;
                 let (total, top, ttl) = score(&lists, &answers);
                 let verdict = if total >= threshold {
                     top.and_then(|i| replies.get(i).copied())
@@ -249,5 +279,38 @@ mod tests {
         assert_eq!(*asked.lock().unwrap(), 2);
         assert!(listed(run("127.0.0.4", 1101)).is_some());
         assert_eq!(*asked.lock().unwrap(), 3);
+    }
+
+    #[test]
+    fn lookups_under_way_are_bounded() {
+        let held: Arc<Mutex<Vec<Scoring>>> = Arc::default();
+        let keep = held.clone();
+        let resolve: Resolve = Arc::new(move |_names: Vec<String>, then: Scoring| {
+            // Never answered until dropped: a list that does not answer.
+            keep.lock().unwrap().push(then);
+            Job::blocking(|| Decision::Continue)
+        });
+        let lists = vec![List::parse("zen.example").unwrap()];
+        let d = DnsLists::new(
+            lists,
+            1,
+            3600,
+            10,
+            resolve,
+            std::time::Duration::from_secs(1),
+        );
+        let check = |i: usize| {
+            let ip = IpAddr::from(Ipv4Addr::from(0x0a00_0000 + i as u32));
+            d.check(&Request::new(ip, 1000))
+        };
+        for i in 0..MAX_IN_FLIGHT {
+            assert!(matches!(check(i), Decision::Defer(_)), "{i}");
+        }
+        // The next client is not listed at once, and nothing is cached for it.
+        assert!(matches!(check(MAX_IN_FLIGHT), Decision::Continue));
+        assert!(d.cached("10.0.4.0".parse().unwrap(), 1000).is_none());
+        // Lookups that end (answered, or their task gone) make room again.
+        held.lock().unwrap().clear();
+        assert!(matches!(check(MAX_IN_FLIGHT + 1), Decision::Defer(_)));
     }
 }

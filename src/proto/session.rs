@@ -155,6 +155,9 @@ struct Txn {
     defect: Option<AbortReason>,
     /// When MAIL was accepted (for `max_transaction_time`).
     started: Option<Instant>,
+    /// A refused RCPT of this transaction was counted as a junk command (one per
+    /// transaction: a list message whose recipients meet a rate limit is not cut off).
+    rcpt_refusal_counted: bool,
 }
 
 /// One SMTP server session (one connection).
@@ -390,14 +393,21 @@ impl Session {
         self.flush = true;
     }
 
-    /// Refuse the pending decision with `r` (a 4xx or 5xx reply). A refused MAIL, RCPT or
-    /// message moved no mail: it counts towards `max_junk_commands` (else a client could hold
-    /// its connection for ever with a transaction refused every few minutes).
+    /// Refuse the pending decision with `r` (a 4xx or 5xx reply). A refused MAIL, RCPT (the
+    /// first of a transaction) or message moved no mail: it counts towards
+    /// `max_junk_commands` (else a client could hold its connection for ever with a
+    /// transaction refused every few minutes).
     pub fn reject(&mut self, r: &Reply) {
         match self.pending.take() {
-            Some(Pending::Mail { .. } | Pending::Rcpt) => {
+            Some(Pending::Mail { .. }) => {
                 self.reply(r);
                 self.junk_command();
+            }
+            Some(Pending::Rcpt) => {
+                self.reply(r);
+                if !std::mem::replace(&mut self.txn.rcpt_refusal_counted, true) {
+                    self.junk_command();
+                }
             }
             Some(Pending::Message) => {
                 self.txn = Txn::default();
@@ -436,7 +446,8 @@ impl Session {
     }
 
     /// A command that moves no mail (NOOP, RSET, VRFY, HELP, HELO/EHLO, a MAIL refused for
-    /// its SIZE or by policy, a refused RCPT, a message refused or aborted), answered: past `max_junk_commands`
+    /// its SIZE or by policy, a transaction's first refused RCPT, a message refused or
+    /// aborted), answered: past `max_junk_commands`
     /// of them since the last message accepted, each counts as an error too (as Postfix's
     /// `smtpd_junk_command_limit`), so that one every few minutes cannot hold a connection
     /// forever, while a client that sends RSET between the messages it delivers goes on.

@@ -86,7 +86,8 @@ pub struct SessionConfig {
     /// Protocol errors before `421` and close. Default 20.
     pub max_errors: u32,
     /// Commands that move no mail (NOOP, RSET, VRFY, HELP, HELO/EHLO, a MAIL refused for its
-    /// SIZE) a session may send between messages before each also counts as an error.
+    /// SIZE or by policy, a transaction's first refused RCPT, a message refused or aborted) a
+    /// session may send between messages before each also counts as an error.
     /// Default 100 (Postfix's `smtpd_junk_command_limit`).
     pub max_junk_commands: u32,
     /// Bare CR/LF in DATA. Default `Reject`.

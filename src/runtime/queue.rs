@@ -662,8 +662,9 @@ impl CoreQueue {
                     Ok(Targets::Hosts(hosts)) => {
                         let (addresses, skipped) =
                             crate::relay::dns::mx_addresses(hosts, &route.mx_ignore, route.mx_port);
-                        for (host, ip) in &skipped {
-                            tracing::info!(domain = ?domain, host = ?host, %ip, "MX address skipped (mx_ignore)");
+                        // One line, however many addresses the domain's DNS gave.
+                        if let Some((host, ip)) = skipped.first() {
+                            tracing::info!(domain = ?domain, host = ?host, %ip, skipped = skipped.len(), "MX addresses skipped (mx_ignore)");
                         }
                         if addresses.is_empty() {
                             ignored = Some(domain.to_string());
