@@ -15,6 +15,11 @@ fn relay_route(domain: &str, hops: &str, more: &str) -> String {
     )
 }
 
+/// A route relaying `domain` to 127.0.0.1:`port` in plain text.
+fn plain_relay(domain: &str, port: u16) -> String {
+    relay_route(domain, &format!("\"127.0.0.1:{port}\""), "tls = \"none\"")
+}
+
 const QUEUE_FAST: &str = "[queue]\nretry = [\"1s\"]\n";
 
 /// Wait (up to 20 s) until `ringmx queue list` has a line that is deferred and contains
@@ -69,14 +74,7 @@ fn send(s: &Server, from: &str, to: &str, mid: &str) {
 fn relays_per_recipient_and_bounces_permanent_failures() {
     let dir = temp_dir("relay-sink");
     let sink = Sink::start(&dir, &["--reject", "bad"]);
-    let extra = format!(
-        "{QUEUE_FAST}{}",
-        relay_route(
-            "remote.test",
-            &format!("\"127.0.0.1:{}\"", sink.port),
-            "tls = \"none\""
-        )
-    );
+    let extra = format!("{QUEUE_FAST}{}", plain_relay("remote.test", sink.port));
     let s = Server::start_with("relay", "auto", "", &extra);
     send(
         &s,
@@ -147,11 +145,7 @@ fn temporary_failure_waits_for_retry_and_queue_cli_controls_it() {
     // Retries an hour away: only the CLI makes them happen in this test.
     let extra = format!(
         "[queue]\nretry = [\"1h\"]\n{}",
-        relay_route(
-            "remote.test",
-            &format!("\"127.0.0.1:{}\"", sink.port),
-            "tls = \"none\""
-        )
+        plain_relay("remote.test", sink.port)
     );
     let mut s = Server::start_with("relay-retry", "auto", "", &extra);
     send(
@@ -214,11 +208,7 @@ fn hop_down_then_up_and_fallback_to_the_next_hop() {
     let (_dead_socket, dead) = support::refusing_port();
     let extra = format!(
         "{QUEUE_FAST}{}{}",
-        relay_route(
-            "later.test",
-            &format!("\"127.0.0.1:{later}\""),
-            "tls = \"none\""
-        ),
+        plain_relay("later.test", later),
         relay_route(
             "fallback.test",
             &format!("\"127.0.0.1:{dead}\", \"127.0.0.1:{}\"", up.port),
@@ -490,14 +480,7 @@ fn smtp_sink(dir: &std::path::Path) -> (Child, u16, std::path::PathBuf) {
 fn relays_to_postfix_smtp_sink_over_reused_connections() {
     let dir = temp_dir("relay-smtp-sink");
     let (mut sink, port, dump) = smtp_sink(&dir);
-    let extra = format!(
-        "{QUEUE_FAST}{}",
-        relay_route(
-            "remote.test",
-            &format!("\"127.0.0.1:{port}\""),
-            "tls = \"none\""
-        )
-    );
+    let extra = format!("{QUEUE_FAST}{}", plain_relay("remote.test", port));
     let s = Server::start_with("relay-smtp-sink", "auto", "", &extra);
     // The first 10 one at a time, each sent once the queue is empty again (so the connection
     // is back in the pool); the other 30 back to back.
@@ -650,11 +633,7 @@ fn delay_notice_while_the_hop_stays_down() {
     let (later_socket, later) = support::refusing_port();
     let extra = format!(
         "[queue]\nretry = [\"1s\"]\ndelay_notice = \"1s\"\n{}",
-        relay_route(
-            "later.test",
-            &format!("\"127.0.0.1:{later}\""),
-            "tls = \"none\""
-        )
+        plain_relay("later.test", later)
     );
     let s = Server::start_with("relay-delay", "auto", "", &extra);
     send(
@@ -786,16 +765,8 @@ fn dsn_parameters_are_honoured_and_passed_on() {
     let plain = Sink::start(&dir, &["--reject", "bad"]);
     let extra = format!(
         "{QUEUE_FAST}{}{}",
-        relay_route(
-            "dsn.test",
-            &format!("\"127.0.0.1:{port}\""),
-            "tls = \"none\""
-        ),
-        relay_route(
-            "plain.test",
-            &format!("\"127.0.0.1:{}\"", plain.port),
-            "tls = \"none\""
-        ),
+        plain_relay("dsn.test", port),
+        plain_relay("plain.test", plain.port),
     );
     let s = Server::start_with("relay-dsn", "auto", "", &extra);
     let script = r#"
@@ -891,11 +862,7 @@ fn a_sender_spf_did_not_vouch_for_asks_for_failures_only() {
         let extra = format!(
             "{QUEUE_FAST}[dns]\nservers = [\"{}\"]\n[authentication]\nverify = {verify}\ntimeout = \"1s\"\n{}",
             silent.local_addr().unwrap(),
-            relay_route(
-                "example.test",
-                &format!("\"127.0.0.1:{port}\""),
-                "tls = \"none\""
-            )
+            plain_relay("example.test", port)
         );
         let s = Server::start_with("relay-unverified", "auto", "", &extra);
         let script = r#"
@@ -957,16 +924,8 @@ fn copy_forward_keeps_pending_recipients_and_their_dsn_across_restarts() {
     let (_down_socket, down) = support::refusing_port();
     let extra = format!(
         "[queue]\nretry = [\"1s\"]\nmax_lifetime = \"12s\"\ncopy_forward_after = \"1s\"\n{}{}",
-        relay_route(
-            "up.test",
-            &format!("\"127.0.0.1:{}\"", up.port),
-            "tls = \"none\""
-        ),
-        relay_route(
-            "later.test",
-            &format!("\"127.0.0.1:{down}\""),
-            "tls = \"none\""
-        ),
+        plain_relay("up.test", up.port),
+        plain_relay("later.test", down),
     );
     let mut s = Server::start_with("relay-copy-forward", "auto", "", &extra);
     let script = r#"
