@@ -211,14 +211,25 @@ impl Session {
 
     /// Process `input` (everything received and not yet consumed). Pull events from the
     /// returned [`Feed`]; afterwards drop `feed.consumed()` bytes from the front of the buffer.
+    ///
+    /// What counts as activity (the idle timeout runs from it): a complete command line, and
+    /// message content. Bytes of a line still partial, of an over-long line being skipped or
+    /// of a refused BDAT chunk do not, else a byte every few minutes would hold the session
+    /// for ever with no command ever counted against its limits.
     pub fn feed<'s, 'a>(&'s mut self, input: &'a [u8], now: Instant) -> Feed<'s, 'a> {
-        if !input.is_empty() {
+        let content = match &self.state {
+            State::Data(_) => true,
+            State::Bdat { mode, .. } => !matches!(mode, BdatMode::Refuse(_)),
+            _ => false,
+        };
+        if content && !input.is_empty() {
             self.last_activity = now;
         }
         Feed {
             session: self,
             input,
             pos: 0,
+            now,
         }
     }
 
@@ -934,6 +945,7 @@ pub struct Feed<'s, 'a> {
     session: &'s mut Session,
     input: &'a [u8],
     pos: usize,
+    now: Instant,
 }
 
 impl<'a> Feed<'_, 'a> {
@@ -1057,6 +1069,7 @@ impl<'a> Feed<'_, 'a> {
                     match command::parse_framed(rest, s.settings.cfg.max_line) {
                         command::Framed::Command(parsed, consumed) => {
                             self.pos += consumed;
+                            s.last_activity = self.now;
                             let more = self.pos < self.input.len();
                             // A BDAT chunk follows its command; QUIT ends everything anyway.
                             let carries_data =
@@ -1089,6 +1102,7 @@ impl<'a> Feed<'_, 'a> {
                 _ => match line::frame(rest, s.settings.cfg.max_line) {
                     Frame::Line { line, consumed } => {
                         self.pos += consumed;
+                        s.last_activity = self.now;
                         let more = self.pos < self.input.len();
                         if let Some(ev) = s.on_line(line, more) {
                             return Some(ev);

@@ -1005,6 +1005,88 @@ fn timeout_closes_with_421() {
     assert!(session.is_closed());
 }
 
+/// The idle timeout runs from the last complete command line or the last content: bytes of
+/// a partial line, of an over-long line being skipped, or of a refused BDAT chunk trickled
+/// one at a time do not hold the session open.
+#[test]
+fn only_commands_and_content_hold_off_the_timeout() {
+    let t0 = Instant::now();
+    let at = |s: u64| t0 + Duration::from_secs(s);
+    // Feed `input` at `t` (with what was not consumed before), answering every decision.
+    fn push(session: &mut Session, held: &mut Vec<u8>, input: &[u8], t: Instant) {
+        held.extend_from_slice(input);
+        loop {
+            let mut feed = session.feed(held, t);
+            while let Some(ev) = feed.next() {
+                if matches!(ev, Event::Mail { .. } | Event::Rcpt { .. }) {
+                    feed.accept();
+                }
+                if matches!(ev, Event::MessageEnd { .. }) {
+                    feed.accept_message("Q");
+                }
+            }
+            let (used, stop) = (feed.consumed(), feed.stop());
+            held.drain(..used);
+            session.clear_output();
+            if stop != Stop::Flush {
+                return;
+            }
+        }
+    }
+    let big = "x".repeat(3000);
+    // (what arrives when, after EHLO at 0; the last moment the session is still open)
+    let cases: [(&[(u64, &str)], u64); 6] = [
+        // A complete command moves the timeout.
+        (&[(200, "NOOP\r\n")], 499),
+        // A partial line does not, however it trickles.
+        (&[(100, "NO"), (200, "O"), (290, "P")], 299),
+        // Nor does a line too long, being skipped.
+        (&[(100, &big), (200, &big), (290, "x")], 299),
+        // Content does: data_timeout (180 s) runs from the last of it.
+        (
+            &[
+                (10, "MAIL FROM:<a@b.test>\r\n"),
+                (20, "RCPT TO:<u@example.test>\r\n"),
+                (30, "DATA\r\n"),
+                (100, "Subject: x\r\n"),
+                (200, "more\r\n"),
+            ],
+            379,
+        ),
+        // A BDAT chunk of a transaction is content.
+        (
+            &[
+                (10, "MAIL FROM:<a@b.test>\r\n"),
+                (20, "RCPT TO:<u@example.test>\r\n"),
+                (30, "BDAT 100\r\n"),
+                (100, "Subject: x\r\n"),
+                (200, "more\r\n"),
+            ],
+            379,
+        ),
+        // A refused one (no transaction) is not: it must arrive within data_timeout.
+        (
+            &[
+                (10, "BDAT 100\r\n"),
+                (100, "Subject: x\r\n"),
+                (180, "more\r\n"),
+            ],
+            189,
+        ),
+    ];
+    for (i, (steps, open_until)) in cases.into_iter().enumerate() {
+        let mut session = Session::new(default_settings(), t0);
+        let mut held = Vec::new();
+        push(&mut session, &mut held, b"EHLO c\r\n", t0);
+        for (t, input) in steps {
+            push(&mut session, &mut held, input.as_bytes(), at(*t));
+            assert!(!session.is_closed(), "case {i}: closed at {t}");
+        }
+        assert!(!session.check_timeout(at(open_until)), "case {i}");
+        assert!(session.check_timeout(at(open_until + 1)), "case {i}");
+    }
+}
+
 #[test]
 fn unanswered_decision_holds_the_session() {
     let now = Instant::now();
