@@ -29,9 +29,10 @@ pub enum Reason {
     CalloutUnavailable,
     DmarcReject,
     SpfFail,
+    BinaryToFolder,
 }
 
-const REASONS: [(Reason, &str); 22] = [
+const REASONS: [(Reason, &str); 23] = [
     (Reason::RelayDenied, "relay_denied"),
     (Reason::AuthRequired, "auth_required"),
     (Reason::TooBig, "too_big"),
@@ -54,6 +55,7 @@ const REASONS: [(Reason, &str); 22] = [
     (Reason::CalloutUnavailable, "callout_unavailable"),
     (Reason::DmarcReject, "dmarc_reject"),
     (Reason::SpfFail, "spf_fail"),
+    (Reason::BinaryToFolder, "binary_to_folder"),
 ];
 
 /// Upper bounds (seconds) of the session duration histogram.

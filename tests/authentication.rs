@@ -106,21 +106,26 @@ for subject, extra in [("many-fields", 92), ("too-many-fields", 100)]:
 send("127.0.0.6", message("forged",
     "Authentication-Results: mx.test; dkim=pass header.d=partner.test\r\n"
     "Authentication-Results: relay.other.test; spf=pass\r\n"))
+# MAIL FROM:<sender> sent as it is (smtplib would rewrite it), from 127.0.0.6.
+def send_raw(sender, m):
+    with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=("127.0.0.6", 0), timeout=30) as s:
+        s.ehlo("client.partner.test")
+        s.putcmd("mail", "FROM:<%s>" % sender)
+        code, text = s.getreply()
+        assert code == 250, (code, text)
+        s.rcpt("alice@example.test")
+        s.data(m)
 # Forged the ways lenient readers (mail-parser) still read as fields: control characters and
 # spaces in or around the name, a colon before it, a line after a colon-less one; and a MAIL
 # FROM whose quoted local part reads as results to a reader that splits on ';'.
-with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=("127.0.0.6", 0), timeout=30) as s:
-    s.ehlo("client.partner.test")
-    s.putcmd("mail", 'FROM:<"x; dkim=pass header.d=partner.test; dmarc=pass"@partner.test>')
-    code, text = s.getreply()
-    assert code == 250, (code, text)
-    s.rcpt("alice@example.test")
-    s.data(message("forged-lenient",
-        "\x0cAuthentication-Results: mx.test; dkim=pass header.d=partner.test\r\n"
-        "Authentication-Results\x0b: mx.test; dkim=pass header.d=partner.test\r\n"
-        ":Authentication-Results: mx.test; dmarc=pass\r\n"
-        "Authentication -Results: mx.test; dkim=pass\r\n"
-        "Junk\r\n Authentication-Results: mx.test; dkim=pass\r\n"))
+send_raw('"x; dkim=pass header.d=partner.test; dmarc=pass"@partner.test', message("forged-lenient",
+    "\x0cAuthentication-Results: mx.test; dkim=pass header.d=partner.test\r\n"
+    "Authentication-Results\x0b: mx.test; dkim=pass header.d=partner.test\r\n"
+    ":Authentication-Results: mx.test; dmarc=pass\r\n"
+    "Authentication -Results: mx.test; dkim=pass\r\n"
+    "Junk\r\n Authentication-Results: mx.test; dkim=pass\r\n"))
+# A MAIL FROM domain that is an address literal holding results.
+send_raw("x@[a:b;dkim=pass;dmarc=pass;x]", message("literal"))
 # SPF records of every kind: include, ~all, a loop, too many lookups, a zone that times out.
 for domain in ["inc", "soft", "loop", "many", "slow"]:
     with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), source_address=("127.0.0.5", 0), timeout=30) as s:
@@ -302,6 +307,13 @@ fn spf_dkim_and_dmarc_results_on_every_copy() {
         "{ours:?}"
     );
     assert!(ours[0].contains("smtp.mailfrom=partner.test"), "{ours:?}");
+    let literal = results(&copy("literal"));
+    assert!(
+        literal.len() == 1
+            && literal[0].contains("smtp.mailfrom=unknown")
+            && !literal[0].contains("=pass"),
+        "{literal:?}"
+    );
     for (domain, want) in [
         ("inc", "spf=pass"),
         ("soft", "spf=softfail"),

@@ -977,3 +977,124 @@ with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
     assert!(bounce.contains("Status: 4.4.7"), "{bounce}");
     assert!(!bounce.contains("a@up.test\r\nAction"), "{bounce}");
 }
+
+/// Text a client chose reaches `ringmx queue` escaped: a HELO name with terminal escape
+/// sequences (OSC retitle and CSI clear screen, as C1 controls) and a right-to-left override
+/// is shown as `\u{…}`, never as the bytes a terminal would obey.
+#[test]
+fn queue_cli_escapes_what_clients_chose() {
+    const HELO: &str = "\u{9d}0;pwned\u{9c}\u{9b}2J\u{202e}moc.knab";
+    let s = Server::start_with(
+        "queue-escapes",
+        "auto",
+        "",
+        "[[route]]\ndomains = [\"remote.test\"]\naction = \"hold\"\n",
+    );
+    let mut c = support::Raw::connect(s.outbound);
+    assert!(c.reply().starts_with("220"));
+    let r = c.cmd(&format!("EHLO {HELO}\r\n"));
+    assert!(r.starts_with("250"), "{r}");
+    for (cmd, code) in [
+        ("MAIL FROM:<alice@example.test>\r\n", "250"),
+        ("RCPT TO:<r@remote.test>\r\n", "250"),
+        ("DATA\r\n", "354"),
+        ("Subject: x\r\n\r\nhi\r\n.\r\n", "250"),
+    ] {
+        let r = c.cmd(cmd);
+        assert!(r.starts_with(code), "{cmd:?}: {r}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let list = loop {
+        let list = queue_cli(&s, &["list"]).1;
+        if list.contains("\theld\t") || Instant::now() > deadline {
+            break list;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let id = list.split('\t').next().unwrap().to_string();
+    let (ok, show) = queue_cli(&s, &["show", &id]);
+    assert!(
+        ok && show.contains("(\\u{9d}0;pwned\\u{9c}\\u{9b}2J\\u{202e}moc.knab)\n"),
+        "{show:?}"
+    );
+    assert!(!show.contains(['\u{9b}', '\u{9d}', '\u{202e}']), "{show:?}");
+}
+
+/// A next hop that answers up to `354` and then never reads again, with a small receive
+/// buffer, so that the kernel cannot take the whole message for it.
+const STALLING_HOP: &str = r#"
+import os, socket, time
+l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+l.bind(("127.0.0.1", int(os.environ["PORT"]))); l.listen(5)
+print("ready", flush=True)
+held = []
+while True:
+    c, _ = l.accept()
+    held.append(c)
+    f = c.makefile("rb")
+    c.sendall(b"220 stall ESMTP\r\n")
+    while True:
+        line = f.readline()
+        if not line:
+            break
+        if line.upper().startswith(b"EHLO"):
+            c.sendall(b"250-stall\r\n250 8BITMIME\r\n")
+        elif line.upper().startswith(b"DATA"):
+            c.sendall(b"354 go ahead\r\n")
+            break
+        else:
+            c.sendall(b"250 ok\r\n")
+"#;
+
+/// Sends one message of 12 MiB through the outbound binding.
+const SEND_BIG: &str = r#"
+import os, smtplib
+body = ("x" * 76 + "\r\n") * (12 * 1024 * 1024 // 78)
+m = "From: alice@example.test\r\nTo: big@stall.test\r\nSubject: big\r\n\r\n" + body
+with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=60) as s:
+    s.sendmail("alice@example.test", ["big@stall.test"], m)
+"#;
+
+/// A next hop that stops reading in the middle of a message does not hold the delivery for
+/// ever: after a reply time limit without progress the attempt is deferred (`4.4.2`), and the
+/// message stays queued for a retry.
+#[test]
+fn a_next_hop_that_stops_reading_is_given_up() {
+    use std::io::BufRead;
+    let port = free_port();
+    /// Stopped when the test ends, passed or failed.
+    struct Hop(Child);
+    impl Drop for Hop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut hop = Hop(Command::new("python3")
+        .args(["-c", STALLING_HOP])
+        .env("PORT", port.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap());
+    let mut out = std::io::BufReader::new(hop.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let extra = format!(
+        "[queue]\nretry = [\"1h\"]\nreply_timeout = \"2s\"\n{}",
+        plain_relay("stall.test", port)
+    );
+    let s = Server::start_with("relay-stall", "auto", "", &extra);
+    let sent = Command::new("python3")
+        .args(["-c", SEND_BIG])
+        .env("PORT", s.outbound.port().to_string())
+        .output()
+        .unwrap();
+    assert!(sent.status.success(), "{}", stderr(&sent));
+    let line = wait_deferred(&s, "big@stall.test");
+    assert!(
+        line.contains("sending stalled for 2s"),
+        "{line}\n{}",
+        s.log()
+    );
+}

@@ -12,6 +12,7 @@ use super::detect::Masks;
 use super::persist::encode_log;
 use super::store::Record;
 use super::{Aswl, Pair, Settings, Verdict, unix_now};
+use crate::delivery::trace::for_terminal;
 use crate::delivery::trace::rfc5322_date;
 
 /// An operation and its arguments (from the query string or the command line).
@@ -127,8 +128,8 @@ pub fn run(a: &Aswl, s: &Settings, op: &Op, body: &[u8]) -> Result<String, Failu
                 let _ = writeln!(
                     out,
                     "{}\t{}\t{}{state}",
-                    r.local_original,
-                    r.external_original,
+                    for_terminal(&r.local_original),
+                    for_terminal(&r.external_original),
                     when(r.last_sent)
                 );
             }

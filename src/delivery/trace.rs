@@ -14,6 +14,34 @@ pub fn shown_helo(helo: &str) -> String {
         .collect()
 }
 
+/// Text a client chose (an address, a HELO name, a next hop's reply), as an operator's
+/// terminal is shown it (`ringmx queue`, `ringmx aswl list`): control characters (C0, C1:
+/// escape sequences retitle or clear a terminal) and the invisible format characters that
+/// reorder or hide text (bidi overrides and isolates, zero-width characters, line and
+/// paragraph separators) become `\u{…}`, and a backslash `\\`, so that what is printed
+/// cannot pass for something else; anything else stays as it is.
+pub fn for_terminal(text: &str) -> std::borrow::Cow<'_, str> {
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\\' | '\u{61c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+                | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+    };
+    if !text.chars().any(hidden) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if hidden(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
 /// `Received: from HELO ([IP]) by HOST (ringmx) with ESMTPS (TLS…) id ID for <rcpt>; DATE`,
 /// folded, CRLF-terminated. "with" follows RFC 3848 (ESMTP, ESMTPA, ESMTPS, ESMTPSA).
 pub fn received(env: &Envelope, hostname: &str) -> String {
@@ -91,6 +119,28 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn text_for_a_terminal() {
+        for (text, shown) in [
+            ("bob@partner.test", "bob@partner.test"),
+            ("b\u{fc}cher@caf\u{e9}.test", "b\u{fc}cher@caf\u{e9}.test"),
+            // OSC retitle, CSI clear screen (C1), a right-to-left override.
+            (
+                "\u{9d}0;pwned\u{9c}\u{9b}2J\u{202e}moc.knab",
+                "\\u{9d}0;pwned\\u{9c}\\u{9b}2J\\u{202e}moc.knab",
+            ),
+            ("a\x1b[2Jb\tc\r\nd", "a\\u{1b}[2Jb\\u{9}c\\u{d}\\u{a}d"),
+            // A backslash is doubled, so that `\u{…}` cannot be typed in to look escaped.
+            ("x\\u{202e}@y", "x\\\\u{202e}@y"),
+            (
+                "zero\u{200b}width\u{2066}iso\u{feff}",
+                "zero\\u{200b}width\\u{2066}iso\\u{feff}",
+            ),
+        ] {
+            assert_eq!(for_terminal(text), shown, "{text:?}");
+        }
+    }
 
     #[test]
     fn dates() {

@@ -70,35 +70,91 @@ impl std::fmt::Debug for Authenticate {
     }
 }
 
+/// A record, until when it is valid, whether its DKIM key was parsed once, its [`weight`].
+type Cached = (Txt, Instant, bool, usize);
+
 /// Parsed TXT records (SPF, DKIM keys, DMARC) for their TTL, shared by every verification:
-/// a record is fetched and parsed once, not per message. At most [`TXT_CACHE_SIZE`] names;
-/// when full, expired entries go, then everything (it refills from the resolver's cache).
+/// a record is fetched and parsed once, not per message. At most [`TXT_CACHE_SIZE`] names
+/// and [`TXT_CACHE_BYTES`] of parsed records (by [`weight`]); when full, expired entries go,
+/// then everything (it refills from the resolver's cache). A record heavier than
+/// [`TXT_RECORD_MAX`] is used for the message that asked and not kept: a zone's SPF record
+/// of 64 KB of `a a a …` parses into 2 MiB, and 20,000 such names would be 40 GiB.
 /// DKIM keys newly cached are listed in `new_keys` (at most [`NEW_KEYS`]) for
 /// [`upgrade_keys`].
 struct TxtCache {
-    /// A record, until when it is valid, and whether its DKIM key was parsed once.
-    map: std::sync::Mutex<HashMap<Box<str>, (Txt, Instant, bool)>>,
+    map: std::sync::Mutex<HashMap<Box<str>, Cached>>,
+    /// The weights of the records in `map` (changed under its lock).
+    bytes: std::sync::atomic::AtomicUsize,
     new_keys: std::sync::Mutex<Vec<Box<str>>>,
     /// `new_keys` is not empty (looked at by every verification, without the lock).
     keys_waiting: std::sync::atomic::AtomicBool,
 }
 
 const TXT_CACHE_SIZE: usize = 20_000;
+const TXT_CACHE_BYTES: usize = 64 << 20;
+const TXT_RECORD_MAX: usize = 256 << 10;
 const NEW_KEYS: usize = 64;
 const KEY_WORTH_PARSING: u64 = 60;
 
 fn txt_cache() -> &'static TxtCache {
     static CACHE: std::sync::OnceLock<TxtCache> = std::sync::OnceLock::new();
-    CACHE.get_or_init(|| TxtCache {
-        map: std::sync::Mutex::new(HashMap::new()),
-        new_keys: std::sync::Mutex::new(Vec::new()),
-        keys_waiting: std::sync::atomic::AtomicBool::new(false),
-    })
+    CACHE.get_or_init(TxtCache::new)
 }
 
 impl TxtCache {
-    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, (Txt, Instant, bool)>> {
+    fn new() -> TxtCache {
+        TxtCache {
+            map: std::sync::Mutex::new(HashMap::new()),
+            bytes: std::sync::atomic::AtomicUsize::new(0),
+            new_keys: std::sync::Mutex::new(Vec::new()),
+            keys_waiting: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Cached>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// About the memory a parsed record takes, in bytes: its SPF terms with their domain
+/// names, DMARC's report addresses, a DKIM key; a small fixed part for the rest.
+fn weight(value: &Txt) -> usize {
+    use mail_auth::spf::{Directive, Macro, Mechanism};
+    use std::mem::size_of;
+    fn of_macro(m: &Macro) -> usize {
+        size_of::<Macro>()
+            + match m {
+                Macro::Literal(b) => b.len(),
+                Macro::List(l) => l.iter().map(of_macro).sum(),
+                _ => 0,
+            }
+    }
+    let spf_term = |d: &Directive| {
+        size_of::<Directive>()
+            + match &d.mechanism {
+                Mechanism::Include { macro_string }
+                | Mechanism::A { macro_string, .. }
+                | Mechanism::Mx { macro_string, .. }
+                | Mechanism::Ptr { macro_string }
+                | Mechanism::Exists { macro_string } => of_macro(macro_string),
+                _ => 0,
+            }
+    };
+    256 + match value {
+        Txt::Spf(spf) => {
+            spf.directives.iter().map(spf_term).sum::<usize>()
+                + spf.exp.as_ref().map_or(0, of_macro)
+                + spf.redirect.as_ref().map_or(0, of_macro)
+        }
+        Txt::SpfMacro(m) => of_macro(m),
+        Txt::Dmarc(d) => d
+            .rua
+            .iter()
+            .chain(&d.ruf)
+            .map(|u| size_of::<mail_auth::dmarc::URI>() + u.uri.len())
+            .sum(),
+        Txt::DomainKey(_) => 2048,
+        _ => 1024,
     }
 }
 
@@ -134,7 +190,7 @@ async fn upgrade(dns: &Dns, names: Vec<Box<str>>) {
         else {
             continue;
         };
-        let Some((Txt::DomainKey(theirs), _, false)) = cache.map().get(&name).cloned() else {
+        let Some((Txt::DomainKey(theirs), _, false, _)) = cache.map().get(&name).cloned() else {
             continue;
         };
         let Ok(lookup) = dns.resolver().txt_lookup(fqdn).await else {
@@ -148,7 +204,7 @@ async fn upgrade(dns: &Dns, names: Vec<Box<str>>) {
         });
         if let Some(key) = faster {
             let mut map = cache.map();
-            if let Some((Txt::DomainKey(now), _, parsed)) = map.get_mut(&name)
+            if let Some((Txt::DomainKey(now), _, parsed, _)) = map.get_mut(&name)
                 && Arc::ptr_eq(now, &theirs)
             {
                 *now = Arc::new(key);
@@ -166,21 +222,27 @@ impl ResolverCache<Box<str>, Txt> for TxtCache {
     {
         self.map()
             .get(name)
-            .filter(|(_, until, _)| *until > Instant::now())
-            .map(|(t, _, _)| t.clone())
+            .filter(|(_, until, _, _)| *until > Instant::now())
+            .map(|(t, _, _, _)| t.clone())
     }
     fn remove<Q>(&self, name: &Q) -> Option<Txt>
     where
         Box<str>: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.map().remove(name).map(|(t, _, _)| t)
+        let removed = self.map().remove(name);
+        removed.map(|(t, _, _, w)| {
+            self.bytes
+                .fetch_sub(w, std::sync::atomic::Ordering::Relaxed);
+            t
+        })
     }
     fn insert(&self, key: Box<str>, value: Txt, valid_until: Instant) {
         // A record that did not parse as the type asked for is not kept: the name may be
         // asked for as another type (an SPF `include:` aimed at a DKIM key), and a cached
         // error would stand in for the real record.
-        if matches!(value, Txt::Error(_)) {
+        let w = weight(&value);
+        if matches!(value, Txt::Error(_)) || w > TXT_RECORD_MAX {
             return;
         }
         // A key cached for a minute or more is worth parsing once (a TTL of 0 would have it
@@ -195,15 +257,29 @@ impl ResolverCache<Box<str>, Txt> for TxtCache {
                     .store(true, std::sync::atomic::Ordering::Release);
             }
         }
+        use std::sync::atomic::Ordering::Relaxed;
         let mut m = self.map();
-        if m.len() >= TXT_CACHE_SIZE {
+        let full = |m: &HashMap<_, _>| {
+            m.len() >= TXT_CACHE_SIZE || self.bytes.load(Relaxed) + w > TXT_CACHE_BYTES
+        };
+        if full(&m) {
             let now = Instant::now();
-            m.retain(|_, (_, until, _)| *until > now);
-            if m.len() >= TXT_CACHE_SIZE {
+            m.retain(|_, (_, until, _, w)| {
+                let keep = *until > now;
+                if !keep {
+                    self.bytes.fetch_sub(*w, Relaxed);
+                }
+                keep
+            });
+            if full(&m) {
                 m.clear();
+                self.bytes.store(0, Relaxed);
             }
         }
-        m.insert(key, (value, valid_until, false));
+        self.bytes.fetch_add(w, Relaxed);
+        if let Some((_, _, _, old)) = m.insert(key, (value, valid_until, false, w)) {
+            self.bytes.fetch_sub(old, Relaxed);
+        }
     }
 }
 
@@ -1007,15 +1083,25 @@ impl Verifier {
 /// §2.7.2 allows that). A quoted local part may hold `;`, `=` and spaces, and mail-auth keeps
 /// them inside quotes: `"x; dkim=pass"@evil.example` would put a `dkim=pass` in our field
 /// for readers that split on `;` without honouring quotes.
+/// The domain is shown only when it is a name (letters, digits, `-` and `.`): an address
+/// literal may hold `;` and `=` too (`x@[a:b;dkim=pass]`); anything else is `unknown`.
 fn shown_mail_from(mail_from: &str) -> std::borrow::Cow<'_, str> {
-    let Some((local, domain)) = mail_from.rsplit_once('@') else {
-        return mail_from.into();
-    };
     let plain = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'+' | b'_' | b'-');
-    if !local.is_empty() && local.bytes().all(plain) {
-        mail_from.into()
-    } else {
-        domain.into()
+    let name = |d: &str| {
+        !d.is_empty()
+            && d.chars()
+                .all(|c| c.is_alphanumeric() || c == '.' || c == '-')
+    };
+    match mail_from.rsplit_once('@') {
+        None if !mail_from.is_empty() && mail_from.bytes().all(plain) => mail_from.into(),
+        Some((local, domain)) if name(domain) => {
+            if !local.is_empty() && local.bytes().all(plain) {
+                mail_from.into()
+            } else {
+                domain.into()
+            }
+        }
+        _ => "unknown".into(),
     }
 }
 
@@ -1199,6 +1285,46 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
     }
 
     #[test]
+    fn the_record_cache_is_bounded_by_weight() {
+        use mail_auth::common::parse::TxtRecordParser;
+        use std::sync::atomic::Ordering::Relaxed;
+        let spf = |r: &str| Txt::Spf(Arc::new(mail_auth::spf::Spf::parse(r.as_bytes()).unwrap()));
+        let later = Instant::now() + Duration::from_secs(3600);
+        let cache = TxtCache::new();
+        // An ordinary record is kept, weighed at a few hundred bytes.
+        let ordinary = spf("v=spf1 ip4:192.0.2.0/24 include:_spf.example.test mx -all");
+        assert!(
+            (256..2048).contains(&weight(&ordinary)),
+            "{}",
+            weight(&ordinary)
+        );
+        cache.insert("a.test".into(), ordinary, later);
+        assert!(matches!(cache.get("a.test"), Some(Txt::Spf(_))));
+        let one = cache.bytes.load(Relaxed);
+        // 64 KB of `a a a …`: used by the message that asked for it, never kept.
+        let hostile = spf(&format!("v=spf1{} -all", " a".repeat(32_000)));
+        assert!(weight(&hostile) > TXT_RECORD_MAX, "{}", weight(&hostile));
+        cache.insert("b.test".into(), hostile, later);
+        assert!(cache.get("b.test").is_none());
+        assert_eq!(cache.bytes.load(Relaxed), one);
+        // Records just under the limit: the total stays within the budget.
+        let heavy = spf(&format!("v=spf1{} -all", " a".repeat(2_000)));
+        let w = weight(&heavy);
+        assert!(w < TXT_RECORD_MAX && w > 16 << 10, "{w}");
+        for i in 0..(2 * TXT_CACHE_BYTES / w) {
+            cache.insert(format!("h{i}.test").into(), heavy.clone(), later);
+            assert!(cache.bytes.load(Relaxed) <= TXT_CACHE_BYTES);
+        }
+        let sum: usize = cache.map().values().map(|e| e.3).sum();
+        assert_eq!(cache.bytes.load(Relaxed), sum);
+        // Replacing and removing give the weight back.
+        cache.insert("h0.test".into(), heavy.clone(), later);
+        cache.remove("h0.test");
+        let sum: usize = cache.map().values().map(|e| e.3).sum();
+        assert_eq!(cache.bytes.load(Relaxed), sum);
+    }
+
+    #[test]
     fn mail_from_as_shown() {
         for (from, shown) in [
             ("bob@partner.test", "bob@partner.test"),
@@ -1212,6 +1338,11 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
             ("\"a@b\"@evil.example", "evil.example"),
             ("@evil.example", "evil.example"),
             ("postmaster", "postmaster"),
+            ("x@[a:b;dkim=pass;dmarc=pass;x]", "unknown"),
+            ("x@[192.0.2.1]", "unknown"),
+            ("a;b@[a:b;dkim=pass]", "unknown"),
+            ("x@b\u{fc}cher.test", "x@b\u{fc}cher.test"),
+            ("a;dkim=pass", "unknown"),
         ] {
             assert_eq!(shown_mail_from(from), shown, "{from}");
         }
@@ -1229,6 +1360,15 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
             .to_header();
         assert_eq!(field.matches("=pass").count(), 1, "{field}");
         assert!(field.contains("smtp.mailfrom=evil.example"), "{field}");
+        let field = AuthenticationResults::new("mx.test")
+            .with_spf_mailfrom_result(
+                &spf,
+                "192.0.2.1".parse().unwrap(),
+                &shown_mail_from("x@[a:b;dkim=pass;dmarc=pass;x]"),
+                "h",
+            )
+            .to_header();
+        assert_eq!(field.matches("=pass").count(), 1, "{field}");
     }
 
     #[test]

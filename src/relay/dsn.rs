@@ -25,6 +25,10 @@ pub struct Original<'a> {
     pub envid: Option<&'a str>,
     /// BODY=BINARYMIME: never returned whole (the DSN itself is not binary).
     pub binary: bool,
+    /// Random and secret: the end of the MIME boundary. The queue id alone is shown to the
+    /// client and follows the clock, so returned header lines could close a part of the
+    /// report and open their own (a page of the sender's choosing, from our mailer daemon).
+    pub token: u128,
 }
 
 /// The largest message a DSN returns whole (RET=FULL); a larger one is returned as headers.
@@ -40,7 +44,7 @@ pub fn build(
 ) -> Vec<u8> {
     let (queue_id, original_sender, arrival, original) =
         (orig.queue_id, orig.sender, orig.arrival, orig.message);
-    let boundary = format!("{queue_id}.dsn/{hostname}");
+    let boundary = format!("{queue_id}.{:032x}", orig.token);
     let (subject, action, intro) = match kind {
         Kind::Failed => (
             "Undelivered Mail Returned to Sender",
@@ -201,6 +205,7 @@ mod tests {
             ret: None,
             envid: None,
             binary: false,
+            token: 0x5eed,
         };
         let m = build(
             Kind::Failed,
@@ -217,7 +222,15 @@ mod tests {
         assert!(s.contains("Diagnostic-Code: smtp; 550 5.1.1 no such user"));
         assert!(s.contains("Message-ID: <1@a>"));
         assert!(!s.contains("secret body"), "only the headers are returned");
-        assert!(s.ends_with("--Q1.dsn/edge.test--\r\n"));
+        // The boundary ends in the secret token: the queue id alone could be guessed.
+        assert!(
+            s.ends_with("--Q1.00000000000000000000000000005eed--\r\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("boundary=\"Q1.00000000000000000000000000005eed\""),
+            "{s}"
+        );
         assert!(!s.contains("Original-Envelope-Id") && !s.contains("Original-Recipient"));
     }
 
@@ -238,6 +251,7 @@ mod tests {
             ret: Some(DsnRet::Full),
             envid: Some("env+2Bid"),
             binary: false,
+            token: 0x5eed,
         };
         let s = String::from_utf8(build(
             Kind::Failed,

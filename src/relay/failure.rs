@@ -50,6 +50,8 @@ pub enum Failure {
     ClosedByHop(String),
     /// No reply within the reply timeout.
     NoReply { host: String, secs: u64 },
+    /// The hop took nothing of what was sent for a reply time limit (it stopped reading).
+    SendTimeout { host: String, secs: u64 },
     /// The relay client reached a state the exchange should never reach.
     Unexpected(String),
     /// `tls = "required"` and STARTTLS is refused or not offered.
@@ -62,6 +64,9 @@ pub enum Failure {
     NoSmtpUtf8,
     /// BINARYMIME content to a hop without CHUNKING and BINARYMIME.
     NoBinaryMime,
+    /// BINARYMIME content to a drop folder: a pickup service reads its files as text and
+    /// would pass on their bare line ends and NULs (it resends them with DATA).
+    BinaryToFolder,
     /// The hop gave no reply for this recipient.
     NoRecipientReply,
 }
@@ -117,6 +122,11 @@ impl Failure {
             Failure::NoReply { host, secs } => {
                 (451, (4, 4, 2), format!("{host}: no reply within {secs}s"))
             }
+            Failure::SendTimeout { host, secs } => (
+                451,
+                (4, 4, 2),
+                format!("{host}: sending stalled for {secs}s"),
+            ),
             Failure::Unexpected(what) => (421, (4, 4, 2), what.clone()),
             Failure::TlsRequired(why) => (421, (4, 7, 0), format!("TLS required, {why}")),
             Failure::Authentication(why) => (454, (4, 7, 0), why.clone()),
@@ -134,6 +144,11 @@ impl Failure {
                 554,
                 (5, 6, 3),
                 "the next hop does not take BINARYMIME content (CHUNKING, BINARYMIME)".into(),
+            ),
+            Failure::BinaryToFolder => (
+                554,
+                (5, 6, 3),
+                "BINARYMIME content cannot be written to a drop folder".into(),
             ),
             Failure::NoRecipientReply => (451, (4, 4, 2), "no reply for this recipient".into()),
         };
@@ -196,6 +211,19 @@ mod tests {
             (
                 Failure::NoBinaryMime,
                 "554 5.6.3 the next hop does not take BINARYMIME content (CHUNKING, BINARYMIME)",
+                false,
+            ),
+            (
+                Failure::SendTimeout {
+                    host: "mx.test".into(),
+                    secs: 40,
+                },
+                "451 4.4.2 mx.test: sending stalled for 40s",
+                true,
+            ),
+            (
+                Failure::BinaryToFolder,
+                "554 5.6.3 BINARYMIME content cannot be written to a drop folder",
                 false,
             ),
             (Failure::Authentication("x".into()), "454 4.7.0 x", true),

@@ -1150,6 +1150,14 @@ impl Conn {
                     ..env.route_facts()
                 },
             ) {
+                // A pickup service reads a drop folder's files as text and resends them with
+                // DATA: binary content would reach its next hop with bare line ends.
+                Some((_, route)) if env.binary && route.action == RouteAction::Drop => {
+                    self.ctx.shared.metrics.rejected(Reason::BinaryToFolder);
+                    session.reject(&reply::BINARY_TO_FOLDER);
+                    self.txn.clear();
+                    return;
+                }
                 Some((ri, route)) => {
                     all_discard &= route.action == RouteAction::Discard;
                     routing.routes.push(ri);
@@ -1172,9 +1180,9 @@ impl Conn {
                 return;
             }
         };
-        // RFC 8601 §5: results a client wrote in our name are removed (ours are added).
-        if self.binding.config.authentication.verify
-            && env.direction == Direction::Inbound
+        // RFC 8601 §5: results a client wrote in our name are removed (ours are added), on
+        // every inbound binding: with verification off, mail servers inside still trust them.
+        if env.direction == Direction::Inbound
             && let Some(stripped) = crate::policy::authenticate::strip_ours(
                 content.prefix(),
                 self.binding.config.authserv_id(),

@@ -165,7 +165,8 @@ impl Pool {
         self.idle.borrow_mut().retain(|_, v| !v.is_empty());
         for mut c in stale {
             let quit = c.client.quit();
-            let _ = c.transport.write_all(&mut c.stream, quit).await;
+            let write = c.transport.write_all(&mut c.stream, quit);
+            let _ = monoio::time::timeout(Duration::from_secs(1), write).await;
         }
     }
 
@@ -332,8 +333,23 @@ impl OutConn {
         loop {
             action = match action {
                 Action::Send(bytes) => {
-                    let (res, _) = self.transport.write_all(&mut self.stream, bytes).await;
-                    res.map_err(|e| hop_error(&self.host, "write", &e))?;
+                    // A hop that stops reading (its window closed) fails the attempt after
+                    // a reply time limit without progress, instead of holding a delivery
+                    // slot for ever.
+                    let sent = self
+                        .transport
+                        .write_all_within(&mut self.stream, bytes, s.reply_timeout)
+                        .await;
+                    match sent {
+                        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                            return Err(Failure::SendTimeout {
+                                host: self.host.clone(),
+                                secs: s.reply_timeout.as_secs(),
+                            }
+                            .reply());
+                        }
+                        res => res.map_err(|e| hop_error(&self.host, "write", &e))?,
+                    }
                     let r = self.read_reply(s.reply_timeout).await?;
                     self.client.on_reply(r)
                 }

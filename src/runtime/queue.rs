@@ -13,6 +13,7 @@ use super::Shared;
 use super::outbound::{HopKey, HopSettings, Outcome, Pool};
 use crate::config::{Config, Direction, RouteAction, RouteSection};
 use crate::delivery::outcome;
+use crate::delivery::trace::for_terminal;
 use crate::delivery::{self, Envelope, drop_folder, trace};
 use crate::relay::dns::{Dns, Targets};
 use crate::relay::dsn::{self, RcptStatus};
@@ -470,6 +471,10 @@ impl CoreQueue {
                     b.last_error = "held by route".into();
                     // Nothing finished: the held recipients stay pending.
                 }
+                RouteAction::Drop if env.binary => {
+                    let r = Failure::BinaryToFolder.reply();
+                    results.extend(idx.iter().map(|&i| (i, Result_::Failed(r.clone(), None))));
+                }
                 RouteAction::Drop => {
                     let folder = route
                         .folder
@@ -827,6 +832,7 @@ impl CoreQueue {
             ret: env.dsn.ret.filter(|_| env.reflects()),
             envid: env.dsn.envid.as_deref(),
             binary: env.binary,
+            token: unguessable(),
         };
         let content = dsn::build(kind, &hostname, &orig, rcpts, SystemTime::now());
         let benv = Envelope {
@@ -948,9 +954,9 @@ impl CoreQueue {
                         "{id}\t{}\t{age}s\t{}\t<{}>\t{}\t{}\n",
                         b.state.name(),
                         b.attempts,
-                        b.env.mail_from,
-                        rcpts.join(","),
-                        b.last_error
+                        for_terminal(&b.env.mail_from),
+                        for_terminal(&rcpts.join(",")),
+                        for_terminal(&b.last_error)
                     ));
                 }
                 out
@@ -963,14 +969,14 @@ impl CoreQueue {
                         self.core,
                         b.state.name(),
                         b.attempts,
-                        b.env.mail_from,
+                        for_terminal(&b.env.mail_from),
                         trace::rfc5322_date(b.env.received_at),
                         b.env.client_ip,
-                        b.env.helo,
+                        for_terminal(&b.env.helo),
                         b.env.binding,
                         b.spooled.content_len,
                         b.spooled.seg.path.display(),
-                        b.last_error
+                        for_terminal(&b.last_error)
                     );
                     for (i, r) in b.env.rcpts.iter().enumerate() {
                         let st = if b.pending.contains(&(i as u32)) {
@@ -978,7 +984,7 @@ impl CoreQueue {
                         } else {
                             "done"
                         };
-                        s.push_str(&format!("rcpt: <{r}> {st}\n"));
+                        s.push_str(&format!("rcpt: <{}> {st}\n", for_terminal(r)));
                     }
                     s
                 }
@@ -1050,4 +1056,12 @@ impl CoreQueue {
             },
         }
     }
+}
+
+/// 128 bits no client can guess: std's SipHash keyed with the process's random keys (read
+/// from the kernel once per thread, a new key for each call), hashing nothing.
+fn unguessable() -> u128 {
+    use std::hash::{BuildHasher, Hasher};
+    let half = || u128::from(std::hash::RandomState::new().build_hasher().finish());
+    (half() << 64) | half()
 }

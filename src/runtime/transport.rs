@@ -11,6 +11,9 @@ use monoio::net::TcpStream;
 
 const CIPHER_READ: usize = 8192;
 
+/// The most [`Transport::write_all_within`] hands the socket at once.
+const SEND_PIECE: usize = 256 << 10;
+
 pub enum Transport {
     Plain,
     Tls(Box<Tls>),
@@ -82,6 +85,30 @@ impl Transport {
             }
             Transport::Tls(t) => t.read(stream, buf, chunk).await,
         }
+    }
+
+    /// Write all of `data`, or fail with `TimedOut` when the peer takes no piece of it (at
+    /// most [`SEND_PIECE`] bytes) within `stall`: a peer that stops reading cannot hold the
+    /// writer for ever, however big `data` is (the relay's side).
+    pub async fn write_all_within(
+        &mut self,
+        stream: &mut TcpStream,
+        data: Vec<u8>,
+        stall: std::time::Duration,
+    ) -> io::Result<()> {
+        if data.len() <= SEND_PIECE {
+            return match monoio::time::timeout(stall, self.write_all(stream, data)).await {
+                Ok((res, _)) => res,
+                Err(_) => Err(io::ErrorKind::TimedOut.into()),
+            };
+        }
+        for piece in data.chunks(SEND_PIECE) {
+            match monoio::time::timeout(stall, self.write_all(stream, piece.to_vec())).await {
+                Ok((res, _)) => res?,
+                Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+            }
+        }
+        Ok(())
     }
 
     pub async fn write_all(
