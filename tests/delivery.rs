@@ -1098,3 +1098,41 @@ fn a_next_hop_that_stops_reading_is_given_up() {
         s.log()
     );
 }
+
+/// MX lookups wait on the resolver's runtimes, not on the cores' blocking pools (2 threads a
+/// core, which also write drop folders and read spooled content): with 16 messages for a
+/// domain whose name server never answers (each lookup takes 2 tries of 2 s), a message for
+/// the drop folder is still written at once.
+#[test]
+fn a_silent_name_server_does_not_hold_other_deliveries() {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let extra = format!(
+        "[dns]\nservers = [\"{}\"]\n{}",
+        silent.local_addr().unwrap(),
+        relay_route("silent.test", "\"mx\"", "tls = \"none\"")
+    );
+    let s = Server::start_with("relay-silent-dns", "auto", "", &extra);
+    let script = r#"
+import os, smtplib
+with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
+    for i in range(16):
+        s.sendmail("alice@example.test", ["x%d@silent.test" % i], b"Subject: slow\r\n\r\nbody\r\n")
+"#;
+    let out = support::python(script, s.outbound.port(), 0);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let start = Instant::now();
+    send(
+        &s,
+        "alice@example.test",
+        "bob@example.test",
+        "<meanwhile@example.test>",
+    );
+    wait_dropped(
+        &s,
+        "<meanwhile@example.test>",
+        20,
+        "the local message was never written",
+    );
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(3), "{took:?}\n{}", s.log());
+}

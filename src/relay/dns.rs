@@ -166,9 +166,10 @@ impl Dns {
     }
 
     /// MX hosts of `domain` with their addresses; the domain itself when it has no MX
-    /// (implicit MX, RFC 5321 §5.1). Blocking: call from the blocking pool.
-    pub fn resolve_mx(&self, domain: &str) -> Result<Targets, String> {
-        self.rt.block_on(async {
+    /// (implicit MX, RFC 5321 §5.1). Run it on the resolver's runtimes ([`Dns::spawn`]):
+    /// waiting for a slow name server holds no thread.
+    pub async fn resolve_mx(&self, domain: &str) -> Result<Targets, String> {
+        {
             let fqdn = format!("{}.", domain.trim_end_matches('.'));
             let mut mx: Vec<(u16, String)> = match self.resolver.mx_lookup(fqdn.as_str()).await {
                 Ok(l) => l
@@ -211,7 +212,7 @@ impl Dns {
                 return Err(format!("no address for the mail hosts of {domain}"));
             }
             Ok(Targets::Hosts(hosts))
-        })
+        }
     }
 
     /// The A records of each name, all asked at once, within `timeout` together: per name
@@ -248,18 +249,16 @@ impl Dns {
         }
     }
 
-    /// Addresses of one host (a next hop given by name).
-    pub fn resolve_host(&self, host: &str) -> Result<Vec<IpAddr>, String> {
+    /// Addresses of one host (a next hop given by name). Run it on the resolver's runtimes.
+    pub async fn resolve_host(&self, host: &str) -> Result<Vec<IpAddr>, String> {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(vec![ip]);
         }
-        self.rt.block_on(async {
-            self.resolver
-                .lookup_ip(host)
-                .await
-                .map(|l| l.iter().collect())
-                .map_err(|e| format!("{host}: {e}"))
-        })
+        self.resolver
+            .lookup_ip(host)
+            .await
+            .map(|l| l.iter().collect())
+            .map_err(|e| format!("{host}: {e}"))
     }
 }
 

@@ -648,16 +648,20 @@ impl CoreQueue {
         cfg: &Config,
         domain: &str,
     ) -> Result<Vec<(String, std::net::SocketAddr)>, Reply> {
-        let servers = cfg.dns.servers.clone();
+        // Lookups run as tasks on the resolver's runtimes: a name server that never answers
+        // holds no thread (the blocking pool also reads spooled content and writes drop
+        // folders, and a flood of notices to such domains would stall those).
+        let dns = || Dns::get(&cfg.dns.servers).map_err(|e| Failure::Dns(e).reply());
         let mut out = Vec::new();
         // A domain whose MX hosts had addresses, all of them in `mx_ignore`.
         let mut ignored = None;
         for h in &route.next_hops {
             let h = h.get_ref().clone();
             if h == "mx" {
-                let d = domain.to_string();
-                let sv = servers.clone();
-                let t = monoio::spawn_blocking(move || Dns::get(&sv)?.resolve_mx(&d))
+                let (d, resolver) = (domain.to_string(), dns()?);
+                let t = resolver
+                    .clone()
+                    .spawn(async move { resolver.resolve_mx(&d).await })
                     .await
                     .map_err(|_| Failure::DnsWorkerLost.reply())?;
                 match t {
@@ -687,8 +691,10 @@ impl CoreQueue {
                 out.push((host, std::net::SocketAddr::new(ip, port)));
                 continue;
             }
-            let (hn, sv) = (host.clone(), servers.clone());
-            let ips = monoio::spawn_blocking(move || Dns::get(&sv)?.resolve_host(&hn))
+            let (hn, resolver) = (host.clone(), dns()?);
+            let ips = resolver
+                .clone()
+                .spawn(async move { resolver.resolve_host(&hn).await })
                 .await
                 .map_err(|_| Failure::DnsWorkerLost.reply())?
                 .map_err(|e| Failure::Dns(e).reply())?;
