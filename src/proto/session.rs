@@ -708,6 +708,8 @@ impl Session {
                 self.txn = Txn::default();
                 self.reply(&reply::MESSAGE_TOO_BIG);
                 self.flush = true;
+                // As for DATA (`message_complete`): a message refused moves no mail.
+                self.junk_command();
                 Some(Event::MessageAborted {
                     reason: AbortReason::TooBig,
                 })

@@ -599,6 +599,25 @@ fn junk_commands_count_as_errors_past_the_limit() {
             out.get(out.len().saturating_sub(300)..).unwrap_or_default()
         );
     }
+    // A message too big counts with BDAT as with DATA.
+    let small = settings(|c| {
+        c.max_errors = 3;
+        c.max_junk_commands = 40;
+        c.max_message_size = 20;
+    });
+    let round = format!(
+        "MAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nBDAT 30 LAST\r\n{}",
+        "x".repeat(30)
+    );
+    let (out, _) = run(
+        &small,
+        format!("EHLO c\r\n{}", round.repeat(n + 3)).as_bytes(),
+    );
+    assert!(
+        out.ends_with("421 4.7.0 Too many errors, closing connection\r\n"),
+        "{}",
+        out.get(out.len().saturating_sub(300)..).unwrap_or_default()
+    );
     // But one transaction's refused recipients count once: a list message whose recipients
     // meet a rate limit still goes to those accepted.
     let mut input = b"EHLO c\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n".to_vec();
