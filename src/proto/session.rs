@@ -158,6 +158,20 @@ struct Txn {
     /// A refused RCPT of this transaction was counted as a junk command (one per
     /// transaction: a list message whose recipients meet a rate limit is not cut off).
     rcpt_refusal_counted: bool,
+    /// Bytes of the recipients accepted (path and ORCPT), and of the one being decided.
+    rcpt_bytes: usize,
+    rcpt_pending_bytes: usize,
+}
+
+/// The most bytes of recipients (paths and ORCPTs) one transaction holds: 1,000 addresses
+/// of 60 bytes with ORCPTs of the same size fit; past it, `452 4.5.3` as for too many
+/// recipients (the client sends the rest in another transaction). Without it, 1,000
+/// recipients of 256 bytes with 500-byte ORCPTs held 663 KiB per connection.
+const MAX_RECIPIENT_BYTES: usize = 128 << 10;
+
+/// What one recipient weighs against [`MAX_RECIPIENT_BYTES`].
+fn rcpt_bytes(to: &Address<'_>, params: &RcptParams<'_>) -> usize {
+    to.as_str().len() + params.orcpt.map_or(0, str::len)
 }
 
 /// One SMTP server session (one connection).
@@ -367,6 +381,7 @@ impl Session {
             }
             Some(Pending::Rcpt) => {
                 self.txn.rcpts += 1;
+                self.txn.rcpt_bytes += self.txn.rcpt_pending_bytes;
                 self.reply(&reply::RECIPIENT_OK);
             }
             Some(Pending::Message) => {
@@ -548,9 +563,12 @@ impl Session {
                     self.error(&reply::UNKNOWN_PARAMETER);
                 } else if to.is_utf8() && !self.txn.smtputf8 {
                     self.error(&reply::UTF8_NOT_PERMITTED);
-                } else if self.txn.rcpts >= self.settings.cfg.max_recipients {
+                } else if self.txn.rcpts >= self.settings.cfg.max_recipients
+                    || self.txn.rcpt_bytes + rcpt_bytes(&to, &params) > MAX_RECIPIENT_BYTES
+                {
                     self.reply(&reply::TOO_MANY_RECIPIENTS);
                 } else {
+                    self.txn.rcpt_pending_bytes = rcpt_bytes(&to, &params);
                     self.txn.rcpt_attempts += 1;
                     self.pending = Some(Pending::Rcpt);
                     return Some(Event::Rcpt { to, params });

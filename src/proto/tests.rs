@@ -496,6 +496,26 @@ fn recipient_limit() {
 }
 
 #[test]
+fn recipient_bytes_limit() {
+    // 427 bytes a recipient (a 210-byte path and its ORCPT): 306 fit in 128 KiB.
+    let s = default_settings();
+    let mut pieces = vec!["EHLO c\r\n".to_string(), "MAIL FROM:<a@b.test>\r\n".into()];
+    for i in 0..400 {
+        let to = format!("{i:03}{}@d.test", "x".repeat(200));
+        pieces.push(format!("RCPT TO:<{to}> ORCPT=rfc822;{to}\r\n"));
+    }
+    pieces.push("RSET\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\n".into());
+    let pieces: Vec<&str> = pieces.iter().map(String::as_str).collect();
+    let out = lockstep(&s, &pieces);
+    let r = replies(&out);
+    let count = |want: &str| r.iter().filter(|l| **l == want).count();
+    assert_eq!(count("250 2.1.5 Recipient ok"), 306 + 1, "{r:?}");
+    assert_eq!(count("452 4.5.3 Too many recipients"), 400 - 306);
+    // The next transaction starts from nothing.
+    assert_eq!(r.last().copied(), Some("250 2.1.5 Recipient ok"));
+}
+
+#[test]
 fn message_size_limit() {
     let s = settings(|c| c.max_message_size = 10);
     let (out, events) = run(
