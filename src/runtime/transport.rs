@@ -122,9 +122,20 @@ impl Transport {
                 (res.map(|_| ()), buf)
             }
             Transport::Tls(t) => {
-                let res = match t.conn.writer().write_all(&data) {
-                    Ok(()) => t.flush(stream).await,
-                    Err(e) => Err(e),
+                // rustls takes what fits in its buffer of records (64 KiB): write that out,
+                // then the next part.
+                let mut rest = data.as_slice();
+                let res = loop {
+                    match t.conn.writer().write(rest) {
+                        Ok(n) => rest = rest.get(n..).unwrap_or_default(),
+                        Err(e) => break Err(e),
+                    }
+                    if let Err(e) = t.flush(stream).await {
+                        break Err(e);
+                    }
+                    if rest.is_empty() {
+                        break Ok(());
+                    }
                 };
                 (res, data)
             }
