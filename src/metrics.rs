@@ -29,10 +29,9 @@ pub enum Reason {
     CalloutUnavailable,
     DmarcReject,
     SpfFail,
-    BinaryToFolder,
 }
 
-const REASONS: [(Reason, &str); 23] = [
+const REASONS: [(Reason, &str); 22] = [
     (Reason::RelayDenied, "relay_denied"),
     (Reason::AuthRequired, "auth_required"),
     (Reason::TooBig, "too_big"),
@@ -55,7 +54,6 @@ const REASONS: [(Reason, &str); 23] = [
     (Reason::CalloutUnavailable, "callout_unavailable"),
     (Reason::DmarcReject, "dmarc_reject"),
     (Reason::SpfFail, "spf_fail"),
-    (Reason::BinaryToFolder, "binary_to_folder"),
 ];
 
 /// Upper bounds (seconds) of the session duration histogram.

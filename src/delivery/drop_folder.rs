@@ -55,6 +55,23 @@ pub fn write(
 }
 
 /// Whether an I/O error means "out of space" (452 4.3.1) rather than another failure (451).
+/// Whether content declared BINARYMIME can be written as a text file for a pickup service
+/// (which resends it with DATA): no NUL, and every CR and LF in a CRLF pair. Mail from
+/// Exchange, which declares BINARYMIME for text, passes; content with bare line ends, whose
+/// lines a next hop would split its own way, does not.
+pub fn binary_is_text(content: &[u8]) -> bool {
+    let mut at = 0;
+    while let Some(i) = memchr::memchr3(b'\0', b'\r', b'\n', content.get(at..).unwrap_or_default())
+    {
+        let i = at + i;
+        match content.get(i) {
+            Some(b'\r') if content.get(i + 1) == Some(&b'\n') => at = i + 2,
+            _ => return false,
+        }
+    }
+    true
+}
+
 pub fn is_storage_full(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
@@ -62,6 +79,30 @@ pub fn is_storage_full(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn binary_content_that_is_text() {
+        for (content, text) in [
+            (&b""[..], true),
+            (b"Subject: x\r\n\r\nbody\r\n", true),
+            (b"\xff\xfe 8-bit bytes\r\n", true),
+            (b"a\nb\r\n", false),
+            (b"a\rb\r\n", false),
+            (b"a\r\n\nb", false),
+            (b"a\r\r\n", false),
+            (b"ends in CR\r", false),
+            (b"\nstarts with LF", false),
+            (b"a\0b\r\n", false),
+            (b"line\r\n.\nMAIL FROM:<x@y.test>\r\n", false),
+        ] {
+            assert_eq!(
+                binary_is_text(content),
+                text,
+                "{:?}",
+                String::from_utf8_lossy(content)
+            );
+        }
+    }
 
     #[test]
     fn writes_envelope_trace_and_content() {

@@ -372,12 +372,7 @@ pub static STORAGE_FULL: Reply = Reply::new(452, "4.3.1", "Insufficient system s
 pub static STORAGE_ERROR: Reply = Reply::new(451, "4.3.0", "Local error while storing the message");
 /// No route matches the recipient (a configuration gap, reported as temporary).
 pub static NO_ROUTE: Reply = Reply::new(451, "4.4.0", "No route for this recipient");
-/// BODY=BINARYMIME content for a recipient whose route writes to a drop folder.
-pub static BINARY_TO_FOLDER: Reply = Reply::new(
-    554,
-    "5.6.3",
-    "BINARYMIME content cannot be written to a drop folder",
-);
+
 /// Data arrived slower than the configured minimum rate.
 pub static TOO_SLOW: Reply = Reply::new(421, "4.4.2", "Data rate too low, closing connection");
 

@@ -1150,14 +1150,6 @@ impl Conn {
                     ..env.route_facts()
                 },
             ) {
-                // A pickup service reads a drop folder's files as text and resends them with
-                // DATA: binary content would reach its next hop with bare line ends.
-                Some((_, route)) if env.binary && route.action == RouteAction::Drop => {
-                    self.ctx.shared.metrics.rejected(Reason::BinaryToFolder);
-                    session.reject(&reply::BINARY_TO_FOLDER);
-                    self.txn.clear();
-                    return;
-                }
                 Some((ri, route)) => {
                     all_discard &= route.action == RouteAction::Discard;
                     routing.routes.push(ri);

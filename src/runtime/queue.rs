@@ -471,7 +471,7 @@ impl CoreQueue {
                     b.last_error = "held by route".into();
                     // Nothing finished: the held recipients stay pending.
                 }
-                RouteAction::Drop if env.binary => {
+                RouteAction::Drop if env.binary && !drop_folder::binary_is_text(&content) => {
                     let r = Failure::BinaryToFolder.reply();
                     results.extend(idx.iter().map(|&i| (i, Result_::Failed(r.clone(), None))));
                 }
