@@ -196,6 +196,8 @@ pub struct Session {
     stop: Stop,
     /// Closed for sending commands ahead of their replies without PIPELINING.
     unauth_pipelining: bool,
+    /// When the last BDAT command was read (a refused chunk's time limit runs from it).
+    chunk_started: Instant,
 }
 
 impl Session {
@@ -220,6 +222,7 @@ impl Session {
             last_activity: now,
             stop: Stop::NeedInput,
             unauth_pipelining: false,
+            chunk_started: now,
         }
     }
 
@@ -227,15 +230,12 @@ impl Session {
     /// returned [`Feed`]; afterwards drop `feed.consumed()` bytes from the front of the buffer.
     ///
     /// What counts as activity (the idle timeout runs from it): a complete command line, and
-    /// message content. Bytes of a line still partial, of an over-long line being skipped or
-    /// of a refused BDAT chunk do not, else a byte every few minutes would hold the session
-    /// for ever with no command ever counted against its limits.
+    /// the bytes of a message or BDAT chunk. Bytes of a line still partial or of an over-long
+    /// line being skipped do not, else a byte every few minutes would hold the session for
+    /// ever with no command ever counted against its limits; a refused BDAT chunk (outside any
+    /// transaction) must arrive within `max_transaction_time` of its command.
     pub fn feed<'s, 'a>(&'s mut self, input: &'a [u8], now: Instant) -> Feed<'s, 'a> {
-        let content = match &self.state {
-            State::Data(_) => true,
-            State::Bdat { mode, .. } => !matches!(mode, BdatMode::Refuse(_)),
-            _ => false,
-        };
+        let content = matches!(self.state, State::Data(_) | State::Bdat { .. });
         if content && !input.is_empty() {
             self.last_activity = now;
         }
@@ -313,7 +313,14 @@ impl Session {
             _ => cfg.command_timeout,
         };
         let idle = self.last_activity + t;
-        match self.txn.started {
+        let started = match &self.state {
+            State::Bdat {
+                mode: BdatMode::Refuse(_),
+                ..
+            } => Some(self.chunk_started),
+            _ => self.txn.started,
+        };
+        match started {
             Some(s) => idle.min(s + cfg.max_transaction_time),
             None => idle,
         }
@@ -688,6 +695,8 @@ impl Session {
                 self.close_with(&reply::CHUNK_NOT_READ);
                 return None;
             }
+            // The command was just read: its time is the last activity.
+            self.chunk_started = self.last_activity;
             self.state = State::Bdat {
                 remaining: size,
                 last,

@@ -1045,8 +1045,8 @@ fn timeout_closes_with_421() {
 }
 
 /// The idle timeout runs from the last complete command line or the last content: bytes of
-/// a partial line, of an over-long line being skipped, or of a refused BDAT chunk trickled
-/// one at a time do not hold the session open.
+/// a partial line or of an over-long line being skipped, trickled one at a time, do not hold
+/// the session open, nor those of a refused BDAT chunk past `max_transaction_time`.
 #[test]
 fn only_commands_and_content_hold_off_the_timeout() {
     let t0 = Instant::now();
@@ -1103,14 +1103,17 @@ fn only_commands_and_content_hold_off_the_timeout() {
             ],
             379,
         ),
-        // A refused one (no transaction) is not: it must arrive within data_timeout.
+        // A refused one (no transaction) too, but it must arrive within max_transaction_time
+        // (600 s) of its command, however steadily it trickles.
         (
             &[
                 (10, "BDAT 100\r\n"),
-                (100, "Subject: x\r\n"),
-                (180, "more\r\n"),
+                (150, "x"),
+                (300, "x"),
+                (450, "x"),
+                (590, "x"),
             ],
-            189,
+            609,
         ),
     ];
     for (i, (steps, open_until)) in cases.into_iter().enumerate() {
