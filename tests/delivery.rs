@@ -1116,7 +1116,8 @@ fn a_next_hop_that_stops_reading_is_given_up() {
     assert!(sent.status.success(), "{}", stderr(&sent));
     let line = wait_deferred(&s, "big@stall.test");
     assert!(
-        line.contains("sending stalled for 2s"),
+        // (Where the kernel buffers all 12 MiB for the hop, the wait is for its reply.)
+        line.contains("sending stalled for 2s") || line.contains("no reply within 2s"),
         "{line}\n{}",
         s.log()
     );
@@ -1125,7 +1126,7 @@ fn a_next_hop_that_stops_reading_is_given_up() {
 /// MX lookups wait on the resolver's runtimes, not on the cores' blocking pools (2 threads a
 /// core, which also write drop folders and read spooled content): with 16 messages for a
 /// domain whose name server never answers (each lookup takes 2 tries of 2 s), a message for
-/// the drop folder is still written at once.
+/// the drop folder is still written at once (within 8 s; 14 s when the lookups held the pool).
 #[test]
 fn a_silent_name_server_does_not_hold_other_deliveries() {
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -1157,5 +1158,6 @@ with smtplib.SMTP("127.0.0.1", int(os.environ["PORT"]), timeout=20) as s:
         "the local message was never written",
     );
     let took = start.elapsed();
-    assert!(took < Duration::from_secs(3), "{took:?}\n{}", s.log());
+    // 1 s here; 14 s with the lookups on the blocking pool.
+    assert!(took < Duration::from_secs(8), "{took:?}\n{}", s.log());
 }

@@ -23,8 +23,11 @@ pub fn shown_helo(helo: &str) -> String {
 pub fn for_terminal(text: &str) -> std::borrow::Cow<'_, str> {
     let hidden = |c: char| {
         c.is_control()
-            || matches!(c, '\\' | '\u{61c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
-                | '\u{2060}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}')
+            || matches!(c, '\\' | '\u{ad}' | '\u{34f}' | '\u{61c}' | '\u{115f}' | '\u{1160}'
+                | '\u{17b4}' | '\u{17b5}' | '\u{180e}' | '\u{200b}'..='\u{200f}'
+                | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{3164}'
+                | '\u{fe00}'..='\u{fe0f}' | '\u{feff}' | '\u{ffa0}' | '\u{fff9}'..='\u{fffb}'
+                | '\u{e0000}'..='\u{e007f}')
     };
     if !text.chars().any(hidden) {
         return text.into();
@@ -136,6 +139,11 @@ mod tests {
             (
                 "zero\u{200b}width\u{2066}iso\u{feff}",
                 "zero\\u{200b}width\\u{2066}iso\\u{feff}",
+            ),
+            // Soft hyphen, a Hangul filler, a variation selector, a tag character.
+            (
+                "a\u{ad}b\u{3164}c\u{fe0f}d\u{e0041}",
+                "a\\u{ad}b\\u{3164}c\\u{fe0f}d\\u{e0041}",
             ),
         ] {
             assert_eq!(for_terminal(text), shown, "{text:?}");

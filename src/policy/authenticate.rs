@@ -92,7 +92,11 @@ struct TxtCache {
 
 const TXT_CACHE_SIZE: usize = 20_000;
 const TXT_CACHE_BYTES: usize = 64 << 20;
-const TXT_RECORD_MAX: usize = 256 << 10;
+const TXT_RECORD_MAX: usize = 64 << 10;
+/// What a DKIM key is counted as until it is parsed once (mail-auth keeps its bytes as they
+/// came, up to the 48 KiB a 64 KiB TXT answer decodes to), and after.
+const RAW_KEY_WEIGHT: usize = 48 << 10;
+const PARSED_KEY_WEIGHT: usize = 2 << 10;
 const NEW_KEYS: usize = 64;
 const KEY_WORTH_PARSING: u64 = 60;
 
@@ -145,6 +149,7 @@ fn weight(value: &Txt) -> usize {
             spf.directives.iter().map(spf_term).sum::<usize>()
                 + spf.exp.as_ref().map_or(0, of_macro)
                 + spf.redirect.as_ref().map_or(0, of_macro)
+                + spf.ra.as_ref().map_or(0, |ra| ra.len())
         }
         Txt::SpfMacro(m) => of_macro(m),
         Txt::Dmarc(d) => d
@@ -153,7 +158,7 @@ fn weight(value: &Txt) -> usize {
             .chain(&d.ruf)
             .map(|u| size_of::<mail_auth::dmarc::URI>() + u.uri.len())
             .sum(),
-        Txt::DomainKey(_) => 2048,
+        Txt::DomainKey(_) => RAW_KEY_WEIGHT,
         _ => 1024,
     }
 }
@@ -204,11 +209,17 @@ async fn upgrade(dns: &Dns, names: Vec<Box<str>>) {
         });
         if let Some(key) = faster {
             let mut map = cache.map();
-            if let Some((Txt::DomainKey(now), _, parsed, _)) = map.get_mut(&name)
+            if let Some((Txt::DomainKey(now), _, parsed, w)) = map.get_mut(&name)
                 && Arc::ptr_eq(now, &theirs)
             {
                 *now = Arc::new(key);
                 *parsed = true;
+                // Parsed, the key takes what its modulus takes.
+                cache.bytes.fetch_sub(
+                    w.saturating_sub(PARSED_KEY_WEIGHT),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                *w = (*w).min(PARSED_KEY_WEIGHT);
             }
         }
     }
@@ -230,8 +241,8 @@ impl ResolverCache<Box<str>, Txt> for TxtCache {
         Box<str>: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let removed = self.map().remove(name);
-        removed.map(|(t, _, _, w)| {
+        let mut m = self.map();
+        m.remove(name).map(|(t, _, _, w)| {
             self.bytes
                 .fetch_sub(w, std::sync::atomic::Ordering::Relaxed);
             t
@@ -241,8 +252,14 @@ impl ResolverCache<Box<str>, Txt> for TxtCache {
         // A record that did not parse as the type asked for is not kept: the name may be
         // asked for as another type (an SPF `include:` aimed at a DKIM key), and a cached
         // error would stand in for the real record.
+        // Nor are the records ringmx does not use again (ATPS, reports, MTA-STS, TLS-RPT),
+        // nor one heavier than TXT_RECORD_MAX (it would take the room of hundreds).
         let w = weight(&value);
-        if matches!(value, Txt::Error(_)) || w > TXT_RECORD_MAX {
+        let kept = matches!(
+            value,
+            Txt::Spf(_) | Txt::SpfMacro(_) | Txt::DomainKey(_) | Txt::Dmarc(_)
+        );
+        if !kept || w > TXT_RECORD_MAX {
             return;
         }
         // A key cached for a minute or more is worth parsing once (a TTL of 0 would have it
@@ -1308,7 +1325,7 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
         assert!(cache.get("b.test").is_none());
         assert_eq!(cache.bytes.load(Relaxed), one);
         // Records just under the limit: the total stays within the budget.
-        let heavy = spf(&format!("v=spf1{} -all", " a".repeat(2_000)));
+        let heavy = spf(&format!("v=spf1{} -all", " a".repeat(400)));
         let w = weight(&heavy);
         assert!(w < TXT_RECORD_MAX && w > 16 << 10, "{w}");
         for i in 0..(2 * TXT_CACHE_BYTES / w) {
@@ -1317,6 +1334,22 @@ Subject: hi\r\n\r\nAuthentication-Results: mx.test; body\r\n"
         }
         let sum: usize = cache.map().values().map(|e| e.3).sum();
         assert_eq!(cache.bytes.load(Relaxed), sum);
+        // A DKIM key counts as its worst case until it is parsed once; records ringmx does
+        // not ask for again are not kept.
+        let cache = TxtCache::new();
+        let key = mail_auth::common::verify::DomainKey::parse(
+            b"v=DKIM1; k=ed25519; p=11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo=",
+        )
+        .unwrap();
+        cache.insert(
+            "s._domainkey.a.test".into(),
+            Txt::DomainKey(Arc::new(key)),
+            later,
+        );
+        assert_eq!(cache.bytes.load(Relaxed), 256 + RAW_KEY_WEIGHT);
+        let atps = mail_auth::dkim::Atps::parse(b"v=ATPS1;").unwrap();
+        cache.insert("x._atps.a.test".into(), Txt::Atps(Arc::new(atps)), later);
+        assert!(cache.get("x._atps.a.test").is_none());
         // Replacing and removing give the weight back.
         cache.insert("h0.test".into(), heavy.clone(), later);
         cache.remove("h0.test");

@@ -1,9 +1,9 @@
 //! MX resolution (RFC 5321 §5.1) with hickory-resolver. hickory is tokio-based, so it runs on
-//! one small tokio runtime of its own; cores ask through the blocking pool and never wait on
-//! DNS on their own thread. Work that mixes lookups with CPU (SPF, DKIM, DMARC) runs as tasks
-//! on a few single-threaded runtimes of their own ([`Dns::spawn`]): a task waiting for an
-//! answer holds no thread, and the signatures are checked on as many threads as there are
-//! tasks runtimes.
+//! one small tokio runtime of its own. Lookups (MX, next hops by name, DNS lists) and work
+//! that mixes them with CPU (SPF, DKIM, DMARC) run as tasks on a few single-threaded runtimes
+//! of their own ([`Dns::spawn`]): cores never wait on DNS on their own thread, a task waiting
+//! for an answer holds no thread, and the signatures are checked on as many threads as there
+//! are task runtimes.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};

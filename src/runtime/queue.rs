@@ -1064,10 +1064,24 @@ impl CoreQueue {
     }
 }
 
-/// 128 bits no client can guess: std's SipHash keyed with the process's random keys (read
-/// from the kernel once per thread, a new key for each call), hashing nothing.
+/// 128 bits no client can guess, from the system's random source (aws-lc's generator);
+/// should it fail, std's SipHash keyed with the process's random keys, hashing nothing.
 fn unguessable() -> u128 {
+    let mut b = [0u8; 16];
+    if aws_lc_rs::rand::fill(&mut b).is_ok() {
+        return u128::from_le_bytes(b);
+    }
     use std::hash::{BuildHasher, Hasher};
     let half = || u128::from(std::hash::RandomState::new().build_hasher().finish());
     (half() << 64) | half()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tokens_differ() {
+        let a = super::unguessable();
+        assert_ne!(a, super::unguessable());
+        assert_ne!(a, 0);
+    }
 }
