@@ -124,18 +124,25 @@ impl Transport {
             Transport::Tls(t) => {
                 // rustls takes what fits in its buffer of records (64 KiB): write that out,
                 // then the next part.
+                // Nothing taken even with its buffer written out: the connection is closing.
                 let mut rest = data.as_slice();
+                let mut took_nothing = false;
                 let res = loop {
-                    match t.conn.writer().write(rest) {
-                        Ok(n) => rest = rest.get(n..).unwrap_or_default(),
+                    let n = match t.conn.writer().write(rest) {
+                        Ok(n) => n,
                         Err(e) => break Err(e),
-                    }
+                    };
+                    rest = rest.get(n..).unwrap_or_default();
                     if let Err(e) = t.flush(stream).await {
                         break Err(e);
                     }
                     if rest.is_empty() {
                         break Ok(());
                     }
+                    if n == 0 && took_nothing {
+                        break Err(io::ErrorKind::WriteZero.into());
+                    }
+                    took_nothing = n == 0;
                 };
                 (res, data)
             }
