@@ -169,50 +169,48 @@ impl Dns {
     /// (implicit MX, RFC 5321 §5.1). Run it on the resolver's runtimes ([`Dns::spawn`]):
     /// waiting for a slow name server holds no thread.
     pub async fn resolve_mx(&self, domain: &str) -> Result<Targets, String> {
-        {
-            let fqdn = format!("{}.", domain.trim_end_matches('.'));
-            let mut mx: Vec<(u16, String)> = match self.resolver.mx_lookup(fqdn.as_str()).await {
-                Ok(l) => l
-                    .answers()
-                    .iter()
-                    .filter_map(|r| match &r.data {
-                        RData::MX(m) => Some((m.preference, m.exchange.to_utf8())),
-                        _ => None,
-                    })
-                    .collect(),
-                Err(e) if e.is_no_records_found() => Vec::new(),
-                Err(e) => return Err(format!("MX lookup for {domain}: {e}")),
-            };
-            if mx.len() == 1 && mx.first().is_some_and(|(_, h)| h == ".") {
-                return Ok(Targets::NullMx);
-            }
-            if mx.is_empty() {
-                mx.push((0, fqdn.clone()));
-            }
-            mx.sort_by_key(|(p, _)| *p);
-            let mut seen = std::collections::HashSet::new();
-            mx.retain(|(_, h)| seen.insert(h.to_ascii_lowercase()));
-            mx.truncate(MAX_MX_HOSTS);
-            // All at once, within one time limit: one slow name server cannot make the
-            // lookups of many hosts take many times its timeout.
-            let asks = mx.iter().map(|(_, host)| async move {
-                let ips: Vec<IpAddr> = match tokio::time::timeout(
-                    MX_ADDRESS_TIMEOUT,
-                    self.resolver.lookup_ip(host.as_str()),
-                )
-                .await
-                {
-                    Ok(Ok(l)) => l.iter().collect(),
-                    _ => Vec::new(),
-                };
-                (host.trim_end_matches('.').to_string(), ips)
-            });
-            let hosts: Vec<(String, Vec<IpAddr>)> = futures_util::future::join_all(asks).await;
-            if hosts.iter().all(|(_, ips)| ips.is_empty()) {
-                return Err(format!("no address for the mail hosts of {domain}"));
-            }
-            Ok(Targets::Hosts(hosts))
+        let fqdn = format!("{}.", domain.trim_end_matches('.'));
+        let mut mx: Vec<(u16, String)> = match self.resolver.mx_lookup(fqdn.as_str()).await {
+            Ok(l) => l
+                .answers()
+                .iter()
+                .filter_map(|r| match &r.data {
+                    RData::MX(m) => Some((m.preference, m.exchange.to_utf8())),
+                    _ => None,
+                })
+                .collect(),
+            Err(e) if e.is_no_records_found() => Vec::new(),
+            Err(e) => return Err(format!("MX lookup for {domain}: {e}")),
+        };
+        if mx.len() == 1 && mx.first().is_some_and(|(_, h)| h == ".") {
+            return Ok(Targets::NullMx);
         }
+        if mx.is_empty() {
+            mx.push((0, fqdn.clone()));
+        }
+        mx.sort_by_key(|(p, _)| *p);
+        let mut seen = std::collections::HashSet::new();
+        mx.retain(|(_, h)| seen.insert(h.to_ascii_lowercase()));
+        mx.truncate(MAX_MX_HOSTS);
+        // All at once, within one time limit: one slow name server cannot make the
+        // lookups of many hosts take many times its timeout.
+        let asks = mx.iter().map(|(_, host)| async move {
+            let ips: Vec<IpAddr> = match tokio::time::timeout(
+                MX_ADDRESS_TIMEOUT,
+                self.resolver.lookup_ip(host.as_str()),
+            )
+            .await
+            {
+                Ok(Ok(l)) => l.iter().collect(),
+                _ => Vec::new(),
+            };
+            (host.trim_end_matches('.').to_string(), ips)
+        });
+        let hosts: Vec<(String, Vec<IpAddr>)> = futures_util::future::join_all(asks).await;
+        if hosts.iter().all(|(_, ips)| ips.is_empty()) {
+            return Err(format!("no address for the mail hosts of {domain}"));
+        }
+        Ok(Targets::Hosts(hosts))
     }
 
     /// The A records of each name, all asked at once, within `timeout` together: per name
@@ -224,29 +222,26 @@ impl Dns {
         names: &[String],
         timeout: std::time::Duration,
     ) -> Vec<Option<(Vec<std::net::Ipv4Addr>, u32)>> {
-        {
-            let asks = names.iter().map(|n| async move {
-                let fqdn = format!("{}.", n.trim_end_matches('.'));
-                match tokio::time::timeout(timeout, self.resolver.ipv4_lookup(fqdn.as_str())).await
-                {
-                    Ok(Ok(l)) => {
-                        let ttl = l.answers().iter().map(|r| r.ttl).min().unwrap_or(300);
-                        let addrs = l
-                            .answers()
-                            .iter()
-                            .filter_map(|r| match &r.data {
-                                RData::A(a) => Some(a.0),
-                                _ => None,
-                            })
-                            .collect();
-                        Some((addrs, ttl))
-                    }
-                    Ok(Err(e)) if e.is_no_records_found() => Some((Vec::new(), 300)),
-                    _ => None,
+        let asks = names.iter().map(|n| async move {
+            let fqdn = format!("{}.", n.trim_end_matches('.'));
+            match tokio::time::timeout(timeout, self.resolver.ipv4_lookup(fqdn.as_str())).await {
+                Ok(Ok(l)) => {
+                    let ttl = l.answers().iter().map(|r| r.ttl).min().unwrap_or(300);
+                    let addrs = l
+                        .answers()
+                        .iter()
+                        .filter_map(|r| match &r.data {
+                            RData::A(a) => Some(a.0),
+                            _ => None,
+                        })
+                        .collect();
+                    Some((addrs, ttl))
                 }
-            });
-            futures_util::future::join_all(asks).await
-        }
+                Ok(Err(e)) if e.is_no_records_found() => Some((Vec::new(), 300)),
+                _ => None,
+            }
+        });
+        futures_util::future::join_all(asks).await
     }
 
     /// Addresses of one host (a next hop given by name). Run it on the resolver's runtimes.
