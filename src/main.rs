@@ -478,11 +478,10 @@ fn run(args: &[String]) -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
-        .with_ansi(ansi);
+        .with_ansi(false);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
